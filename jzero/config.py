@@ -1,0 +1,374 @@
+"""The run configuration: a DeepSpeed ``ds_config.json`` accepted as is, plus jzero's own sections.
+
+DeepSpeed keys keep DeepSpeed's names and meanings (``train_batch_size``, ``zero_optimization.stage``,
+``fp16.*``, ``optimizer.{type,params}`` ...). jzero adds ``mesh``, ``model``, ``data``, ``train``.
+
+Everything is validated before anything compiles: unknown keys, wrong types, impossible batch triples and
+mesh sizes that do not fit the devices raise :class:`ConfigError` with a one-line message naming the key and
+the fix. A key that jzero knows but does not implement is an error too, never silently ignored.
+
+    cfg = load_config("ds_config.json", overrides=["zero_optimization.stage=3", "mesh.data=4"])
+    cfg = resolve(cfg, n_devices=jax.device_count())     # fills mesh -1 and the batch triple
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from jzero.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- DeepSpeed sections
+
+
+class OffloadConfig(_Section):
+    """``zero_optimization.offload_optimizer`` / ``offload_param``: ``device`` is "none" or "cpu"."""
+
+    device: Literal["none", "cpu"] = "none"
+    pin_memory: bool = True
+
+
+class ZeroConfig(_Section):
+    """``zero_optimization``: which trees are partitioned over the ``data`` axis.
+
+    stage 0: nothing; 1: optimizer state; 2: + gradients (and the accumulation buffer); 3: + parameters.
+    ``stage3_param_persistence_threshold``: leaves with fewer elements stay replicated (DeepSpeed's default 1e5);
+    jzero applies it to every partitioned tree, so small biases and norms are never split.
+    The bucket keys have no PyTorch buckets to size under XLA; they set XLA's collective-combining thresholds
+    on GPU (elements x 4 bytes), see :func:`jzero.mesh.xla_flags_for`.
+    """
+
+    stage: Literal[0, 1, 2, 3] = 0
+    stage3_param_persistence_threshold: int = Field(100_000, ge=0)
+    reduce_bucket_size: int | None = Field(None, gt=0)
+    allgather_bucket_size: int | None = Field(None, gt=0)
+    reduce_scatter: bool = True
+    overlap_comm: bool | None = None
+    contiguous_gradients: bool | None = None
+    allgather_partitions: bool = True
+    offload_optimizer: OffloadConfig = OffloadConfig()
+    offload_param: OffloadConfig = OffloadConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.reduce_scatter and self.stage >= 2:
+            raise ValueError("reduce_scatter=false with stage>=2: ZeRO-2/3 partitions gradients by a reduce-scatter; "
+                             "use stage 1 for all-reduced gradients")
+        if not self.allgather_partitions:
+            raise ValueError("allgather_partitions=false (broadcast-based gather) is not implemented; remove it")
+        return self
+
+
+class FP16Config(_Section):
+    """DeepSpeed's ``fp16`` section (dynamic loss scaling when ``loss_scale`` is 0)."""
+
+    enabled: bool = False
+    auto_cast: bool = False
+    loss_scale: float = Field(0.0, ge=0)
+    initial_scale_power: int = Field(16, ge=0, le=64)
+    loss_scale_window: int = Field(1000, gt=0)
+    hysteresis: int = Field(2, ge=1)
+    consecutive_hysteresis: bool = False
+    min_loss_scale: float = Field(1.0, gt=0)
+
+
+class BF16Config(_Section):
+    """DeepSpeed's ``bf16`` section: bf16 compute with fp32 master weights and optimizer state."""
+
+    enabled: bool = False
+
+
+class DataTypesConfig(_Section):
+    """``data_types.grad_accum_dtype``: dtype of the micro-batch gradient accumulator (default fp32)."""
+
+    grad_accum_dtype: Literal["fp32", "bf16", "fp16"] | None = None
+
+
+class OptimizerConfig(_Section):
+    type: str = "AdamW"
+    params: dict[str, Any] = Field(default_factory=lambda: {"lr": 1e-3, "betas": [0.9, 0.95], "weight_decay": 0.1})
+
+
+class SchedulerConfig(_Section):
+    type: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ActivationCheckpointingConfig(_Section):
+    """DeepSpeed's ``activation_checkpointing`` plus jzero's ``policy`` (a ``jax.checkpoint`` policy name).
+
+    policy: none | full | save_dots | save_dots_no_batch | save_named | offload_named. ``save_names`` lists the
+    activation names kept (or offloaded) by the named policies. DeepSpeed's PyTorch-allocator keys are errors
+    when set to a non-default value (see :mod:`jzero.remat`).
+    """
+
+    policy: str = "none"
+    save_names: list[str] = Field(default_factory=list)
+    partition_activations: bool = False
+    cpu_checkpointing: bool = False
+    contiguous_memory_optimization: bool = False
+    number_checkpoints: int | None = None
+    synchronize_checkpoint_boundary: bool = False
+    profile: bool = False
+
+
+class TensorboardConfig(_Section):
+    enabled: bool = False
+    output_path: str = ""
+    job_name: str = "jzero"
+
+
+class CSVMonitorConfig(_Section):
+    enabled: bool = False
+    output_path: str = ""
+    job_name: str = "jzero"
+
+
+# --------------------------------------------------------------------------- jzero sections
+
+
+class MeshConfig(_Section):
+    """Mesh axis sizes; one may be -1 = all remaining devices. Their product must equal the device count."""
+
+    data: int = -1
+    tensor: int = 1
+    pipeline: int = 1
+
+    @model_validator(mode="after")
+    def _check(self):
+        sizes = {"data": self.data, "tensor": self.tensor, "pipeline": self.pipeline}
+        bad = [k for k, v in sizes.items() if v == 0 or v < -1]
+        if bad:
+            raise ValueError(f"mesh.{bad[0]}={sizes[bad[0]]}: axis sizes are positive, or -1 for 'the rest of the devices'")
+        if sum(v == -1 for v in sizes.values()) > 1:
+            raise ValueError("more than one mesh axis is -1; give explicit sizes to all but one")
+        return self
+
+
+class ModelConfig(_Section):
+    """A model family plus sizes, or a named preset (see ``models.PRESETS``); explicit sizes override the preset."""
+
+    family: Literal["gpt2"] = "gpt2"
+    preset: str | None = None
+    n_layer: int | None = Field(None, gt=0)
+    n_head: int | None = Field(None, gt=0)
+    d_model: int | None = Field(None, gt=0)
+    d_ff: int | None = Field(None, gt=0)
+    vocab_size: int | None = Field(None, gt=0)
+    max_len: int | None = Field(None, gt=0)
+    attention: Literal["auto", "xla", "cudnn"] = "auto"
+    scan_layers: bool = True
+    dropout: float = Field(0.0, ge=0.0, le=0.0, description="dropout is not implemented; must be 0")
+
+
+class DataConfig(_Section):
+    """``path``: a directory from ``python -m train.prepare_data`` (train.bin, val.bin, meta.json);
+    null = the embedded default corpus (the Python standard library's own sources, byte-level)."""
+
+    path: str | None = None
+    seq_len: int = Field(128, gt=0)
+    shuffle: bool = True
+    default_corpus_bytes: int = Field(8_000_000, gt=0)
+
+
+class TrainConfig(_Section):
+    steps: int = Field(300, gt=0)
+    seed: int = 0
+    output_dir: str = "runs/default"
+    log_interval: int = Field(1, gt=0)
+    eval_interval: int = Field(0, ge=0)
+    eval_batches: int = Field(4, gt=0)
+    checkpoint_interval: int = Field(0, ge=0)
+
+
+class JzeroConfig(_Section):
+    # DeepSpeed keys
+    train_batch_size: int | None = Field(None, gt=0)
+    train_micro_batch_size_per_gpu: int | None = Field(None, gt=0)
+    gradient_accumulation_steps: int | None = Field(None, gt=0)
+    steps_per_print: int = Field(10, gt=0)
+    gradient_clipping: float = Field(0.0, ge=0.0)
+    wall_clock_breakdown: bool = False
+    zero_optimization: ZeroConfig = ZeroConfig()
+    fp16: FP16Config = FP16Config()
+    bf16: BF16Config = BF16Config()
+    data_types: DataTypesConfig = DataTypesConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    scheduler: SchedulerConfig | None = None
+    activation_checkpointing: ActivationCheckpointingConfig = ActivationCheckpointingConfig()
+    tensorboard: TensorboardConfig = TensorboardConfig()
+    csv_monitor: CSVMonitorConfig = CSVMonitorConfig()
+    # jzero keys
+    mesh: MeshConfig = MeshConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.fp16.enabled and self.bf16.enabled:
+            raise ValueError("fp16.enabled and bf16.enabled are both true; pick one")
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _fmt_loc(loc) -> str:
+    return ".".join(str(p) for p in loc if not str(p).startswith("function-after"))
+
+
+def _raise_from_validation(err: ValidationError, source: str) -> None:
+    e = err.errors()[0]
+    key = _fmt_loc(e["loc"])
+    kind = e["type"]
+    if kind == "extra_forbidden":
+        parent = key.rsplit(".", 1)[0] if "." in key else "top level"
+        msg = f"unknown key '{key}' in {source}: not a DeepSpeed or jzero key under {parent}; remove or rename it"
+    elif kind == "value_error":
+        msg = f"{key + ': ' if key else ''}{e['msg'].removeprefix('Value error, ')} ({source})"
+    else:
+        msg = f"key '{key}' in {source}: {e['msg']} (got {e.get('input')!r})"
+    raise ConfigError(msg) from None
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Read a JSON or YAML config file into a dict (YAML by extension .yaml/.yml, else JSON)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found; pass an existing --config path or omit it for the default")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file '{path}' is not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: "
+                          f"{str(exc).splitlines()[0]}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys, not a {type(data).__name__}")
+    return data
+
+
+def _parse_value(text: str) -> Any:
+    for cast in (int, float):  # YAML 1.1 reads "1e-2" as a string
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML scalars: 3, 1e-3, true, null, [1,2])."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value (e.g. zero_optimization.stage=3)")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            if node.get(p) is None:
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise ConfigError(f"override '{item}': '{p}' is a value, not a section")
+            node = node[p]
+        node[parts[-1]] = _parse_value(value)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> JzeroConfig:
+    """Build a validated config from a file (or ``base`` dict, or the defaults) plus dotted overrides."""
+    data = read_config_file(path) if path is not None else copy.deepcopy(base or {})
+    data = apply_overrides(data, overrides or [])
+    return validate(data, source=str(path) if path else "config")
+
+
+def validate(data: dict, source: str = "config") -> JzeroConfig:
+    try:
+        return JzeroConfig.model_validate(data)
+    except ValidationError as err:
+        _raise_from_validation(err, source)
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def resolve_mesh_shape(mesh: MeshConfig, n_devices: int) -> dict[str, int]:
+    """Fill a -1 axis and check that data*tensor*pipeline equals the device count."""
+    sizes = {"data": mesh.data, "tensor": mesh.tensor, "pipeline": mesh.pipeline}
+    known = 1
+    for v in sizes.values():
+        if v != -1:
+            known *= v
+    free = [k for k, v in sizes.items() if v == -1]
+    if free:
+        if n_devices % known:
+            raise ConfigError(f"mesh: fixed axes multiply to {known}, which does not divide the {n_devices} devices; "
+                              f"choose sizes whose product divides {n_devices}")
+        sizes[free[0]] = n_devices // known
+    elif known != n_devices:
+        raise ConfigError(f"mesh: data*tensor*pipeline = {sizes['data']}*{sizes['tensor']}*{sizes['pipeline']} = {known} "
+                          f"but there are {n_devices} devices; make the product {n_devices} or set one axis to -1")
+    return sizes
+
+
+def resolve_batch(cfg: JzeroConfig, dp: int) -> tuple[int, int, int]:
+    """DeepSpeed's batch rule: train_batch_size = micro * accum * dp; any two determine the third."""
+    tbs, micro, gas = cfg.train_batch_size, cfg.train_micro_batch_size_per_gpu, cfg.gradient_accumulation_steps
+    if tbs is not None and micro is not None and gas is not None:
+        if tbs != micro * gas * dp:
+            raise ConfigError(f"train_batch_size={tbs} != train_micro_batch_size_per_gpu ({micro}) * "
+                              f"gradient_accumulation_steps ({gas}) * data-parallel size ({dp}) = {micro * gas * dp}; "
+                              f"fix one of the three or drop one and let jzero derive it")
+    elif tbs is not None and micro is not None:
+        if tbs % (micro * dp):
+            raise ConfigError(f"train_batch_size={tbs} is not divisible by train_micro_batch_size_per_gpu ({micro}) * "
+                              f"data-parallel size ({dp}); make it a multiple of {micro * dp}")
+        gas = tbs // (micro * dp)
+    elif tbs is not None and gas is not None:
+        if tbs % (gas * dp):
+            raise ConfigError(f"train_batch_size={tbs} is not divisible by gradient_accumulation_steps ({gas}) * "
+                              f"data-parallel size ({dp}); make it a multiple of {gas * dp}")
+        micro = tbs // (gas * dp)
+    elif micro is not None:
+        gas = gas or 1
+        tbs = micro * gas * dp
+    elif tbs is not None:
+        gas = 1
+        if tbs % dp:
+            raise ConfigError(f"train_batch_size={tbs} is not divisible by the data-parallel size ({dp}); "
+                              f"make it a multiple of {dp}")
+        micro = tbs // dp
+    else:
+        raise ConfigError("no batch size: set train_batch_size or train_micro_batch_size_per_gpu")
+    return tbs, micro, gas
+
+
+def resolve(cfg: JzeroConfig, n_devices: int) -> JzeroConfig:
+    """Return a copy with the mesh sizes and the batch triple filled in (what ``config.json`` records)."""
+    sizes = resolve_mesh_shape(cfg.mesh, n_devices)
+    tbs, micro, gas = resolve_batch(cfg, sizes["data"])
+    out = cfg.model_copy(deep=True)
+    out.mesh = MeshConfig(**sizes)
+    out.train_batch_size, out.train_micro_batch_size_per_gpu, out.gradient_accumulation_steps = tbs, micro, gas
+    return out
+
+
+def to_dict(cfg: JzeroConfig) -> dict:
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,442 @@
+"""Token data: prepare flat binary token files, read them through grain, cut global batches per process.
+
+Layout on disk (as nanoGPT and Megatron): `DIR/train.bin` and `DIR/val.bin` are flat arrays of token ids
+(uint16 when the vocabulary fits, else uint32) and `DIR/meta.json` records dtype, vocab size, token counts,
+tokenizer and number of source files. Files are memory-mapped, never loaded whole.
+
+Reading goes through grain (random-access source, index shuffle per epoch, per-process slicing, thread
+prefetch, checkpointable iterator state) rather than a hand-written threaded loader. The order of records is
+defined once, globally: global step s consumes records s*G .. s*G+G-1 of the shuffled, endlessly repeated
+record stream (G = train_batch_size); micro-batch a of that step is the a-th run of G/accum records and
+process p reads rows p*n_local .. (p+1)*n_local of every micro-batch. So the global batch does not depend on
+how many processes read it, and an iterator state (the global step) resumes on any process count.
+
+grain is imported lazily (inside `BatchIterator`) so preparing data works where grain is not installed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from jzero.errors import ConfigError, DataError
+
+DEFAULT_CORPUS_MAX_BYTES = 8_000_000
+_STDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages"})
+_BLOCK_BYTES = 1 << 20  # byte-level streaming block
+_PIECE_CHARS = 1 << 24  # tokenizer mode: files larger than this are encoded in line-aligned pieces
+_PREPARE_HINT = "run python -m train.prepare_data --input TEXT_FILES_OR_DIRS --output-dir {}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preparation (shared by train/prepare_data.py and default_corpus_dir)
+# ----------------------------------------------------------------------------------------------------------
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype holding every id of a vocabulary: uint16 up to 65536 ids, else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
+
+
+def _walk_files(root: Path, excluded_dirs: Iterable[str] = (), suffix: str | None = None) -> list[Path]:
+    """Regular files under `root`, sorted by relative path; hidden entries, `__pycache__` and `excluded_dirs`
+    are pruned."""
+    excluded = {"__pycache__", *excluded_dirs}
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in excluded and not d.startswith(".")]
+        for name in filenames:
+            if name.startswith(".") or (suffix is not None and not name.endswith(suffix)):
+                continue
+            path = Path(dirpath) / name
+            if path.is_file():
+                found.append(path)
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def list_input_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand `inputs` (files, or directories walked recursively in sorted order, skipping hidden entries
+    and `__pycache__`) into a list of files."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            found = _walk_files(path)
+            if not found:
+                raise DataError(f"input directory {path} holds no files; pass a directory with text files")
+            files.extend(found)
+        else:
+            raise DataError(f"input {path} not found; pass existing text files or directories to --input")
+    if not files:
+        raise DataError("no input files given; pass text files or directories to --input")
+    return files
+
+
+def _byte_tokens(path: Path, budget: int | None) -> Iterator[np.ndarray]:
+    """The bytes of `path` as token ids, in blocks, stopping after `budget` bytes when given."""
+    with open(path, "rb") as f:
+        while budget is None or budget > 0:
+            block = f.read(_BLOCK_BYTES if budget is None else min(_BLOCK_BYTES, budget))
+            if not block:
+                return
+            if budget is not None:
+                budget -= len(block)
+            yield np.frombuffer(block, dtype=np.uint8)
+
+
+def _text_pieces(path: Path) -> Iterator[str]:
+    """The text of `path` (UTF-8, newlines kept as written): whole when small, else line-aligned pieces."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            piece, size = [], 0
+            for line in f:
+                piece.append(line)
+                size += len(line)
+                if size >= _PIECE_CHARS:
+                    yield "".join(piece)
+                    piece, size = [], 0
+            if piece:
+                yield "".join(piece)
+    except UnicodeDecodeError as e:
+        raise DataError(f"input {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                        "convert it to UTF-8 or leave it out") from None
+
+
+def _tokenizer_tokens(path: Path, tokenizer, budget: int | None) -> Iterator[tuple[np.ndarray, int]]:
+    """(token ids, UTF-8 bytes consumed) per text piece of `path`; each piece is encoded as one document."""
+    for piece in _text_pieces(path):
+        n_bytes = len(piece.encode("utf-8"))
+        if budget is not None and n_bytes > budget:
+            piece = piece.encode("utf-8")[:budget].decode("utf-8", errors="ignore")
+            n_bytes = budget
+        yield np.asarray(tokenizer.encode(piece).ids, dtype=np.int64), n_bytes
+        if budget is not None:
+            budget -= n_bytes
+            if budget <= 0:
+                return
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A Hugging Face `tokenizers.Tokenizer` from a local tokenizer.json."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"tokenizer file {path} not found; pass a local Hugging Face tokenizer.json to --tokenizer")
+    from tokenizers import Tokenizer  # local: only tokenizer mode needs it
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the library raises a bare Exception on malformed JSON
+        raise DataError(f"tokenizer file {path} cannot be loaded ({e}); pass a valid tokenizer.json") from None
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def prepare(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike,
+            tokenizer: str | os.PathLike | None = None, val_fraction: float = 0.01,
+            max_bytes: int | None = None, extra_meta: dict | None = None) -> dict:
+    """Tokenize `inputs` into `output_dir`/{train.bin,val.bin,meta.json}; returns the meta dict.
+
+    Byte-level when `tokenizer` is None (vocab 256, token = UTF-8 byte), else the ids of the local
+    tokenizer.json, each file (or 16M-character line-aligned piece of a huge file) encoded as one document.
+    Streams: tokens go to one temporary file as they are made; the last `val_fraction` of that stream is then
+    copied to val.bin and the file truncated into train.bin, so memory stays at one block/piece.
+    `max_bytes` caps the input bytes read (the stream is cut there). Files are replaced atomically.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"--val-fraction {val_fraction} is out of range; use a value in [0, 1), e.g. 0.01")
+    if max_bytes is not None and max_bytes <= 0:
+        raise DataError(f"max_bytes {max_bytes} must be positive")
+    files = list_input_files(inputs)
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else None
+    vocab_size = 256 if tok is None else tok.get_vocab_size(with_added_tokens=True)
+    dtype = token_dtype(vocab_size)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"tmp-{os.getpid()}"
+    all_tmp, val_tmp = out / f"all.bin.{tag}", out / f"val.bin.{tag}"
+    n_tokens, used, budget = 0, 0, max_bytes
+    try:
+        with open(all_tmp, "wb") as f:
+            for path in files:
+                if budget is not None and budget <= 0:
+                    break
+                used += 1
+                if tok is None:
+                    for ids in _byte_tokens(path, budget):
+                        f.write(ids.astype(dtype).tobytes())
+                        n_tokens += ids.size
+                        budget = None if budget is None else budget - ids.size
+                else:
+                    for ids, n_bytes in _tokenizer_tokens(path, tok, budget):
+                        if ids.size and ids.max() >= vocab_size:
+                            raise DataError(f"tokenizer {tokenizer} produced id {ids.max()} >= its vocab size "
+                                            f"{vocab_size} on {path}; the tokenizer.json is inconsistent")
+                        f.write(ids.astype(dtype).tobytes())
+                        n_tokens += ids.size
+                        budget = None if budget is None else budget - n_bytes
+        if n_tokens == 0:
+            raise DataError(f"inputs ({len(files)} files, first {files[0]}) gave no tokens; pass non-empty text files")
+        n_val = int(n_tokens * val_fraction)
+        n_train = n_tokens - n_val
+        with open(all_tmp, "rb") as src, open(val_tmp, "wb") as dst:
+            src.seek(n_train * dtype.itemsize)
+            shutil.copyfileobj(src, dst, _BLOCK_BYTES)
+        os.truncate(all_tmp, n_train * dtype.itemsize)
+        os.replace(all_tmp, out / "train.bin")
+        os.replace(val_tmp, out / "val.bin")
+    finally:
+        for tmp in (all_tmp, val_tmp):
+            tmp.unlink(missing_ok=True)
+    meta = {"dtype": dtype.name, "vocab_size": int(vocab_size), "n_train_tokens": int(n_train),
+            "n_val_tokens": int(n_val), "tokenizer": "bytes" if tok is None else str(Path(tokenizer).resolve()),
+            "sources": used, **(extra_meta or {})}
+    _atomic_json(out / "meta.json", meta)
+    return meta
+
+
+def read_meta(data_dir: str | os.PathLike) -> dict:
+    """meta.json of a prepared data directory."""
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise DataError(f"{path} not found; " + _PREPARE_HINT.format(Path(data_dir)))
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); "
+                        + _PREPARE_HINT.format(Path(data_dir))) from None
+
+
+def _stdlib_meta(max_bytes: int) -> dict:
+    return {"corpus": "python-stdlib", "python": sys.version.split()[0], "max_bytes": int(max_bytes)}
+
+
+def _cache_is_valid(out: Path, expected: dict) -> bool:
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if meta.get("tokenizer") != "bytes" or any(meta.get(k) != v for k, v in expected.items()):
+        return False
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    return all((out / name).is_file() and (out / name).stat().st_size == meta[key] * itemsize
+               for name, key in (("train.bin", "n_train_tokens"), ("val.bin", "n_val_tokens")))
+
+
+def default_corpus_dir(cache_dir: str | os.PathLike | None = None,
+                       max_bytes: int = DEFAULT_CORPUS_MAX_BYTES, val_fraction: float = 0.01) -> Path:
+    """A byte-level corpus present on every machine without download: this Python's standard library source.
+
+    The stdlib's `.py` files (sorted; `test`, `tests`, `idlelib`, `site-packages` pruned), cut at `max_bytes`,
+    prepared once by `prepare` into `cache_dir` (default `$JZERO_CACHE/stdlib_bytes`, JZERO_CACHE defaulting
+    to ~/.cache/jzero). A cache whose meta.json names the same corpus, Python version and cap, and whose files
+    have the recorded sizes, is reused. Returns the directory holding train.bin, val.bin and meta.json.
+    """
+    if cache_dir is None:
+        cache_dir = Path(os.environ.get("JZERO_CACHE", "~/.cache/jzero")).expanduser() / "stdlib_bytes"
+    out = Path(cache_dir)
+    expected = _stdlib_meta(max_bytes)
+    if _cache_is_valid(out, expected):
+        return out
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = _walk_files(stdlib, _STDLIB_EXCLUDED_DIRS, suffix=".py")
+    if not files:
+        raise DataError(f"no .py files under the standard library at {stdlib}; pass a data path instead")
+    prepare(files, out, tokenizer=None, val_fraction=val_fraction, max_bytes=max_bytes, extra_meta=expected)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------------
+
+class TokenSource:
+    """grain random-access source over a memory-mapped token file: record i = tokens[i*L : i*L + L + 1].
+
+    Non-overlapping windows with stride seq_len (as Megatron's GPT dataset): input tokens[:-1], targets
+    tokens[1:] share the boundary token with the next record. The dtype comes from meta.json next to the
+    file unless given. The memmap is opened lazily and dropped on pickling, so worker processes reopen it
+    instead of copying the data.
+    """
+
+    def __init__(self, path: str | os.PathLike, seq_len: int, dtype: str | np.dtype | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"data file {self.path} not found; " + _PREPARE_HINT.format(self.path.parent))
+        if seq_len <= 0:
+            raise ConfigError(f"seq_len {seq_len} must be positive")
+        self.seq_len = int(seq_len)
+        if dtype is None:
+            if not (self.path.parent / "meta.json").is_file():
+                raise DataError(f"{self.path.parent / 'meta.json'} not found to give the dtype of {self.path}; "
+                                "pass dtype= or " + _PREPARE_HINT.format(self.path.parent))
+            dtype = read_meta(self.path.parent)["dtype"]
+        self.dtype = np.dtype(dtype)
+        size = self.path.stat().st_size
+        if size % self.dtype.itemsize:
+            raise DataError(f"data file {self.path} has {size} bytes, not a multiple of {self.dtype.name}'s "
+                            f"{self.dtype.itemsize}; the file or its meta.json dtype is wrong, prepare it again")
+        self.n_tokens = size // self.dtype.itemsize
+        self._tokens: np.ndarray | None = None
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """The whole token file as a read-only memmap (empty array for an empty file)."""
+        if self._tokens is None:
+            self._tokens = (np.memmap(self.path, dtype=self.dtype, mode="r") if self.n_tokens
+                            else np.zeros(0, self.dtype))
+        return self._tokens
+
+    def __len__(self) -> int:
+        return max(0, (self.n_tokens - 1) // self.seq_len)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} out of range for {len(self)} records of {self.path}")
+        start = index * self.seq_len
+        return np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int32)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tokens": None}
+
+    def __repr__(self) -> str:
+        return f"TokenSource({str(self.path)!r}, seq_len={self.seq_len}, records={len(self)})"
+
+
+def _too_short(src: TokenSource, rows: int, what: str) -> DataError:
+    return DataError(f"data file {src.path} has {src.n_tokens} tokens but {what} of {rows} rows x seq_len "
+                     f"{src.seq_len} needs {rows * src.seq_len + 1}; use a smaller train_batch_size or seq_len, "
+                     "or more data")
+
+
+def _check_split(rows: int, accum_steps: int, process_count: int, process_index: int, what: str) -> None:
+    if rows <= 0 or accum_steps <= 0 or process_count <= 0:
+        raise ConfigError(f"{what} {rows}, accum_steps {accum_steps} and process_count {process_count} "
+                          "must all be positive")
+    if rows % (accum_steps * process_count):
+        raise DataError(f"{what} {rows} is not divisible by accum_steps {accum_steps} x process_count "
+                        f"{process_count} = {accum_steps * process_count}; choose a multiple of it")
+    if not 0 <= process_index < process_count:
+        raise ConfigError(f"process_index {process_index} is out of range for process_count {process_count}")
+
+
+class BatchIterator:
+    """Endless iterator over this process's share of each global training step, built on grain.
+
+    `next()` returns int32 `[accum_steps, global_batch_rows // accum_steps // process_count, seq_len + 1]`.
+    Pipeline: `MapDataset.source(TokenSource).shuffle(seed).repeat()` (grain reshuffles each epoch with seed +
+    epoch) `.batch(n_local)` (one process's rows of one micro-batch), `.slice(p::process_count)` (this
+    process's runs), `.batch(accum_steps)` (one step), `.to_iter_dataset(ReadOptions)` (thread prefetch of
+    `prefetch` steps). Epochs run into each other: a step may hold the end of one epoch and the start of the
+    next. `get_state()` is the global step plus the settings that fix the global order; it resumes on any
+    process count or accum_steps.
+    """
+
+    def __init__(self, path: str | os.PathLike, seq_len: int, global_batch_rows: int, accum_steps: int = 1,
+                 seed: int = 0, process_index: int = 0, process_count: int = 1, shuffle: bool = True,
+                 prefetch: int = 2, dtype: str | np.dtype | None = None):
+        try:
+            import grain  # local: grain is only needed to read training batches
+        except ImportError:
+            raise DataError("reading training batches needs grain; pip install grain") from None
+        _check_split(global_batch_rows, accum_steps, process_count, process_index, "global batch rows")
+        if not 0 <= seed < 2**32:
+            raise ConfigError(f"data seed {seed} is out of range; use an integer in [0, 2**32)")
+        if prefetch < 0:
+            raise ConfigError(f"prefetch {prefetch} must be >= 0 (0 reads each step synchronously)")
+        self.source = TokenSource(path, seq_len, dtype)
+        if len(self.source) < global_batch_rows:
+            raise _too_short(self.source, global_batch_rows, "one global batch")
+        self.seq_len, self.global_batch_rows, self.accum_steps = int(seq_len), int(global_batch_rows), accum_steps
+        self.seed, self.shuffle = int(seed), bool(shuffle)
+        self.process_index, self.process_count = process_index, process_count
+        self.local_rows = global_batch_rows // accum_steps // process_count
+        ds = grain.MapDataset.source(self.source)
+        if self.shuffle:
+            ds = ds.shuffle(seed=self.seed)
+        ds = (ds.repeat().batch(self.local_rows)
+              .slice(slice(process_index, None, process_count))
+              .batch(accum_steps))
+        self._dataset = ds
+        self._iter = ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)
+                                        ).__iter__()
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Shape of each array `next()` returns."""
+        return (self.accum_steps, self.local_rows, self.seq_len + 1)
+
+    @property
+    def step(self) -> int:
+        """Number of global steps consumed so far (the index of the step `next()` returns)."""
+        return int(self._iter.get_state()["next_index"])
+
+    @property
+    def epoch(self) -> float:
+        """Epochs of the training file consumed so far."""
+        return self.step * self.global_batch_rows / len(self.source)
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        return next(self._iter)
+
+    def _order_keys(self) -> dict:
+        return {"global_batch_rows": self.global_batch_rows, "seq_len": self.seq_len, "seed": self.seed,
+                "shuffle": self.shuffle, "n_records": len(self.source)}
+
+    def get_state(self) -> dict:
+        """JSON-serialisable position: the next global step and what fixes the global order."""
+        return {"step": self.step, **self._order_keys()}
+
+    def set_state(self, state: dict) -> None:
+        """Resume at `state["step"]`; refuses a state whose global order differs (other batch, data or seed)."""
+        for key, value in self._order_keys().items():
+            if key not in state:
+                raise DataError(f"data iterator state lacks {key!r}; it was not made by BatchIterator.get_state")
+            if state[key] != value:
+                raise DataError(f"data iterator state has {key}={state[key]} but this run has {key}={value}; "
+                                f"resume with the same {key} (or start the data from step 0)")
+        step = state.get("step")
+        if not isinstance(step, int) or step < 0:
+            raise DataError(f"data iterator state step {step!r} must be a non-negative integer")
+        self._iter.set_state({"next_index": step})
+
+    def close(self) -> None:
+        """Stop grain's prefetch threads."""
+        self._iter.close()
+
+
+def eval_batches(path: str | os.PathLike, seq_len: int, rows: int, n_batches: int | None = None,
+                 process_index: int = 0, process_count: int = 1,
+                 dtype: str | np.dtype | None = None) -> Iterator[np.ndarray]:
+    """Deterministic evaluation batches over a (validation) token file, no shuffle.
+
+    Batch b holds records b*rows .. b*rows+rows-1 in file order; this process gets rows
+    p*n_local .. (p+1)*n_local, as int32 `[rows // process_count, seq_len + 1]`. `n_batches=None` gives every
+    full batch once; a larger `n_batches` than the file holds wraps around to its start (so a fixed number
+    of eval batches works on a small val split, counting some records twice).
+    """
+    _check_split(rows, 1, process_count, process_index, "eval batch rows")
+    src = TokenSource(path, seq_len, dtype)
+    if len(src) < rows:
+        raise _too_short(src, rows, "one eval batch")
+    if n_batches is None:
+        n_batches = len(src) // rows
+    if n_batches <= 0:
+        raise ConfigError(f"n_batches {n_batches} must be positive")
+    n_local = rows // process_count
+    for b in range(n_batches):
+        first = b * rows + process_index * n_local
+        yield np.stack([src[(first + r) % len(src)] for r in range(n_local)])

@@ -1,0 +1,274 @@
+"""The engine: DeepSpeed's ``initialize`` habit on a jitted, sharded JAX train step.
+
+    engine = jzero.initialize(cfg)                 # mesh, model, optimizer, sharded state, compiled step
+    metrics = engine.train_step(batch_AxBxT1)      # one optimizer step over `accum` micro-batches
+    loss = engine.eval_step(batch_BxT1)
+
+The step is built from small pure pieces so later features add to it rather than rewrite it:
+``loss_fn`` (model + next-token cross-entropy) -> ``accumulate_grads`` (scan over micro-batches, gradients put in
+the ZeRO gradient layout right after each backward pass) -> ``apply_update`` (optax chain with clipping and
+the LR schedule). Shardings come from one :class:`jzero.sharding.ShardingPlan`; jit is given explicit in/out
+shardings and donates the state, so XLA inserts ZeRO's collectives and reuses the buffers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import PartitionSpec as P
+
+from jzero import sharding as shd
+from jzero.config import JzeroConfig, resolve
+from jzero.errors import ConfigError
+from jzero.mesh import make_mesh
+
+DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array          # optimizer steps taken (int32, replicated)
+    params: Any              # fp32 master params, in the plan's storage layout
+    opt_state: Any           # optax state, param-shaped leaves in the ZeRO layout for stage >= 1
+
+
+def compute_dtype(cfg: JzeroConfig):
+    if cfg.bf16.enabled:
+        return jnp.bfloat16
+    if cfg.fp16.enabled:
+        return jnp.float16
+    return jnp.float32
+
+
+def check_supported(cfg: JzeroConfig) -> None:
+    """Reject config that names a feature this build does not implement (never accept-and-ignore)."""
+    z = cfg.zero_optimization
+    unsupported = []
+    if cfg.fp16.enabled:
+        unsupported.append(("fp16.enabled", "fp16 loss scaling is not wired into the engine yet; use bf16.enabled"))
+    if z.offload_optimizer.device != "none":
+        unsupported.append(("zero_optimization.offload_optimizer.device", "host offload is not implemented yet"))
+    if z.offload_param.device != "none":
+        unsupported.append(("zero_optimization.offload_param.device", "parameter offload is not implemented yet"))
+    if cfg.mesh.pipeline not in (1, -1):
+        unsupported.append(("mesh.pipeline", "pipeline parallelism is not implemented yet; use mesh.pipeline=1"))
+    if cfg.data_types.grad_accum_dtype not in (None, "fp32", "bf16"):
+        unsupported.append(("data_types.grad_accum_dtype", "fp16 accumulation needs fp16 training; use fp32 or bf16"))
+    if unsupported:
+        key, why = unsupported[0]
+        raise ConfigError(f"{key}: {why}")
+
+
+# --------------------------------------------------------------------------- pure pieces of the step
+
+
+def lm_loss(apply_fn: Callable, params, tokens_BxT1: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy (fp32) of ``tokens[:, :-1] -> tokens[:, 1:]``."""
+    logits = apply_fn({"params": params}, tokens_BxT1[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens_BxT1[:, 1:]).mean()
+
+
+def accumulate_grads(loss_fn: Callable, params, batch_AxBxT1: jax.Array, grad_shardings, accum_dtype=jnp.float32):
+    """Mean loss and gradient over the leading micro-batch axis (``lax.scan``; one backward at a time).
+
+    Each micro-batch gradient is put in ``grad_shardings`` right after its backward pass: replicated (all-reduce)
+    for ZeRO 0/1, partitioned over ``data`` (reduce-scatter) for ZeRO 2/3, so the accumulator is partitioned too.
+    """
+    put = lambda g: jax.tree.map(jax.lax.with_sharding_constraint, g, grad_shardings)  # noqa: E731
+    grad_fn = jax.value_and_grad(loss_fn)
+    n_micro = batch_AxBxT1.shape[0]
+    if n_micro == 1:
+        loss, grads = grad_fn(params, batch_AxBxT1[0])
+        return loss, put(grads)
+
+    def micro(carry, tokens):
+        loss_sum, acc = carry
+        loss, g = grad_fn(params, tokens)
+        g = put(g)
+        acc = jax.tree.map(lambda a, b: a + b.astype(accum_dtype), acc, g)
+        return (loss_sum + loss, put(acc)), None
+
+    zeros = put(jax.tree.map(lambda p: jnp.zeros(p.shape, accum_dtype), params))
+    (loss_sum, acc), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros), batch_AxBxT1)
+    grads = jax.tree.map(lambda a, p: (a / n_micro).astype(p.dtype), acc, params)
+    return loss_sum / n_micro, grads
+
+
+def apply_update(tx: optax.GradientTransformation, params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+@dataclass
+class Engine:
+    config: JzeroConfig           # resolved: mesh sizes and batch triple filled in
+    mesh: jax.sharding.Mesh
+    model: nn.Module
+    model_config: Any
+    tx: optax.GradientTransformation
+    schedule: Callable
+    plan: shd.ShardingPlan
+    state: TrainState
+    state_shardings: Any
+    compile_seconds: float = 0.0
+    _train: Any = field(default=None, repr=False)
+    _eval: Any = field(default=None, repr=False)
+    _compiled: Any = field(default=None, repr=False)
+
+    # ---- shapes
+    @property
+    def accum_steps(self) -> int:
+        return self.config.gradient_accumulation_steps
+
+    @property
+    def seq_len(self) -> int:
+        return self.config.data.seq_len
+
+    @property
+    def global_batch_rows(self) -> int:
+        return self.config.train_batch_size
+
+    def batch_shape(self) -> tuple[int, int, int]:
+        A = self.accum_steps
+        return (A, self.global_batch_rows // A, self.seq_len + 1)
+
+    # ---- data placement
+    def put_batch(self, local_AxBxT1: np.ndarray) -> jax.Array:
+        """Assemble the global batch from this process's rows (``[accum, local_rows, seq+1]``)."""
+        sharding = self.plan.batch(3, 1)
+        return jax.make_array_from_process_local_data(sharding, np.asarray(local_AxBxT1, np.int32),
+                                                       self.batch_shape())
+
+    def put_eval_batch(self, local_BxT1: np.ndarray) -> jax.Array:
+        sharding = self.plan.batch(2, 0)
+        global_rows = local_BxT1.shape[0] * jax.process_count()
+        return jax.make_array_from_process_local_data(sharding, np.asarray(local_BxT1, np.int32),
+                                                      (global_rows, local_BxT1.shape[1]))
+
+    # ---- steps
+    def lower_train_step(self):
+        """The lowered train step (``.compile()``, ``.as_text()``, ``memory_analysis()`` for tests/benchmarks)."""
+        batch = jax.ShapeDtypeStruct(self.batch_shape(), jnp.int32, sharding=self.plan.batch(3, 1))
+        return self._train.lower(self.state, batch)
+
+    def compile(self):
+        if self._compiled is None:
+            t0 = time.perf_counter()
+            self._compiled = self.lower_train_step().compile()
+            self.compile_seconds = time.perf_counter() - t0
+        return self._compiled
+
+    def train_step(self, batch) -> dict[str, jax.Array]:
+        """One optimizer step; ``batch`` is a global ``[accum, rows, seq+1]`` array or this process's numpy rows."""
+        if not isinstance(batch, jax.Array):
+            batch = self.put_batch(batch)
+        self.state, metrics = self.compile()(self.state, batch)
+        return metrics
+
+    def eval_step(self, batch) -> jax.Array:
+        if not isinstance(batch, jax.Array):
+            batch = self.put_eval_batch(batch)
+        return self._eval(self.state.params, batch)
+
+    # ---- measurements
+    def memory_per_device(self) -> dict[str, int]:
+        """Bytes of params and optimizer state held by the first local device (from the real shards)."""
+        return {"params": shd.per_device_bytes(self.state.params),
+                "opt_state": shd.per_device_bytes(self.state.opt_state)}
+
+    def n_params(self) -> int:
+        return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.state.params)))
+
+
+def _names_tree(boxed_params):
+    """Logical names of every param leaf, as tuples (from Flax's LogicallyPartitioned metadata)."""
+    specs = nn.get_partition_spec(boxed_params)
+    shapes = nn.unbox(boxed_params)
+
+    def one(spec, leaf):
+        names = tuple(spec) if spec is not None else ()
+        return names if len(names) == len(leaf.shape) else (None,) * len(leaf.shape)
+
+    return jax.tree.map(one, specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config: Any = None,
+               mesh: jax.sharding.Mesh | None = None, vocab_size: int | None = None,
+               tx: optax.GradientTransformation | None = None, schedule: Callable | None = None,
+               rules: shd.LogicalRules = shd.DEFAULT_RULES) -> Engine:
+    """Build mesh, model, optimizer and the sharded train state; jit the steps (compiled on first use).
+
+    ``model`` defaults to the config's ``model`` section; ``vocab_size`` is the data's vocabulary (default 256).
+    """
+    devices = mesh.devices.size if mesh is not None else jax.device_count()
+    cfg = resolve(config, devices)
+    check_supported(cfg)
+    mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
+    dtype = compute_dtype(cfg)
+    if model is None:
+        from jzero.remat import remat_policy
+        from models import build_model
+
+        policy = remat_policy(cfg.activation_checkpointing)
+        model, model_config = build_model(cfg.model, vocab_size=vocab_size or 256, seq_len=cfg.data.seq_len,
+                                          dtype=dtype, remat=policy is not None,
+                                          remat_policy=policy if policy is not None else None)
+    if tx is None:
+        from jzero.optim import build_optimizer
+
+        tx, schedule = build_optimizer(cfg.optimizer.model_dump(),
+                                       cfg.scheduler.model_dump() if cfg.scheduler else None,
+                                       cfg.gradient_clipping)
+    accum_dtype = DTYPES[cfg.data_types.grad_accum_dtype or "fp32"]
+
+    seed_key = jax.random.key(cfg.train.seed)
+    dummy = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
+    boxed = jax.eval_shape(lambda k: model.init(k, dummy), seed_key)["params"]
+    names = _names_tree(boxed)
+    abstract_params = nn.unbox(boxed)
+    try:
+        plan = shd.make_plan(abstract_params, names, mesh, cfg.zero_optimization.stage, rules,
+                             threshold=cfg.zero_optimization.stage3_param_persistence_threshold)
+    except ValueError as exc:
+        raise ConfigError(f"mesh.tensor={mesh.shape['tensor']}: {exc}") from None
+
+    params = jax.jit(lambda k: nn.unbox(model.init(k, dummy))["params"],
+                     out_shardings=plan.param_storage)(seed_key)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_shardings = shd.opt_state_shardings(tx, abstract_opt, plan)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), plan.replicated), params=params,
+                       opt_state=opt_state)
+    state_shardings = TrainState(step=plan.replicated, params=plan.param_storage, opt_state=opt_shardings)
+
+    loss_fn = lambda p, tokens: lm_loss(model.apply, p, tokens)  # noqa: E731
+
+    def train_fn(state: TrainState, batch):
+        with shd.activate(mesh, rules):
+            loss, grads = accumulate_grads(loss_fn, state.params, batch, plan.grad, accum_dtype)
+            grad_norm = optax.global_norm(grads)
+            params, opt_state = apply_update(tx, state.params, state.opt_state, grads)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(schedule(state.step), jnp.float32)}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def eval_fn(params, batch_BxT1):
+        with shd.activate(mesh, rules):
+            return loss_fn(params, batch_BxT1)
+
+    train = jax.jit(train_fn, in_shardings=(state_shardings, plan.batch(3, 1)),
+                    out_shardings=(state_shardings, plan.replicated), donate_argnums=(0,))
+    evaluate = jax.jit(eval_fn, in_shardings=(plan.param_storage, plan.batch(2, 0)), out_shardings=plan.replicated)
+    return Engine(config=cfg, mesh=mesh, model=model, model_config=model_config, tx=tx, schedule=schedule,
+                  plan=plan, state=state, state_shardings=state_shardings, _train=train, _eval=evaluate)
+

@@ -1,0 +1,53 @@
+"""Build the device mesh with named axes ``pipeline``, ``data``, ``tensor``.
+
+Axis order puts ``tensor`` innermost (neighbouring devices, the fastest links) and ``pipeline`` outermost
+(it tolerates the slowest links, e.g. across hosts), as Megatron and MaxText do. Axes are ``Auto`` so that
+``with_sharding_constraint`` and ``shard_map`` over a subset of axes work (``jax.make_mesh`` defaults to
+Explicit axes, which reject both).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+from jzero.config import MeshConfig, resolve_mesh_shape
+
+AXES = ("pipeline", "data", "tensor")
+
+
+def make_mesh(mesh_cfg: MeshConfig | dict | None = None, devices=None) -> Mesh:
+    """Mesh over ``devices`` (default: all, across processes) with sizes from the config (-1 = the rest)."""
+    if mesh_cfg is None:
+        mesh_cfg = MeshConfig()
+    elif isinstance(mesh_cfg, dict):
+        mesh_cfg = MeshConfig(**mesh_cfg)
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_mesh_shape(mesh_cfg, len(devices))
+    shape = tuple(sizes[a] for a in AXES)
+    if devices == list(jax.devices()):
+        return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+    return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def axis_size(mesh: Mesh, name: str) -> int:
+    return int(mesh.shape.get(name, 1))
+
+
+def xla_flags_for(zero_cfg, platform: str) -> list[str]:
+    """XLA flags that carry DeepSpeed's bucket sizes on GPU: combine collectives up to that many bytes.
+
+    DeepSpeed's ``reduce_bucket_size`` / ``allgather_bucket_size`` count elements (fp32 gradients: 4 bytes).
+    On CPU the flags do not exist, so nothing is returned.
+    """
+    if platform != "gpu":
+        return []
+    flags = []
+    if zero_cfg.reduce_bucket_size:
+        b = int(zero_cfg.reduce_bucket_size) * 4
+        flags += [f"--xla_gpu_all_reduce_combine_threshold_bytes={b}",
+                  f"--xla_gpu_reduce_scatter_combine_threshold_bytes={b}"]
+    if zero_cfg.allgather_bucket_size:
+        flags.append(f"--xla_gpu_all_gather_combine_threshold_bytes={int(zero_cfg.allgather_bucket_size) * 4}")
+    return flags

@@ -1,0 +1,210 @@
+"""Logical axis rules and ZeRO placement, stated as data.
+
+Every parameter of a jzero model carries logical axis names (``('embed', 'mlp')``, ``('layers', 'embed', 'heads', 'kv')``).
+A rule table maps logical names to mesh axes; that gives the **compute** layout (what a layer multiplies with).
+ZeRO adds the ``data`` axis to one dimension of a leaf to give the **storage** layout of whichever trees the stage
+partitions (Levanter's two mappings; DeepSpeed's stages differ only in which tree uses which):
+
+    stage 0: params, grads, optimizer state in compute layout (replicated over data; grads all-reduced)
+    stage 1: optimizer state in storage layout
+    stage 2: + gradients and the micro-batch accumulator in storage layout (reduce-scatter)
+    stage 3: + parameters in storage layout; the model gathers each layer's params to compute layout
+             inside the layer scan (``constrain`` on the param), so one layer is whole at a time.
+
+``constrain(x, names)`` is the one place model code asks for a layout; it is a no-op outside an active plan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+LogicalRules = tuple[tuple[str, Any], ...]
+
+#: Megatron-style defaults: batch over data; heads, MLP hidden and vocabulary split over tensor.
+DEFAULT_RULES: LogicalRules = (
+    ("batch", "data"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", None),
+    ("kv", None),
+    ("length", None),
+    ("layers", None),
+    ("stage", "pipeline"),
+)
+
+#: Logical names ZeRO never splits: slicing a scanned layer stack over a sharded dim would gather it whole.
+NO_ZERO_DIMS = ("layers", "stage")
+
+
+def logical_to_spec(names: Sequence[str | None] | None, rules: LogicalRules = DEFAULT_RULES) -> P:
+    """Map logical axis names to a PartitionSpec; a mesh axis is used at most once (first name wins)."""
+    if names is None:
+        return P()
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for n in names:
+        ax = table.get(n) if n is not None else None
+        axes = ax if isinstance(ax, tuple) else (ax,) if ax else ()
+        if any(a in used for a in axes):
+            ax = None
+        else:
+            used.update(axes)
+        out.append(ax)
+    return P(*out)
+
+
+def _spec_axes(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return entry if isinstance(entry, tuple) else (entry,)
+
+
+def zero_spec(spec: P, shape: Sequence[int], names: Sequence[str | None] | None, mesh: Mesh,
+              threshold: int = 0, axis: str = "data") -> P:
+    """Add the ``data`` axis to the largest dimension that it divides (after any existing split).
+
+    Leaves with fewer than ``threshold`` elements stay as they are (DeepSpeed's persistence threshold), as do
+    leaves with no dimension that divides, and dims named in ``NO_ZERO_DIMS``.
+    """
+    n = mesh.shape.get(axis, 1)
+    if n == 1 or math.prod(shape) < max(threshold, 1):
+        return spec
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    if any(axis in _spec_axes(e) for e in entries):
+        return spec
+    names = list(names) if names is not None else [None] * len(shape)
+    best, best_local = None, 0
+    for i, size in enumerate(shape):
+        existing = math.prod(mesh.shape[a] for a in _spec_axes(entries[i]))
+        if names[i] in NO_ZERO_DIMS or size % (existing * n):
+            continue
+        if size // existing > best_local:
+            best, best_local = i, size // existing
+    if best is None:
+        return spec
+    entries[best] = _spec_axes(entries[best]) + (axis,) if entries[best] is not None else axis
+    return P(*entries)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class ShardingPlan:
+    """Shardings of every tree of the train state, derived from logical names + rules + ZeRO stage."""
+
+    mesh: Mesh
+    rules: LogicalRules
+    zero_stage: int
+    param_names: Any          # pytree of logical-name tuples, like params
+    param_compute: Any        # pytree of NamedSharding: layout a layer computes with
+    param_storage: Any        # pytree of NamedSharding: layout params live in (== compute unless stage 3)
+    grad: Any                 # pytree of NamedSharding for gradients and the accumulator
+    zero: Any                 # pytree of NamedSharding: the ZeRO-partitioned layout of param-shaped state
+
+    def named(self, spec: P) -> NamedSharding:
+        return NamedSharding(self.mesh, spec)
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    def batch(self, ndim: int = 3, batch_dim: int = 1) -> NamedSharding:
+        """Token batches ``[accum, rows, seq]``: rows over ``data``."""
+        spec = [None] * ndim
+        spec[batch_dim] = logical_to_spec(("batch",), self.rules)[0]
+        return NamedSharding(self.mesh, P(*spec))
+
+
+def make_plan(abstract_params, param_names, mesh: Mesh, zero_stage: int, rules: LogicalRules = DEFAULT_RULES,
+              threshold: int = 0) -> ShardingPlan:
+    """Build the plan from abstract params (ShapeDtypeStructs) and their logical names (same tree)."""
+    is_names = lambda x: isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x)  # noqa: E731
+    names_leaves = jax.tree.leaves(param_names, is_leaf=is_names)
+    shape_leaves, treedef = jax.tree.flatten(abstract_params)
+    if len(names_leaves) != len(shape_leaves):
+        raise ValueError(f"param_names has {len(names_leaves)} leaves but params have {len(shape_leaves)}")
+    compute, zero = [], []
+    for names, leaf in zip(names_leaves, shape_leaves):
+        spec = logical_to_spec(names, rules)
+        _check_divisible(spec, leaf.shape, names, mesh)
+        compute.append(NamedSharding(mesh, spec))
+        zero.append(NamedSharding(mesh, zero_spec(spec, leaf.shape, names, mesh, threshold)))
+    compute = jax.tree.unflatten(treedef, compute)
+    zero = jax.tree.unflatten(treedef, zero)
+    return ShardingPlan(
+        mesh=mesh, rules=rules, zero_stage=zero_stage,
+        param_names=jax.tree.unflatten(treedef, names_leaves),
+        param_compute=compute,
+        param_storage=zero if zero_stage >= 3 else compute,
+        grad=zero if zero_stage >= 2 else compute,
+        zero=zero,
+    )
+
+
+def _check_divisible(spec: P, shape, names, mesh: Mesh) -> None:
+    for dim, (entry, size) in enumerate(zip(spec, shape)):
+        k = math.prod(mesh.shape[a] for a in _spec_axes(entry))
+        if size % k:
+            raise ValueError(f"dimension '{names[dim]}' of size {size} is not divisible by mesh axis "
+                             f"{entry} of size {k}; choose a {entry} size that divides {size}")
+
+
+def opt_state_shardings(tx, abstract_opt_state, plan: ShardingPlan):
+    """Shardings for an optax state: param-shaped leaves follow ZeRO (stage>=1), the rest replicated."""
+    import optax
+
+    target = plan.zero if plan.zero_stage >= 1 else plan.param_compute
+    return optax.tree_map_params(
+        tx, lambda _, s: s, abstract_opt_state, target,
+        transform_non_params=lambda _: plan.replicated,
+        is_leaf=lambda x: isinstance(x, NamedSharding) or x is None,
+    )
+
+
+# --------------------------------------------------------------------------- constrain
+
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, LogicalRules] | None] = contextvars.ContextVar("jzero_plan", default=None)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
+    """Make ``constrain`` effective while tracing a step (the engine wraps its traced functions in this)."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x, names: Sequence[str | None]):
+    """Ask for ``x``'s layout by logical names; a no-op when no plan is active (plain un-sharded use)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
+
+
+def per_device_bytes(tree, device=None) -> int:
+    """Bytes of ``tree``'s array shards that live on ``device`` (default: the first addressable device)."""
+    device = device or jax.local_devices()[0]
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        if not isinstance(leaf, jax.Array):
+            continue
+        for shard in leaf.addressable_shards:
+            if shard.device == device:
+                total += shard.data.nbytes
+    return total

@@ -1,0 +1,90 @@
+"""GPT-2 in Flax Linen: learned positions, pre-LN blocks, tied LM head, scan over layers.
+
+Linen rather than NNX: it needs no mesh to derive logical partition specs, and ``nn.scan`` stacks the layers'
+params as ``[layers, ...]`` (the shape pipeline parallelism reshapes to ``[stages, layers_per_stage, ...]``).
+Params are fp32 masters; compute runs in ``dtype`` (bf16 or fp16 when enabled); norms and logits in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jzero.sharding import constrain
+from models.layers import MLP, LayerNorm, MultiHeadAttention, param
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    d_model: int = 768
+    d_ff: int = 3072
+    max_len: int = 1024
+    dtype: Any = jnp.float32
+    attention: str = "auto"
+    scan_layers: bool = True
+    remat_policy: Callable | None = None   # a jax.checkpoint policy; None = no remat
+    remat: bool = False
+
+    def n_params(self, include_pos: bool = True) -> int:
+        d, f, L = self.d_model, self.d_ff, self.n_layer
+        block = 3 * d * d + 3 * d + d * d + d + d * f + f + f * d + d + 4 * d
+        n = self.vocab_size * d + L * block + 2 * d
+        return n + (self.max_len * d if include_pos else 0)
+
+
+class Block(nn.Module):
+    cfg: GPT2Config
+
+    @nn.compact
+    def __call__(self, x_BxTxD, _=None):
+        cfg = self.cfg
+        out_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        h = LayerNorm(cfg.dtype, name="ln_1")(x_BxTxD)
+        x = x_BxTxD + MultiHeadAttention(cfg.n_head, cfg.dtype, cfg.attention, out_std, name="attn")(h)
+        h = LayerNorm(cfg.dtype, name="ln_2")(x)
+        x = x + MLP(cfg.d_ff, cfg.dtype, out_std, name="mlp")(h)
+        return constrain(x, ("batch", "length", "embed")), None
+
+
+class GPT2(nn.Module):
+    """``tokens_BxT`` (int32) -> logits ``[B, T, vocab]`` in fp32."""
+
+    cfg: GPT2Config
+
+    @nn.compact
+    def __call__(self, tokens_BxT):
+        cfg = self.cfg
+        T = tokens_BxT.shape[1]
+        if T > cfg.max_len:
+            raise ValueError(f"sequence length {T} exceeds model.max_len={cfg.max_len}; raise model.max_len")
+        wte = param(self, "wte", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), nn.initializers.normal(0.02),
+                    cfg.dtype)
+        wpe = param(self, "wpe", (cfg.max_len, cfg.d_model), (None, "embed"), nn.initializers.normal(0.01), cfg.dtype)
+        x = jnp.take(wte, tokens_BxT, axis=0) + wpe[:T][None]
+        x = constrain(x, ("batch", "length", "embed"))
+        x = stack_blocks(Block, cfg, x)
+        x = LayerNorm(cfg.dtype, name="ln_f")(x)
+        logits = jnp.einsum("btd,vd->btv", x, wte, preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "vocab"))
+
+
+def stack_blocks(block_cls, cfg, x):
+    """Run ``cfg.n_layer`` blocks: one ``nn.scan`` (params stacked on a leading 'layers' axis) or a Python loop."""
+    if cfg.remat:
+        block_cls = nn.remat(block_cls, policy=cfg.remat_policy, prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+        scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.n_layer,
+                          metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = scanned(cfg, name="blocks")(x, None)
+        return x
+    for i in range(cfg.n_layer):
+        x, _ = block_cls(cfg, name=f"block_{i}")(x, None)
+    return x

@@ -1,0 +1,205 @@
+"""jzero.data and train.prepare_data: token files, windows, global batches per process, resume, errors."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jzero import data
+from jzero.errors import DataError
+from train import prepare_data
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+def _token_dir(tmp_path: Path, n_tokens: int, seed: int = 0) -> Path:
+    """A prepared-looking directory whose train.bin holds n_tokens random uint16 ids."""
+    out = tmp_path / "tok"
+    out.mkdir()
+    ids = np.random.default_rng(seed).integers(0, 60000, n_tokens).astype(np.uint16)
+    ids.tofile(out / "train.bin")
+    ids[: n_tokens // 4].tofile(out / "val.bin")
+    (out / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 60000}))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ prepare_data
+
+def test_prepare_bytes_streams_files_in_order_and_splits_val(tmp_path):
+    d = tmp_path / "corpus"
+    b = _write(d / "b.txt", "second file\n")
+    a = _write(d / "sub" / "a.txt", "first file é\n")  # sub/a.txt sorts after b.txt
+    _write(d / ".hidden", "skipped")
+    single = _write(tmp_path / "z.txt", "héllo wörld " * 20)
+    out = tmp_path / "out"
+    rc = prepare_data.main(["--input", str(single), str(d), "--output-dir", str(out), "--val-fraction", "0.1"])
+    assert rc == 0
+    stream = single.read_bytes() + b.read_bytes() + a.read_bytes()
+    expected = np.frombuffer(stream, np.uint8).astype(np.uint16)
+    n_val = int(len(expected) * 0.1)
+    train = np.fromfile(out / "train.bin", np.uint16)
+    val = np.fromfile(out / "val.bin", np.uint16)
+    np.testing.assert_array_equal(train, expected[: len(expected) - n_val])
+    np.testing.assert_array_equal(val, expected[len(expected) - n_val:])
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta == {"dtype": "uint16", "vocab_size": 256, "n_train_tokens": len(expected) - n_val,
+                    "n_val_tokens": n_val, "tokenizer": "bytes", "sources": 3}
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
+def test_prepare_with_tokenizer_json_matches_encode_and_uses_uint32_for_big_vocab(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {"[UNK]": 0, **{f"w{i}": i + 1 for i in range(70_000)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok_path = tmp_path / "tokenizer.json"
+    tok.save(str(tok_path))
+    texts = ["w1 w69999 w5\nw42 nope", "w65536 w7"]
+    files = [_write(tmp_path / "in" / f"{i}.txt", t) for i, t in enumerate(texts)]
+    meta = data.prepare([tmp_path / "in"], tmp_path / "out", tokenizer=tok_path, val_fraction=0.25)
+    ids = [i for t in texts for i in tok.encode(t).ids]
+    assert ids == [2, 70000, 6, 43, 0, 65537, 8]
+    n_val = int(len(ids) * 0.25)
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70_001 and meta["sources"] == len(files)
+    assert meta["tokenizer"] == str(tok_path.resolve())
+    np.testing.assert_array_equal(np.fromfile(tmp_path / "out" / "train.bin", np.uint32), ids[:-n_val])
+    np.testing.assert_array_equal(np.fromfile(tmp_path / "out" / "val.bin", np.uint32), ids[-n_val:])
+
+
+def test_prepare_missing_input_is_one_line_error(tmp_path, capsys):
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(DataError, match=r"nope\.txt not found") as e:
+        data.prepare([missing], tmp_path / "out")
+    assert "\n" not in str(e.value)
+    assert prepare_data.main(["--input", str(missing), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "error: input" in capsys.readouterr().err
+    with pytest.raises(DataError, match=r"tok\.json not found"):
+        data.prepare([_write(tmp_path / "a.txt", "x")], tmp_path / "out", tokenizer=tmp_path / "tok.json")
+
+
+def test_default_corpus_dir_builds_from_stdlib_with_cap_and_reuses_cache(tmp_path, monkeypatch):
+    import __future__
+    monkeypatch.setenv("JZERO_CACHE", str(tmp_path))
+    out = data.default_corpus_dir(max_bytes=200_000)
+    assert out == tmp_path / "stdlib_bytes"
+    meta = data.read_meta(out)
+    assert meta["n_train_tokens"] + meta["n_val_tokens"] == 200_000
+    assert meta["n_val_tokens"] == 2_000 and meta["tokenizer"] == "bytes" and meta["max_bytes"] == 200_000
+    first = Path(__future__.__file__).read_bytes()  # "__future__.py" sorts first in the stdlib
+    train = np.fromfile(out / "train.bin", np.uint16)
+    np.testing.assert_array_equal(train[: len(first)], np.frombuffer(first, np.uint8))
+    mtime = (out / "train.bin").stat().st_mtime_ns
+    assert data.default_corpus_dir(max_bytes=200_000) == out
+    assert (out / "train.bin").stat().st_mtime_ns == mtime  # reused, not rebuilt
+    data.default_corpus_dir(max_bytes=100_000)  # another cap: rebuilt
+    assert data.read_meta(out)["n_train_tokens"] == 99_000
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+def test_token_source_windows_equal_numpy_slices(tmp_path):
+    d = _token_dir(tmp_path, 1000)
+    tokens = np.fromfile(d / "train.bin", np.uint16)
+    src = data.TokenSource(d / "train.bin", seq_len=16)
+    assert len(src) == (1000 - 1) // 16 == 62
+    for i in (0, 1, 61):
+        rec = src[i]
+        assert rec.dtype == np.int32 and rec.shape == (17,)
+        np.testing.assert_array_equal(rec, tokens[i * 16: i * 16 + 17])
+    with pytest.raises(IndexError):
+        src[62]
+    explicit = data.TokenSource(d / "val.bin", seq_len=8, dtype="uint16")
+    np.testing.assert_array_equal(explicit[3], tokens[24:33])
+
+
+def test_batch_iterator_unshuffled_order_and_shapes(tmp_path):
+    d = _token_dir(tmp_path, 2000)
+    src = data.TokenSource(d / "train.bin", seq_len=8)  # 249 records
+    it = data.BatchIterator(d / "train.bin", seq_len=8, global_batch_rows=8, accum_steps=2, shuffle=False)
+    assert it.shape == (2, 4, 9)
+    for step in range(3):
+        batch = next(it)
+        assert batch.shape == (2, 4, 9) and batch.dtype == np.int32
+        expected = np.stack([src[step * 8 + k] for k in range(8)]).reshape(2, 4, 9)
+        np.testing.assert_array_equal(batch, expected)
+    assert it.step == 3
+    it.close()
+
+
+def test_batch_iterator_shuffles_each_epoch_as_a_permutation(tmp_path):
+    d = _token_dir(tmp_path, 16 * 4 + 1)  # exactly 16 records of seq_len 4
+    src = data.TokenSource(d / "train.bin", seq_len=4)
+    it = data.BatchIterator(d / "train.bin", seq_len=4, global_batch_rows=8, seed=3)
+    epochs = [np.concatenate([next(it)[0] for _ in range(2)]) for _ in range(2)]
+    index_of = {src[i].tobytes(): i for i in range(len(src))}
+    orders = [[index_of[row.tobytes()] for row in e] for e in epochs]
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(16))
+    assert orders[0] != list(range(16)) and orders[0] != orders[1]
+
+
+def test_two_processes_concatenate_to_the_one_process_batch(tmp_path):
+    d = _token_dir(tmp_path, 3000)
+    kw = dict(seq_len=8, global_batch_rows=8, accum_steps=2, seed=7, prefetch=0)
+    one = data.BatchIterator(d / "train.bin", **kw)
+    two = [data.BatchIterator(d / "train.bin", process_index=p, process_count=2, **kw) for p in range(2)]
+    for _ in range(40):  # 40 steps x 8 rows > 374 records: crosses an epoch boundary
+        parts = [next(t) for t in two]
+        assert parts[0].shape == (2, 2, 9)
+        np.testing.assert_array_equal(np.concatenate(parts, axis=1), next(one))
+
+
+def test_resume_from_state_yields_the_same_batches_on_any_process_count(tmp_path):
+    d = _token_dir(tmp_path, 3000)
+    kw = dict(seq_len=8, global_batch_rows=8, accum_steps=2, seed=11)
+    ref = data.BatchIterator(d / "train.bin", **kw)
+    for _ in range(5):
+        next(ref)
+    state = json.loads(json.dumps(ref.get_state()))
+    assert state["step"] == 5
+    expected = [next(ref) for _ in range(3)]
+    resumed = data.BatchIterator(d / "train.bin", **kw)
+    resumed.set_state(state)
+    for want in expected:
+        np.testing.assert_array_equal(next(resumed), want)
+    halves = [data.BatchIterator(d / "train.bin", process_index=p, process_count=2, **kw) for p in range(2)]
+    for h in halves:
+        h.set_state(state)
+    for want in expected:
+        np.testing.assert_array_equal(np.concatenate([next(h) for h in halves], axis=1), want)
+    other_seed = data.BatchIterator(d / "train.bin", **{**kw, "seed": 12})
+    with pytest.raises(DataError, match="seed=11 but this run has seed=12"):
+        other_seed.set_state(state)
+
+
+def test_eval_batches_in_file_order_sliced_per_process_and_wrapping(tmp_path):
+    d = _token_dir(tmp_path, 2000)
+    src = data.TokenSource(d / "val.bin", seq_len=8)  # 500 tokens -> 62 records
+    full = list(data.eval_batches(d / "val.bin", seq_len=8, rows=4))
+    assert len(full) == 15
+    np.testing.assert_array_equal(full[2], np.stack([src[k] for k in range(8, 12)]))
+    parts = [list(data.eval_batches(d / "val.bin", 8, 4, n_batches=16, process_index=p, process_count=2))
+             for p in range(2)]
+    np.testing.assert_array_equal(np.concatenate([parts[0][2], parts[1][2]]), full[2])
+    np.testing.assert_array_equal(parts[1][15], np.stack([src[62 % 62], src[63 % 62]]))  # wraps to the start
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+def test_errors_name_file_and_numbers(tmp_path):
+    missing = tmp_path / "data" / "train.bin"
+    with pytest.raises(DataError, match=r"data/train\.bin not found; run python -m train\.prepare_data"):
+        data.BatchIterator(missing, seq_len=8, global_batch_rows=8)
+    d = _token_dir(tmp_path, 100)
+    with pytest.raises(DataError, match=r"train\.bin has 100 tokens but one global batch of 16 rows x seq_len "
+                                         r"8 needs 129; use a smaller train_batch_size or seq_len"):
+        data.BatchIterator(d / "train.bin", seq_len=8, global_batch_rows=16)
+    with pytest.raises(DataError, match=r"global batch rows 12 is not divisible by accum_steps 2 x "
+                                         r"process_count 4 = 8"):
+        data.BatchIterator(d / "train.bin", seq_len=4, global_batch_rows=12, accum_steps=2, process_count=4)
+    (d / "meta.json").unlink()
+    with pytest.raises(DataError, match=r"meta\.json not found to give the dtype"):
+        data.TokenSource(d / "train.bin", seq_len=4)
