@@ -191,6 +191,15 @@ class Engine:
         return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.state.params)))
 
 
+def _remat_policy(cfg: JzeroConfig):
+    ac = cfg.activation_checkpointing
+    if ac == type(ac)():
+        return None
+    from jzero.remat import remat_policy
+
+    return remat_policy(ac)
+
+
 def _names_tree(boxed_params):
     """Logical names of every param leaf, as tuples (from Flax's LogicallyPartitioned metadata)."""
     specs = nn.get_partition_spec(boxed_params)
@@ -217,10 +226,9 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
     mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
     dtype = compute_dtype(cfg)
     if model is None:
-        from jzero.remat import remat_policy
         from models import build_model
 
-        policy = remat_policy(cfg.activation_checkpointing)
+        policy = _remat_policy(cfg)
         model, model_config = build_model(cfg.model, vocab_size=vocab_size or 256, seq_len=cfg.data.seq_len,
                                           dtype=dtype, remat=policy is not None,
                                           remat_policy=policy if policy is not None else None)
@@ -257,7 +265,7 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
     def train_fn(state: TrainState, batch):
         with shd.activate(mesh, rules):
             loss, grads = accumulate_grads(loss_fn, state.params, batch, plan.grad, accum_dtype)
-            grad_norm = optax.global_norm(grads)
+            grad_norm = optax.tree.norm(grads)
             params, opt_state = apply_update(tx, state.params, state.opt_state, grads)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(schedule(state.step), jnp.float32)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

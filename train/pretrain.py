@@ -1,0 +1,150 @@
+"""Pretrain a GPT: ``python -m train.pretrain [--config FILE] [key=value ...]``.
+
+With no arguments it runs the embedded default (``DEFAULT_CONFIG``, also shipped as ``configs/default.yaml``):
+a small byte-level GPT on the Python standard library's own sources, on whatever devices JAX sees.
+Writes ``config.json``, ``metrics.jsonl`` and ``summary.json`` into ``train.output_dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_CONFIG: dict = {
+    "train_batch_size": 32,
+    "steps_per_print": 25,
+    "gradient_clipping": 1.0,
+    "zero_optimization": {"stage": 1},
+    "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.1}},
+    "scheduler": {"type": "WarmupCosineLR",
+                  "params": {"total_num_steps": 400, "warmup_num_steps": 30, "warmup_min_ratio": 0.0,
+                             "cos_min_ratio": 0.1}},
+    "model": {"family": "gpt2", "preset": "gpt2-tiny"},
+    "data": {"path": None, "seq_len": 128},
+    "train": {"steps": 400, "seed": 0, "output_dir": "runs/default", "log_interval": 1, "eval_interval": 100,
+              "eval_batches": 4},
+}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="DeepSpeed-style JSON or YAML config (default: the embedded default)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. zero_optimization.stage=3")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from jzero.config import load_config
+    from jzero.errors import JzeroError
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, args.overrides, base=None if args.config else DEFAULT_CONFIG)
+        run(cfg)
+    except JzeroError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _data_dir(cfg) -> Path:
+    from jzero.data import default_corpus_dir
+    from jzero.errors import DataError
+
+    if cfg.data.path is None:
+        return default_corpus_dir(max_bytes=cfg.data.default_corpus_bytes)
+    path = Path(cfg.data.path)
+    if not (path / "meta.json").is_file():
+        raise DataError(f"data.path='{path}' has no meta.json; prepare it with "
+                        f"python -m train.prepare_data --input TEXT_FILES --output-dir {path}")
+    return path
+
+
+def run(cfg) -> dict:
+    """Train per ``cfg``; return the summary dict (also written to ``summary.json``)."""
+    import jax
+
+    import jzero
+    from jzero import flops
+    from jzero.config import resolve, to_dict
+    from jzero.data import BatchIterator, eval_batches, read_meta
+    from jzero.monitor import Monitor, device_memory_bytes
+
+    resolved = resolve(cfg, jax.device_count())
+    data_dir = _data_dir(resolved)
+    meta = read_meta(data_dir)
+    pi, pc = jax.process_index(), jax.process_count()
+    batches = BatchIterator(data_dir / "train.bin", resolved.data.seq_len, resolved.train_batch_size,
+                            resolved.gradient_accumulation_steps, resolved.train.seed, pi, pc,
+                            shuffle=resolved.data.shuffle)
+    engine = jzero.initialize(cfg, vocab_size=meta["vocab_size"])
+    rc = engine.config
+    out = Path(rc.train.output_dir)
+    if pi == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(rc), indent=2))
+
+    engine.compile()
+    mc = engine.model_config
+    flops_per_token = flops.gpt_train_flops_per_token(mc.n_params(include_pos=False), mc.n_layer, rc.data.seq_len,
+                                                      mc.d_model)
+    dev = jax.local_devices()[0]
+    peak = flops.peak_flops(dev, "bfloat16" if rc.bf16.enabled else "float32")
+    tokens_per_step = rc.train_batch_size * rc.data.seq_len
+    monitor = Monitor(out, rc.train.steps, tensorboard=rc.tensorboard.model_dump(),
+                      csv_monitor=rc.csv_monitor.model_dump(), steps_per_print=rc.steps_per_print,
+                      wall_clock_breakdown=rc.wall_clock_breakdown, device=dev)
+    eval_rows = rc.train_batch_size // rc.gradient_accumulation_steps
+
+    rates, last_loss, data_wait = [], None, 0.0
+    t_mark, steps_since = time.perf_counter(), 0
+    with monitor:
+        for step in range(1, rc.train.steps + 1):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - t0
+            metrics = engine.train_step(batch)
+            steps_since += 1
+            if step % rc.train.log_interval == 0 or step == rc.train.steps:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}   # the one host sync per log
+                now = time.perf_counter()
+                dt = (now - t_mark) / steps_since
+                tps = tokens_per_step / dt
+                rates.append(tps)
+                m.update(step_time_s=dt, tokens_per_s=tps,
+                         mfu=flops.mfu(tps, flops_per_token, jax.device_count(), peak) if peak else None)
+                if rc.wall_clock_breakdown:
+                    m["data_wait_s"] = data_wait / steps_since
+                monitor.log(step, m)
+                last_loss, t_mark, steps_since, data_wait = m["loss"], time.perf_counter(), 0, 0.0
+            if rc.train.eval_interval and (step % rc.train.eval_interval == 0 or step == rc.train.steps):
+                losses = [float(engine.eval_step(b)) for b in
+                          eval_batches(data_dir / "val.bin", rc.data.seq_len, eval_rows, rc.train.eval_batches, pi, pc)]
+                ev = statistics.fmean(losses)
+                monitor.log_eval(step, {"eval_loss": ev, "eval_ppl": float(jax.numpy.exp(ev))})
+                t_mark = time.perf_counter()
+        tps_med = statistics.median(rates[1:] or rates)
+        mem = device_memory_bytes(dev) or {}
+        summary = {
+            "final_loss": last_loss,
+            "steps": rc.train.steps,
+            "tokens_per_s": tps_med,
+            "mfu": flops.mfu(tps_med, flops_per_token, jax.device_count(), peak) if peak else None,
+            "n_devices": jax.device_count(),
+            "n_params": engine.n_params(),
+            "zero_stage": rc.zero_optimization.stage,
+            "mesh": {"data": rc.mesh.data, "tensor": rc.mesh.tensor, "pipeline": rc.mesh.pipeline},
+            "memory_per_device_bytes": engine.memory_per_device(),
+            "peak_memory_bytes": mem.get("peak_bytes_in_use"),
+            "compile_s": engine.compile_seconds,
+        }
+        monitor.summary(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(main())
