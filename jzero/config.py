@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from jzero.errors import ConfigError
+from jzero.monitor import CometConfig, CSVMonitorConfig, TensorboardConfig, WandbConfig
 
 
 class _Section(BaseModel):
@@ -122,18 +123,6 @@ class ActivationCheckpointingConfig(_Section):
     profile: bool = False
 
 
-class TensorboardConfig(_Section):
-    enabled: bool = False
-    output_path: str = ""
-    job_name: str = "jzero"
-
-
-class CSVMonitorConfig(_Section):
-    enabled: bool = False
-    output_path: str = ""
-    job_name: str = "jzero"
-
-
 # --------------------------------------------------------------------------- jzero sections
 
 
@@ -153,6 +142,18 @@ class MeshConfig(_Section):
         if sum(v == -1 for v in sizes.values()) > 1:
             raise ValueError("more than one mesh axis is -1; give explicit sizes to all but one")
         return self
+
+
+class PipelineConfig(_Section):
+    """Pipeline parallelism over the ``pipeline`` mesh axis (stages = ``mesh.pipeline``).
+
+    Micro-batches are ``gradient_accumulation_steps`` (DeepSpeed's meaning). ``circular`` with ``repeats`` R
+    gives each stage R non-adjacent layer chunks, cutting the bubble from (S-1)/(M+S-1) to (S-1)/(R*M+S-1).
+    """
+
+    schedule: Literal["gpipe", "circular"] = "gpipe"
+    repeats: int = Field(1, ge=1)
+    partition: Literal["uniform"] = "uniform"
 
 
 class ModelConfig(_Section):
@@ -208,8 +209,11 @@ class JzeroConfig(_Section):
     activation_checkpointing: ActivationCheckpointingConfig = ActivationCheckpointingConfig()
     tensorboard: TensorboardConfig = TensorboardConfig()
     csv_monitor: CSVMonitorConfig = CSVMonitorConfig()
+    wandb: WandbConfig = WandbConfig()
+    comet: CometConfig = CometConfig()
     # jzero keys
     mesh: MeshConfig = MeshConfig()
+    pipeline: PipelineConfig = PipelineConfig()
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()

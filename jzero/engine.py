@@ -67,6 +67,29 @@ def check_supported(cfg: JzeroConfig) -> None:
         raise ConfigError(f"{key}: {why}")
 
 
+# --------------------------------------------------------------------------- tasks
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a batch is and how a model turns it into a loss.
+
+    ``micro_batch(rows)`` gives the ShapeDtypeStruct pytree of one micro-batch with ``rows`` rows (every leaf's
+    leading dim is rows; the train step takes the same tree with an extra leading ``accum`` dim);
+    ``loss(apply_fn, params, micro_batch) -> scalar``; ``init_inputs()`` are the args ``model.init`` traces with.
+    """
+
+    micro_batch: Callable[[int], Any]
+    loss: Callable[..., jax.Array]
+    init_inputs: Callable[[], tuple]
+
+
+def lm_task(seq_len: int) -> Task:
+    """Causal language modelling on int32 token rows of length ``seq_len + 1``."""
+    return Task(micro_batch=lambda rows: jax.ShapeDtypeStruct((rows, seq_len + 1), jnp.int32),
+                loss=lm_loss, init_inputs=lambda: (jnp.zeros((1, seq_len), jnp.int32),))
+
+
 # --------------------------------------------------------------------------- pure pieces of the step
 
 
@@ -76,7 +99,7 @@ def lm_loss(apply_fn: Callable, params, tokens_BxT1: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens_BxT1[:, 1:]).mean()
 
 
-def accumulate_grads(loss_fn: Callable, params, batch_AxBxT1: jax.Array, grad_shardings, accum_dtype=jnp.float32):
+def accumulate_grads(loss_fn: Callable, params, batch_AxBx: Any, grad_shardings, accum_dtype=jnp.float32):
     """Mean loss and gradient over the leading micro-batch axis (``lax.scan``; one backward at a time).
 
     Each micro-batch gradient is put in ``grad_shardings`` right after its backward pass: replicated (all-reduce)
@@ -84,9 +107,9 @@ def accumulate_grads(loss_fn: Callable, params, batch_AxBxT1: jax.Array, grad_sh
     """
     put = lambda g: jax.tree.map(jax.lax.with_sharding_constraint, g, grad_shardings)  # noqa: E731
     grad_fn = jax.value_and_grad(loss_fn)
-    n_micro = batch_AxBxT1.shape[0]
+    n_micro = jax.tree.leaves(batch_AxBx)[0].shape[0]
     if n_micro == 1:
-        loss, grads = grad_fn(params, batch_AxBxT1[0])
+        loss, grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch_AxBx))
         return loss, put(grads)
 
     def micro(carry, tokens):
@@ -97,7 +120,7 @@ def accumulate_grads(loss_fn: Callable, params, batch_AxBxT1: jax.Array, grad_sh
         return (loss_sum + loss, put(acc)), None
 
     zeros = put(jax.tree.map(lambda p: jnp.zeros(p.shape, accum_dtype), params))
-    (loss_sum, acc), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros), batch_AxBxT1)
+    (loss_sum, acc), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros), batch_AxBx)
     grads = jax.tree.map(lambda a, p: (a / n_micro).astype(p.dtype), acc, params)
     return loss_sum / n_micro, grads
 
@@ -121,6 +144,7 @@ class Engine:
     plan: shd.ShardingPlan
     state: TrainState
     state_shardings: Any
+    task: Task
     compile_seconds: float = 0.0
     _train: Any = field(default=None, repr=False)
     _eval: Any = field(default=None, repr=False)
@@ -132,35 +156,39 @@ class Engine:
         return self.config.gradient_accumulation_steps
 
     @property
-    def seq_len(self) -> int:
-        return self.config.data.seq_len
-
-    @property
     def global_batch_rows(self) -> int:
         return self.config.train_batch_size
 
-    def batch_shape(self) -> tuple[int, int, int]:
+    def batch_spec(self):
+        """ShapeDtypeStruct pytree of one global train batch: leaves ``[accum, rows/accum, ...]``."""
         A = self.accum_steps
-        return (A, self.global_batch_rows // A, self.seq_len + 1)
+        micro = self.task.micro_batch(self.global_batch_rows // A)
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct((A,) + s.shape, s.dtype,
+                                                           sharding=self.plan.batch(len(s.shape) + 1, 1)), micro)
+
+    def batch_shape(self) -> tuple[int, ...]:
+        """Shape of the (single-leaf) LM train batch ``[accum, rows, seq+1]``."""
+        return jax.tree.leaves(self.batch_spec())[0].shape
 
     # ---- data placement
-    def put_batch(self, local_AxBxT1: np.ndarray) -> jax.Array:
-        """Assemble the global batch from this process's rows (``[accum, local_rows, seq+1]``)."""
-        sharding = self.plan.batch(3, 1)
-        return jax.make_array_from_process_local_data(sharding, np.asarray(local_AxBxT1, np.int32),
-                                                       self.batch_shape())
+    def put_batch(self, local_batch) -> Any:
+        """Assemble the global train batch from this process's rows (leaves ``[accum, local_rows, ...]``)."""
+        return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s.sharding, np.asarray(x, s.dtype),
+                                                                                  s.shape),
+                            local_batch, self.batch_spec())
 
-    def put_eval_batch(self, local_BxT1: np.ndarray) -> jax.Array:
-        sharding = self.plan.batch(2, 0)
-        global_rows = local_BxT1.shape[0] * jax.process_count()
-        return jax.make_array_from_process_local_data(sharding, np.asarray(local_BxT1, np.int32),
-                                                      (global_rows, local_BxT1.shape[1]))
+    def put_eval_batch(self, local_batch) -> Any:
+        """Assemble a global eval batch (leaves ``[local_rows, ...]``, rows over ``data``)."""
+        def one(x):
+            x = np.asarray(x)
+            shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+            return jax.make_array_from_process_local_data(self.plan.batch(x.ndim, 0), x, shape)
+        return jax.tree.map(one, local_batch)
 
     # ---- steps
     def lower_train_step(self):
         """The lowered train step (``.compile()``, ``.as_text()``, ``memory_analysis()`` for tests/benchmarks)."""
-        batch = jax.ShapeDtypeStruct(self.batch_shape(), jnp.int32, sharding=self.plan.batch(3, 1))
-        return self._train.lower(self.state, batch)
+        return self._train.lower(self.state, self.batch_spec())
 
     def compile(self):
         if self._compiled is None:
@@ -171,13 +199,13 @@ class Engine:
 
     def train_step(self, batch) -> dict[str, jax.Array]:
         """One optimizer step; ``batch`` is a global ``[accum, rows, seq+1]`` array or this process's numpy rows."""
-        if not isinstance(batch, jax.Array):
+        if not isinstance(jax.tree.leaves(batch)[0], jax.Array):
             batch = self.put_batch(batch)
         self.state, metrics = self.compile()(self.state, batch)
         return metrics
 
     def eval_step(self, batch) -> jax.Array:
-        if not isinstance(batch, jax.Array):
+        if not isinstance(jax.tree.leaves(batch)[0], jax.Array):
             batch = self.put_eval_batch(batch)
         return self._eval(self.state.params, batch)
 
@@ -215,10 +243,11 @@ def _names_tree(boxed_params):
 def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config: Any = None,
                mesh: jax.sharding.Mesh | None = None, vocab_size: int | None = None,
                tx: optax.GradientTransformation | None = None, schedule: Callable | None = None,
-               rules: shd.LogicalRules = shd.DEFAULT_RULES) -> Engine:
+               rules: shd.LogicalRules = shd.DEFAULT_RULES, task: Task | None = None) -> Engine:
     """Build mesh, model, optimizer and the sharded train state; jit the steps (compiled on first use).
 
-    ``model`` defaults to the config's ``model`` section; ``vocab_size`` is the data's vocabulary (default 256).
+    ``model`` defaults to the config's ``model`` section; ``vocab_size`` is the data's vocabulary (default 256);
+    ``task`` defaults to causal LM on ``data.seq_len`` tokens (pass another for BERT heads and the like).
     """
     devices = mesh.devices.size if mesh is not None else jax.device_count()
     cfg = resolve(config, devices)
@@ -241,8 +270,9 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
     accum_dtype = DTYPES[cfg.data_types.grad_accum_dtype or "fp32"]
 
     seed_key = jax.random.key(cfg.train.seed)
-    dummy = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
-    boxed = jax.eval_shape(lambda k: model.init(k, dummy), seed_key)["params"]
+    task = task or lm_task(cfg.data.seq_len)
+    inputs = task.init_inputs()
+    boxed = jax.eval_shape(lambda k: model.init(k, *inputs), seed_key)["params"]
     names = _names_tree(boxed)
     abstract_params = nn.unbox(boxed)
     try:
@@ -251,7 +281,7 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
     except ValueError as exc:
         raise ConfigError(f"mesh.tensor={mesh.shape['tensor']}: {exc}") from None
 
-    params = jax.jit(lambda k: nn.unbox(model.init(k, dummy))["params"],
+    params = jax.jit(lambda k: nn.unbox(model.init(k, *inputs))["params"],
                      out_shardings=plan.param_storage)(seed_key)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     opt_shardings = shd.opt_state_shardings(tx, abstract_opt, plan)
@@ -260,7 +290,7 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
                        opt_state=opt_state)
     state_shardings = TrainState(step=plan.replicated, params=plan.param_storage, opt_state=opt_shardings)
 
-    loss_fn = lambda p, tokens: lm_loss(model.apply, p, tokens)  # noqa: E731
+    loss_fn = lambda p, b: task.loss(model.apply, p, b)  # noqa: E731
 
     def train_fn(state: TrainState, batch):
         with shd.activate(mesh, rules):
@@ -270,13 +300,12 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(schedule(state.step), jnp.float32)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    def eval_fn(params, batch_BxT1):
+    def eval_fn(params, batch):
         with shd.activate(mesh, rules):
-            return loss_fn(params, batch_BxT1)
+            return loss_fn(params, batch)
 
-    train = jax.jit(train_fn, in_shardings=(state_shardings, plan.batch(3, 1)),
-                    out_shardings=(state_shardings, plan.replicated), donate_argnums=(0,))
-    evaluate = jax.jit(eval_fn, in_shardings=(plan.param_storage, plan.batch(2, 0)), out_shardings=plan.replicated)
+    train = jax.jit(train_fn, out_shardings=(state_shardings, plan.replicated), donate_argnums=(0,))
+    evaluate = jax.jit(eval_fn, out_shardings=plan.replicated)
     return Engine(config=cfg, mesh=mesh, model=model, model_config=model_config, tx=tx, schedule=schedule,
-                  plan=plan, state=state, state_shardings=state_shardings, _train=train, _eval=evaluate)
+                  plan=plan, state=state, state_shardings=state_shardings, task=task, _train=train, _eval=evaluate)
 

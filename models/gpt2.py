@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jzero.sharding import constrain
-from models.layers import MLP, LayerNorm, MultiHeadAttention, param
+from models.layers import MLP, LayerNorm, MultiHeadAttention, param, stack_blocks
 
 
 @dataclass(frozen=True)
@@ -75,16 +75,3 @@ class GPT2(nn.Module):
         logits = jnp.einsum("btd,vd->btv", x, wte, preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "length", "vocab"))
 
-
-def stack_blocks(block_cls, cfg, x):
-    """Run ``cfg.n_layer`` blocks: one ``nn.scan`` (params stacked on a leading 'layers' axis) or a Python loop."""
-    if cfg.remat:
-        block_cls = nn.remat(block_cls, policy=cfg.remat_policy, prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
-        scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.n_layer,
-                          metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = scanned(cfg, name="blocks")(x, None)
-        return x
-    for i in range(cfg.n_layer):
-        x, _ = block_cls(cfg, name=f"block_{i}")(x, None)
-    return x

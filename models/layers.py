@@ -119,3 +119,17 @@ class MLP(nn.Module):
                    nn.initializers.normal(self.out_init_std), self.dtype)
         b2 = param(self, "proj_bias", (d,), ("embed",), nn.initializers.zeros, self.dtype)
         return jnp.einsum("btf,fd->btd", hdn, w2) + b2
+
+
+def stack_blocks(block_cls, cfg, x):
+    """Run ``cfg.n_layer`` blocks: one ``nn.scan`` (params stacked on a leading 'layers' axis) or a Python loop."""
+    if cfg.remat:
+        block_cls = nn.remat(block_cls, policy=cfg.remat_policy, prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+        scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.n_layer,
+                          metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = scanned(cfg, name="blocks")(x, None)
+        return x
+    for i in range(cfg.n_layer):
+        x, _ = block_cls(cfg, name=f"block_{i}")(x, None)
+    return x

@@ -15,17 +15,17 @@ import time
 from pathlib import Path
 
 DEFAULT_CONFIG: dict = {
-    "train_batch_size": 32,
+    "train_batch_size": 16,
     "steps_per_print": 25,
     "gradient_clipping": 1.0,
     "zero_optimization": {"stage": 1},
     "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.1}},
     "scheduler": {"type": "WarmupCosineLR",
-                  "params": {"total_num_steps": 400, "warmup_num_steps": 30, "warmup_min_ratio": 0.0,
+                  "params": {"total_num_steps": 250, "warmup_num_steps": 20, "warmup_min_ratio": 0.0,
                              "cos_min_ratio": 0.1}},
     "model": {"family": "gpt2", "preset": "gpt2-tiny"},
     "data": {"path": None, "seq_len": 128},
-    "train": {"steps": 400, "seed": 0, "output_dir": "runs/default", "log_interval": 1, "eval_interval": 100,
+    "train": {"steps": 250, "seed": 0, "output_dir": "runs/default", "log_interval": 1, "eval_interval": 100,
               "eval_batches": 4},
 }
 
@@ -34,6 +34,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="DeepSpeed-style JSON or YAML config (default: the embedded default)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. zero_optimization.stage=3")
+    p.add_argument("--coordinator", help="HOST:PORT of process 0 for multi-process runs (else from SLURM/MPI env)")
+    p.add_argument("--num-processes", type=int, help="number of processes in a multi-process run")
+    p.add_argument("--process-id", type=int, help="this process's index in a multi-process run")
     return p.parse_args(argv)
 
 
@@ -44,6 +47,9 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, args.overrides, base=None if args.config else DEFAULT_CONFIG)
+        from jzero.distributed import maybe_initialize
+
+        maybe_initialize(args.coordinator, args.num_processes, args.process_id)
         run(cfg)
     except JzeroError as exc:
         print(f"error: {exc}", file=sys.stderr)
