@@ -106,7 +106,7 @@ def run(cfg) -> dict:
                       wall_clock_breakdown=rc.wall_clock_breakdown, device=dev)
     eval_rows = rc.train_batch_size // rc.gradient_accumulation_steps
 
-    rates, last_loss, data_wait = [], None, 0.0
+    rates, losses, data_wait, last_eval = [], [], 0.0, None
     t_mark, steps_since = time.perf_counter(), 0
     with monitor:
         for step in range(1, rc.train.steps + 1):
@@ -126,17 +126,22 @@ def run(cfg) -> dict:
                 if rc.wall_clock_breakdown:
                     m["data_wait_s"] = data_wait / steps_since
                 monitor.log(step, m)
-                last_loss, t_mark, steps_since, data_wait = m["loss"], time.perf_counter(), 0, 0.0
+                losses.append(m["loss"])
+                t_mark, steps_since, data_wait = time.perf_counter(), 0, 0.0
             if rc.train.eval_interval and (step % rc.train.eval_interval == 0 or step == rc.train.steps):
                 losses = [float(engine.eval_step(b)) for b in
                           eval_batches(data_dir / "val.bin", rc.data.seq_len, eval_rows, rc.train.eval_batches, pi, pc)]
                 ev = statistics.fmean(losses)
+                last_eval = ev
                 monitor.log_eval(step, {"eval_loss": ev, "eval_ppl": float(jax.numpy.exp(ev))})
                 t_mark = time.perf_counter()
         tps_med = statistics.median(rates[1:] or rates)
         mem = device_memory_bytes(dev) or {}
         summary = {
-            "final_loss": last_loss,
+            "final_loss": statistics.fmean(losses[-10:]),   # mean of the last 10 logged train losses
+            "last_loss": losses[-1],
+            "initial_loss": losses[0],
+            "final_eval_loss": last_eval,
             "steps": rc.train.steps,
             "tokens_per_s": tps_med,
             "mfu": flops.mfu(tps_med, flops_per_token, jax.device_count(), peak) if peak else None,

@@ -1,0 +1,109 @@
+"""Time the train step of named configs: ``python -m benchmarks.bench --config FILE [key=value ...] [--steps N]``.
+
+Prints one markdown table row per config: tokens/s, MFU, median step time (each step synchronised with
+``block_until_ready``), compile time, peak device memory, per-device param / optimizer-state bytes (from the
+real shards). Data are random tokens already on device, so the row measures the step alone. Runs on CPU
+(tiny configs; MFU is then null: no known peak) and GPU.
+
+    python -m benchmarks.bench --name gpt2-124m --config configs/gpt2_124m.yaml --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+COLUMNS = ["name", "device", "n_dev", "tokens_per_s", "mfu", "step_ms", "compile_s", "peak_mem_GiB",
+           "params_MiB_per_dev", "opt_MiB_per_dev", "n_params_M"]
+
+
+def bench(cfg, steps: int = 10, warmup: int = 2, name: str | None = None) -> dict:
+    """Build the engine for ``cfg``, run ``warmup`` + ``steps`` steps on random tokens, return the row dict."""
+    import jax
+    import numpy as np
+
+    import jzero
+    from jzero import flops
+    from jzero.monitor import device_memory_bytes
+
+    engine = jzero.initialize(cfg)
+    rc, mc = engine.config, engine.model_config
+    t0 = time.perf_counter()
+    engine.compile()
+    compile_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    spec = engine.batch_spec()
+    host = jax.tree.map(lambda s: rng.integers(0, mc.vocab_size, size=s.shape).astype(s.dtype), spec)
+    batch = jax.tree.map(lambda x, s: jax.device_put(x, s.sharding), host, spec)
+    for _ in range(warmup):
+        jax.block_until_ready(engine.train_step(batch))
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        jax.block_until_ready(engine.train_step(batch))
+        times.append(time.perf_counter() - t)
+    step_s = statistics.median(times)
+    dev = jax.local_devices()[0]
+    tokens = rc.train_batch_size * rc.data.seq_len
+    tps = tokens / step_s
+    fpt = flops.gpt_train_flops_per_token(mc.n_params(include_pos=False), mc.n_layer, rc.data.seq_len, mc.d_model)
+    peak = flops.peak_flops(dev, "bfloat16" if (rc.bf16.enabled or rc.fp16.enabled) else "float32")
+    mem = device_memory_bytes(dev) or {}
+    per_dev = engine.memory_per_device()
+    return {
+        "name": name or "run",
+        "device": dev.device_kind,
+        "n_dev": jax.device_count(),
+        "tokens_per_s": round(tps, 1),
+        "mfu": None if peak is None else round(flops.mfu(tps, fpt, jax.device_count(), peak), 4),
+        "step_ms": round(step_s * 1e3, 2),
+        "compile_s": round(compile_s, 2),
+        "peak_mem_GiB": None if mem.get("peak_bytes_in_use") is None else round(mem["peak_bytes_in_use"] / 2**30, 2),
+        "params_MiB_per_dev": round(per_dev["params"] / 2**20, 2),
+        "opt_MiB_per_dev": round(per_dev["opt_state"] / 2**20, 2),
+        "n_params_M": round(mc.n_params(include_pos=True) / 1e6, 2),
+        "step_ms_all": [round(t * 1e3, 2) for t in times],
+    }
+
+
+def format_row(row: dict) -> str:
+    return "| " + " | ".join("null" if row.get(c) is None else str(row[c]) for c in COLUMNS) + " |"
+
+
+def header() -> str:
+    return "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS)
+
+
+def main(argv=None) -> int:
+    from jzero.config import load_config
+    from jzero.errors import JzeroError
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="config file (default: the embedded default of train.pretrain)")
+    p.add_argument("--name", default=None)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--json", help="append the row as JSON to this file")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        from train.pretrain import DEFAULT_CONFIG
+
+        cfg = load_config(args.config, args.overrides, base=None if args.config else DEFAULT_CONFIG)
+        row = bench(cfg, args.steps, args.warmup, args.name or args.config or "default")
+    except JzeroError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(header())
+    print(format_row(row))
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
