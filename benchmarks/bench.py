@@ -1,7 +1,7 @@
 """Time the train step of named configs: ``python -m benchmarks.bench --config FILE [key=value ...] [--steps N]``.
 
-Prints one markdown table row per config: tokens/s, MFU, median step time (each step synchronised with
-``block_until_ready``), compile time, peak device memory, per-device param / optimizer-state bytes (from the
+Prints one markdown table row per config: tokens/s, MFU, step time (median over 3 windows of
+back-to-back steps, each window synchronised at its end, as the training loop syncs only when it logs), compile time, peak device memory, per-device param / optimizer-state bytes (from the
 real shards). Data are random tokens already on device, so the row measures the step alone. Runs on CPU
 (tiny configs; MFU is then null: no known peak) and GPU.
 
@@ -20,7 +20,7 @@ COLUMNS = ["name", "device", "n_dev", "tokens_per_s", "mfu", "step_ms", "compile
            "params_MiB_per_dev", "opt_MiB_per_dev", "n_params_M"]
 
 
-def bench(cfg, steps: int = 10, warmup: int = 2, name: str | None = None) -> dict:
+def bench(cfg, steps: int = 10, warmup: int = 2, name: str | None = None, profile_dir: str | None = None) -> dict:
     """Build the engine for ``cfg``, run ``warmup`` + ``steps`` steps on random tokens, return the row dict."""
     import jax
     import numpy as np
@@ -40,12 +40,19 @@ def bench(cfg, steps: int = 10, warmup: int = 2, name: str | None = None) -> dic
     batch = jax.tree.map(lambda x, s: jax.device_put(x, s.sharding), host, spec)
     for _ in range(warmup):
         jax.block_until_ready(engine.train_step(batch))
+    # windows of `steps` back-to-back steps, synchronised at the end (as the training loop logs), median of 3
     times = []
-    for _ in range(steps):
+    for _ in range(3):
         t = time.perf_counter()
-        jax.block_until_ready(engine.train_step(batch))
-        times.append(time.perf_counter() - t)
+        for _ in range(steps):
+            m = engine.train_step(batch)
+        jax.block_until_ready(m)
+        times.append((time.perf_counter() - t) / steps)
     step_s = statistics.median(times)
+    if profile_dir:
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            for _ in range(3):
+                jax.block_until_ready(engine.train_step(batch))
     dev = jax.local_devices()[0]
     tokens = rc.train_batch_size * rc.data.seq_len
     tps = tokens / step_s
@@ -87,13 +94,14 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", help="append the row as JSON to this file")
+    p.add_argument("--profile", help="write a jax.profiler trace of 3 more steps here (see benchmarks/trace_top.py)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         from train.pretrain import DEFAULT_CONFIG
 
         cfg = load_config(args.config, args.overrides, base=None if args.config else DEFAULT_CONFIG)
-        row = bench(cfg, args.steps, args.warmup, args.name or args.config or "default")
+        row = bench(cfg, args.steps, args.warmup, args.name or args.config or "default", args.profile)
     except JzeroError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -237,12 +237,14 @@ def default_corpus_dir(cache_dir: str | os.PathLike | None = None,
     """A byte-level corpus present on every machine without download: this Python's standard library source.
 
     The stdlib's `.py` files (sorted; `test`, `tests`, `idlelib`, `site-packages` pruned), cut at `max_bytes`,
-    prepared once by `prepare` into `cache_dir` (default `$JZERO_CACHE/stdlib_bytes`, JZERO_CACHE defaulting
+    prepared once by `prepare` into `cache_dir` (default `$JZERO_CACHE/stdlib_bytes_<max_bytes>`, JZERO_CACHE defaulting
     to ~/.cache/jzero). A cache whose meta.json names the same corpus, Python version and cap, and whose files
     have the recorded sizes, is reused. Returns the directory holding train.bin, val.bin and meta.json.
     """
     if cache_dir is None:
-        cache_dir = Path(os.environ.get("JZERO_CACHE", "~/.cache/jzero")).expanduser() / "stdlib_bytes"
+        # one directory per cap, so runs with different caps (e.g. tests beside a default run) never rebuild
+        # each other's files underneath a reader
+        cache_dir = Path(os.environ.get("JZERO_CACHE", "~/.cache/jzero")).expanduser() / f"stdlib_bytes_{max_bytes}"
     out = Path(cache_dir)
     expected = _stdlib_meta(max_bytes)
     if _cache_is_valid(out, expected):

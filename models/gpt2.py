@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jzero.sharding import constrain
-from models.layers import MLP, LayerNorm, MultiHeadAttention, param, stack_blocks
+from models.layers import MLP, RESIDUAL, LayerNorm, MultiHeadAttention, param, stack_blocks
 
 
 @dataclass(frozen=True)
@@ -48,14 +48,17 @@ class Block(nn.Module):
         cfg = self.cfg
         out_std = 0.02 / math.sqrt(2 * cfg.n_layer)
         h = LayerNorm(cfg.dtype, name="ln_1")(x_BxTxD)
-        x = x_BxTxD + MultiHeadAttention(cfg.n_head, cfg.dtype, cfg.attention, out_std, name="attn")(h)
+        # each sub-layer's output is reduced into the residual layout here (tensor parallelism's all-reduce,
+        # or reduce-scatter under sequence parallelism)
+        x = x_BxTxD + constrain(MultiHeadAttention(cfg.n_head, cfg.dtype, cfg.attention, out_std, name="attn")(h),
+                                RESIDUAL)
         h = LayerNorm(cfg.dtype, name="ln_2")(x)
-        x = x + MLP(cfg.d_ff, cfg.dtype, out_std, name="mlp")(h)
-        return constrain(x, ("batch", "length", "embed")), None
+        x = x + constrain(MLP(cfg.d_ff, cfg.dtype, out_std, name="mlp")(h), RESIDUAL)
+        return constrain(x, RESIDUAL), None
 
 
 class GPT2(nn.Module):
-    """``tokens_BxT`` (int32) -> logits ``[B, T, vocab]`` in fp32."""
+    """``tokens_BxT`` (int32) -> logits ``[B, T, vocab]`` in the compute dtype."""
 
     cfg: GPT2Config
 
@@ -69,9 +72,10 @@ class GPT2(nn.Module):
                     cfg.dtype)
         wpe = param(self, "wpe", (cfg.max_len, cfg.d_model), (None, "embed"), nn.initializers.normal(0.01), cfg.dtype)
         x = jnp.take(wte, tokens_BxT, axis=0) + wpe[:T][None]
-        x = constrain(x, ("batch", "length", "embed"))
+        x = constrain(x, RESIDUAL)
         x = stack_blocks(Block, cfg, x)
         x = LayerNorm(cfg.dtype, name="ln_f")(x)
-        logits = jnp.einsum("btd,vd->btv", x, wte, preferred_element_type=jnp.float32)
+        # logits in the compute dtype (bf16 under bf16.enabled, as PyTorch autocast gives); the loss upcasts to fp32
+        logits = jnp.einsum("btd,vd->btv", x, wte)
         return constrain(logits, ("batch", "length", "vocab"))
 

@@ -16,9 +16,16 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jzero import pipeline
 from jzero.sharding import constrain
 
 Dtype = Any
+
+#: Logical names of the residual stream between blocks (and of norms/embeddings): its sequence dim is split over
+#: ``tensor`` under sequence parallelism (jzero.sharding.SEQUENCE_PARALLEL_RULES), replicated otherwise. Blocks
+#: constrain each sub-layer's output to this layout, which is where tensor parallelism's partial sums are reduced
+#: (all-reduce, or reduce-scatter with sequence parallelism).
+RESIDUAL = ("batch", "residual_length", "embed")
 
 
 def param(mod: nn.Module, name: str, shape: Sequence[int], names: Sequence[str | None], init: Callable,
@@ -70,9 +77,91 @@ class RMSNorm(nn.Module):
 
 def causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, impl: str) -> jax.Array:
     """Causal scaled dot-product attention, BTNH layout, GQA when K < N heads."""
+    return attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, impl, causal=True)
+
+
+def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, impl: str, causal: bool, key_mask_BxS=None) -> jax.Array:
+    """Scaled dot-product attention, BTNH layout, GQA when K < N heads.
+
+    ``key_mask_BxS`` (1 = real token) hides padded keys. With XLA it is a boolean mask; cuDNN takes key lengths
+    instead, so there the padding must be on the right (what jzero's tasks produce).
+    """
     if impl == "cudnn" and q_BxTxNxH.dtype not in (jnp.bfloat16, jnp.float16):
         impl = "xla"  # cuDNN flash attention needs 16-bit inputs
-    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True, implementation=impl)
+    kwargs = {}
+    if key_mask_BxS is not None:
+        if impl == "cudnn":
+            kwargs["key_value_seq_lengths"] = key_mask_BxS.astype(jnp.int32).sum(-1)
+        else:
+            kwargs["mask"] = key_mask_BxS.astype(bool)[:, None, None, :]
+    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, is_causal=causal, implementation=impl,
+                                        **kwargs)
+
+
+def rope(x_BxTxNxH, theta: float) -> jax.Array:
+    """Rotary position embedding (Su et al.; the half-split layout of Llama/GPT-NeoX), computed in fp32.
+
+    Pairs dim i with dim i + H/2 and rotates each pair by ``position / theta**(2i/H)``: a query-key dot product
+    then depends only on their relative position.
+    """
+    T, H = x_BxTxNxH.shape[1], x_BxTxNxH.shape[-1]
+    inv_freq_H2 = 1.0 / (theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+    angle_TxH2 = jnp.arange(T, dtype=jnp.float32)[:, None] * inv_freq_H2[None, :]
+    cos = jnp.cos(angle_TxH2)[None, :, None, :]
+    sin = jnp.sin(angle_TxH2)[None, :, None, :]
+    x = x_BxTxNxH.astype(jnp.float32)
+    x1, x2 = x[..., : H // 2], x[..., H // 2:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxNxH.dtype)
+
+
+class Attention(nn.Module):
+    """Attention with separate Q/K/V projections (Llama, BERT), Megatron-split over heads.
+
+    Q/K/V are column-parallel ('heads' / 'kv_heads' on their output dim), the output projection row-parallel
+    ('heads' on its input dim). Grouped-query attention when ``n_kv_head < n_head`` (each K/V head serves
+    ``n_head // n_kv_head`` query heads; both head dims split over ``tensor``, so ``tensor`` must divide
+    ``n_kv_head``). Optional biases (BERT), RoPE (Llama), causal or bidirectional with a key padding mask.
+    """
+
+    n_head: int
+    n_kv_head: int
+    dtype: Dtype
+    attention: str
+    out_init_std: float
+    causal: bool = True
+    use_bias: bool = False
+    rope_theta: float | None = None
+
+    @nn.compact
+    def __call__(self, x_BxTxD, key_mask_BxT=None):
+        d = x_BxTxD.shape[-1]
+        N, K = self.n_head, self.n_kv_head
+        h = d // N
+        init = nn.initializers.normal(0.02)
+        zeros = nn.initializers.zeros
+
+        def project(name, n, heads_name):
+            w = param(self, f"{name}_kernel", (d, n, h), ("embed", heads_name, "kv"), init, self.dtype)
+            y = jnp.einsum("btd,dnh->btnh", x_BxTxD, w)
+            if self.use_bias:
+                y = y + param(self, f"{name}_bias", (n, h), (heads_name, "kv"), zeros, self.dtype)
+            return y
+
+        q, k, v = project("q", N, "heads"), project("k", K, "kv_heads"), project("v", K, "kv_heads")
+        if self.rope_theta is not None:
+            q, k = rope(q, self.rope_theta), rope(k, self.rope_theta)
+        q = checkpoint_name(constrain(q, ("batch", "length", "heads", "kv")), "qkv")
+        k = checkpoint_name(constrain(k, ("batch", "length", "kv_heads", "kv")), "qkv")
+        v = checkpoint_name(constrain(v, ("batch", "length", "kv_heads", "kv")), "qkv")
+        o = attend(q, k, v, attention_impl(self.attention), self.causal, key_mask_BxT)
+        o = checkpoint_name(constrain(o, ("batch", "length", "heads", "kv")), "attn_out")
+        w_o = param(self, "out_kernel", (N, h, d), ("heads", "kv", "embed"),
+                    nn.initializers.normal(self.out_init_std), self.dtype)
+        out = jnp.einsum("btnh,nhd->btd", o, w_o)
+        if self.use_bias:
+            out = out + param(self, "out_bias", (d,), ("embed",), zeros, self.dtype)
+        return out
 
 
 class MultiHeadAttention(nn.Module):
@@ -90,9 +179,9 @@ class MultiHeadAttention(nn.Module):
         init = nn.initializers.normal(0.02)
         w_qkv = param(self, "qkv_kernel", (d, 3, self.n_head, h), ("embed", None, "heads", "kv"), init, self.dtype)
         b_qkv = param(self, "qkv_bias", (3, self.n_head, h), (None, "heads", "kv"), nn.initializers.zeros, self.dtype)
-        qkv = jnp.einsum("btd,dcnh->btcnh", x_BxTxD, w_qkv) + b_qkv
-        qkv = checkpoint_name(constrain(qkv, ("batch", "length", None, "heads", "kv")), "qkv")
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        # three projections from the fused kernel: q, k, v come out contiguous (no strided slices of a qkv tensor)
+        q, k, v = (checkpoint_name(constrain(jnp.einsum("btd,dnh->btnh", x_BxTxD, w_qkv[:, i]) + b_qkv[i],
+                                             ("batch", "length", "heads", "kv")), "qkv") for i in range(3))
         o = causal_attention(q, k, v, attention_impl(self.attention))
         o = checkpoint_name(constrain(o, ("batch", "length", "heads", "kv")), "attn_out")
         w_o = param(self, "out_kernel", (self.n_head, h, d), ("heads", "kv", "embed"),
@@ -107,13 +196,14 @@ class MLP(nn.Module):
     d_ff: int
     dtype: Dtype
     out_init_std: float
+    gelu_approximate: bool = True   # GPT-2's tanh GELU; BERT uses the exact (erf) one
 
     @nn.compact
     def __call__(self, x_BxTxD):
         d = x_BxTxD.shape[-1]
         w1 = param(self, "fc_kernel", (d, self.d_ff), ("embed", "mlp"), nn.initializers.normal(0.02), self.dtype)
         b1 = param(self, "fc_bias", (self.d_ff,), ("mlp",), nn.initializers.zeros, self.dtype)
-        hdn = jax.nn.gelu(jnp.einsum("btd,df->btf", x_BxTxD, w1) + b1, approximate=True)
+        hdn = jax.nn.gelu(jnp.einsum("btd,df->btf", x_BxTxD, w1) + b1, approximate=self.gelu_approximate)
         hdn = checkpoint_name(constrain(hdn, ("batch", "length", "mlp")), "mlp_hidden")
         w2 = param(self, "proj_kernel", (self.d_ff, d), ("mlp", "embed"),
                    nn.initializers.normal(self.out_init_std), self.dtype)
@@ -121,14 +211,44 @@ class MLP(nn.Module):
         return jnp.einsum("btf,fd->btd", hdn, w2) + b2
 
 
+class SwiGLU(nn.Module):
+    """Llama MLP: ``down(silu(gate(x)) * up(x))``, no biases; gate/up column-parallel, down row-parallel."""
+
+    d_ff: int
+    dtype: Dtype
+    out_init_std: float
+
+    @nn.compact
+    def __call__(self, x_BxTxD):
+        d = x_BxTxD.shape[-1]
+        init = nn.initializers.normal(0.02)
+        w_gate = param(self, "gate_kernel", (d, self.d_ff), ("embed", "mlp"), init, self.dtype)
+        w_up = param(self, "up_kernel", (d, self.d_ff), ("embed", "mlp"), init, self.dtype)
+        gate = jnp.einsum("btd,df->btf", x_BxTxD, w_gate)
+        up = jnp.einsum("btd,df->btf", x_BxTxD, w_up)
+        hdn = checkpoint_name(constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp")), "mlp_hidden")
+        w_down = param(self, "down_kernel", (self.d_ff, d), ("mlp", "embed"),
+                       nn.initializers.normal(self.out_init_std), self.dtype)
+        return jnp.einsum("btf,fd->btd", hdn, w_down)
+
+
 def stack_blocks(block_cls, cfg, x):
-    """Run ``cfg.n_layer`` blocks: one ``nn.scan`` (params stacked on a leading 'layers' axis) or a Python loop."""
+    """Run ``cfg.n_layer`` blocks: one ``nn.scan`` (params stacked on a leading 'layers' axis) or a Python loop.
+
+    While the engine has a pipeline active (``jzero.pipeline.activate``, mesh.pipeline > 1) the scanned stack's
+    params feed the pipelined loop instead (same params, same result; ``x``'s rows are the step's micro-batches).
+    """
+    raw_block_cls = block_cls
     if cfg.remat:
         block_cls = nn.remat(block_cls, policy=cfg.remat_policy, prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
         scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.n_layer,
                           metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = scanned(cfg, name="blocks")(x, None)
+        blocks = scanned(cfg, name="blocks")
+        run = pipeline.active()
+        if run is not None and not blocks.is_initializing():
+            return pipeline.run_stack(raw_block_cls, cfg, blocks.variables["params"], x, run)
+        x, _ = blocks(x, None)
         return x
     for i in range(cfg.n_layer):
         x, _ = block_cls(cfg, name=f"block_{i}")(x, None)

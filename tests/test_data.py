@@ -85,7 +85,7 @@ def test_default_corpus_dir_builds_from_stdlib_with_cap_and_reuses_cache(tmp_pat
     import __future__
     monkeypatch.setenv("JZERO_CACHE", str(tmp_path))
     out = data.default_corpus_dir(max_bytes=200_000)
-    assert out == tmp_path / "stdlib_bytes"
+    assert out == tmp_path / "stdlib_bytes_200000"
     meta = data.read_meta(out)
     assert meta["n_train_tokens"] + meta["n_val_tokens"] == 200_000
     assert meta["n_val_tokens"] == 2_000 and meta["tokenizer"] == "bytes" and meta["max_bytes"] == 200_000
@@ -95,8 +95,9 @@ def test_default_corpus_dir_builds_from_stdlib_with_cap_and_reuses_cache(tmp_pat
     mtime = (out / "train.bin").stat().st_mtime_ns
     assert data.default_corpus_dir(max_bytes=200_000) == out
     assert (out / "train.bin").stat().st_mtime_ns == mtime  # reused, not rebuilt
-    data.default_corpus_dir(max_bytes=100_000)  # another cap: rebuilt
-    assert data.read_meta(out)["n_train_tokens"] == 99_000
+    other = data.default_corpus_dir(max_bytes=100_000)  # another cap: its own directory, this one untouched
+    assert other == tmp_path / "stdlib_bytes_100000" and data.read_meta(other)["n_train_tokens"] == 99_000
+    assert data.read_meta(out)["n_train_tokens"] == 198_000
 
 
 # ------------------------------------------------------------------------------------------ reading

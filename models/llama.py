@@ -1,0 +1,95 @@
+"""Llama-style decoder in Flax Linen: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, untied head.
+
+The same layout as GPT-2 (pre-norm blocks scanned over a leading 'layers' axis by ``stack_blocks``, so pipeline
+parallelism and remat apply unchanged); what differs is inside the block. Tensor parallelism comes from the
+logical names alone: Q/K/V and gate/up are column-parallel ('heads', 'kv_heads', 'mlp' on their output dim),
+the attention output and down projections row-parallel, the embedding and LM head vocabulary-parallel.
+Params are fp32 masters; compute runs in ``dtype``; norms, RoPE and logits in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jzero.sharding import constrain
+from models.layers import RESIDUAL, Attention, RMSNorm, SwiGLU, param, stack_blocks
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 32000
+    n_layer: int = 32
+    n_head: int = 32
+    n_kv_head: int = 32          # < n_head: grouped-query attention (n_head // n_kv_head query heads per K/V head)
+    d_model: int = 4096
+    d_ff: int = 11008
+    max_len: int = 4096          # longest sequence accepted (RoPE itself has no table to outgrow)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    dtype: Any = jnp.float32
+    attention: str = "auto"
+    scan_layers: bool = True
+    remat_policy: Callable | None = None
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"model.n_head={self.n_head} is not a multiple of model.n_kv_head={self.n_kv_head}; "
+                             f"grouped-query attention shares each K/V head among n_head/n_kv_head query heads")
+        if (self.d_model // self.n_head) % 2:
+            raise ValueError(f"head size model.d_model/model.n_head = {self.d_model // self.n_head} is odd; "
+                             f"RoPE rotates pairs of dims, so choose sizes giving an even head size")
+
+    def n_params(self, include_pos: bool = True) -> int:
+        """Parameter count (``include_pos`` is accepted for the GPT-2 signature; RoPE has no parameters)."""
+        d, f, L, V = self.d_model, self.d_ff, self.n_layer, self.vocab_size
+        h = d // self.n_head
+        attn = d * self.n_head * h * 2 + d * self.n_kv_head * h * 2     # q, out + k, v
+        block = attn + 3 * d * f + 2 * d                                 # gate, up, down + two norms
+        return V * d * (1 if self.tie_embeddings else 2) + L * block + d
+
+
+class LlamaBlock(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, _=None):
+        cfg = self.cfg
+        out_std = 0.02 / (2 * cfg.n_layer) ** 0.5
+        h = RMSNorm(cfg.dtype, cfg.norm_eps, name="attn_norm")(x_BxTxD)
+        a = Attention(cfg.n_head, cfg.n_kv_head, cfg.dtype, cfg.attention, out_std, causal=True,
+                      rope_theta=cfg.rope_theta, name="attn")(h)
+        x = x_BxTxD + constrain(a, RESIDUAL)
+        h = RMSNorm(cfg.dtype, cfg.norm_eps, name="mlp_norm")(x)
+        x = x + constrain(SwiGLU(cfg.d_ff, cfg.dtype, out_std, name="mlp")(h), RESIDUAL)
+        return constrain(x, RESIDUAL), None
+
+
+class Llama(nn.Module):
+    """``tokens_BxT`` (int32) -> logits ``[B, T, vocab]`` in fp32."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxT):
+        cfg = self.cfg
+        if tokens_BxT.shape[1] > cfg.max_len:
+            raise ValueError(f"sequence length {tokens_BxT.shape[1]} exceeds model.max_len={cfg.max_len}; "
+                             f"raise model.max_len")
+        embed = param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+                      nn.initializers.normal(0.02), cfg.dtype)
+        x = constrain(jnp.take(embed, tokens_BxT, axis=0), RESIDUAL)
+        x = stack_blocks(LlamaBlock, cfg, x)
+        x = RMSNorm(cfg.dtype, cfg.norm_eps, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, embed, preferred_element_type=jnp.float32)
+        else:
+            head = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                         nn.initializers.normal(0.02), cfg.dtype)
+            logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "vocab"))
