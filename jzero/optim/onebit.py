@@ -1,0 +1,143 @@
+"""DeepSpeed's communication-compressed optimizers, OneBitAdam / ZeroOneAdam / OneBitLamb, from config, and
+what the engine needs to run them: the state's shardings and the params to differentiate at.
+
+The transforms (onebit_adam.py, zero_one_adam.py, onebit_lamb.py) run their `update` inside a
+`jax.shard_map` that is manual over the data axis and take each rank's LOCAL gradients; they average
+gradients or momenta themselves (exactly during warm-up, 1-bit compressed after). The engine's train step:
+
+    def step(params, opt_state, batch):             # inside jax.shard_map(..., axis_names={'data'})
+        p_local = local_params(params, opt_state)    # varying over data: grads come back local, no psum
+        grads = jax.grad(loss_fn)(p_local, batch)    # batch: this rank's rows
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+with in/out specs P() for params and `onebit_state_specs(opt_state)` for the state (per-rank buffers have a
+leading data dimension, sharded over data; everything else replicated).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import optax
+from jax.sharding import PartitionSpec as P
+
+from jzero.errors import ConfigError
+from jzero.optim.comm import local_row
+from jzero.optim.onebit_adam import OneBitAdamState, onebit_adam
+from jzero.optim.onebit_lamb import OneBitLambState, onebit_lamb
+from jzero.optim.zero_one_adam import ZeroOneAdamState, zero_one_adam
+
+ONEBIT_TYPES = {"onebitadam": "OneBitAdam", "zerooneadam": "ZeroOneAdam", "onebitlamb": "OneBitLamb"}
+_STATES = (OneBitAdamState, ZeroOneAdamState, OneBitLambState)
+
+# DeepSpeed's config keys per optimizer (beyond lr, betas, eps, weight_decay, bias_correction and the
+# compatibility keys below), mapped to our keyword names; defaults are DeepSpeed's.
+_OWN_KEYS = {
+    "OneBitAdam": {"freeze_step": 100000},
+    "ZeroOneAdam": {"var_freeze_step": 100000, "var_update_scaler": 16, "local_step_scaler": 32678,
+                    "local_step_clipper": 16},
+    "OneBitLamb": {"freeze_step": 100000, "max_coeff": 10.0, "min_coeff": 0.01, "coeff_beta": 0.9,
+                   "factor_max": 4.0, "factor_min": 0.5, "factor_threshold": 0.1},
+}
+_COMMON_KEYS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "bias_correction": True}
+# Keys DeepSpeed accepts that have only one meaning here: the value that means it is allowed, anything else
+# is an error naming why.
+_FIXED_KEYS = {
+    "cuda_aware": (False, "it configures CUDA-aware MPI; jzero's collectives are XLA's (NCCL on GPU)"),
+    "comm_backend_name": ("nccl", "jzero's collectives are XLA's, which use NCCL on GPU; there is no MPI/HCCL "
+                                  "backend"),
+    "amsgrad": (False, "the 1-bit optimizers have no AMSGrad variant (neither has DeepSpeed)"),
+    "eps_inside_sqrt": (False, "eps is added outside the square root"),
+    "max_grad_norm": (0.0, "clip with the top-level gradient_clipping key instead"),
+}
+
+
+def is_onebit(optimizer_type: str) -> bool:
+    """True for DeepSpeed's compressed-communication optimizer names (case-insensitive, as DeepSpeed)."""
+    return optimizer_type.lower() in ONEBIT_TYPES
+
+
+def build_onebit(optimizer_type: str, params: Mapping[str, Any] | None, schedule=None, *, data_size: int,
+                 gradient_clipping: float = 0.0, axis_name: str = "data",
+                 phase: str = "auto") -> optax.GradientTransformation:
+    """The optax transform for config `optimizer: {type, params}`; `schedule` (an optax schedule) replaces
+    params.lr when given. data_size: the mesh's data axis size. gradient_clipping: the top-level key, applied
+    inside the optimizer (to the exact average while there is one, else to local gradients, as DeepSpeed);
+    do not chain another clip in front. phase: 'auto' (one program, stages picked by lax.cond), or
+    'warmup' / 'compressed' for one stage only (OneBitAdam / OneBitLamb; see onebit_adam.py)."""
+    key = optimizer_type.lower()
+    if key not in ONEBIT_TYPES:
+        raise ConfigError(f"optimizer.type: {optimizer_type!r} is not one of {sorted(ONEBIT_TYPES.values())}")
+    name = ONEBIT_TYPES[key]
+    given = dict(params or {})
+    known = {**_COMMON_KEYS, **_OWN_KEYS[name]}
+    for k, v in given.items():
+        if k in _FIXED_KEYS:
+            allowed, why = _FIXED_KEYS[k]
+            if v != allowed or isinstance(v, bool) != isinstance(allowed, bool):
+                raise ConfigError(f"optimizer.params.{k}: only {allowed!r} is supported for {name}: {why}; "
+                                  f"remove the key")
+        elif k not in known:
+            raise ConfigError(f"optimizer.params.{k}: unknown for {name}; known keys: "
+                              f"{sorted(known) + sorted(_FIXED_KEYS)}")
+    cfg = {k: given.get(k, default) for k, default in known.items()}
+    betas = cfg.pop("betas")
+    if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
+        raise ConfigError(f"optimizer.params.betas: want [beta1, beta2] each in [0, 1), got {betas!r}")
+    for k, default in known.items():
+        if k == "betas" or k not in cfg:
+            continue
+        want = type(default)
+        ok = isinstance(cfg[k], bool) if want is bool else (
+            isinstance(cfg[k], int) and not isinstance(cfg[k], bool) and cfg[k] >= 1 if want is int else
+            isinstance(cfg[k], (int, float)) and not isinstance(cfg[k], bool) and cfg[k] >= 0)
+        if not ok:
+            kind = {bool: "true/false", int: "an integer >= 1"}.get(want, "a number >= 0")
+            raise ConfigError(f"optimizer.params.{k}: want {kind}, got {cfg[k]!r}")
+    lr = schedule if schedule is not None else float(cfg.pop("lr"))
+    cfg.pop("lr", None)
+    if isinstance(gradient_clipping, bool) or not isinstance(gradient_clipping, (int, float)) \
+            or not gradient_clipping >= 0:
+        raise ConfigError(f"gradient_clipping={gradient_clipping!r}: must be a number >= 0 (0 = no clipping)")
+    common = dict(data_size=data_size, axis_name=axis_name, b1=float(betas[0]), b2=float(betas[1]),
+                  gradient_clipping=float(gradient_clipping))
+    if name == "ZeroOneAdam":
+        if phase != "auto":
+            raise ConfigError(f"ZeroOneAdam switches stage every few steps and runs with phase='auto' only, "
+                              f"got {phase!r}")
+        return zero_one_adam(lr, **common, **cfg)
+    build = onebit_adam if name == "OneBitAdam" else onebit_lamb
+    return build(lr, **common, phase=phase, **cfg)
+
+
+def _find_states(opt_state) -> list:
+    is_ours = lambda x: isinstance(x, _STATES)  # noqa: E731
+    return [x for x in jax.tree.leaves(opt_state, is_leaf=is_ours) if is_ours(x)]
+
+
+def onebit_state_specs(opt_state, axis_name: str = "data"):
+    """PartitionSpecs for every leaf of an optimizer state holding 1-bit states (anywhere, e.g. in a chain):
+    per-rank buffers (leading dim = data size) P(axis_name), everything else P(). Use them as shard_map
+    in/out specs, and as NamedSharding specs for the stored state."""
+    def spec(x):
+        if not isinstance(x, _STATES):
+            return P()
+        fields = {f: jax.tree.map(lambda _: P(axis_name) if f in x.per_rank_fields else P(), getattr(x, f))
+                  for f in x._fields}
+        return type(x)(**fields)
+    return jax.tree.map(spec, opt_state, is_leaf=lambda x: isinstance(x, _STATES))
+
+
+def local_params(params, opt_state, axis_name: str = "data"):
+    """The params this rank differentiates at, inside the shard_map: marked varying over data, so that
+    jax.grad returns this rank's local gradient rather than inserting a psum; for ZeroOneAdam, plus this
+    rank's un-synced local moves (momentum_accumulator) during its local-step stage."""
+    states = _find_states(opt_state)
+    if len(states) != 1:
+        raise ValueError(f"local_params: expected one 1-bit optimizer state in opt_state, found {len(states)}")
+    params = jax.tree.map(lambda p: jax.lax.pcast(p, axis_name, to="varying"), params)
+    if isinstance(states[0], ZeroOneAdamState):
+        return jax.tree.map(lambda p, u: (p + local_row(u)).astype(p.dtype), params,
+                            states[0].momentum_accumulator)
+    return params

@@ -1,0 +1,198 @@
+"""train.sweep: grid/random points, names, resume, failures, results.md/loss.png, SLURM script; fake trainer."""
+import json
+import os
+import stat
+import sys
+import textwrap
+
+import pytest
+
+from jzero.errors import ConfigError
+from train.sweep import format_value, load_sweep, main, plan, point_name
+
+# A stand-in for train.pretrain: parses --config and key=value, writes the files the real one writes.
+FAKE_TRAINER = textwrap.dedent("""
+    import json, os, sys, yaml
+    args = sys.argv[1:]
+    assert args[0] == "--config" and os.path.isfile(args[1]), args
+    kv = dict(a.split("=", 1) for a in args[2:])
+    with open(os.environ["FAKE_CALLS"], "a") as f:
+        f.write(json.dumps(kv) + "\\n")
+    if kv.get("train.fail") == "true":
+        print("boom: told to fail"); sys.exit(3)
+    out = kv["train.output_dir"]
+    os.makedirs(out, exist_ok=True)
+    stage = int(kv.get("zero_optimization.stage", 0))
+    lr = float(kv.get("optimizer.params.lr", 1.0))
+    steps = int(kv["train.steps"])
+    final = None
+    with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+        for s in range(1, steps + 1):
+            final = 10.0 / s + stage + 100 * lr
+            f.write(json.dumps({"step": s, "loss": final, "tokens_per_s": 1000.0 * (stage + 1)}) + "\\n")
+    json.dump({k: yaml.safe_load(v) for k, v in kv.items()}, open(os.path.join(out, "config.json"), "w"))
+    json.dump({"final_loss": final, "steps": steps, "tokens_per_s": 1000.0 * (stage + 1), "mfu": None,
+               "n_devices": 8, "zero_stage": stage,
+               "memory_per_device_bytes": {"params": 1024 * 1024, "opt_state": 2 * 1024 * 1024},
+               "peak_memory_bytes": None}, open(os.path.join(out, "summary.json"), "w"))
+""")
+
+
+@pytest.fixture
+def sweep_dir(tmp_path, monkeypatch):
+    (tmp_path / "fake_trainer.py").write_text(FAKE_TRAINER)
+    (tmp_path / "base.yaml").write_text("train: {steps: 100}\n")
+    monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.jsonl"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _write_sweep(d, grid, extra=""):
+    text = textwrap.dedent(f"""
+        base: base.yaml
+        output_dir: out
+        command: [{sys.executable}, {d / 'fake_trainer.py'}]
+        overrides: {{train.steps: 3}}
+        grid: {json.dumps(grid)}
+    """) + extra
+    (d / "sweep.yaml").write_text(text)
+    return d / "sweep.yaml"
+
+
+def _calls(d):
+    p = d / "calls.jsonl"
+    return [json.loads(l) for l in p.read_text().splitlines()] if p.exists() else []
+
+
+def test_grid_runs_all_points_writes_table_and_plot_then_resumes(sweep_dir, capsys):
+    sweep = _write_sweep(sweep_dir, {"zero_optimization.stage": [1, 3], "optimizer.params.lr": [1e-3, 3e-3]})
+    assert main([str(sweep)]) == 0
+    calls = _calls(sweep_dir)
+    assert len(calls) == 4
+    first_dir = sweep_dir / "out" / "zero_optimization.stage=1,optimizer.params.lr=0.001"
+    assert calls[0] == {"train.steps": "3", "zero_optimization.stage": "1", "optimizer.params.lr": "0.001",
+                        "train.output_dir": str(first_dir)}
+    table = (sweep_dir / "out" / "results.md").read_text().splitlines()
+    rows = [l for l in table if l.startswith("| zero_optimization")]
+    assert len(rows) == 4
+    assert table[2] == ("| run | zero_optimization.stage | optimizer.params.lr | final_loss | tokens/s | mfu "
+                        "| memory/device | status |")
+    # stage 3, lr 3e-3: loss 10/3 + 3 + 0.3 = 6.6333; 4000 tok/s; 1 MiB + 2 MiB
+    assert rows[3] == ("| zero_optimization.stage=3,optimizer.params.lr=0.003 | 3 | 0.003 | 6.6333 | 4,000 | n/a "
+                       "| 3.0 MiB | done |")
+    png = (sweep_dir / "out" / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # re-run: every point has summary.json -> nothing is invoked again
+    assert main([str(sweep)]) == 0
+    assert len(_calls(sweep_dir)) == 4
+    assert capsys.readouterr().out.count("done earlier, skipped") == 4
+
+    # one point lost its summary: only that one reruns
+    (sweep_dir / "out" / "zero_optimization.stage=1,optimizer.params.lr=0.003" / "summary.json").unlink()
+    assert main([str(sweep)]) == 0
+    assert len(_calls(sweep_dir)) == 5 and _calls(sweep_dir)[-1]["optimizer.params.lr"] == "0.003"
+
+
+def test_failed_point_is_reported_and_sweep_goes_on(sweep_dir, capsys):
+    sweep = _write_sweep(sweep_dir, {"train.fail": [True, False]})
+    assert main([str(sweep)]) == 1
+    assert len(_calls(sweep_dir)) == 2  # the failure did not stop the second point
+    out = capsys.readouterr().out
+    assert "train.fail=true: failed (exit 3)" in out and "boom: told to fail" in out
+    assert "1 of 2 points failed: train.fail=true" in out
+    table = (sweep_dir / "out" / "results.md").read_text()
+    assert "| train.fail=true | true | n/a | n/a | n/a | n/a | failed (exit 3) |" in table
+    assert "| train.fail=false | false | 103.3333 | 1,000 | n/a | 3.0 MiB | done |" in table
+    # a rerun retries only the failed point
+    assert main([str(sweep)]) == 1
+    assert len(_calls(sweep_dir)) == 3
+
+
+def test_dry_run_runs_nothing(sweep_dir, capsys):
+    sweep = _write_sweep(sweep_dir, {"zero_optimization.stage": [1, 3]})
+    assert main([str(sweep), "--dry-run"]) == 0
+    assert _calls(sweep_dir) == [] and not (sweep_dir / "out").exists()
+    out = capsys.readouterr().out
+    assert out.count("would run") == 2 and "zero_optimization.stage=3 train.output_dir=" in out
+
+
+def test_random_points_are_stable_and_in_range(sweep_dir):
+    sweep = _write_sweep(sweep_dir, {"zero_optimization.stage": [1, 3]}, textwrap.dedent("""
+        random:
+          n: 3
+          seed: 7
+          params:
+            optimizer.params.lr: {loguniform: [1e-4, 1e-2]}
+            model.act: {choice: [gelu, relu]}
+    """))
+    spec = load_sweep(sweep)
+    a, b = plan(spec, sweep), plan(spec, sweep)
+    assert [p.name for p in a] == [p.name for p in b] and len(a) == 6
+    for p in a:
+        lr = p.values["optimizer.params.lr"]
+        assert 1e-4 <= lr <= 1e-2 and float(f"{lr:.4g}") == lr
+        assert p.values["model.act"] in ("gelu", "relu")
+        assert p.name == point_name(p.values) and f"optimizer.params.lr={format_value(lr)}" in p.argv
+
+
+def test_slurm_script_submission_and_point_task(sweep_dir, monkeypatch, capsys):
+    bindir = sweep_dir / "bin"
+    bindir.mkdir()
+    fake_sbatch = bindir / "sbatch"
+    fake_sbatch.write_text(f"#!/bin/sh\necho \"$@\" >> {sweep_dir / 'sbatch_calls.txt'}\necho 4242\n")
+    fake_sbatch.chmod(fake_sbatch.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    sweep = _write_sweep(sweep_dir, {"zero_optimization.stage": [1, 3], "optimizer.params.lr": [1e-3, 3e-3]},
+                         "slurm: {options: {partition: gpu, time: '01:00:00'}}\n")
+    assert main([str(sweep), "--slurm"]) == 0
+    script = (sweep_dir / "out" / "sweep.sbatch").read_text()
+    assert "#SBATCH --array=0-3\n" in script and "#SBATCH --partition=gpu\n" in script
+    assert "--point $SLURM_ARRAY_TASK_ID" in script
+    assert len(json.loads((sweep_dir / "out" / "points.json").read_text())) == 4
+    sb = (sweep_dir / "sbatch_calls.txt").read_text().splitlines()
+    assert sb[0].endswith("sweep.sbatch") and "--dependency=afterany:4242" in sb[1] and "--report" in sb[1]
+    assert _calls(sweep_dir) == []
+    # what array task 2 does, then the report job
+    assert main([str(sweep), "--point", "2"]) == 0
+    assert [c["zero_optimization.stage"] for c in _calls(sweep_dir)] == ["3"]
+    assert main([str(sweep), "--report"]) == 0
+    table = (sweep_dir / "out" / "results.md").read_text()
+    assert table.count("| not run |") == 3 and table.count("| done |") == 1
+
+
+@pytest.mark.parametrize("body, message", [
+    ("output_dir: o\ngrid: {a.b: []}\n", "grid.a.b has no values"),
+    ("output_dir: o\ngrid: {a: [1]}\nrandom: {n: 1, params: {a: {uniform: [0, 1]}}}\n", "a appears twice"),
+    ("output_dir: o\ngrid: {train.output_dir: [x]}\n", "train.output_dir is set per point"),
+    ("output_dir: o\nrandom: {n: 1, params: {b: {uniform: [1, 0]}}}\n", "lo < hi"),
+    ("output_dir: o\ngird: {a: [1]}\n", "gird: Extra inputs are not permitted"),
+    ("output_dir: o\nbase: nope.yaml\ngrid: {a: [1]}\n", "base: .*nope.yaml does not exist"),
+])
+def test_bad_sweep_files_name_the_key(tmp_path, body, message):
+    (tmp_path / "s.yaml").write_text(body)
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(tmp_path / "s.yaml")
+
+
+def test_format_value_round_trips_through_yaml():
+    import yaml
+
+    for v in (1e-5, 3e-3, 0.1, 2, True, None, "gelu", [1, 2], 1.5e20):
+        assert yaml.safe_load(format_value(v)) == v
+    assert point_name({"a.b": "x/y z"}) == "a.b=x_y_z"
+
+
+def test_shipped_example_plans_a_2x2_grid(tmp_path):
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "configs" / "sweep_example.yaml"
+    (tmp_path / "sweep_example.yaml").write_text(example.read_text())
+    (tmp_path / "default.yaml").write_text("{}\n")  # stands in for the shipped configs/default.yaml
+    spec = load_sweep(tmp_path / "sweep_example.yaml")
+    points = plan(spec, tmp_path / "sweep_example.yaml")
+    assert [p.values for p in points] == [
+        {"zero_optimization.stage": s, "optimizer.params.lr": lr} for s in (1, 3) for lr in (1e-3, 3e-3)]
+    assert points[0].argv[1:] == ["-m", "train.pretrain", "--config", str(tmp_path / "default.yaml"),
+                                  "train.steps=20", "zero_optimization.stage=1", "optimizer.params.lr=0.001",
+                                  f"train.output_dir={points[0].dir}"]

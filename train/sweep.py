@@ -1,0 +1,410 @@
+"""Hyper-parameter sweeps: a grid and/or random points over dotted config keys, run one after another.
+
+    python -m train.sweep SWEEP.yaml [--dry-run] [--slurm] [--point I] [--report]
+
+The sweep file::
+
+    base: default.yaml                 # the trainer's --config, relative to this file (optional)
+    output_dir: runs/my_sweep          # relative to the current directory; one sub-directory per point
+    grid: {zero_optimization.stage: [1, 3], optimizer.params.lr: [1.0e-3, 3.0e-3]}
+    random: {n: 4, seed: 0, params: {optimizer.params.weight_decay: {loguniform: [1.0e-4, 1.0e-1]}}}
+    overrides: {train.steps: 20}       # passed to every point, not part of its name
+    command: [python, -m, train.pretrain]   # default: this interpreter, -m train.pretrain
+    slurm: {options: {partition: gpu, time: "01:00:00"}}   # extra #SBATCH lines for --slurm
+
+Points are the product of the grid and the random draws (either alone is fine). Random floats are rounded to 4
+significant digits so the value passed equals the value in the name. A point's name is ``key=value,...`` over
+the swept keys (sanitised for file names); its directory is ``output_dir/<name>``; the trainer gets
+``--config BASE <overrides> <point values> train.output_dir=<dir>`` with its output in ``<dir>/train.log``.
+
+Resume: a point whose directory has summary.json is skipped, so rerunning the same command only does what is
+left. A failed point is recorded (``<dir>/FAILED``), the sweep goes on, and the exit code is 1 at the end.
+After the points, ``output_dir/results.md`` (one row per point) and ``output_dir/loss.png`` are written.
+
+``--slurm`` writes ``points.json`` and an array job ``sweep.sbatch`` (one point per task, ``--point
+$SLURM_ARRAY_TASK_ID``) and submits it with ``sbatch`` if that is on PATH, followed by a dependent job running
+``--report`` (results.md + loss.png); without sbatch it prints the commands to run.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import math
+import os
+import random
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from jzero.errors import ConfigError, JzeroError
+from train.plot import load_run, plot_losses, results_table
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_RESERVED = ("train.output_dir",)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the sweep file
+# ----------------------------------------------------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``), as JSON and Python do."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RandomParam(_Model):
+    """Exactly one of: ``choice: [...]``, ``uniform: [lo, hi]``, ``loguniform: [lo, hi]`` (lo > 0)."""
+
+    choice: Optional[list] = None
+    uniform: Optional[tuple[float, float]] = None
+    loguniform: Optional[tuple[float, float]] = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in ("choice", "uniform", "loguniform") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of choice / uniform / loguniform, got {given or 'none'}")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice needs at least one value")
+        for k in ("uniform", "loguniform"):
+            lo_hi = getattr(self, k)
+            if lo_hi is not None and not lo_hi[0] < lo_hi[1]:
+                raise ValueError(f"{k}: [lo, hi] needs lo < hi, got {list(lo_hi)}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform needs lo > 0, got {self.loguniform[0]}")
+        return self
+
+    def draw(self, rng: random.Random) -> Any:
+        if self.choice is not None:
+            return rng.choice(self.choice)
+        if self.uniform is not None:
+            x = rng.uniform(*self.uniform)
+        else:
+            lo, hi = self.loguniform
+            x = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+        return float(f"{x:.4g}")
+
+
+class RandomSpec(_Model):
+    n: int = Field(ge=1)
+    seed: int = 0
+    params: dict[str, RandomParam] = Field(min_length=1)
+
+
+class SlurmSpec(_Model):
+    options: dict[str, str | int] = {}
+
+    @field_validator("options")
+    @classmethod
+    def _no_reserved(cls, v):
+        bad = [k for k in v if k.lstrip("-") in ("array", "output", "job-name")]
+        if bad:
+            raise ValueError(f"{bad[0]} is set by the sweep; remove it")
+        return v
+
+
+class SweepSpec(_Model):
+    base: Optional[str] = None
+    output_dir: str
+    grid: dict[str, list] = {}
+    random: Optional[RandomSpec] = None
+    overrides: dict[str, Any] = {}
+    command: Optional[list[str] | str] = None
+    slurm: SlurmSpec = SlurmSpec()
+
+    @model_validator(mode="after")
+    def _keys(self):
+        for key, values in self.grid.items():
+            if not values:
+                raise ValueError(f"grid.{key} has no values; give a list of at least one")
+        swept = list(self.grid) + (list(self.random.params) if self.random else [])
+        if not swept:
+            raise ValueError("nothing to sweep; add grid: {key: [values]} or random: {n, params}")
+        for key in swept + list(self.overrides):
+            if not re.fullmatch(r"[A-Za-z_][\w-]*(\.[\w-]+)*", key):
+                raise ValueError(f"{key!r} is not a dotted config key like optimizer.params.lr")
+            if key in _RESERVED:
+                raise ValueError(f"{key} is set per point by the sweep; remove it")
+        dup = set(self.grid) & set(self.random.params if self.random else ())
+        dup |= set(swept) & set(self.overrides)
+        if dup:
+            raise ValueError(f"{sorted(dup)[0]} appears twice (grid / random / overrides); keep one")
+        return self
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    """Parse and validate a sweep file; errors are one line naming the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: sweep file not found")
+    try:
+        raw = yaml.load(path.read_text(), Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a sweep file is a mapping with output_dir and grid and/or random")
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        raise ConfigError(f"{path}: {loc}: {err['msg'].removeprefix('Value error, ')}") from None
+    if spec.base is not None and not (path.parent / spec.base).is_file():
+        raise ConfigError(f"{path}: base: {path.parent / spec.base} does not exist; give a path relative to the "
+                          "sweep file")
+    return spec
+
+
+# ----------------------------------------------------------------------------------------------------------
+# points
+# ----------------------------------------------------------------------------------------------------------
+def format_value(v: Any) -> str:
+    """A value as a ``key=value`` override that YAML and JSON parse back to the same value."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, float):
+        s = repr(v)
+        mantissa, e, exp = s.partition("e")
+        if e and "." not in mantissa:  # 1e-05 -> 1.0e-05: PyYAML reads 1e-05 as a string
+            s = f"{mantissa}.0e{exp}"
+        return s
+    if isinstance(v, (list, dict)):
+        return json.dumps(v, separators=(",", ":"))
+    return str(v)
+
+
+def point_name(values: dict) -> str:
+    """``k1=v1,k2=v2`` with file-name-unsafe characters replaced; long names end in a hash of the full one."""
+    full = ",".join(f"{k}={format_value(v)}" for k, v in values.items())
+    name = re.sub(r"[^A-Za-z0-9._=,+-]", "_", full)
+    if len(name) > 150:
+        name = name[:140] + "-" + hashlib.sha1(full.encode()).hexdigest()[:8]
+    return name
+
+
+@dataclass
+class Point:
+    index: int
+    name: str
+    values: dict
+    dir: Path
+    argv: list
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "name": self.name, "values": self.values, "dir": str(self.dir),
+                "argv": self.argv}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Point":
+        return cls(d["index"], d["name"], d["values"], Path(d["dir"]), list(d["argv"]))
+
+
+def plan(spec: SweepSpec, sweep_file: str | Path) -> list[Point]:
+    """Every point of the sweep in a stable order (grid order, then random draw order), duplicates dropped."""
+    sweep_file = Path(sweep_file)
+    grid = [dict(zip(spec.grid, combo)) for combo in itertools.product(*spec.grid.values())]
+    draws = [{}]
+    if spec.random is not None:
+        rng = random.Random(spec.random.seed)
+        draws = [{k: p.draw(rng) for k, p in spec.random.params.items()} for _ in range(spec.random.n)]
+    if spec.command is None:
+        command = [sys.executable, "-m", "train.pretrain"]
+    else:
+        command = shlex.split(spec.command) if isinstance(spec.command, str) else list(spec.command)
+    base = ["--config", str((sweep_file.parent / spec.base).resolve())] if spec.base is not None else []
+    fixed = [f"{k}={format_value(v)}" for k, v in spec.overrides.items()]
+    out_root = Path(spec.output_dir).resolve()
+    points, seen = [], set()
+    for g, r in itertools.product(grid, draws):
+        values = {**g, **r}
+        name = point_name(values)
+        if name in seen:
+            continue
+        seen.add(name)
+        pdir = out_root / name
+        argv = command + base + fixed + [f"{k}={format_value(v)}" for k, v in values.items()]
+        points.append(Point(len(points), name, values, pdir, argv + [f"train.output_dir={pdir}"]))
+    return points
+
+
+def is_done(point: Point) -> bool:
+    return (point.dir / "summary.json").is_file()
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
+def run_point(point: Point) -> str:
+    """Run one point's trainer (output to <dir>/train.log); returns 'done' or 'failed (...)'."""
+    point.dir.mkdir(parents=True, exist_ok=True)
+    marker = point.dir / "FAILED"
+    marker.unlink(missing_ok=True)
+    log_path = point.dir / "train.log"
+    with open(log_path, "w") as log:
+        try:
+            rc = subprocess.run(point.argv, stdout=log, stderr=subprocess.STDOUT, env=_env()).returncode
+        except OSError as e:
+            rc, why = None, f"failed (cannot start {point.argv[0]}: {e.strerror})"
+    if rc is not None:
+        why = "done" if rc == 0 and is_done(point) else (
+            f"failed (exit {rc})" if rc != 0 else "failed (exit 0 but no summary.json)")
+    if why != "done":
+        marker.write_text(why + "\n")
+    return why
+
+
+def _tail(path: Path, n: int = 5) -> str:
+    lines = path.read_text(errors="replace").splitlines()[-n:] if path.exists() else []
+    return "\n".join("    " + line for line in lines)
+
+
+def status_of(point: Point) -> str:
+    """A point's state from its directory: done / failed (...) / not run."""
+    if is_done(point):
+        return "done"
+    marker = point.dir / "FAILED"
+    return marker.read_text().strip() if marker.exists() else "not run"
+
+
+def write_report(points: Sequence[Point], out_root: Path, statuses: Sequence[str], title: str) -> Path:
+    """results.md (one row per point) and loss.png (all curves) in out_root."""
+    out_root.mkdir(parents=True, exist_ok=True)
+    runs = [load_run(p.dir, p.name) for p in points]
+    keys = list(points[0].values) if points else []
+    table = results_table(runs, keys, [p.values for p in points], statuses)
+    path = out_root / "results.md"
+    path.write_text(f"# {title}\n\n{table}")
+    try:
+        plot_losses([r for r in runs if r.metrics], out_root / "loss.png", title=title)
+    except JzeroError as e:
+        print(f"loss.png skipped: {e}")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# slurm
+# ----------------------------------------------------------------------------------------------------------
+def write_slurm(points: Sequence[Point], spec: SweepSpec, sweep_file: Path, out_root: Path) -> Path:
+    """points.json + an sbatch array script (task i runs ``--point i``); returns the script path."""
+    out_root.mkdir(parents=True, exist_ok=True)
+    (out_root / "points.json").write_text(json.dumps([p.to_json() for p in points], indent=1) + "\n")
+    py = shlex.quote(sys.executable)
+    lines = ["#!/bin/bash", "#SBATCH --job-name=jzero-sweep", f"#SBATCH --array=0-{len(points) - 1}",
+             f"#SBATCH --output={out_root}/slurm-%A_%a.out"]
+    lines += [f"#SBATCH --{k.lstrip('-')}={v}" for k, v in spec.slurm.options.items()]
+    lines += ["", f"cd {shlex.quote(os.getcwd())}",
+              f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}",
+              f"exec {py} -m train.sweep {shlex.quote(str(sweep_file.resolve()))} --point $SLURM_ARRAY_TASK_ID", ""]
+    script = out_root / "sweep.sbatch"
+    script.write_text("\n".join(lines))
+    return script
+
+
+def submit_slurm(script: Path, sweep_file: Path, out_root: Path) -> int:
+    report = (f"cd {shlex.quote(os.getcwd())} && PYTHONPATH={shlex.quote(str(REPO_ROOT))} "
+              f"{shlex.quote(sys.executable)} -m train.sweep {shlex.quote(str(sweep_file.resolve()))} --report")
+    if shutil.which("sbatch") is None:
+        print(f"sbatch not found on PATH; submit with:\n  sbatch {script}\nand when the array has finished:\n"
+              f"  {report}")
+        return 0
+    sub = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    if sub.returncode != 0:
+        raise JzeroError(f"sbatch {script} failed: {sub.stderr.strip() or sub.stdout.strip()}")
+    job = sub.stdout.strip().split(";")[0]
+    rep = subprocess.run(["sbatch", "--parsable", f"--dependency=afterany:{job}", "--job-name=jzero-sweep-report",
+                          f"--output={out_root}/slurm-report-%j.out", f"--wrap={report}"],
+                         capture_output=True, text=True)
+    if rep.returncode != 0:
+        raise JzeroError(f"sbatch (report job) failed: {rep.stderr.strip()}; run later: {report}")
+    print(f"submitted array job {job} and report job {rep.stdout.strip().split(';')[0]} ({script})")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train.sweep", description=__doc__.split("\n")[0])
+    ap.add_argument("sweep", type=Path, help="sweep YAML file")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the points and commands, run nothing")
+    mode.add_argument("--slurm", action="store_true", help="write and submit a SLURM array job instead")
+    mode.add_argument("--point", type=int, metavar="I", help="run point I of output_dir/points.json (SLURM task)")
+    mode.add_argument("--report", action="store_true", help="only (re)write results.md and loss.png")
+    args = ap.parse_args(argv)
+
+    spec = load_sweep(args.sweep)
+    points = plan(spec, args.sweep)
+    out_root = Path(spec.output_dir).resolve()
+    title = f"sweep {args.sweep.name}"
+
+    if args.dry_run:
+        for p in points:
+            state = "done, would skip" if is_done(p) else "would run"
+            print(f"[{p.index + 1}/{len(points)}] {p.name} ({state})\n    {shlex.join(p.argv)}")
+        return 0
+    if args.slurm:
+        return submit_slurm(write_slurm(points, spec, args.sweep, out_root), args.sweep, out_root)
+    if args.point is not None:
+        index_file = out_root / "points.json"
+        if not index_file.is_file():
+            raise ConfigError(f"{index_file} not found; it is written by --slurm, run that first")
+        saved = [Point.from_json(d) for d in json.loads(index_file.read_text())]
+        if not 0 <= args.point < len(saved):
+            raise ConfigError(f"--point {args.point} out of range; {index_file} has points 0..{len(saved) - 1}")
+        p = saved[args.point]
+        status = "done" if is_done(p) else run_point(p)
+        print(f"{p.name}: {status}")
+        return 0 if status == "done" else 1
+    if args.report:
+        path = write_report(points, out_root, [status_of(p) for p in points], title)
+        print(f"wrote {path}")
+        return 0
+
+    out_root.mkdir(parents=True, exist_ok=True)
+    (out_root / "points.json").write_text(json.dumps([p.to_json() for p in points], indent=1) + "\n")
+    statuses = []
+    for p in points:
+        head = f"[{p.index + 1}/{len(points)}] {p.name}"
+        if is_done(p):
+            statuses.append("done")
+            print(f"{head}: done earlier, skipped", flush=True)
+            continue
+        print(f"{head}: running, log in {p.dir / 'train.log'}", flush=True)
+        status = run_point(p)
+        statuses.append(status)
+        print(f"{head}: {status}" + ("" if status == "done" else f", see {p.dir / 'train.log'}:\n"
+                                     f"{_tail(p.dir / 'train.log')}"), flush=True)
+    path = write_report(points, out_root, statuses, title)
+    failed = [p.name for p, s in zip(points, statuses) if s != "done"]
+    print(f"wrote {path}" + (f"; {len(failed)} of {len(points)} points failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except JzeroError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
