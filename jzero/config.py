@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from jzero.errors import ConfigError
 from jzero.monitor import CometConfig, CSVMonitorConfig, TensorboardConfig, WandbConfig
+from jzero.precision import BF16Config, DataTypesConfig, FP16Config
+from jzero.remat import ActivationCheckpointingConfig
 
 
 class _Section(BaseModel):
@@ -70,31 +72,6 @@ class ZeroConfig(_Section):
         return self
 
 
-class FP16Config(_Section):
-    """DeepSpeed's ``fp16`` section (dynamic loss scaling when ``loss_scale`` is 0)."""
-
-    enabled: bool = False
-    auto_cast: bool = False
-    loss_scale: float = Field(0.0, ge=0)
-    initial_scale_power: int = Field(16, ge=0, le=64)
-    loss_scale_window: int = Field(1000, gt=0)
-    hysteresis: int = Field(2, ge=1)
-    consecutive_hysteresis: bool = False
-    min_loss_scale: float = Field(1.0, gt=0)
-
-
-class BF16Config(_Section):
-    """DeepSpeed's ``bf16`` section: bf16 compute with fp32 master weights and optimizer state."""
-
-    enabled: bool = False
-
-
-class DataTypesConfig(_Section):
-    """``data_types.grad_accum_dtype``: dtype of the micro-batch gradient accumulator (default fp32)."""
-
-    grad_accum_dtype: Literal["fp32", "bf16", "fp16"] | None = None
-
-
 class OptimizerConfig(_Section):
     type: str = "AdamW"
     params: dict[str, Any] = Field(default_factory=lambda: {"lr": 1e-3, "betas": [0.9, 0.95], "weight_decay": 0.1})
@@ -103,24 +80,6 @@ class OptimizerConfig(_Section):
 class SchedulerConfig(_Section):
     type: str
     params: dict[str, Any] = Field(default_factory=dict)
-
-
-class ActivationCheckpointingConfig(_Section):
-    """DeepSpeed's ``activation_checkpointing`` plus jzero's ``policy`` (a ``jax.checkpoint`` policy name).
-
-    policy: none | full | save_dots | save_dots_no_batch | save_named | offload_named. ``save_names`` lists the
-    activation names kept (or offloaded) by the named policies. DeepSpeed's PyTorch-allocator keys are errors
-    when set to a non-default value (see :mod:`jzero.remat`).
-    """
-
-    policy: str = "none"
-    save_names: list[str] = Field(default_factory=list)
-    partition_activations: bool = False
-    cpu_checkpointing: bool = False
-    contiguous_memory_optimization: bool = False
-    number_checkpoints: int | None = None
-    synchronize_checkpoint_boundary: bool = False
-    profile: bool = False
 
 
 # --------------------------------------------------------------------------- jzero sections
@@ -132,6 +91,9 @@ class MeshConfig(_Section):
     data: int = -1
     tensor: int = 1
     pipeline: int = 1
+    #: Megatron sequence parallelism over ``tensor``: the residual stream between blocks is split along the
+    #: sequence (jzero.sharding.SEQUENCE_PARALLEL_RULES); all-reduces become reduce-scatter + all-gather pairs.
+    sequence_parallel: bool = False
 
     @model_validator(mode="after")
     def _check(self):
@@ -157,9 +119,14 @@ class PipelineConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """A model family plus sizes, or a named preset (see ``models.PRESETS``); explicit sizes override the preset."""
+    """A model family plus sizes, or a named preset (see ``models.PRESETS``); explicit sizes override the preset.
 
-    family: Literal["gpt2"] = "gpt2"
+    Family-specific keys (an error when set for a family that has no such thing): ``n_kv_head``, ``rope_theta``,
+    ``tie_embeddings`` (llama); ``head`` = mlm | classification | token_classification and ``num_labels`` (bert);
+    ``norm_eps`` (llama, bert).
+    """
+
+    family: Literal["gpt2", "llama", "bert"] = "gpt2"
     preset: str | None = None
     n_layer: int | None = Field(None, gt=0)
     n_head: int | None = Field(None, gt=0)
@@ -167,6 +134,12 @@ class ModelConfig(_Section):
     d_ff: int | None = Field(None, gt=0)
     vocab_size: int | None = Field(None, gt=0)
     max_len: int | None = Field(None, gt=0)
+    n_kv_head: int | None = Field(None, gt=0)
+    rope_theta: float | None = Field(None, gt=0)
+    norm_eps: float | None = Field(None, gt=0)
+    tie_embeddings: bool | None = None
+    head: Literal["mlm", "classification", "token_classification"] | None = None
+    num_labels: int | None = Field(None, gt=1)
     attention: Literal["auto", "xla", "cudnn"] = "auto"
     scan_layers: bool = True
     dropout: float = Field(0.0, ge=0.0, le=0.0, description="dropout is not implemented; must be 0")
@@ -189,7 +162,52 @@ class TrainConfig(_Section):
     log_interval: int = Field(1, gt=0)
     eval_interval: int = Field(0, ge=0)
     eval_batches: int = Field(4, gt=0)
-    checkpoint_interval: int = Field(0, ge=0)
+    checkpoint_interval: int = Field(0, ge=0)   # save every N steps and at the last step (0 = never)
+
+
+class CheckpointConfig(_Section):
+    """Checkpoints (see :mod:`jzero.checkpoint`): ``dir`` defaults to ``<train.output_dir>/checkpoints``;
+    ``max_to_keep`` newest steps are kept (null = all); ``async_save`` writes in a background thread while
+    training goes on (the main waits for it before exiting)."""
+
+    dir: str | None = None
+    max_to_keep: int | None = Field(3, gt=0)
+    async_save: bool = True
+
+
+class FinetuneConfig(_Section):
+    """``python -m train.finetune``: labelled data, tokenisation, epochs, and the weights to start from.
+
+    ``train_file``/``val_file``: JSONL (see :mod:`jzero.finetune_data`); null ``train_file`` = the embedded
+    synthetic set for ``task`` (``synthetic_train_examples`` / ``synthetic_val_examples`` examples); null
+    ``val_file`` with a ``train_file`` holds out ``val_fraction`` of it. ``tokenizer``: ``bytes``, ``words`` (a
+    word vocabulary of the training set) or the path of a tokenizer.json. ``init_from``: a jzero checkpoint
+    directory or a safetensors file from
+    ``python -m train.export``; params with the same path and shape are loaded, the task's head starts fresh.
+    """
+
+    task: Literal["classification", "token_classification"] = "classification"
+    train_file: str | None = None
+    val_file: str | None = None
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    synthetic_train_examples: int = Field(2000, gt=0)
+    synthetic_val_examples: int = Field(400, gt=0)
+    tokenizer: str = "bytes"
+    init_from: str | None = None
+    epochs: int = Field(3, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        given = self.model_fields_set
+        if self.train_file is not None and given & {"synthetic_train_examples", "synthetic_val_examples"}:
+            raise ValueError("synthetic_*_examples size the embedded set, which train_file replaces; remove them")
+        if self.val_file is not None and self.train_file is None:
+            raise ValueError("val_file without train_file; give both, or neither for the embedded set")
+        if self.val_file is not None and "val_fraction" in given:
+            raise ValueError("val_fraction splits train_file when val_file is null; remove one of the two")
+        if self.train_file is None and "val_fraction" in given:
+            raise ValueError("val_fraction splits a train_file; the embedded set has its own validation split")
+        return self
 
 
 class JzeroConfig(_Section):
@@ -217,6 +235,8 @@ class JzeroConfig(_Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
 
     @model_validator(mode="after")
     def _check(self):
@@ -369,7 +389,7 @@ def resolve(cfg: JzeroConfig, n_devices: int) -> JzeroConfig:
     sizes = resolve_mesh_shape(cfg.mesh, n_devices)
     tbs, micro, gas = resolve_batch(cfg, sizes["data"])
     out = cfg.model_copy(deep=True)
-    out.mesh = MeshConfig(**sizes)
+    out.mesh = MeshConfig(**{**cfg.mesh.model_dump(), **sizes})
     out.train_batch_size, out.train_micro_batch_size_per_gpu, out.gradient_accumulation_steps = tbs, micro, gas
     return out
 

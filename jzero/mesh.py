@@ -35,14 +35,12 @@ def axis_size(mesh: Mesh, name: str) -> int:
     return int(mesh.shape.get(name, 1))
 
 
-def xla_flags_for(zero_cfg, platform: str) -> list[str]:
-    """XLA flags that carry DeepSpeed's bucket sizes on GPU: combine collectives up to that many bytes.
+def xla_flags_for(zero_cfg) -> list[str]:
+    """XLA flags that carry DeepSpeed's bucket sizes: combine collectives up to that many bytes (GPU).
 
     DeepSpeed's ``reduce_bucket_size`` / ``allgather_bucket_size`` count elements (fp32 gradients: 4 bytes).
-    On CPU the flags do not exist, so nothing is returned.
+    XLA:CPU accepts and ignores the GPU flags, so they are safe to set everywhere.
     """
-    if platform != "gpu":
-        return []
     flags = []
     if zero_cfg.reduce_bucket_size:
         b = int(zero_cfg.reduce_bucket_size) * 4
@@ -50,4 +48,14 @@ def xla_flags_for(zero_cfg, platform: str) -> list[str]:
                   f"--xla_gpu_reduce_scatter_combine_threshold_bytes={b}"]
     if zero_cfg.allgather_bucket_size:
         flags.append(f"--xla_gpu_all_gather_combine_threshold_bytes={int(zero_cfg.allgather_bucket_size) * 4}")
+    return flags
+
+
+def apply_xla_flags(cfg) -> list[str]:
+    """Append the config's XLA flags to ``XLA_FLAGS``; call before JAX's backend starts (the mains do)."""
+    import os
+
+    flags = [f for f in xla_flags_for(cfg.zero_optimization) if f.split("=")[0] not in os.environ.get("XLA_FLAGS", "")]
+    if flags:
+        os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", "")] + flags).strip()
     return flags

@@ -9,11 +9,13 @@ policies can save or offload them by name.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from jzero import pipeline
@@ -53,11 +55,88 @@ class LayerNorm(nn.Module):
         d = x.shape[-1]
         scale = param(self, "scale", (d,), ("embed",), nn.initializers.ones, jnp.float32)
         bias = param(self, "bias", (d,), ("embed",), nn.initializers.zeros, jnp.float32)
+        if _low_precision(self.dtype) and _exp("ln"):
+            return layer_norm(x, scale, bias, self.eps, self.dtype)
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
         return y.astype(self.dtype)
+
+
+def _low_precision(dtype) -> bool:
+    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _exp(name: str) -> bool:   # TEMPORARY experiment switch (JZERO_EXP=ln,gelu,...); removed once measured
+    import os
+
+    return name in os.environ.get("JZERO_EXP", "").split(",")
+
+
+def _ln_stats(x, eps):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return x32, mean, jax.lax.rsqrt(var + eps)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm(x, scale, bias, eps: float, out_dtype):
+    """LayerNorm in fp32 with a hand-written backward that keeps only ``x`` and the per-row mean/rstd.
+
+    Autodiff of the plain formula made XLA recompute the row statistics in the backward pass and materialise
+    ``xhat * dy`` in fp32 for the scale gradient (a [B, T, D] fp32 write + read per norm); here ``xhat`` is
+    rebuilt elementwise from the saved statistics, so the scale/bias gradients are plain column reductions.
+    """
+    x32, mean, rstd = _ln_stats(x, eps)
+    return ((x32 - mean) * rstd * scale + bias).astype(out_dtype)
+
+
+def _layer_norm_fwd(x, scale, bias, eps, out_dtype):
+    x32, mean, rstd = _ln_stats(x, eps)
+    return ((x32 - mean) * rstd * scale + bias).astype(out_dtype), (x, mean, rstd, scale)
+
+
+def _layer_norm_bwd(eps, out_dtype, res, dy):
+    x, mean, rstd, scale = res
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    dy32 = dy.astype(jnp.float32)
+    g = dy32 * scale
+    dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+    lead = tuple(range(x.ndim - 1))
+    return dx.astype(x.dtype), (dy32 * xhat).sum(lead), dy32.sum(lead)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+_GELU_C = float(np.sqrt(2.0 / np.pi))
+
+
+@jax.custom_vjp
+def gelu_tanh(x):
+    """GELU (tanh approximation; ``jax.nn.gelu(approximate=True)``) whose backward needs only ``x``.
+
+    With autodiff the forward also writes ``tanh(...)`` for the backward pass (one more [B, T, d_ff] array out
+    and back in); here the backward recomputes it from ``x`` in fp32. The forward is exactly jax.nn.gelu's
+    expression, the pattern XLA's GEMM rewriter folds into a cuBLASLt GELU epilogue.
+    """
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_fwd(x):
+    return jax.nn.gelu(x, approximate=True), x
+
+
+def _gelu_bwd(x, g):
+    x32 = x.astype(jnp.float32)
+    t = jnp.tanh(_GELU_C * (x32 + 0.044715 * x32 * x32 * x32))
+    d = 0.5 * (1.0 + t) + 0.5 * x32 * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x32 * x32)
+    return ((g.astype(jnp.float32) * d).astype(x.dtype),)
+
+
+gelu_tanh.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 class RMSNorm(nn.Module):
@@ -94,6 +173,11 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, impl: str, causal: bool, key_mask_Bx
             kwargs["key_value_seq_lengths"] = key_mask_BxS.astype(jnp.int32).sum(-1)
         else:
             kwargs["mask"] = key_mask_BxS.astype(bool)[:, None, None, :]
+    if impl == "xla" and q_BxTxNxH.dtype == jnp.float16 and jax.default_backend() == "cpu":
+        # XLA:CPU has no fp16 x fp16 -> fp32 dot (which XLA attention asks for): compute in fp32 there
+        q, k, v = (t.astype(jnp.float32) for t in (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH))
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl,
+                                            **kwargs).astype(jnp.float16)
     return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, is_causal=causal, implementation=impl,
                                         **kwargs)
 
@@ -203,7 +287,11 @@ class MLP(nn.Module):
         d = x_BxTxD.shape[-1]
         w1 = param(self, "fc_kernel", (d, self.d_ff), ("embed", "mlp"), nn.initializers.normal(0.02), self.dtype)
         b1 = param(self, "fc_bias", (self.d_ff,), ("mlp",), nn.initializers.zeros, self.dtype)
-        hdn = jax.nn.gelu(jnp.einsum("btd,df->btf", x_BxTxD, w1) + b1, approximate=self.gelu_approximate)
+        pre = jnp.einsum("btd,df->btf", x_BxTxD, w1) + b1
+        if self.gelu_approximate and _low_precision(self.dtype) and _exp("gelu"):
+            hdn = gelu_tanh(pre)
+        else:
+            hdn = jax.nn.gelu(pre, approximate=self.gelu_approximate)
         hdn = checkpoint_name(constrain(hdn, ("batch", "length", "mlp")), "mlp_hidden")
         w2 = param(self, "proj_kernel", (self.d_ff, d), ("mlp", "embed"),
                    nn.initializers.normal(self.out_init_std), self.dtype)

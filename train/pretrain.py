@@ -34,9 +34,11 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="DeepSpeed-style JSON or YAML config (default: the embedded default)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. zero_optimization.stage=3")
-    p.add_argument("--coordinator", help="HOST:PORT of process 0 for multi-process runs (else from SLURM/MPI env)")
-    p.add_argument("--num-processes", type=int, help="number of processes in a multi-process run")
-    p.add_argument("--process-id", type=int, help="this process's index in a multi-process run")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest loadable checkpoint in checkpoint.dir (default OUTPUT_DIR/checkpoints)")
+    from jzero.distributed import add_distributed_args
+
+    add_distributed_args(p)
     return p.parse_args(argv)
 
 
@@ -47,10 +49,12 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, args.overrides, base=None if args.config else DEFAULT_CONFIG)
-        from jzero.distributed import maybe_initialize
+        from jzero.distributed import maybe_initialize_from_args
+        from jzero.mesh import apply_xla_flags
 
-        maybe_initialize(args.coordinator, args.num_processes, args.process_id)
-        run(cfg)
+        apply_xla_flags(cfg)   # DeepSpeed bucket sizes -> XLA collective-combining thresholds, before the backend
+        maybe_initialize_from_args(args)
+        run(cfg, resume=args.resume)
     except JzeroError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -70,12 +74,48 @@ def _data_dir(cfg) -> Path:
     return path
 
 
-def run(cfg) -> dict:
-    """Train per ``cfg``; return the summary dict (also written to ``summary.json``)."""
+def _checkpoint_dir(rc) -> Path:
+    return Path(rc.checkpoint.dir) if rc.checkpoint.dir else Path(rc.train.output_dir) / "checkpoints"
+
+
+def _resume(engine, ckpt_dir: Path, batches, out: Path, pi: int) -> int:
+    """Load the latest loadable checkpoint (falling back past unreadable ones, logged); return its step."""
+    from jzero import checkpoint
+    from jzero.errors import CheckpointError
+
+    log = (lambda msg: print(msg, flush=True)) if pi == 0 else (lambda msg: None)
+    found = checkpoint.restore_latest(engine, ckpt_dir, data_iterator=batches, log=log)
+    if found is None:
+        log(f"resume: no checkpoint in {ckpt_dir}; starting from step 0")
+        return 0
+    start = int(engine.state.step)
+    if start >= engine.config.train.steps:
+        raise CheckpointError(f"checkpoint {ckpt_dir}/{found[0]} is at step {start} >= train.steps="
+                              f"{engine.config.train.steps}; raise train.steps to train further")
+    log(f"resume: continuing from step {start} ({ckpt_dir}/{found[0]})")
+    from jzero.config import to_dict
+
+    changes = checkpoint.config_changes(checkpoint.read_meta(ckpt_dir, found[0])[1]["config"], to_dict(engine.config))
+    if changes:
+        log(f"resume: config differs from the checkpoint's in {len(changes)} keys: " + "; ".join(changes[:8]))
+    metrics = out / "metrics.jsonl"
+    if pi == 0 and metrics.is_file():   # drop records the interrupted run logged after its last checkpoint
+        keep = [ln for ln in metrics.read_text().splitlines(keepends=True)
+                if ln.strip() and json.loads(ln).get("step", 0) <= start]
+        metrics.write_text("".join(keep))
+    return start
+
+
+def run(cfg, resume: bool = False) -> dict:
+    """Train per ``cfg``; return the summary dict (also written to ``summary.json``).
+
+    Every ``train.checkpoint_interval`` steps (and at the last step) the train state, data position and config
+    are saved asynchronously to ``checkpoint.dir``; ``resume`` continues from the latest loadable one there.
+    """
     import jax
 
     import jzero
-    from jzero import flops
+    from jzero import checkpoint, flops
     from jzero.config import resolve, to_dict
     from jzero.data import BatchIterator, eval_batches, read_meta
     from jzero.monitor import Monitor, device_memory_bytes
@@ -93,6 +133,11 @@ def run(cfg) -> dict:
     if pi == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(rc), indent=2))
+    ckpt_dir, start = _checkpoint_dir(rc), 0
+    if rc.train.checkpoint_interval:   # open the writer now: an unwritable checkpoint.dir fails before training
+        checkpoint.writer(ckpt_dir, rc.checkpoint.max_to_keep, rc.checkpoint.async_save)
+    if resume:
+        start = _resume(engine, ckpt_dir, batches, out, pi)
 
     engine.compile()
     mc = engine.model_config
@@ -103,13 +148,13 @@ def run(cfg) -> dict:
     tokens_per_step = rc.train_batch_size * rc.data.seq_len
     monitor = Monitor(out, rc.train.steps, tensorboard=rc.tensorboard.model_dump(),
                       csv_monitor=rc.csv_monitor.model_dump(), steps_per_print=rc.steps_per_print,
-                      wall_clock_breakdown=rc.wall_clock_breakdown, device=dev)
+                      wall_clock_breakdown=rc.wall_clock_breakdown, device=dev, append=start > 0)
     eval_rows = rc.train_batch_size // rc.gradient_accumulation_steps
 
     rates, losses, data_wait, last_eval = [], [], 0.0, None
     t_mark, steps_since = time.perf_counter(), 0
     with monitor:
-        for step in range(1, rc.train.steps + 1):
+        for step in range(start + 1, rc.train.steps + 1):
             t0 = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - t0
@@ -129,12 +174,15 @@ def run(cfg) -> dict:
                 losses.append(m["loss"])
                 t_mark, steps_since, data_wait = time.perf_counter(), 0, 0.0
             if rc.train.eval_interval and (step % rc.train.eval_interval == 0 or step == rc.train.steps):
-                losses = [float(engine.eval_step(b)) for b in
+                eval_losses = [float(engine.eval_step(b)) for b in
                           eval_batches(data_dir / "val.bin", rc.data.seq_len, eval_rows, rc.train.eval_batches, pi, pc)]
-                ev = statistics.fmean(losses)
+                ev = statistics.fmean(eval_losses)
                 last_eval = ev
                 monitor.log_eval(step, {"eval_loss": ev, "eval_ppl": float(jax.numpy.exp(ev))})
                 t_mark = time.perf_counter()
+            if rc.train.checkpoint_interval and (step % rc.train.checkpoint_interval == 0 or step == rc.train.steps):
+                engine.save_checkpoint(ckpt_dir, data_iterator=batches)   # async: training goes on while it writes
+        checkpoint.wait_until_finished(ckpt_dir)
         tps_med = statistics.median(rates[1:] or rates)
         mem = device_memory_bytes(dev) or {}
         summary = {
@@ -153,9 +201,15 @@ def run(cfg) -> dict:
             "peak_memory_bytes": mem.get("peak_bytes_in_use"),
             "compile_s": engine.compile_seconds,
         }
+        if engine.pipeline is not None:   # schedule, theoretical and measured bubble (jzero.pipeline.bubble_report)
+            from jzero.pipeline import bubble_report
+
+            summary["pipeline"] = bubble_report(engine)
         monitor.summary(summary)
     return summary
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jzero.distributed import exit_process
+
+    exit_process(main())   # sys.exit, but a failing process of a multi-process run skips JAX's shutdown barrier

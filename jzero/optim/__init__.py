@@ -162,7 +162,9 @@ def build_optimizer(optimizer: dict | None, scheduler: dict | None = None,
 def applied_steps(opt_state) -> jax.Array:
     """The schedule's count in an optimizer state from :func:`build_optimizer` (wrapped or not): the number
     of updates applied so far, which is DeepSpeed's ``lr_scheduler.last_batch_iteration + 1``."""
-    is_sched = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    from jzero.optim.onebit import _STATES as onebit_states   # 1-bit states count their applied updates
+
+    is_sched = lambda x: isinstance(x, (optax.ScaleByScheduleState,) + onebit_states)  # noqa: E731
     found = [s.count for s in jax.tree.leaves(opt_state, is_leaf=is_sched) if is_sched(s)]
     if len(found) != 1:
         raise ValueError(f"expected one schedule state in the optimizer state, found {len(found)}")
