@@ -15,17 +15,17 @@ import time
 from pathlib import Path
 
 DEFAULT_CONFIG: dict = {
-    "train_batch_size": 16,
+    "train_batch_size": 32,
     "steps_per_print": 25,
     "gradient_clipping": 1.0,
     "zero_optimization": {"stage": 1},
-    "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.1}},
+    "optimizer": {"type": "AdamW", "params": {"lr": 2e-3, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.1}},
     "scheduler": {"type": "WarmupCosineLR",
-                  "params": {"total_num_steps": 250, "warmup_num_steps": 20, "warmup_min_ratio": 0.0,
+                  "params": {"total_num_steps": 300, "warmup_num_steps": 20, "warmup_min_ratio": 0.0,
                              "cos_min_ratio": 0.1}},
     "model": {"family": "gpt2", "preset": "gpt2-tiny"},
-    "data": {"path": None, "seq_len": 128},
-    "train": {"steps": 250, "seed": 0, "output_dir": "runs/default", "log_interval": 1, "eval_interval": 100,
+    "data": {"path": None, "seq_len": 64},
+    "train": {"steps": 300, "seed": 0, "output_dir": "runs/default", "log_interval": 1, "eval_interval": 100,
               "eval_batches": 4},
 }
 
