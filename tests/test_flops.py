@@ -134,3 +134,23 @@ def test_profile_format_and_numbers():
     assert "MFU 0.1% of 989.00 TFLOP/s (bfloat16)" in text
     assert prof.to_dict()["xla_flops_per_step"] == pytest.approx(1.04e12)
     assert format_flops(None) == "n/a" and format_flops(512) == "512 FLOP"
+
+
+def test_xla_counted_flops_of_jzero_gpt2_within_10_percent_of_analytic():
+    """GPT-2 small's shapes (d 768, 12 heads, vocab 50304, seq 1024; 2 layers to keep the test small), layers
+    unrolled so XLA's cost analysis sees every layer: XLA's count of the whole train step vs 6N + 12LTd."""
+    import jzero
+    from jzero import flops
+    from jzero.config import load_config
+
+    cfg = load_config(base={}, overrides=["model.preset=gpt2-small", "model.n_layer=2", "model.scan_layers=false",
+                                          "data.seq_len=1024", "train_batch_size=8"])
+    eng = jzero.initialize(cfg, vocab_size=50304)
+    ca = eng.lower_train_step().cost_analysis()
+    xla = (ca if isinstance(ca, dict) else ca[0])["flops"]
+    mc = eng.model_config
+    analytic = 8 * 1024 * flops.gpt_train_flops_per_token(mc.n_params(include_pos=False), mc.n_layer, 1024,
+                                                          mc.d_model)
+    print(f"GPT-2 (2 layers of 124M shapes) train step: XLA {xla:.4e} FLOPs, analytic {analytic:.4e}, "
+          f"ratio {xla / analytic:.4f}")
+    assert abs(xla / analytic - 1) < 0.10

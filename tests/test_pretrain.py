@@ -1,0 +1,56 @@
+"""The pretrain main: what a run writes, and bad input as one line on stderr with exit code 2."""
+import json
+
+import pytest
+
+from train.prepare_data import main as prepare_main
+from train.pretrain import main
+
+TINY = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.d_ff=64", "data.seq_len=16",
+        "train_batch_size=8", "data.default_corpus_bytes=200000", "train.eval_interval=2", "train.eval_batches=1",
+        "train.steps=4", "scheduler.params.total_num_steps=4", "scheduler.params.warmup_num_steps=1"]
+
+
+def test_run_writes_config_metrics_and_summary(tmp_path):
+    out = tmp_path / "run"
+    assert main(TINY + ["zero_optimization.stage=3", f"train.output_dir={out}"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["mesh"]["data"] == 8 and cfg["train_micro_batch_size_per_gpu"] == 1
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if "loss" in x]
+    assert [x["step"] for x in train] == [1, 2, 3, 4]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s"):
+        assert all(key in x for x in train), key
+    assert any("eval_loss" in x for x in lines)
+    s = json.loads((out / "summary.json").read_text())
+    for key in ("final_loss", "steps", "tokens_per_s", "mfu", "n_devices", "zero_stage", "memory_per_device_bytes"):
+        assert key in s, key
+    assert s["n_devices"] == 8 and s["zero_stage"] == 3 and s["mfu"] is None   # no known CPU peak
+    assert s["memory_per_device_bytes"]["params"] > 0 and s["memory_per_device_bytes"]["opt_state"] > 0
+
+
+def _tiny_data(tmp_path, n_bytes):
+    src = tmp_path / "src.txt"
+    src.write_bytes(b"abcdefgh" * (n_bytes // 8))
+    assert prepare_main(["--input", str(src), "--output-dir", str(tmp_path / "data"), "--val-fraction", "0.5"]) == 0
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["bogus.key=1"], "unknown key 'bogus'"),
+    (["train_batch_size=30", "train_micro_batch_size_per_gpu=4", "gradient_accumulation_steps=1"],
+     "train_batch_size=30 != train_micro_batch_size_per_gpu (4)"),
+    (["mesh.tensor=3"], "does not divide the 8 devices"),
+    (["data.path=/nonexistent/data"], "/nonexistent/data"),
+])
+def test_bad_input_is_one_line_exit_2(args, needle, capsys, tmp_path):
+    assert main(TINY + args + [f"train.output_dir={tmp_path}/o"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err and "\n" not in err, err
+
+
+def test_data_file_too_short_for_one_batch(capsys, tmp_path):
+    data = _tiny_data(tmp_path, 64)
+    assert main(TINY + [f"data.path={data}", f"train.output_dir={tmp_path}/o"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "train.bin" in err and "needs" in err and "\n" not in err, err
