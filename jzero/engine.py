@@ -112,12 +112,6 @@ def lm_loss(apply_fn: Callable, params, tokens_BxT1: jax.Array) -> jax.Array:
     return cross_entropy(logits, tokens_BxT1[:, 1:]).mean()
 
 
-def _exp_flag(name):   # TEMPORARY experiment switch, removed once measured
-    import os
-
-    return name in os.environ.get("JZERO_EXP", "").split(",")
-
-
 @jax.custom_vjp
 def cross_entropy(logits_BxTxV: jax.Array, labels_BxT: jax.Array) -> jax.Array:
     """Per-token cross-entropy in fp32 without ever materialising fp32 logits (or their fp32 gradient).
@@ -150,7 +144,7 @@ def logsumexp_one_pass(x: jax.Array) -> jax.Array:
 
 
 def _ce_fwd(logits, labels):
-    if logits.dtype != jnp.float32 and _exp_flag("lse"):
+    if logits.dtype != jnp.float32:
         lse = logsumexp_one_pass(logits)
     else:   # fp32 logits keep jax's two-pass logsumexp (results unchanged)
         lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)

@@ -45,7 +45,8 @@ def check_hf_config(hf: dict) -> None:
         ("activation_function", hf.get("activation_function", "gelu_new"), lambda v: v in TANH_GELUS, "gelu_new"),
         ("layer_norm_epsilon", hf.get("layer_norm_epsilon", 1e-5), lambda v: abs(v - 1e-5) < 1e-12, 1e-5),
         ("scale_attn_weights", hf.get("scale_attn_weights", True), lambda v: v is True, True),
-        ("scale_attn_by_inverse_layer_idx", hf.get("scale_attn_by_inverse_layer_idx", False), lambda v: v is False, False),
+        ("scale_attn_by_inverse_layer_idx", hf.get("scale_attn_by_inverse_layer_idx", False),
+         lambda v: v is False, False),
         ("reorder_and_upcast_attn", hf.get("reorder_and_upcast_attn", False), lambda v: v is False, False),
         ("tie_word_embeddings", hf.get("tie_word_embeddings", True), lambda v: v is True, True),
         ("add_cross_attention", hf.get("add_cross_attention", False), lambda v: v is False, False),
@@ -153,12 +154,11 @@ def params_from_hf(state: dict[str, Any], cfg: GPT2Config) -> dict:
                               f"(e.g. '{extra[0]}'); the config.json n_layer={cfg.n_layer} may be wrong")
     params = {"wte": wte, "wpe": wpe[:cfg.max_len].copy(),
               "ln_f": {"scale": take("ln_f.weight"), "bias": take("ln_f.bias")}}
-    nest = lambda flat: _nest(flat)  # noqa: E731
     if cfg.scan_layers:
-        params["blocks"] = nest({p: np.stack([lay[p] for lay in layers]) for p in layers[0]})
+        params["blocks"] = _nest({p: np.stack([lay[p] for lay in layers]) for p in layers[0]})
     else:
         for i, lay in enumerate(layers):
-            params[f"block_{i}"] = nest(lay)
+            params[f"block_{i}"] = _nest(lay)
     return params
 
 
@@ -172,7 +172,7 @@ def params_to_hf(params: dict, cfg: GPT2Config, vocab_size: int | None = None) -
     out = {"wte.weight": p["wte"][:v], "wpe.weight": p["wpe"],
            "ln_f.weight": p["ln_f"]["scale"], "ln_f.bias": p["ln_f"]["bias"]}
     for i in range(cfg.n_layer):
-        block = (jax_tree_index(p["blocks"], i) if cfg.scan_layers else p[f"block_{i}"])
+        block = layer_of(p["blocks"], i) if cfg.scan_layers else p[f"block_{i}"]
         for path, hf in _block_names(i).items():
             mod, name = path.split("/")
             x = block[mod][name]
@@ -198,9 +198,9 @@ def _tree_np(x):
     return np.asarray(x, np.float32)
 
 
-def jax_tree_index(tree: dict, i: int) -> dict:
+def layer_of(tree: dict, i: int) -> dict:
     """Layer ``i`` of a stacked block tree."""
-    return {k: jax_tree_index(v, i) if isinstance(v, dict) else v[i] for k, v in tree.items()}
+    return {k: layer_of(v, i) if isinstance(v, dict) else v[i] for k, v in tree.items()}
 
 
 # --------------------------------------------------------------------------- files

@@ -1,0 +1,474 @@
+"""Checkpoints: DeepSpeed's ``save_checkpoint`` / ``load_checkpoint`` on an orbax ``CheckpointManager``.
+
+    engine.save_checkpoint("ckpt", client_state={"epoch": 3}, data_iterator=batches)  # returns at once
+    client = engine.load_checkpoint("ckpt", data_iterator=batches)                   # latest step
+    jzero.checkpoint.wait_until_finished()                                              # before exit
+
+Layout: ``DIR/<step>/`` holds three orbax items. ``state`` is whatever ``engine.state`` holds (step, params,
+optimizer state, and any field later added to ``TrainState``: loss scale, 1-bit error buffers, RNG keys),
+written sharded (OCDBT/zarr) by every process for its own shards. ``meta`` is JSON: the resolved config, the
+model sizes, the optimizer's type and state classes, a ``path -> dtype[shape]`` description of every state leaf,
+and the data iterator position (``BatchIterator.get_state()``). ``client`` is DeepSpeed's ``client_state``
+(arbitrary JSON). A step directory appears only when complete: orbax writes into ``<step>.orbax-checkpoint-tmp-*``
+and renames it when done, so a process killed mid-save leaves the previous steps loadable.
+
+Saves are asynchronous by default: ``save`` blocks only while device buffers are copied to host (so the next,
+donating train step cannot touch them), then a background thread writes. Errors of that thread surface at the
+next ``save`` or at ``wait_until_finished`` as :class:`CheckpointError`, never silently.
+
+Restoring builds its targets from ``engine.state`` as it is now (shape, dtype, sharding of every leaf), so a
+checkpoint written on 8 devices at ZeRO-3 loads onto 4 devices at ZeRO-1 or with tensor parallelism with no
+conversion step: orbax reads each new shard's slice from the saved chunks. The saved tree must match the new
+one leaf for leaf; when it does not (another optimizer, another model size) the error names both sides.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jzero.errors import CheckpointError
+
+FORMAT = 1
+ITEMS = ("state", "meta", "client")
+UNREADABLE_SUFFIX = ".unreadable"
+
+
+class UnreadableCheckpointError(CheckpointError):
+    """A step directory exists but cannot be read (partial, corrupted, not a jzero checkpoint)."""
+
+
+# --------------------------------------------------------------------------- state tree <-> saved tree
+
+
+def _is_key(x) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def saveable(state):
+    """``state`` with typed PRNG key arrays replaced by their raw ``uint32`` key data (what orbax can write)."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
+
+
+def restore_target(state):
+    """ShapeDtypeStructs (with the current shardings) of ``saveable(state)``: where each saved leaf goes."""
+    def one(x):
+        if _is_key(x):
+            data = jax.eval_shape(jax.random.key_data, x)
+            return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=x.sharding)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+    return jax.tree.map(one, state)
+
+
+def _unsaveable(restored, like):
+    """Re-wrap key data into typed keys wherever ``like`` holds typed keys."""
+    return jax.tree.map(lambda r, x: jax.random.wrap_key_data(r, impl=jax.random.key_impl(x)) if _is_key(x) else r,
+                        restored, like)
+
+
+def describe(tree) -> dict[str, str]:
+    """``{'params.wte': 'float32[256,64]', ...}`` for every leaf (the saved tree's fingerprint)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(path, simple=True, separator="."):
+            f"{np.dtype(leaf.dtype).name}[{','.join(str(d) for d in leaf.shape)}]" for path, leaf in flat}
+
+
+def _state_classes(tree) -> list[str]:
+    """Names of the optax state classes (namedtuples) in an optimizer state, outermost first, deduplicated."""
+    names: list[str] = []
+
+    def walk(x):
+        if hasattr(x, "_fields"):
+            if type(x).__name__ not in names:
+                names.append(type(x).__name__)
+        if isinstance(x, (tuple, list)):
+            for y in x:
+                walk(y)
+        elif isinstance(x, dict):
+            for y in x.values():
+                walk(y)
+    walk(tree)
+    return names
+
+
+def _model_meta(engine) -> dict:
+    mc = engine.model_config
+    sizes = {k: v for k, v in asdict(mc).items() if isinstance(v, (bool, int, float, str))} if is_dataclass(mc) else {}
+    return {"family": engine.config.model.family, **sizes}
+
+
+def make_meta(engine, step: int, data_state: dict | None) -> dict:
+    from jzero.config import to_dict
+
+    cfg = engine.config
+    opt_state = getattr(engine.state, "opt_state", None)
+    return {
+        "format": FORMAT,
+        "step": int(step),
+        "engine_step": int(jax.device_get(engine.state.step)),
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": to_dict(cfg),
+        "model": _model_meta(engine),
+        "optimizer": {"type": cfg.optimizer.type, "state": _state_classes(opt_state)},
+        "layout": {"mesh": {k: int(v) for k, v in engine.mesh.shape.items()},
+                   "zero_stage": cfg.zero_optimization.stage, "n_devices": int(engine.mesh.devices.size)},
+        "state": describe(saveable(engine.state)),
+        "data": data_state,
+    }
+
+
+def check_compatible(meta: dict, state, optimizer_type: str, where: str, prefix: str = "") -> None:
+    """Raise a one-line :class:`CheckpointError` when the saved tree cannot land in ``state``.
+
+    ``prefix`` limits the comparison to leaves under it (``"params."`` when loading weights only).
+    """
+    pick = lambda d: {k: v for k, v in d.items() if k.startswith(prefix)}  # noqa: E731
+    saved, now = pick(meta["state"]), pick(describe(saveable(state)))
+    if saved == now:
+        return
+    saved_opt = meta.get("optimizer", {})
+    now_opt = {"type": optimizer_type, "state": _state_classes(getattr(state, "opt_state", None))}
+    opt_keys = lambda d: {k: v for k, v in d.items() if k.startswith("opt_state")}  # noqa: E731
+    if opt_keys(saved) != opt_keys(now) and saved_opt != now_opt:
+        raise CheckpointError(
+            f"{where} holds the state of optimizer.type='{saved_opt.get('type')}' "
+            f"({', '.join(saved_opt.get('state', []))})"
+            f" but this run builds optimizer.type='{now_opt['type']}' ({', '.join(now_opt['state'])}); resume with "
+            f"optimizer.type={saved_opt.get('type')} and the same optimizer params, or load only the weights "
+            f"(load_module_only=True)")
+    missing = [k for k in now if k not in saved]
+    extra = [k for k in saved if k not in now]
+    differ = [k for k in now if k in saved and saved[k] != now[k]]
+    if differ:
+        k = differ[0]
+        raise CheckpointError(f"{where}: state leaf '{k}' is {saved[k]} in the checkpoint but {now[k]} in this run "
+                              f"({len(differ)} leaves differ); use the checkpoint's model {meta.get('model')}")
+    if missing:
+        raise CheckpointError(f"{where} has no state leaf '{missing[0]}' ({len(missing)} missing) that this run's "
+                              f"train state holds; it was written by a run with other features (see its meta config)")
+    raise CheckpointError(f"{where} holds state leaf '{extra[0]}' ({len(extra)} extra) that this run's train state "
+                          f"lacks; enable the same features as the run that wrote it")
+
+
+# --------------------------------------------------------------------------- managers
+
+
+_WRITERS: dict[str, tuple[ocp.CheckpointManager, tuple]] = {}
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """Hide orbax's INFO/WARNING chatter ('directory is read only', ...) while opening a manager."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _key(directory) -> str:
+    return str(Path(directory).expanduser().absolute())
+
+
+def writer(directory, max_to_keep: int | None = 3, async_save: bool = True) -> ocp.CheckpointManager:
+    """The process's manager that saves into ``directory`` (kept open so async saves can run on)."""
+    key = _key(directory)
+    opts = (max_to_keep, async_save)
+    if key in _WRITERS:
+        mgr, old = _WRITERS[key]
+        if old == opts:
+            return mgr
+        _finish(key)
+    try:
+        with _quiet_absl():
+            mgr = ocp.CheckpointManager(
+                key, item_names=ITEMS,
+                options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                                     cleanup_tmp_directories=True, create=True))
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint directory {key} cannot be created ({exc.strerror or exc}); "
+                              f"set checkpoint.dir to a writable directory") from None
+    _WRITERS[key] = (mgr, opts)
+    return mgr
+
+
+def reader(directory) -> ocp.CheckpointManager:
+    """A manager for reading ``directory`` (the open writer after its saves finish, else a read-only one)."""
+    key = _key(directory)
+    if key in _WRITERS:
+        _wait(key)
+        return _WRITERS[key][0]
+    if not Path(key).is_dir():
+        raise CheckpointError(f"checkpoint directory {key} does not exist; pass the directory that "
+                              f"save_checkpoint / train.checkpoint_interval wrote")
+    with _quiet_absl():
+        return ocp.CheckpointManager(key, item_names=ITEMS,
+                                     options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+
+
+def _wait(key: str) -> None:
+    """Wait for ``key``'s writer; a background failure is raised once, and the writer dropped (the next save
+    opens a fresh one, e.g. after space was freed)."""
+    mgr = _WRITERS[key][0]
+    try:
+        mgr.wait_until_finished()
+        mgr.check_for_errors()
+    except Exception as exc:  # the background writer's error, re-raised here
+        _WRITERS.pop(key, None)
+        with contextlib.suppress(Exception):
+            mgr.close()
+        raise CheckpointError(f"writing a checkpoint into {key} failed: {type(exc).__name__}: "
+                              f"{_first_line(exc)}") from exc
+
+
+def _finish(key: str) -> None:
+    _wait(key)
+    mgr, _ = _WRITERS.pop(key)
+    mgr.close()
+
+
+def wait_until_finished(directory=None) -> None:
+    """Block until the async saves into ``directory`` (default: every directory) are on disk; raise their errors."""
+    keys = [_key(directory)] if directory is not None else list(_WRITERS)
+    for key in keys:
+        if key in _WRITERS:
+            _wait(key)
+
+
+def close(directory=None) -> None:
+    """Wait for and close the writers (all by default); later saves open new ones."""
+    keys = [_key(directory)] if directory is not None else list(_WRITERS)
+    for key in keys:
+        if key in _WRITERS:
+            _finish(key)
+
+
+atexit.register(close)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, its middle elided past 300 characters (the cause, e.g.
+    'No space left on device', is often at the end of tensorstore's long messages)."""
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= 300 else f"{line[:140]} ... {line[-150:]}"
+
+
+def steps(directory) -> list[int]:
+    """Complete checkpoint steps in ``directory``, ascending ([] if it does not exist)."""
+    if _key(directory) not in _WRITERS and not Path(directory).expanduser().is_dir():
+        return []
+    return sorted(reader(directory).all_steps())
+
+
+def _tag_step(tag) -> int:
+    if isinstance(tag, (int, np.integer)) and not isinstance(tag, bool) and tag >= 0:
+        return int(tag)
+    m = re.fullmatch(r"(?:global_step)?(\d+)", str(tag))
+    if m is None:
+        raise CheckpointError(f"checkpoint tag {tag!r} is not a step number; jzero names checkpoints by step "
+                              f"(orbax's layout): pass an int such as 100 or 'global_step100'")
+    return int(m.group(1))
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def save(engine, directory, tag=None, client_state: Any = None, data_iterator=None) -> int:
+    """Save ``engine.state`` (+ meta, client_state, the data iterator position) as step ``tag``.
+
+    ``tag`` defaults to the engine's optimizer step. Returns the step. Asynchronous when
+    ``checkpoint.async_save`` (the default): returns once the arrays are copied off the devices.
+    """
+    step = int(jax.device_get(engine.state.step)) if tag is None else _tag_step(tag)
+    try:
+        client_json = json.loads(json.dumps({} if client_state is None else client_state))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"client_state for checkpoint step {step} is not JSON-serialisable ({exc}); "
+                              f"pass plain dicts, lists, strings and numbers") from None
+    data_state = data_iterator.get_state() if data_iterator is not None else None
+    cc = engine.config.checkpoint
+    mgr = writer(directory, cc.max_to_keep, cc.async_save)
+    key = _key(directory)
+    _wait(key)   # surfaces a failed earlier async save before starting the next
+    if step in mgr.all_steps():
+        raise CheckpointError(f"checkpoint step {step} already exists in {key}; pass another tag, or delete "
+                              f"{key}/{step} to overwrite it")
+    args = ocp.args.Composite(state=ocp.args.StandardSave(saveable(engine.state)),
+                              meta=ocp.args.JsonSave(make_meta(engine, step, data_state)),
+                              client=ocp.args.JsonSave(client_json))
+    try:
+        saved = mgr.save(step, args=args, force=True)
+    except Exception as exc:  # OSError, or tensorstore's ValueError (e.g. RESOURCE_EXHAUSTED: disk full)
+        raise CheckpointError(f"saving checkpoint step {step} into {key} failed: {type(exc).__name__}: "
+                              f"{_first_line(exc)}") from None
+    if not saved:
+        raise CheckpointError(f"orbax declined to save step {step} into {key}; is another save of it in progress?")
+    if not cc.async_save:
+        _wait(key)
+    return step
+
+
+def read_meta(directory, step: int | None = None) -> tuple[int, dict]:
+    """``(step, meta)`` of ``step`` (default: the latest complete step) without reading any array."""
+    mgr = reader(directory)
+    step = _pick_step(mgr, directory, step)
+    where = f"checkpoint {_key(directory)}/{step}"
+    try:
+        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception as exc:
+        raise UnreadableCheckpointError(f"{where} is unreadable: its meta item failed to load "
+                                        f"({type(exc).__name__}: {_first_line(exc)}); it is partial or corrupted, "
+                                        f"load an earlier step or delete it") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "state" not in meta:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise UnreadableCheckpointError(f"{where} is not a jzero checkpoint (meta format {found!r}, expected "
+                                        f"{FORMAT}); write it with engine.save_checkpoint")
+    return step, meta
+
+
+def _pick_step(mgr, directory, step) -> int:
+    available = sorted(mgr.all_steps())
+    if not available:
+        raise CheckpointError(f"no complete checkpoint in {_key(directory)}; train with train.checkpoint_interval>0 "
+                              f"or call engine.save_checkpoint first")
+    if step is None:
+        return available[-1]
+    step = _tag_step(step)
+    if step not in available:
+        raise CheckpointError(f"checkpoint step {step} is not in {_key(directory)} (complete steps: {available}); "
+                              f"pick one of those")
+    return step
+
+
+def load(engine, directory, tag=None, data_iterator=None, load_module_only: bool = False) -> Any:
+    """Restore ``engine.state`` from step ``tag`` (default latest) in the engine's current layout; return client_state.
+
+    ``data_iterator`` (anything with ``set_state``) is moved to the saved position.
+    ``load_module_only`` (DeepSpeed's flag) loads only the params and keeps this run's fresh optimizer state and
+    step (fine-tuning from a pretraining checkpoint, possibly with another optimizer).
+    """
+    step, meta = read_meta(directory, tag)
+    where = f"checkpoint {_key(directory)}/{step}"
+    if data_iterator is not None and meta.get("data") is None:
+        raise CheckpointError(f"{where} holds no data iterator position (saved without data_iterator); "
+                              f"load it without data_iterator and position the data yourself")
+    if load_module_only:
+        check_compatible(meta, engine.state, engine.config.optimizer.type, where, prefix="params.")
+        target = {"params": restore_target(saveable(engine.state.params))}
+        params = _restore_state(directory, step, target, where, partial=True)["params"]
+        state = engine.state.replace(params=_unsaveable(params, engine.state.params))
+    else:
+        check_compatible(meta, engine.state, engine.config.optimizer.type, where)
+        target = restore_target(saveable(engine.state))
+        state = _unsaveable(_restore_state(directory, step, target, where), engine.state)
+    client = _restore_item(directory, step, "client", where)
+    if data_iterator is not None:
+        data_iterator.set_state(meta["data"])
+    engine.state = state
+    return client
+
+
+def _restore_state(directory, step: int, target, where: str, partial: bool = False):
+    try:
+        if partial:
+            return restore_partial(directory, step, target, ocp.checkpoint_utils.construct_restore_args(target))
+        return reader(directory).restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+    except Exception as exc:
+        raise UnreadableCheckpointError(f"{where} is unreadable: its state failed to load ({type(exc).__name__}: "
+                                        f"{_first_line(exc)}); it is partial or corrupted, load an earlier step "
+                                        f"or delete it") from None
+
+
+def restore_partial(directory, step: int, item, restore_args):
+    """Read only the leaves of ``item`` (a sub-tree of the saved state, e.g. ``{'params': ...}``) of ``step``.
+
+    ``restore_args`` says where each leaf goes: ``ocp.ArrayRestoreArgs(sharding=...)`` for device arrays,
+    ``ocp.RestoreArgs(restore_type=np.ndarray)`` for host numpy (export, no mesh needed).
+    """
+    if _key(directory) in _WRITERS:
+        _wait(_key(directory))
+    ckptr = ocp.PyTreeCheckpointer()
+    try:
+        return ckptr.restore(Path(_key(directory)) / str(step) / "state",
+                             args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+    finally:
+        ckptr.close()
+
+
+def _restore_item(directory, step: int, item: str, where: str):
+    try:
+        return getattr(reader(directory).restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})), item)
+    except Exception as exc:
+        raise UnreadableCheckpointError(f"{where} is unreadable: its {item} item failed to load "
+                                        f"({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def config_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """``['optimizer.params.lr: 0.001 -> 0.0003', ...]``: where a resumed run's config differs from the saved one."""
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def restore_latest(engine, directory, data_iterator=None, log: Callable[[str], None] = print,
+                   set_aside: bool = True):
+    """Resume from the newest loadable step; ``(step, client_state)``, or ``None`` when there is no checkpoint.
+
+    An unreadable step (partial or corrupted) is reported through ``log`` and skipped for the one before it;
+    with ``set_aside`` it is renamed ``<step>.unreadable`` so that the resumed run can save that step again.
+    A checkpoint that is readable but does not fit this run (other optimizer/model) raises at once.
+    """
+    available = steps(directory)
+    if not available:
+        return None
+    tried = []
+    for step in reversed(available):
+        try:
+            client = load(engine, directory, step, data_iterator)
+            if tried:
+                log(f"checkpoint: resumed from step {step}, the latest loadable one in {_key(directory)} "
+                    f"(skipped unreadable steps {tried})")
+            return step, client
+        except UnreadableCheckpointError as exc:
+            tried.append(step)
+            log(f"checkpoint: {exc}; falling back to an earlier checkpoint")
+            if set_aside:
+                _set_aside(directory, step, log)
+    raise CheckpointError(f"no loadable checkpoint in {_key(directory)}: steps {sorted(tried)} are all unreadable; "
+                          f"delete them or start without --resume")
+
+
+def _set_aside(directory, step: int, log: Callable[[str], None]) -> None:
+    """Rename ``<step>`` to ``<step>.unreadable-<time>`` (process 0; all processes wait for it), so orbax no longer
+    lists it and the resumed run can write that step again."""
+    if jax.process_index() == 0:
+        src = Path(_key(directory)) / str(step)
+        dst = src.with_name(f"{step}{UNREADABLE_SUFFIX}-{int(time.time())}")
+        shutil.move(str(src), str(dst))
+        log(f"checkpoint: moved unreadable {src} aside to {dst}")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"jzero_checkpoint_set_aside_{step}")
+    if _key(directory) in _WRITERS:
+        _WRITERS[_key(directory)][0].reload()

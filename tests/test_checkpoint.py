@@ -1,0 +1,321 @@
+"""Checkpoints: exact resume through train.pretrain, restore onto another layout, and faults (kill -9 mid-save,
+corrupted / partial steps with fallback, unwritable directory, bad client_state)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import jzero
+from jzero import checkpoint
+from jzero.config import load_config
+from jzero.errors import CheckpointError
+from jzero.mesh import make_mesh
+
+BASE = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.d_ff=128",
+        "data.seq_len=32", "zero_optimization.stage3_param_persistence_threshold=0", "train_batch_size=16",
+        "optimizer.params.lr=3e-3", "gradient_clipping=1.0"]
+SAVE_AT, MORE = 3, 3
+
+
+def batches(n, seed=0):
+    """Learnable token streams (arithmetic sequences mod 64), one global batch [1, 16, 33] per step."""
+    rng = np.random.default_rng(seed)
+    start, stride = rng.integers(0, 64, size=(n, 1, 16, 1)), rng.integers(1, 4, size=(n, 1, 16, 1))
+    return list(((start + stride * np.arange(33)) % 64).astype(np.int32))
+
+
+def engine(overrides, n_devices=8):
+    """An engine on the first ``n_devices`` devices, configured as ``pretrain`` below configures its runs."""
+    from train.pretrain import DEFAULT_CONFIG
+
+    cfg = load_config(base=DEFAULT_CONFIG, overrides=BASE + overrides)
+    return jzero.initialize(cfg, mesh=make_mesh(cfg.mesh, devices=jax.devices()[:n_devices]))
+
+
+def host(tree):
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def tree_equal(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Reuse compiled programs across this module's engines (each pretrain run compiles the same step)."""
+    from jax._src import compilation_cache as cc
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in keys}
+    for k, v in zip(keys, (str(tmp_path_factory.mktemp("jax_cache")), 0, 0)):
+        jax.config.update(k, v)
+    cc.reset_cache()
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+    cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """ZeRO-3 over data=8: train 3 steps, save (async), train 3 more at once (donating the saved buffers).
+    (The same program as the pretrain runs below, so they reuse its compilation.)"""
+    d = tmp_path_factory.mktemp("ckpt") / "zero3"
+    eng = engine(["zero_optimization.stage=3"])
+    data = batches(SAVE_AT + MORE)
+    for b in data[:SAVE_AT]:
+        eng.train_step(b)
+    at_save = host(eng.state)
+    assert eng.save_checkpoint(d, client_state={"epoch": 2, "note": "zero3"}) == SAVE_AT
+    after = [float(eng.train_step(b)["loss"]) for b in data[SAVE_AT:]]
+    checkpoint.wait_until_finished(d)
+    return d, at_save, np.array(after), data
+
+
+def test_restore_onto_another_layout(saved):
+    """Saved on 8 devices at ZeRO-3 (data=8), restored on 4 at ZeRO-1 with tensor parallelism (data=2, tensor=2)."""
+    d, at_save, ref_losses, data = saved
+    layout = ["zero_optimization.stage=1", "mesh.data=2", "mesh.tensor=2"]
+    eng = engine(layout, n_devices=4)
+    client = eng.load_checkpoint(d)
+    assert client == {"epoch": 2, "note": "zero3"}
+    # the restored state is the saved one, bit for bit, now in the 4-device layout
+    assert int(eng.state.step) == SAVE_AT
+    assert tree_equal(host(eng.state), at_save)
+    leaf = eng.state.params["blocks"]["mlp"]["fc_kernel"]
+    assert leaf.sharding == eng.state_shardings.params["blocks"]["mlp"]["fc_kernel"]
+    assert len(leaf.sharding.device_set) == 4 and leaf.sharding.spec == jax.P(None, None, "tensor")
+    losses = np.array([float(eng.train_step(b)["loss"]) for b in data[SAVE_AT:]])
+    rel = np.max(np.abs(losses - ref_losses) / ref_losses)
+    print(f"{layout}: losses {losses} vs {ref_losses}, max rel diff {rel:.2e}")
+    assert rel <= 1e-6, rel
+
+
+def test_mismatched_state_is_refused_naming_both(saved):
+    d, at_save, _, _ = saved
+    adam = engine(["optimizer.type=Adam", "optimizer.params.weight_decay=0"])   # no decay stage: another tree
+    with pytest.raises(CheckpointError, match=r"optimizer.type='AdamW' \(.*\) but this run builds "
+                                              r"optimizer.type='Adam' \(.*\); resume with optimizer.type=AdamW"):
+        adam.load_checkpoint(d)
+    # DeepSpeed's load_module_only: the weights alone load into a run with another optimizer
+    assert adam.load_checkpoint(d, load_module_only=True) == {"epoch": 2, "note": "zero3"}
+    assert int(adam.state.step) == 0
+    assert tree_equal(host(adam.state.params), at_save.params)
+    # another model size: the first differing leaf is named with both shapes
+    step, meta = checkpoint.read_meta(d)
+    checkpoint.check_compatible(meta, at_save, "AdamW", "ckpt")          # the saved state itself fits
+    meta["state"]["params.wte"] = "float32[512,64]"
+    with pytest.raises(CheckpointError, match=r"state leaf 'params.wte' is float32\[512,64\] in the checkpoint but "
+                                              r"float32\[256,64\] in this run"):
+        checkpoint.check_compatible(meta, at_save, "AdamW", "ckpt")
+
+
+# --------------------------------------------------------------------------- exact resume through the main
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from jzero.data import prepare
+
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "import", "return", "def", "class", "self", "(x)", "\n"]
+    (root / "text.txt").write_text(" ".join(rng.choice(words, size=40_000)))
+    prepare([root / "text.txt"], root / "prepared", val_fraction=0.05)
+    return root / "prepared"
+
+
+def pretrain(out, data_dir, steps, *extra):
+    from train.pretrain import main
+
+    args = BASE + ["zero_optimization.stage=3", f"data.path={data_dir}", f"train.steps={steps}",
+                   f"train.output_dir={out}", "train.log_interval=1",
+                   "train.eval_interval=0", "steps_per_print=1000"] + list(extra)
+    assert main(args) == 0
+
+
+def losses(out) -> dict[int, float]:
+    recs = [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in recs]
+    assert len(steps) == len(set(steps)), f"duplicate steps in metrics.jsonl: {steps}"
+    return {r["step"]: r["loss"] for r in recs}
+
+
+# reading a corrupted step fails while tensorstore still has reads in flight; their callbacks then land on
+# orbax's closed event loop ("Event loop is closed", ignored): expected here, so not reported as warnings
+CORRUPT_READS = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@CORRUPT_READS
+def test_resume_is_exact_and_falls_back_past_a_corrupted_step(data_dir, tmp_path, capsys):
+    """6 steps straight == 4 steps (checkpoints at 2, 4), step 4 corrupted, --resume to 6: from step 2, bit for bit."""
+    pretrain(tmp_path / "whole", data_dir, 6)
+    ref = losses(tmp_path / "whole")
+    run = tmp_path / "run"
+    pretrain(run, data_dir, 4, "train.checkpoint_interval=2")
+    assert checkpoint.steps(run / "checkpoints") == [2, 4]
+    assert [losses(run)[s] for s in range(1, 5)] == [ref[s] for s in range(1, 5)]
+    for f in (run / "checkpoints" / "4" / "state" / "d").iterdir():
+        f.write_bytes(b"garbage")
+    pretrain(run, data_dir, 6, "train.checkpoint_interval=2", "--resume")
+    log = capsys.readouterr().out
+    assert f"checkpoint {run / 'checkpoints'}/4 is unreadable: its state failed to load" in log
+    assert "falling back to an earlier checkpoint" in log and "resume: continuing from step 2" in log
+    assert "config differs from the checkpoint's in 1 keys: train.steps: 4 -> 6" in log
+    assert any(p.name.startswith("4.unreadable") for p in (run / "checkpoints").iterdir())
+    got = losses(run)   # the interrupted run's records after step 2 were dropped, then steps 3..6 appended
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    assert [got[s] for s in range(1, 7)] == [ref[s] for s in range(1, 7)]   # bit for bit
+    assert checkpoint.steps(run / "checkpoints") == [2, 4, 6]   # the resumed run saved step 4 again, and 6
+
+
+# --------------------------------------------------------------------------- faults
+
+
+@CORRUPT_READS
+def test_corrupted_or_partial_step_names_the_directory(saved, tmp_path):
+    d = tmp_path / "copy"
+    shutil.copytree(saved[0], d)
+    eng = engine([])
+    shutil.rmtree(d / str(SAVE_AT) / "state")           # partial: the state item is missing
+    with pytest.raises(CheckpointError, match=f"checkpoint {d}/{SAVE_AT} is unreadable: its state failed"):
+        eng.load_checkpoint(d)
+    (d / str(SAVE_AT) / "meta" / "metadata").write_text("{not json")
+    with pytest.raises(CheckpointError, match=f"checkpoint {d}/{SAVE_AT} is unreadable: its meta item"):
+        eng.load_checkpoint(d)
+    with pytest.raises(CheckpointError, match=f"checkpoint step 9 is not in {d}"):
+        eng.load_checkpoint(d, tag=9)
+    with pytest.raises(CheckpointError, match=f"checkpoint directory {tmp_path / 'nowhere'} does not exist"):
+        eng.load_checkpoint(tmp_path / "nowhere")
+
+
+def test_unwritable_directory_and_bad_client_state_are_errors(data_dir, tmp_path, capsys):
+    eng = engine([])
+    blocker = tmp_path / "file"
+    blocker.write_text("a regular file, so file/ckpt cannot be a directory (works as root, unlike chmod)")
+    with pytest.raises(CheckpointError, match=f"checkpoint directory {blocker / 'ckpt'} cannot be created"):
+        eng.save_checkpoint(blocker / "ckpt")
+    with pytest.raises(CheckpointError, match="client_state .* is not JSON-serialisable"):
+        eng.save_checkpoint(tmp_path / "ok", client_state={"obj": object()})
+    eng.save_checkpoint(tmp_path / "ok", tag="global_step5")
+    with pytest.raises(CheckpointError, match="step 5 already exists"):
+        eng.save_checkpoint(tmp_path / "ok", tag=5)
+    from train.pretrain import main
+
+    assert main(BASE + ["train.steps=2", f"train.output_dir={tmp_path / 'run'}", "train.checkpoint_interval=1",
+                        f"checkpoint.dir={blocker / 'ckpt'}", f"data.path={data_dir}"]) == 2
+    assert f"error: checkpoint directory {blocker / 'ckpt'} cannot be created" in capsys.readouterr().err
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, time
+    import jax, numpy as np
+    import jzero
+    from jzero import checkpoint
+    from jzero.config import load_config
+
+    ckpt, out = sys.argv[1], sys.argv[2]
+    eng = jzero.initialize(load_config(base={}, overrides=[
+        "model.n_layer=4", "model.d_model=384", "model.n_head=6", "model.d_ff=1536", "model.max_len=64",
+        "data.seq_len=32", "train_batch_size=8"]))
+    bump = jax.jit(lambda p: jax.tree.map(lambda x: x + 1.0, p), out_shardings=eng.state_shardings.params)
+    eng.state = eng.state.replace(step=eng.state.step + 1, params=bump(eng.state.params))
+    np.save(out, np.asarray(eng.state.params["wte"]))
+    eng.save_checkpoint(ckpt)
+    checkpoint.wait_until_finished()
+    eng.state = eng.state.replace(step=eng.state.step + 1, params=bump(eng.state.params))
+    print("saving step 2", flush=True)
+    eng.save_checkpoint(ckpt)
+    time.sleep(600)
+""")
+
+
+def test_kill_during_save_leaves_the_previous_step_loadable(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(ckpt), str(tmp_path / "wte1.npy")],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "XLA_FLAGS": ""}, cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.monotonic() + 300
+        tmp = []
+        while not tmp and proc.poll() is None and time.monotonic() < deadline:
+            tmp = [p for p in ckpt.glob("2.orbax-checkpoint-tmp*")] if ckpt.is_dir() else []
+            time.sleep(0.002)
+        assert tmp, f"step 2's save never started (exit code {proc.poll()})"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    # killed mid-save: step 2 never became a step directory; step 1 is complete and loads
+    assert tmp[0].exists() and not (ckpt / "2").exists(), "the save finished before the kill; the test proves nothing"
+    assert checkpoint.steps(ckpt) == [1]
+    from jzero.export import load_params
+
+    step, params, meta = load_params(ckpt)
+    assert step == 1 and meta["engine_step"] == 1
+    assert np.array_equal(params["wte"], np.load(tmp_path / "wte1.npy"))
+    # the next writer removes the half-written directory
+    checkpoint.writer(ckpt)
+    assert not list(ckpt.glob("*.orbax-checkpoint-tmp*"))
+    checkpoint.close(ckpt)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 200 KiB tmpfs: a checkpoint of the 2-layer model (~600 KiB) does not fit."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill ({res.stderr.strip()}); needs root with CAP_SYS_ADMIN")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_disk_full_surfaces_as_an_error(tiny_disk):
+    eng = engine([])
+    with pytest.raises(CheckpointError, match=f"into {tiny_disk / 'ckpt'} failed: .*No space left on device"):
+        eng.save_checkpoint(tiny_disk / "ckpt")               # async: the write fails in the background thread,
+        checkpoint.wait_until_finished(tiny_disk / "ckpt")    # and is raised here, naming the directory
+    assert checkpoint.steps(tiny_disk / "ckpt") == []   # nothing half-written counts as a checkpoint
+
+
+def test_rng_keys_in_the_state_round_trip(tmp_path):
+    """Typed PRNG keys (dropout RNG a later TrainState may hold) are saved as key data and re-wrapped on load."""
+    from types import SimpleNamespace
+
+    from flax import struct
+
+    @struct.dataclass
+    class State:
+        step: jax.Array
+        params: dict
+        opt_state: tuple
+        rng: jax.Array
+
+    base = engine([])
+    repl = base.plan.replicated
+    fake = SimpleNamespace(config=base.config, mesh=base.mesh, model_config=base.model_config,
+                           state=State(step=jax.device_put(np.int32(5), repl), opt_state=(),
+                                       params={"w": jax.device_put(np.ones(4), repl)},
+                                       rng=jax.device_put(jax.random.key(7), repl)))
+    checkpoint.save(fake, tmp_path / "ck", client_state={"k": 1})
+    want = np.asarray(jax.random.key_data(fake.state.rng))
+    fake.state = fake.state.replace(rng=jax.device_put(jax.random.key(0), repl),
+                                    params={"w": fake.state.params["w"] * 0})
+    assert checkpoint.load(fake, tmp_path / "ck") == {"k": 1}
+    assert jax.dtypes.issubdtype(fake.state.rng.dtype, jax.dtypes.prng_key)
+    assert np.array_equal(np.asarray(jax.random.key_data(fake.state.rng)), want)
+    assert np.array_equal(np.asarray(fake.state.params["w"]), np.ones(4))

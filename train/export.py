@@ -1,0 +1,51 @@
+"""Export full weights from a (sharded) jzero checkpoint: ``python -m train.export CKPT_DIR --out FILE``.
+
+DeepSpeed's ``zero_to_fp32``, without a GPU or a mesh: reads only the params of one checkpoint step into host
+memory and writes them to safetensors, in jzero's names (``--format jzero``) or as a Hugging Face GPT-2
+directory that ``GPT2LMHeadModel.from_pretrained`` loads (``--format hf``, ``--out`` is then a directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint_dir", help="checkpoint directory (checkpoint.dir of the run; holds step folders)")
+    p.add_argument("--out", required=True, help="output .safetensors file (--format jzero) or directory (--format hf)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the written weights")
+    p.add_argument("--step", type=int, help="checkpoint step to export (default: the latest complete one)")
+    p.add_argument("--format", choices=["jzero", "hf"], default="jzero",
+                   help="jzero: one file, jzero param names; hf: Hugging Face GPT-2 config.json + model.safetensors")
+    p.add_argument("--vocab-size", type=int,
+                   help="--format hf: the tokenizer's vocabulary (drops jzero's padded rows, e.g. 50304 -> 50257)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from jzero.errors import ConfigError, JzeroError
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        from jzero import export
+
+        if args.format == "hf":
+            path, step, n = export.export_hf(args.checkpoint_dir, args.out, args.dtype, args.step, args.vocab_size)
+        else:
+            if args.vocab_size is not None:
+                raise ConfigError("--vocab-size applies to --format hf only; remove it")
+            path, step, n = export.export_safetensors(args.checkpoint_dir, args.out, args.dtype, args.step)
+    except JzeroError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: writing {args.out} failed: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}: {n:,} params from step {step} as {args.dtype} ({args.format} format)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
