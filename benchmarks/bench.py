@@ -20,7 +20,8 @@ COLUMNS = ["name", "device", "n_dev", "tokens_per_s", "mfu", "step_ms", "compile
            "params_MiB_per_dev", "opt_MiB_per_dev", "n_params_M"]
 
 
-def bench(cfg, steps: int = 10, warmup: int = 2, name: str | None = None, profile_dir: str | None = None) -> dict:
+def bench(cfg, steps: int = 10, warmup: int = 2, name: str | None = None, profile_dir: str | None = None,
+          hlo_path: str | None = None) -> dict:
     """Build the engine for ``cfg``, run ``warmup`` + ``steps`` steps on random tokens, return the row dict."""
     import jax
     import numpy as np
@@ -34,6 +35,9 @@ def bench(cfg, steps: int = 10, warmup: int = 2, name: str | None = None, profil
     t0 = time.perf_counter()
     engine.compile()
     compile_s = time.perf_counter() - t0
+    if hlo_path:   # the optimized (fused) HLO: fusion names here are the kernel names in a profile
+        with open(hlo_path, "w") as f:
+            f.write(engine.compile().as_text())
     rng = np.random.default_rng(0)
     spec = engine.batch_spec()
     host = jax.tree.map(lambda s: rng.integers(0, mc.vocab_size, size=s.shape).astype(s.dtype), spec)
@@ -95,13 +99,17 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", help="append the row as JSON to this file")
     p.add_argument("--profile", help="write a jax.profiler trace of 3 more steps here (see benchmarks/trace_top.py)")
+    p.add_argument("--hlo", help="write the compiled step's optimized HLO text here")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         from train.pretrain import DEFAULT_CONFIG
 
         cfg = load_config(args.config, args.overrides, base=None if args.config else DEFAULT_CONFIG)
-        row = bench(cfg, args.steps, args.warmup, args.name or args.config or "default", args.profile)
+        from jzero import xla_flags
+
+        xla_flags.apply(cfg)   # before the backend starts (jzero.initialize)
+        row = bench(cfg, args.steps, args.warmup, args.name or args.config or "default", args.profile, args.hlo)
     except JzeroError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -11,7 +11,8 @@ import pathlib
 import sys
 
 
-def top(trace_dir: str, n: int = 25):
+def kernel_totals(trace_dir: str):
+    """(total us per kernel name on the GPU, launches per name, steps traced: bench --profile traces 3)."""
     files = sorted(pathlib.Path(trace_dir).rglob("*.trace.json.gz"))
     if not files:
         raise SystemExit(f"no *.trace.json.gz under {trace_dir}")
@@ -25,8 +26,12 @@ def top(trace_dir: str, n: int = 25):
         if e.get("ph") == "X" and e.get("pid") in gpu:
             tot[e["name"]] += e.get("dur", 0)
             cnt[e["name"]] += 1
+    return tot, cnt, 3
+
+
+def top(trace_dir: str, n: int = 25):
+    tot, cnt, steps = kernel_totals(trace_dir)
     all_us = sum(tot.values())
-    print(f"processes: {sorted(set(pids.values()))[:6]}")
     print(f"total device-event time {all_us / 1e3:.1f} ms over the traced steps")
     for name, us in tot.most_common(n):
         print(f"{us / 1e3:9.2f} ms {100 * us / max(all_us, 1):5.1f}% x{cnt[name]:<4d} {name[:110]}")

@@ -50,12 +50,3 @@ def xla_flags_for(zero_cfg) -> list[str]:
         flags.append(f"--xla_gpu_all_gather_combine_threshold_bytes={int(zero_cfg.allgather_bucket_size) * 4}")
     return flags
 
-
-def apply_xla_flags(cfg) -> list[str]:
-    """Append the config's XLA flags to ``XLA_FLAGS``; call before JAX's backend starts (the mains do)."""
-    import os
-
-    flags = [f for f in xla_flags_for(cfg.zero_optimization) if f.split("=")[0] not in os.environ.get("XLA_FLAGS", "")]
-    if flags:
-        os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", "")] + flags).strip()
-    return flags

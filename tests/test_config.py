@@ -95,14 +95,13 @@ def test_missing_and_malformed_files(tmp_path):
         read_config_file(bad)
 
 
-def test_bucket_sizes_become_xla_combine_thresholds(monkeypatch):
-    from jzero.mesh import apply_xla_flags
+def test_bucket_sizes_become_xla_combine_thresholds():
+    from jzero import xla_flags
 
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     cfg = load_config(base=DS_CONFIG)
-    flags = apply_xla_flags(cfg)
+    flags = xla_flags.apply(cfg, env=env)
     assert "--xla_gpu_all_reduce_combine_threshold_bytes=2000000000" in flags
     assert "--xla_gpu_all_gather_combine_threshold_bytes=2000000000" in flags
-    import os
-    assert os.environ["XLA_FLAGS"].startswith("--xla_force_host_platform_device_count=8 --xla_gpu_all_reduce")
-    assert apply_xla_flags(cfg) == []   # idempotent
+    assert flags.startswith("--xla_force_host_platform_device_count=8 ")
+    assert xla_flags.apply(cfg, env=env) == flags   # idempotent

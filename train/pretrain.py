@@ -51,9 +51,9 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides, base=None if args.config else DEFAULT_CONFIG)
         from jzero.distributed import maybe_initialize_from_args
-        from jzero.mesh import apply_xla_flags
+        from jzero import xla_flags
 
-        apply_xla_flags(cfg)   # DeepSpeed bucket sizes -> XLA collective-combining thresholds, before the backend
+        xla_flags.apply(cfg)   # measured GPU flags + DeepSpeed bucket sizes as XLA combine thresholds, pre-backend
         maybe_initialize_from_args(args)
         run(cfg, resume=args.resume)
     except JzeroError as exc:
