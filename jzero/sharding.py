@@ -28,6 +28,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 LogicalRules = tuple[tuple[str, Any], ...]
 
 #: Megatron-style defaults: batch over data; heads, MLP hidden and vocabulary split over tensor.
+#: Tensor parallelism is nothing but these rules: a weight whose *output* dim is 'heads'/'mlp'/'vocab' is
+#: column-parallel, one whose *input* dim is one of them row-parallel, so a block's forward needs one all-reduce after
+#: attention and one after the MLP (XLA inserts them where the partial sums meet the replicated residual).
+#: 'length' is the sequence dim inside attention/MLP (never split: heads or hidden are); 'residual_length' is
+#: the sequence dim of the residual stream between blocks, norms and embeddings (split under sequence parallelism).
 DEFAULT_RULES: LogicalRules = (
     ("batch", "data"),
     ("vocab", "tensor"),
@@ -37,9 +42,27 @@ DEFAULT_RULES: LogicalRules = (
     ("embed", None),
     ("kv", None),
     ("length", None),
+    ("residual_length", None),
     ("layers", None),
     ("stage", "pipeline"),
 )
+
+#: Megatron sequence parallelism (Korthikanti et al. 2022): the residual stream, norms and embedding outputs are
+#: also split over ``tensor`` along the sequence, so the two all-reduces of a block become reduce-scatter
+#: (into the sequence-split residual) + all-gather (before the next column-parallel matmul): same bytes moved,
+#: and the activations between blocks take 1/tensor of the memory. Selected by ``mesh.sequence_parallel: true``.
+SEQUENCE_PARALLEL_RULES: LogicalRules = tuple(
+    (name, "tensor") if name == "residual_length" else (name, axis) for name, axis in DEFAULT_RULES)
+
+
+def rules_for(mesh_cfg) -> LogicalRules:
+    """The rule table a ``mesh`` config section selects (``sequence_parallel`` -> :data:`SEQUENCE_PARALLEL_RULES`)."""
+    return SEQUENCE_PARALLEL_RULES if getattr(mesh_cfg, "sequence_parallel", False) else DEFAULT_RULES
+
+
+#: The config key that sets each logical dim's size, so a divisibility error can name what to change.
+CONFIG_KEY_OF = {"heads": "model.n_head", "kv_heads": "model.n_kv_head", "mlp": "model.d_ff",
+                 "vocab": "model.vocab_size", "embed": "model.d_model", "layers": "model.n_layer"}
 
 #: Logical names ZeRO never splits: slicing a scanned layer stack over a sharded dim would gather it whole.
 NO_ZERO_DIMS = ("layers", "stage")
@@ -156,8 +179,11 @@ def _check_divisible(spec: P, shape, names, mesh: Mesh) -> None:
     for dim, (entry, size) in enumerate(zip(spec, shape)):
         k = math.prod(mesh.shape[a] for a in _spec_axes(entry))
         if size % k:
-            raise ValueError(f"dimension '{names[dim]}' of size {size} is not divisible by mesh axis "
-                             f"{entry} of size {k}; choose a {entry} size that divides {size}")
+            axes = "*".join(f"mesh.{a}" for a in _spec_axes(entry))
+            key = CONFIG_KEY_OF.get(names[dim])
+            what = f"{key}={size}" if key else f"dimension '{names[dim]}' of size {size}"
+            raise ValueError(f"{what} is not divisible by {axes}={k} (logical axis '{names[dim]}' is split over "
+                             f"{entry}); choose a {axes} that divides {size} or change {key or 'the model size'}")
 
 
 def opt_state_shardings(tx, abstract_opt_state, plan: ShardingPlan):
@@ -186,6 +212,11 @@ def activate(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def active_plan() -> tuple[Mesh, LogicalRules] | None:
+    """The ``(mesh, rules)`` made active by :func:`activate`, or None (for layouts ``constrain`` cannot name)."""
+    return _ACTIVE.get()
 
 
 def constrain(x, names: Sequence[str | None]):
