@@ -448,14 +448,17 @@ def pipelined_eval(loss_fn: Callable, params, batch_Bx, run: PipelineRun, data: 
 # --------------------------------------------------------------------------- measuring the bubble
 
 
-def _time(fn, args, n: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
+def _time_alternating(fns, args, n: int) -> list[float]:
+    """Median wall time of each fn, run in turns (so a load change on a shared machine hits all of them)."""
+    for fn in fns:
+        jax.block_until_ready(fn(*args))                 # compile and warm up
+    times = [[] for _ in fns]
     for _ in range(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def measure_bubble(layer_fn: Callable, stack, x_MxBx: jax.Array, spec: PipelineSpec, mesh, rules,
@@ -471,8 +474,7 @@ def measure_bubble(layer_fn: Callable, stack, x_MxBx: jax.Array, spec: PipelineS
                            if jnp.issubdtype(y.dtype, jnp.floating))
         return jax.jit(jax.value_and_grad(loss))
 
-    t_pipe = _time(timed(pipeline_apply), (stack, x_MxBx), n)
-    t_work = _time(timed(stage_work_only), (stack, x_MxBx), n)
+    t_pipe, t_work = _time_alternating([timed(pipeline_apply), timed(stage_work_only)], (stack, x_MxBx), n)
     return {"stages": spec.stages, "micro_batches": spec.micro_batches, "repeats": spec.repeats,
             "iterations": spec.iterations, "bubble_theoretical": spec.bubble,
             "bubble_measured": 1.0 - t_work / t_pipe, "stack_time_pipelined_s": t_pipe,

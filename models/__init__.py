@@ -1,5 +1,10 @@
 """Model zoo: presets and a builder from the config's ``model`` section.
 
+Families: ``gpt2`` (learned positions, LayerNorm, GELU, tied head), ``llama`` (RoPE, RMSNorm, SwiGLU, grouped-query
+attention, untied head), ``bert`` (bidirectional encoder with a masked-LM, classification or token-classification
+head). All name every param with logical axes, so tensor/sequence parallelism and ZeRO come from the rules in
+:mod:`jzero.sharding`, and all stack their blocks with ``models.layers.stack_blocks`` (scan, remat, pipeline).
+
 ``build_model(cfg.model, vocab_size=..., seq_len=..., dtype=...)`` returns ``(module, model_config)``; explicit
 sizes in the config override the preset's.
 """

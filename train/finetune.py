@@ -236,7 +236,7 @@ def run(cfg) -> dict:
     from jzero import checkpoint
     from jzero import finetune_data as fd
     from jzero.config import resolve, to_dict
-    from jzero.errors import DataError
+    from jzero.errors import ConfigError, DataError
     from jzero.monitor import Monitor
     from jzero.tasks import TASKS
 
@@ -246,6 +246,9 @@ def run(cfg) -> dict:
     train_ex, val_ex, source = load_examples(ft, cfg.train.seed)
     enc = fd.make_encoder(ft.tokenizer, train_ex)
     names = fd.label_names(train_ex, val_ex, ft.task)
+    if cfg.model.num_labels is not None and cfg.model.num_labels != len(names):
+        raise ConfigError(f"model.num_labels={cfg.model.num_labels} but the data has {len(names)} labels "
+                          f"({', '.join(names[:8])}); drop model.num_labels (the data sets it)")
     train_arr = fd.encode(train_ex, ft.task, enc, T, names)
     val_arr = fd.encode(val_ex, ft.task, enc, T, names)
 

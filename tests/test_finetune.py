@@ -1,0 +1,148 @@
+"""train.finetune: the embedded default beats chance and reports it; NER from JSONL files scores entities; weights
+load from an exported file; encodings put each word's tag on its first token; bad input is a one-line error."""
+import json
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+import jzero
+from jzero import finetune_data as fd
+from jzero.config import load_config
+from jzero.errors import CheckpointError, DataError
+from jzero.tasks import IGNORE, classification_task
+from train.finetune import DEFAULT_CONFIG, load_pretrained, main
+
+SMALL = ["steps_per_print=1000", "scheduler.params.warmup_num_steps=4", "finetune.epochs=2", "train_batch_size=16"]
+
+
+def read(path):
+    return json.loads(path.read_text())
+
+
+def test_embedded_default_beats_chance_and_writes_the_report(tmp_path):
+    assert main([f"train.output_dir={tmp_path}", "finetune.synthetic_train_examples=512",
+                 "finetune.synthetic_val_examples=128"] + SMALL) == 0
+    report = read(tmp_path / "report.json")
+    final = report["final"]
+    assert report["labels"] == ["food", "music", "sports", "weather"] and report["steps"] == 2 * (512 // 16)
+    assert final["accuracy"] >= 0.8 and final["baseline_accuracy"] <= 0.35, final
+    evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in evals if "accuracy" in e] == [1, 2]
+    assert "Final accuracy: **" in (tmp_path / "report.md").read_text()
+    assert read(tmp_path / "summary.json")["final"] == final
+    assert read(tmp_path / "config.json")["model"]["head"] == "classification"
+    print(f"\nembedded default (512 train, 2 epochs): accuracy {final['accuracy']:.4f}, "
+          f"baseline {final['baseline_accuracy']:.4f}")
+
+
+def _mlm_safetensors(path, vocab_size, seed=0):
+    """An exported (python -m train.export format) BERT-tiny masked-LM model."""
+    from safetensors.numpy import save_file
+
+    from jzero.export import flatten
+    from models.bert import Bert, BertConfig
+
+    model = Bert(BertConfig(vocab_size=vocab_size, n_layer=2, n_head=2, d_model=128, d_ff=512, max_len=128,
+                            head="mlm"))
+    tok = np.zeros((1, 8), np.int32)
+    params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(seed), tok, tok))["params"])()
+    flat = {k: np.asarray(v) for k, v in flatten(jax.device_get(params)).items()}
+    save_file(flat, str(path), metadata={"format": "jzero"})
+    return flat
+
+
+def test_ner_from_jsonl_files_starting_from_exported_weights(tmp_path):
+    train, val = fd.synthetic_ner(480, seed=1), fd.synthetic_ner(96, seed=2)
+    for name, exs in (("train.jsonl", train), ("val.jsonl", val)):
+        (tmp_path / name).write_text("".join(json.dumps(e) + "\n" for e in exs))
+    vocab = fd.padded_vocab(len(fd.build_word_vocab(train)))
+    flat = _mlm_safetensors(tmp_path / "mlm.safetensors", vocab)
+    out = tmp_path / "run"
+    assert main([f"train.output_dir={out}", "finetune.task=token_classification",
+                 f"finetune.train_file={tmp_path / 'train.jsonl'}", f"finetune.val_file={tmp_path / 'val.jsonl'}",
+                 f"finetune.init_from={tmp_path / 'mlm.safetensors'}"] + SMALL) == 0
+    report = read(out / "report.json")
+    init = report["init_from"]
+    assert init["fresh"] == ["classifier_bias", "classifier_kernel"]
+    assert init["unused"] == sorted(k for k in flat if k.startswith("mlm_"))
+    assert init["loaded"] == len(flat) - len(init["unused"])
+    final = report["final"]
+    assert report["labels"] == ["O", "B-LOC", "B-ORG", "B-PER", "I-LOC", "I-ORG", "I-PER"]
+    assert final["entity_f1"] >= 0.5 and final["baseline_entity_f1"] == 0.0, final
+    assert set(final["per_type"]) == {"LOC", "ORG", "PER"}
+    print(f"\nNER (480 train, 2 epochs): entity F1 {final['entity_f1']:.4f} (P {final['entity_precision']:.4f} "
+          f"R {final['entity_recall']:.4f}), token accuracy {final['token_accuracy']:.4f} vs all-O "
+          f"{final['baseline_token_accuracy']:.4f}")
+
+
+def test_load_pretrained_puts_the_files_values_in_the_engines_layout(tmp_path):
+    flat = _mlm_safetensors(tmp_path / "mlm.safetensors", 320, seed=3)
+    cfg = load_config(base=DEFAULT_CONFIG, overrides=["model.head=classification", "model.num_labels=4",
+                                                      "zero_optimization.stage=3", "mesh.tensor=2",
+                                                      "scheduler.params.total_num_steps=10"])
+    engine = jzero.initialize(cfg, vocab_size=320, task=classification_task(32))
+    before = jax.device_get(engine.state.params)
+    info = load_pretrained(engine, tmp_path / "mlm.safetensors")
+    after = jax.device_get(engine.state.params)
+    np.testing.assert_array_equal(after["word_embed"], flat["word_embed"])
+    np.testing.assert_array_equal(after["blocks"]["attn"]["q_kernel"], flat["blocks.attn.q_kernel"])
+    np.testing.assert_array_equal(after["pooler_kernel"], before["pooler_kernel"])     # the head stays fresh
+    assert info["fresh"] == ["classifier_bias", "classifier_kernel", "pooler_bias", "pooler_kernel"]
+    assert engine.state.params["word_embed"].sharding == engine.plan.param_storage["word_embed"]
+    from safetensors.numpy import save_file
+
+    save_file({**flat, "word_embed": flat["word_embed"][:64]}, str(tmp_path / "small.safetensors"),
+              metadata={"format": "jzero"})
+    with pytest.raises(CheckpointError, match=r"word_embed has shape \[64, 128\] there but \[320, 128\]"):
+        load_pretrained(engine, tmp_path / "small.safetensors")
+
+
+def test_encodings_tag_each_words_first_token():
+    exs = [{"tokens": ["Ann", "met", "Bo", "Li"], "tags": ["B-PER", "O", "B-PER", "I-PER"]}]
+    names = ["O", "B-PER", "I-PER"]
+    arr = fd.encode(exs, "token_classification", fd.byte_encoder(), 10, names)
+    # [CLS] A n n _ m e t _ [SEP]: the words start at bytes 0, 4 and 8 (+1 for [CLS])
+    assert arr["tokens"][0, 0] == 257 and arr["tokens"][0, 9] == 258 and arr["mask"][0].sum() == 10
+    # "Bo" would start at position 9, which [SEP] takes: it and "Li" are cut off and will be predicted O
+    assert arr["word_pos"][0].tolist() == [1, 5, -1, -1] and arr["truncated"][0]
+    assert arr["labels"][0].tolist() == [IGNORE, 1, IGNORE, IGNORE, IGNORE, 0] + [IGNORE] * 4
+    pred = np.zeros((1, 10), np.int64)
+    pred[0, 1] = 1
+    assert fd.word_tags(pred, arr["word_pos"], exs, names) == [["B-PER", "O", "O", "O"]]
+
+
+def test_tokenizer_json_encoder_aligns_subwords(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "Al", "##ice", "met", "Bob"])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    enc = fd.tokenizer_encoder(tmp_path / "tokenizer.json")
+    assert (enc.pad_id, enc.cls_id, enc.sep_id, enc.mask_id, enc.n_ids) == (0, 2, 3, 4, 9)
+    assert enc.encode_words(["Alice", "met", "Bob"]) == ([5, 6, 7, 8], [0, 2, 3])
+    arr = fd.encode([{"tokens": ["Alice", "met", "Bob"], "tags": ["B-PER", "O", "B-PER"]}],
+                    "token_classification", enc, 8, ["O", "B-PER"])
+    assert arr["labels"][0].tolist() == [IGNORE, 1, IGNORE, 0, 1, IGNORE, IGNORE, IGNORE]
+
+
+def test_bad_input_is_a_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine", "label": "a"}\n{"text": 3}\n')
+    cases = [
+        ([f"finetune.train_file={bad}"], f"{bad}:2: expected"),
+        (["model.family=gpt2", "model.preset=gpt2-tiny"], "train.finetune fine-tunes BERT encoders"),
+        (["train.steps=5"], "train.steps does not apply to train.finetune"),
+        (["finetune.val_file=v.jsonl"], "val_file without train_file"),
+        (["model.head=mlm"], "model.head='mlm' but finetune.task='classification'"),
+        (["model.num_labels=3"], "model.num_labels=3 but the data has 4 labels"),
+    ]
+    for overrides, message in cases:
+        assert main([f"train.output_dir={tmp_path}/x"] + overrides) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    with pytest.raises(DataError, match="never occur in the training set"):
+        fd.label_names([{"text": "a", "label": "x"}, {"text": "b", "label": "y"}], [{"text": "c", "label": "z"}],
+                       "classification")
