@@ -17,3 +17,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_xla_flags(monkeypatch):
+    """Mains called in-process add XLA flags to the environment (jzero.xla_flags); keep them out of later tests."""
+    monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"])
