@@ -47,20 +47,9 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    from jzero.config import load_config
-    from jzero.errors import JzeroError
+    from train._main import run_main
 
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = load_config(args.config, args.overrides, base=None if args.config else DEFAULT_CONFIG)
-        from jzero.distributed import maybe_initialize_from_args
-
-        maybe_initialize_from_args(args)
-        run(cfg)
-    except JzeroError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(parse_args(sys.argv[1:] if argv is None else argv), DEFAULT_CONFIG, run)
 
 
 # --------------------------------------------------------------------------- pieces

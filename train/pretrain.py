@@ -44,22 +44,10 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    from jzero.config import load_config
-    from jzero.errors import JzeroError
+    from train._main import run_main
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = load_config(args.config, args.overrides, base=None if args.config else DEFAULT_CONFIG)
-        from jzero.distributed import maybe_initialize_from_args
-        from jzero import xla_flags
-
-        xla_flags.apply(cfg)   # measured GPU flags + DeepSpeed bucket sizes as XLA combine thresholds, pre-backend
-        maybe_initialize_from_args(args)
-        run(cfg, resume=args.resume)
-    except JzeroError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(args, DEFAULT_CONFIG, lambda cfg: run(cfg, resume=args.resume))
 
 
 def _data_dir(cfg) -> Path:

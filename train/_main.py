@@ -1,0 +1,25 @@
+"""What every training main does around its own loop: config, XLA flags, jax.distributed, one-line errors."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+def run_main(args, default_config: dict, run: Callable) -> int:
+    """Load ``args.config`` (or ``default_config``) + overrides, set XLA flags before the backend starts, join
+    a multi-process run if the flags/environment say so, then ``run(cfg)``; a JzeroError prints one line, exit 2."""
+    from jzero import xla_flags
+    from jzero.config import load_config
+    from jzero.distributed import maybe_initialize_from_args
+    from jzero.errors import JzeroError
+
+    try:
+        cfg = load_config(args.config, args.overrides, base=None if args.config else default_config)
+        xla_flags.apply(cfg)   # measured GPU flags + DeepSpeed bucket sizes as XLA combine thresholds, pre-backend
+        maybe_initialize_from_args(args)
+        run(cfg)
+    except JzeroError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
