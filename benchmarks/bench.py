@@ -17,7 +17,7 @@ import sys
 import time
 
 COLUMNS = ["name", "device", "n_dev", "tokens_per_s", "mfu", "step_ms", "compile_s", "peak_mem_GiB",
-           "params_MiB_per_dev", "opt_MiB_per_dev", "n_params_M"]
+           "params_MiB_per_dev", "opt_MiB_per_dev", "host_MiB_per_dev", "n_params_M"]
 
 
 def bench(cfg, steps: int = 10, warmup: int = 2, name: str | None = None, profile_dir: str | None = None,
@@ -75,6 +75,7 @@ def bench(cfg, steps: int = 10, warmup: int = 2, name: str | None = None, profil
         "peak_mem_GiB": None if mem.get("peak_bytes_in_use") is None else round(mem["peak_bytes_in_use"] / 2**30, 2),
         "params_MiB_per_dev": round(per_dev["params"] / 2**20, 2),
         "opt_MiB_per_dev": round(per_dev["opt_state"] / 2**20, 2),
+        "host_MiB_per_dev": round(per_dev["host"] / 2**20, 2),   # offloaded master + optimizer state
         "n_params_M": round(mc.n_params(include_pos=True) / 1e6, 2),
         "step_ms_all": [round(t * 1e3, 2) for t in times],
     }

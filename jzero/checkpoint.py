@@ -126,6 +126,9 @@ def make_meta(engine, step: int, data_state: dict | None) -> dict:
                    "zero_stage": cfg.zero_optimization.stage, "n_devices": int(engine.mesh.devices.size)},
         "state": describe(saveable(engine.state)),
         "data": data_state,
+        # optimizer offload: which (param path, layer) each host master chunk holds, so export can re-stack them
+        "offload": ({"chunks": [[c.path, c.layer] for c in engine.offload.chunks]}
+                    if getattr(engine, "offload", None) is not None else None),
     }
 
 

@@ -35,10 +35,23 @@ class _Section(BaseModel):
 
 
 class OffloadConfig(_Section):
-    """``zero_optimization.offload_optimizer`` / ``offload_param``: ``device`` is "none" or "cpu"."""
+    """``zero_optimization.offload_optimizer`` / ``offload_param``: ``device`` is "none" or "cpu".
+
+    ``ratio`` (DeepSpeed's partial offload, ZeRO-Offload++): the fraction of the parameters whose master weights
+    and optimizer state go to host memory; the rest stay on the device. ``pin_memory=false`` is refused: jzero's
+    host arrays are always pinned (the only host memory a GPU program can DMA to directly).
+    """
 
     device: Literal["none", "cpu"] = "none"
     pin_memory: bool = True
+    ratio: float = Field(1.0, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _check_pinned(self):
+        if not self.pin_memory:
+            raise ValueError("pin_memory=false: jzero offloads only to pinned host memory (JAX's 'pinned_host' "
+                             "memory kind); remove pin_memory or set it to true")
+        return self
 
 
 class ZeroConfig(_Section):

@@ -71,9 +71,23 @@ def check_supported(cfg: JzeroConfig) -> None:
             unsupported.append(("fp16.enabled", f"{cfg.optimizer.type} with fp16 loss scaling is not implemented; "
                                 "use bf16.enabled"))
     if z.offload_optimizer.device != "none":
-        unsupported.append(("zero_optimization.offload_optimizer.device", "host offload is not implemented yet"))
+        from jzero.offload import OFFLOADABLE_OPTIMIZERS
+
+        key = "zero_optimization.offload_optimizer.device"
+        if z.stage == 0:
+            unsupported.append((key, "optimizer offload partitions like ZeRO (DeepSpeed: valid with stage 1, 2 and "
+                                "3); set zero_optimization.stage to 1, 2 or 3"))
+        if cfg.optimizer.type not in OFFLOADABLE_OPTIMIZERS:
+            unsupported.append((key, f"offloading {cfg.optimizer.type} is not implemented (the chunked host update "
+                                f"is exact only for element-wise optimizers: {', '.join(OFFLOADABLE_OPTIMIZERS)})"))
+        if cfg.mesh.pipeline not in (1, -1):
+            unsupported.append((key, "optimizer offload with mesh.pipeline > 1 is not implemented; set "
+                                "mesh.pipeline=1"))
     if z.offload_param.device != "none":
-        unsupported.append(("zero_optimization.offload_param.device", "parameter offload is not implemented yet"))
+        unsupported.append(("zero_optimization.offload_param.device", "parameter offload is not implemented (the "
+                            "device needs each layer's weights in its scan step, and jzero streams only the "
+                            "optimizer state); use offload_optimizer, and activation_checkpointing.cpu_checkpointing "
+                            "for activations"))
     if unsupported:
         key, why = unsupported[0]
         raise ConfigError(f"{key}: {why}")
@@ -217,6 +231,7 @@ class Engine:
     _eval: Any = field(default=None, repr=False)
     _compiled: Any = field(default=None, repr=False)
     pipeline: Any = None     # jzero.pipeline.PipelineRun when mesh.pipeline > 1 (spec; block once traced)
+    offload: Any = None      # jzero.offload.OptimizerOffload under offload_optimizer (then _train is the gradient)
 
     # ---- shapes
     @property
@@ -269,6 +284,11 @@ class Engine:
         """One optimizer step; ``batch`` is a global ``[accum, rows, seq+1]`` array or this process's numpy rows."""
         if not isinstance(jax.tree.leaves(batch)[0], jax.Array):
             batch = self.put_batch(batch)
+        if self.offload is not None:
+            grads, mult, ok, loss_scale, step, metrics = self.compile()(self.state, batch)
+            params, opt_state = self.offload.apply(self.state.params, grads, self.state.opt_state, mult, ok)
+            self.state = TrainState(step=step, params=params, opt_state=opt_state, loss_scale=loss_scale)
+            return metrics
         self.state, metrics = self.compile()(self.state, batch)
         return metrics
 
@@ -280,8 +300,9 @@ class Engine:
     # ---- measurements
     def memory_per_device(self) -> dict[str, int]:
         """Bytes of params and optimizer state held by the first local device (from the real shards)."""
-        return {"params": shd.per_device_bytes(self.state.params),
-                "opt_state": shd.per_device_bytes(self.state.opt_state)}
+        return {"params": shd.per_device_bytes(self.state.params, memory_kind="device"),
+                "opt_state": shd.per_device_bytes(self.state.opt_state, memory_kind="device"),
+                "host": shd.per_device_bytes(self.state, memory_kind="pinned_host")}
 
     def n_params(self) -> int:
         return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.state.params)))
@@ -348,8 +369,9 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
                                           dtype=dtype, remat=policy is not None,
                                           remat_policy=policy if policy is not None else None)
     onebit = is_onebit(cfg.optimizer.type)
-    if tx is None:
-        tx, schedule = _build_tx(cfg, mesh)
+    offload = cfg.zero_optimization.offload_optimizer.device == "cpu"
+    if tx is None:   # under offload, clipping is decided on the device over the global norm, not per chunk
+        tx, schedule = _build_tx(cfg, mesh, clipping=not offload)
     accum_dtype = DTYPES[cfg.data_types.grad_accum_dtype or "fp32"]
 
     seed_key = jax.random.key(cfg.train.seed)
@@ -369,7 +391,14 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
     params = jax.jit(lambda k: nn.unbox(model.init(k, *inputs))["params"],
                      out_shardings=plan.param_storage)(seed_key)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    if onebit:   # per-rank error buffers carry a leading data dim; the rest replicated
+    runner = None
+    if offload:   # fp32 master + optimizer state to pinned host; the device keeps compute-dtype weights
+        from jzero.offload import OptimizerOffload
+
+        runner = OptimizerOffload.build(tx, plan, abstract_params, dtype,
+                                        ratio=cfg.zero_optimization.offload_optimizer.ratio)
+        params, opt_state, opt_shardings = runner.init(params)
+    elif onebit:   # per-rank error buffers carry a leading data dim; the rest replicated
         from jzero.optim.onebit import onebit_state_specs
 
         opt_specs = onebit_state_specs(abstract_opt)
@@ -377,7 +406,8 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
                                      is_leaf=lambda x: isinstance(x, P))
     else:
         opt_shardings = shd.opt_state_shardings(tx, abstract_opt, plan)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    if not offload:
+        opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     loss_scale = jax.device_put(init_loss_scale(cfg.fp16), plan.replicated)
     state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), plan.replicated), params=params,
                        opt_state=opt_state, loss_scale=loss_scale)
@@ -410,6 +440,13 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
 
     if onebit:
         train_fn = _onebit_train_fn(loss_fn, tx, schedule, mesh, opt_specs, accum_dtype)
+    if offload:
+        from jzero.offload import make_grad_fn
+
+        grad_fn = make_grad_fn(loss_fn, schedule, mesh, rules, plan, accum_dtype, cfg.gradient_clipping,
+                               skip_nonfinite)
+        rep = plan.replicated
+        grad_out = (plan.grad, rep, rep, jax.tree.map(lambda _: rep, loss_scale), rep, rep)
 
     def eval_fn(params, batch):
         with shd.activate(mesh, rules):
@@ -417,11 +454,14 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
                 return pipeline.pipelined_eval(loss_fn, params, batch, run, mesh.shape["data"])
             return loss_fn(params, batch)
 
-    train = jax.jit(train_fn, out_shardings=(state_shardings, plan.replicated), donate_argnums=(0,))
+    if offload:   # the device program is the gradient; the update is OptimizerOffload.apply's chunk programs
+        train = jax.jit(grad_fn, out_shardings=grad_out)
+    else:
+        train = jax.jit(train_fn, out_shardings=(state_shardings, plan.replicated), donate_argnums=(0,))
     evaluate = jax.jit(eval_fn, out_shardings=plan.replicated)
     return Engine(config=cfg, mesh=mesh, model=model, model_config=model_config, tx=tx, schedule=schedule,
                   plan=plan, state=state, state_shardings=state_shardings, task=task, _train=train, _eval=evaluate,
-                  pipeline=run)
+                  pipeline=run, offload=runner)
 
 
 def _lr_count(state: TrainState):
@@ -433,8 +473,9 @@ def _lr_count(state: TrainState):
         return state.step
 
 
-def _build_tx(cfg: JzeroConfig, mesh):
-    """The optax chain and LR schedule named by the config (1-bit optimizers get the data-axis size)."""
+def _build_tx(cfg: JzeroConfig, mesh, clipping: bool = True):
+    """The optax chain and LR schedule named by the config (1-bit optimizers get the data-axis size);
+    ``clipping=False`` leaves ``gradient_clipping`` out of the chain (the offloaded step applies it itself)."""
     from jzero.optim import build_optimizer
     from jzero.optim.onebit import build_onebit
     from jzero.optim.schedules import build_schedule
@@ -447,7 +488,7 @@ def _build_tx(cfg: JzeroConfig, mesh):
         tx = build_onebit(cfg.optimizer.type, params, schedule, data_size=mesh.shape["data"],
                           gradient_clipping=cfg.gradient_clipping)
         return tx, schedule
-    return build_optimizer(cfg.optimizer.model_dump(), sched, cfg.gradient_clipping)
+    return build_optimizer(cfg.optimizer.model_dump(), sched, cfg.gradient_clipping if clipping else 0.0)
 
 
 def _onebit_train_fn(loss_fn, tx, schedule, mesh, opt_specs, accum_dtype):

@@ -72,6 +72,8 @@ def load_params(directory, step: int | None = None) -> tuple[int, dict, dict]:
     import orbax.checkpoint as ocp
 
     step, meta = checkpoint.read_meta(directory, step)
+    if meta.get("offload"):   # the fp32 masters are the host chunks in the optimizer state, not the device params
+        return step, _load_offloaded_masters(directory, step, meta), meta
     shapes = {k.removeprefix("params."): v for k, v in meta["state"].items() if k.startswith("params.")}
     if not shapes:
         raise CheckpointError(f"checkpoint {directory}/{step} holds no params (state leaves: "
@@ -85,6 +87,30 @@ def load_params(directory, step: int | None = None) -> tuple[int, dict, dict]:
             f"checkpoint {checkpoint._key(directory)}/{step} is unreadable: its params failed to load "
             f"({type(exc).__name__}: {checkpoint._first_line(exc)}); export an earlier --step") from None
     return step, restored, meta
+
+
+def _load_offloaded_masters(directory, step: int, meta: dict) -> dict:
+    """Params of a run saved under ``offload_optimizer``: its fp32 master chunks, re-stacked per leaf."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from jzero.offload import restack_masters
+
+    chunks = meta["offload"]["chunks"]
+    keys = [f"opt_state.master.{i}" for i in range(len(chunks))]
+    missing = [k for k in keys if k not in meta["state"]]
+    if missing:
+        raise CheckpointError(f"checkpoint {directory}/{step}: its meta lists {len(chunks)} offloaded master chunks "
+                              f"but the state has no {missing[0]}; the checkpoint is inconsistent, export another step")
+    item = {"opt_state": {"master": [_struct(meta["state"][k]) for k in keys]}}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    try:
+        masters = checkpoint.restore_partial(directory, step, item, restore_args)["opt_state"]["master"]
+    except Exception as exc:
+        raise checkpoint.UnreadableCheckpointError(
+            f"checkpoint {checkpoint._key(directory)}/{step} is unreadable: its master weights failed to load "
+            f"({type(exc).__name__}: {checkpoint._first_line(exc)}); export an earlier --step") from None
+    return unflatten(restack_masters(chunks, masters))
 
 
 def _struct(desc: str):

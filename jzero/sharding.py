@@ -228,12 +228,15 @@ def constrain(x, names: Sequence[str | None]):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
 
 
-def per_device_bytes(tree, device=None) -> int:
-    """Bytes of ``tree``'s array shards that live on ``device`` (default: the first addressable device)."""
+def per_device_bytes(tree, device=None, memory_kind: str | None = None) -> int:
+    """Bytes of ``tree``'s array shards that belong to ``device`` (default: the first addressable device);
+    ``memory_kind`` ("device", "pinned_host") counts only arrays in that memory (None: all)."""
     device = device or jax.local_devices()[0]
     total = 0
     for leaf in jax.tree.leaves(tree):
         if not isinstance(leaf, jax.Array):
+            continue
+        if memory_kind is not None and (leaf.sharding.memory_kind or "device") != memory_kind:
             continue
         for shard in leaf.addressable_shards:
             if shard.device == device:

@@ -35,10 +35,23 @@ def flags_for(cfg) -> tuple[str, ...]:
 
 
 def apply(cfg, env=os.environ) -> str:
-    """Add the family's flags to ``env['XLA_FLAGS']`` (unless there already, or JZERO_XLA_FLAGS=0); return it."""
+    """Add the family's flags to ``env['XLA_FLAGS']`` (unless there already, or JZERO_XLA_FLAGS=0); return it.
+
+    Under ``offload_optimizer`` it also sets ``XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB`` (unless set) to 80% of the
+    machine's RAM: the GPU client's pinned-host allocator stops at 64 GB by default, which would cap offload at
+    about 5B parameters (12 bytes each on the host). Not more than 80%: the allocator grows by doubling regions
+    up to its limit, and a limit near the physical RAM got the process OOM-killed on the lent 125 GiB machine.
+    """
     current = env.get("XLA_FLAGS", "")
     if env.get("JZERO_XLA_FLAGS", "1") == "0":
         return current
+    zero = getattr(cfg, "zero_optimization", None)
+    if zero is not None and zero.offload_optimizer.device != "none" and "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB" not in env:
+        from jzero.offload import host_memory_limit_gb
+
+        limit = host_memory_limit_gb()
+        if limit:
+            env["XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"] = str(limit)
     have = {f.split("=")[0] for f in current.split()}
     extra = [f for f in flags_for(cfg) if f.split("=")[0] not in have]
     if extra:
