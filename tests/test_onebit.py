@@ -16,7 +16,7 @@ from jzero.optim.zero_one_adam import zero_one_adam
 from test_comm import numpy_compressed_allreduce
 
 N = 8
-PARAMS = {"b": np.linspace(-0.5, 0.5, 6).astype(np.float32),
+PARAMS = _PARAMS = {"b": np.linspace(-0.5, 0.5, 6).astype(np.float32),
           "w": np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)}
 
 
@@ -175,8 +175,82 @@ def ref_zero_one_adam(grads_seq, lr, b1, b2, eps, wd, var_freeze_step, var_updat
     return ps, (var_interval, local_interval)
 
 
+def ref_zero_one_adam_deepspeed_order(grads_seq, lr, b1, b2, eps, wd, var_freeze_step, var_update_scaler,
+                                      local_step_scaler, local_step_clipper, n=N, params=None, steps=None):
+    """DeepSpeed's ZeroOneAdam.step in its own order of operations and with its own state (bias_correction off,
+    as DeepSpeed never applies it; no clipping; DeepSpeed's initialization call left out, so its step counter
+    is t): freeze_key flips at the END of step t > var_freeze_step, the error buffers are zeroed then; in
+    the frozen stage every rank moves its own params and adds the move to comm_buffer, and at a sync undoes
+    the moves, all-reduces comm_buffer * (sqrt(v) + eps), sets exp_avg = -avg / lrs and moves by
+    avg / (sqrt(v) + eps). Independent of ref_zero_one_adam (written from the DeepSpeed source, not from ours).
+    grads_seq: per-step dicts of [n, ...] gradients, or a function (step, rank, that rank's params) -> gradient
+    dict (then `steps` steps), for gradients taken where DeepSpeed takes them: at each rank's own p.data."""
+    PARAMS = _PARAMS if params is None else params  # noqa: N806
+    ps = [{k: np.array(v, np.float32) for k, v in PARAMS.items()} for _ in range(n)]
+    exp_avg = [{k: np.zeros_like(v) for k, v in PARAMS.items()} for _ in range(n)]
+    comm_buffer = [{k: np.zeros_like(v) for k, v in PARAMS.items()} for _ in range(n)]
+    exp_avg_sq = {k: np.zeros_like(v) for k, v in PARAMS.items()}
+    st = dict(var_interval=1, var_counter=0, local_step_interval=1, local_step_counter=0, lrs=0.0)
+    freeze_key, reinitial_error_buffer = False, False
+    car = _Car(PARAMS, n)
+    if callable(grads_seq):
+        grad_fn, grads_seq = grads_seq, range(steps)
+    else:
+        grad_fn = None
+    for step, g in enumerate(grads_seq, start=1):
+        if grad_fn is not None:
+            per_rank = [grad_fn(step, r, ps[r]) for r in range(n)]
+            g = {k: np.stack([x[k] for x in per_rank]) for k in PARAMS}
+        if not freeze_key:
+            if step % st["var_interval"] == 0:   # the engine all-reduced this step's gradients exactly
+                grad = {k: g[k].mean(0) for k in PARAMS}
+                exp_avg_sq = {k: b2 * exp_avg_sq[k] + (1 - b2) * grad[k] ** 2 for k in PARAMS}
+            else:                                # local gradients, averaged by the 1-bit all-reduce
+                grad = car([{k: g[k][r] for k in PARAMS} for r in range(n)])
+            exp_avg = [{k: b1 * m[k] + (1 - b1) * grad[k] for k in PARAMS} for m in exp_avg]
+        else:
+            exp_avg = [{k: b1 * exp_avg[r][k] + (1 - b1) * g[k][r] for k in PARAMS} for r in range(n)]
+            st["lrs"] += lr
+        denom = {k: np.sqrt(exp_avg_sq[k]) + eps for k in PARAMS}
+        for r in range(n):
+            for k in PARAMS:
+                update = exp_avg[r][k] / denom[k] + wd * ps[r][k]
+                ps[r][k] = ps[r][k] - lr * update
+                if freeze_key:
+                    comm_buffer[r][k] = comm_buffer[r][k] - lr * update
+        if freeze_key and step % st["local_step_interval"] == 0:
+            for r in range(n):
+                for k in PARAMS:
+                    ps[r][k] = ps[r][k] - comm_buffer[r][k]
+            avg = car([{k: comm_buffer[r][k] * denom[k] for k in PARAMS} for r in range(n)])
+            for r in range(n):
+                for k in PARAMS:
+                    exp_avg[r][k] = -avg[k] / st["lrs"]
+                    ps[r][k] = ps[r][k] + avg[k] / denom[k]
+                    comm_buffer[r][k] = np.zeros_like(comm_buffer[r][k])
+            st["lrs"] = 0.0
+        if not freeze_key:
+            if step % st["var_interval"] == 0:
+                st["var_counter"] += 1
+                if st["var_counter"] == var_update_scaler:
+                    st["var_counter"], st["var_interval"] = 0, st["var_interval"] * 2
+        else:
+            st["local_step_counter"] += 1
+            if st["local_step_counter"] == local_step_scaler:
+                st["local_step_counter"] = 0
+                st["local_step_interval"] = min(local_step_clipper, st["local_step_interval"] * 2)
+        if step > var_freeze_step:
+            freeze_key = True
+        if freeze_key and not reinitial_error_buffer:
+            car = _Car(PARAMS, n)
+            reinitial_error_buffer = True
+    return ps, (st["var_interval"], st["local_step_interval"])
+
+
 def ref_onebit_lamb(grads_seq, lr, b1, b2, eps, wd, freeze_step, max_coeff, min_coeff, coeff_beta, factor_max,
-                    factor_min, factor_threshold, clip=0.0, n=N):
+                    factor_min, factor_threshold, clip=0.0, n=N, bias_correction=True):
+    """DeepSpeed's onebit/lamb.py; bias_correction=False is DeepSpeed's own numbers (it never corrects)."""
+    bc = (lambda b, s: 1 - b ** s) if bias_correction else (lambda b, s: 1.0)  # noqa: E731
     p = {k: v.copy() for k, v in PARAMS.items()}
     m, v, vf = ({k: np.zeros_like(x) for k, x in p.items()} for _ in range(3))
     lcf, last, scaling = {k: 0.0 for k in p}, {k: 1.0 for k in p}, {}
@@ -187,7 +261,7 @@ def ref_onebit_lamb(grads_seq, lr, b1, b2, eps, wd, freeze_step, max_coeff, min_
             ga = _clip({k: g[k].mean(0) for k in p}, clip)
             for k in p:
                 m[k], v[k] = b1 * m[k] + (1 - b1) * ga[k], b2 * v[k] + (1 - b2) * ga[k] ** 2
-                u = (m[k] / (1 - b1 ** t)) / (np.sqrt(v[k] / (1 - b2 ** t)) + eps) + wd * p[k]
+                u = (m[k] / bc(b1, t)) / (np.sqrt(v[k] / bc(b2, t)) + eps) + wd * p[k]
                 wn, un = np.linalg.norm(p[k]), np.linalg.norm(u)
                 coeff = float(np.clip(wn / un, min_coeff, max_coeff)) if wn > 0 and un > 0 else 1.0
                 if coeff != 1.0:
@@ -205,10 +279,10 @@ def ref_onebit_lamb(grads_seq, lr, b1, b2, eps, wd, freeze_step, max_coeff, min_
         m = {k: m[k] / scaling[k] for k in p}
         for k in p:
             vf[k] = b2 * vf[k] + (1 - b2) * ((m[k] - b1 * m_prev[k]) / (1 - b1)) ** 2
-            denom = np.sqrt(v[k] / (1 - b2 ** freeze_step)) + eps
-            prelim = (m[k] / (1 - b1 ** t)) / denom
+            denom = np.sqrt(v[k] / bc(b2, freeze_step)) + eps
+            prelim = (m[k] / bc(b1, t)) / denom
             u = prelim + wd * p[k]
-            factor = np.max(denom / (np.sqrt(vf[k] / (1 - b2 ** t)) + eps))
+            factor = np.max(denom / (np.sqrt(vf[k] / bc(b2, t)) + eps))
             ratio = min(1.0, np.linalg.norm(prelim) / np.linalg.norm(u))
             factor = factor * ratio + (1 - ratio)
             factor = np.clip(factor, factor_min, factor_max)
@@ -256,6 +330,21 @@ def test_zero_one_adam_matches_numpy_reference_through_local_steps():
         _close({k: v[r] for k, v in seen[15][1].items()}, refs16[r])
 
 
+def test_zero_one_adam_without_bias_correction_is_deepspeeds_step():
+    """bias_correction=False gives DeepSpeed's numbers: each rank's model after every step equals a NumPy model of
+    zoadam.py written in DeepSpeed's order of operations, through thinned variance steps, 1-bit gradient
+    steps, the error reset, local steps with growing intervals and the syncs."""
+    hp = dict(b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.01, var_freeze_step=7, var_update_scaler=2,
+              local_step_scaler=3, local_step_clipper=4)
+    grads = _grads(20, seed=11)
+    seen, state = _run(zero_one_adam(0.02, data_size=N, bias_correction=False, **hp), grads, history=True)
+    for t in (6, 9, 13, 17, 20):  # stage 1 / first local steps / around syncs at intervals 2 and 4
+        refs, intervals = ref_zero_one_adam_deepspeed_order(grads[:t], 0.02, *hp.values())
+        for r in range(N):
+            _close({k: v[r] for k, v in seen[t - 1][1].items()}, refs[r], tol=5e-5)
+    assert (int(state.var_interval), int(state.local_interval)) == intervals == (4, 4)
+
+
 def test_onebit_lamb_matches_numpy_reference_across_freeze():
     hp = dict(b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.01, freeze_step=4, max_coeff=10.0, min_coeff=0.01,
               coeff_beta=0.9, factor_max=4.0, factor_min=0.5, factor_threshold=0.1)
@@ -263,6 +352,18 @@ def test_onebit_lamb_matches_numpy_reference_across_freeze():
     p, state, _ = _run(onebit_lamb(0.05, data_size=N, gradient_clipping=5.0, **hp), grads)
     _close(p, ref_onebit_lamb(grads, 0.05, *hp.values(), clip=5.0))
     assert all(0.5 <= float(f) <= 4.0 for f in jax.tree.leaves(state.last_factor))
+
+
+def test_onebit_lamb_without_bias_correction_is_deepspeeds_step():
+    """bias_correction=False: DeepSpeed's uncorrected moments in the trust ratios, the frozen denominator and the
+    fresh-variance factor, across the freeze (scaling coefficients, factor clamps and threshold)."""
+    hp = dict(b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.01, freeze_step=4, max_coeff=10.0, min_coeff=0.01,
+              coeff_beta=0.9, factor_max=4.0, factor_min=0.5, factor_threshold=0.1)
+    grads = _grads(10, seed=13)
+    p, state, _ = _run(onebit_lamb(0.05, data_size=N, bias_correction=False, **hp), grads)
+    ref = ref_onebit_lamb(grads, 0.05, *hp.values(), bias_correction=False)
+    assert not np.allclose(ref["w"], ref_onebit_lamb(grads, 0.05, *hp.values())["w"], atol=1e-4)
+    _close(p, ref)
 
 
 def _ds_clip(max_norm):
@@ -416,6 +517,30 @@ def test_regression_converges_like_uncompressed(name):
     assert excess <= 2 * excess_ref, (excess, excess_ref)
     if name == "zero_one":  # the run went through thinned variance steps and multi-step local stages
         assert int(state.var_interval) > 1 and int(state.local_interval) == 4
+
+
+def test_zero_one_adam_local_steps_take_gradients_at_each_ranks_model():
+    """Gradients that depend on the params, taken where the engine takes them (jzero.optim.onebit.local_params):
+    through local steps every rank differentiates at its own drifted model, as DeepSpeed does at its p.data;
+    after the sync at step 20 the shared params equal DeepSpeed's on every rank (bias_correction off)."""
+    hp = dict(b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.01, var_freeze_step=7, var_update_scaler=2,
+              local_step_scaler=3, local_step_clipper=4)
+    steps = 20  # stage 2 from step 9; intervals 1, 2, 4; step 20 is a sync
+    params, xs, ys, _, _ = _regression_data(seed=2)
+    xs, ys = xs[:steps], ys[:steps]
+    p, state = _train_sharded(zero_one_adam(0.02, data_size=N, bias_correction=False, **hp), params, xs, ys)
+
+    def grad_fn(step, r, pr):
+        x, y = xs[step - 1, r].astype(np.float64), ys[step - 1, r].astype(np.float64)
+        resid = 2 * (x @ pr["w"] + pr["b"] - y) / y.size
+        return {"w": (x.T @ resid).astype(np.float32), "b": resid.sum(0).astype(np.float32)}
+
+    refs, intervals = ref_zero_one_adam_deepspeed_order(grad_fn, 0.02, *hp.values(), params=params, steps=steps)
+    assert (int(state.var_interval), int(state.local_interval)) == intervals == (4, 4)
+    for r in range(N):
+        _close(p, refs[r], tol=5e-5)
+    drifted, _ = ref_zero_one_adam_deepspeed_order(grad_fn, 0.02, *hp.values(), params=params, steps=steps - 1)
+    assert not np.allclose(drifted[0]["w"], drifted[1]["w"], atol=1e-4)  # between syncs the ranks' models differ
 
 
 def test_build_onebit_from_deepspeed_params():

@@ -28,6 +28,17 @@ Differences from DeepSpeed, on purpose: bias_correction=True applies Adam's bias
 1 - b1^t, variance by 1 - b2^k with k the number of variance steps so far; DeepSpeed never applies it: pass
 False for its numbers); no extra "initialization step"; with one data-parallel rank nothing is compressed,
 no step is local and the variance is never frozen, so it is exactly optax.adamw (adam when weight_decay=0).
+DeepSpeed's first step() call is that initialization: it applies no update but advances its step counter,
+so for the same var_freeze_step DeepSpeed's schedule runs one real update ahead of ours; as functions of the
+counter (1, 2, ... here) the variance, freeze and local-step schedules are DeepSpeed's. With
+bias_correction=False every rank's model equals DeepSpeed's after every step (tests/test_onebit.py holds a
+NumPy model of zoadam.py in DeepSpeed's order of operations, with gradients taken at each rank's own model).
+
+Settings: DeepSpeed's defaults (var_update_scaler 16, local_step_scaler 32678, local_step_clipper 16) are made
+for runs of ~10^5 steps. For short runs, benchmarks/onebit_convergence.py uses (for N steps, F = 0.15 N):
+var_freeze_step F, var_update_scaler F + 2 (variance refreshed every step until the freeze),
+local_step_scaler (N - F) // 2, local_step_clipper 2; for 200 steps that is 30 / 32 / 85 / 2, within 3% of
+Adam's final loss on the embedded GPT (benchmarks/ONEBIT_NOTES.md has the other settings tried and why).
 """
 from __future__ import annotations
 
