@@ -1,0 +1,48 @@
+"""The benchmark harness on CPU (tiny configs): the table has its fields and numbers, offload shows host bytes,
+and the batch-fit search reports what the compiled step needs. Nothing here is timed."""
+import json
+
+import pytest
+
+from benchmarks import bench, max_batch
+
+TINY = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.d_ff=128",
+        "data.seq_len=32", "train_batch_size=8", "train_micro_batch_size_per_gpu=1"]   # data=8 (conftest's devices)
+
+
+def _table(capsys, argv):
+    assert bench.main(argv) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    row = [c.strip() for c in lines[2].strip("|").split("|")]
+    return dict(zip(header, row))
+
+
+def test_bench_prints_one_row_with_every_column(capsys, tmp_path):
+    out = tmp_path / "rows.jsonl"
+    row = _table(capsys, ["--name", "tiny", "--steps", "2", "--warmup", "1", "--json", str(out)] + TINY)
+    assert list(row) == bench.COLUMNS
+    assert row["name"] == "tiny" and row["device"] == "cpu" and row["n_dev"] == "8"
+    assert float(row["tokens_per_s"]) > 0 and float(row["step_ms"]) > 0 and float(row["compile_s"]) > 0
+    assert row["mfu"] == "null"   # no known peak for a CPU
+    # AdamW without ZeRO: two fp32 moments per fp32 param on the device, nothing on the host
+    assert float(row["opt_MiB_per_dev"]) == pytest.approx(2 * float(row["params_MiB_per_dev"]), rel=0.01)
+    assert float(row["host_MiB_per_dev"]) == 0.0
+    saved = json.loads(out.read_text().splitlines()[-1])
+    assert saved["step_ms"] == float(row["step_ms"]) and len(saved["step_ms_all"]) == 3
+
+
+def test_bench_row_of_an_offloaded_run_counts_host_bytes(capsys):
+    row = _table(capsys, ["--steps", "1", "--warmup", "1"] + TINY + [
+        "zero_optimization.stage=1", "zero_optimization.offload_optimizer.device=cpu"])
+    # nothing of the optimizer on the device; master + m + v of this device's ZeRO-1 shard on the host
+    assert float(row["opt_MiB_per_dev"]) == 0.0
+    assert 0 < float(row["host_MiB_per_dev"]) < 3 * float(row["params_MiB_per_dev"])
+
+
+def test_max_batch_reports_growing_needs(capsys):
+    assert max_batch.main(["--config", "configs/default.yaml", "--candidates", "8,32"] + TINY) == 0
+    lines = capsys.readouterr().out.splitlines()
+    needs = [int(ln.split("(")[1].split(" bytes")[0]) for ln in lines if ln.startswith("micro-batch")]
+    assert len(needs) == 2 and 0 < needs[0] < needs[1]
+    assert lines[-1] == "largest: 32"   # no allocator limit on CPU: every candidate fits
