@@ -439,7 +439,9 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, loss_scale=ls), metrics
 
     if onebit:
-        train_fn = _onebit_train_fn(loss_fn, tx, schedule, mesh, opt_specs, accum_dtype)
+        from jzero.optim.onebit import onebit_train_fn
+
+        train_fn = onebit_train_fn(loss_fn, tx, schedule, mesh, opt_specs, accum_dtype)
     if offload:
         from jzero.offload import make_grad_fn
 
@@ -489,33 +491,3 @@ def _build_tx(cfg: JzeroConfig, mesh, clipping: bool = True):
                           gradient_clipping=cfg.gradient_clipping)
         return tx, schedule
     return build_optimizer(cfg.optimizer.model_dump(), sched, cfg.gradient_clipping if clipping else 0.0)
-
-
-def _onebit_train_fn(loss_fn, tx, schedule, mesh, opt_specs, accum_dtype):
-    """Train step for the 1-bit optimizers: manual over ``data`` (``shard_map``), so each rank differentiates at
-    its own rows and hands the optimizer its LOCAL gradient; the optimizer averages exactly in warm-up and by
-    the packed-bit compressed all-reduce after ``freeze_step``. Metrics: the loss averaged over ranks, and
-    ``grad_norm_local`` = the root-mean-square over ranks of each rank's local gradient norm (the norm of the
-    averaged gradient would need the full all-reduce the compression exists to avoid)."""
-    from jzero.optim.onebit import local_params
-
-    batch_spec = P(None, "data")
-
-    def inner(step, params, opt_state, batch):
-        p_local = local_params(params, opt_state)
-        loss, grads = accumulate_grads(loss_fn, p_local, batch, None, accum_dtype)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        norm2 = jax.lax.pmean(jnp.square(optax.tree.norm(grads)), "data")
-        return params, opt_state, jax.lax.pmean(loss, "data"), jnp.sqrt(norm2)
-
-    def train_fn(state: TrainState, batch):
-        sm = jax.shard_map(inner, mesh=mesh, in_specs=(P(), P(), opt_specs, batch_spec),
-                           out_specs=(P(), opt_specs, P(), P()), axis_names={"data"}, check_vma=True)
-        lr = jnp.asarray(schedule(_lr_count(state)), jnp.float32)
-        params, opt_state, loss, gnorm = sm(state.step, state.params, state.opt_state, batch)
-        metrics = {"loss": loss, "grad_norm_local": gnorm, "lr": lr, "loss_scale": state.loss_scale.scale,
-                   "skipped_steps": state.loss_scale.skipped_steps}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    return train_fn
