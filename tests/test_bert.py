@@ -13,21 +13,13 @@ from jzero.errors import ConfigError
 from jzero.tasks import IGNORE, masked_cross_entropy, mlm_corrupt
 from models import build_model
 from models.bert import Bert, BertConfig
+from test_llama import random_params
 
 CFG = dict(vocab_size=64, n_layer=2, n_head=4, d_model=32, d_ff=48, max_len=16, norm_eps=1e-12, num_labels=5,
            attention="xla")
 erf = np.vectorize(math.erf)
 
 
-def random_params(model, *inputs, seed=0, std=0.3):
-    shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))["params"])
-    rng = np.random.default_rng(seed)
-
-    def one(path, s):
-        mean = 1.0 if str(getattr(path[-1], "key", "")) == "scale" else 0.0
-        return rng.normal(mean, std, s.shape).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(one, shapes)
 
 
 def ln(x, p, eps):

@@ -23,3 +23,15 @@ def run_main(args, default_config: dict, run: Callable) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def exit_with(main: Callable[[], int]) -> None:
+    """``sys.exit(main())``, with a :class:`jzero.errors.JzeroError` escaping ``main`` printed as one line, exit 2
+    (for the utility mains, plot and sweep, that do not go through :func:`run_main`)."""
+    from jzero.errors import JzeroError
+
+    try:
+        sys.exit(main())
+    except JzeroError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -201,8 +200,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except JzeroError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from train._main import exit_with
+
+    exit_with(main)

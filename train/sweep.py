@@ -403,8 +403,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except JzeroError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from train._main import exit_with
+
+    exit_with(main)
