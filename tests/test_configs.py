@@ -43,10 +43,10 @@ def test_shipped_config_parses_and_builds_its_mesh(path):
     assert r.train_batch_size == r.train_micro_batch_size_per_gpu * r.gradient_accumulation_steps * r.mesh.data
 
 
-@pytest.mark.parametrize("path", [p for p in CONFIGS if "7b_3d" in p.name or "1.5b" in p.name or "onebit" in p.name],
+@pytest.mark.parametrize("path", [p for p in CONFIGS if any(k in p.name for k in ("7b_3d", "1.5b", "onebit", "offload"))],
                          ids=lambda p: p.name)
 def test_big_recipes_initialise_with_tiny_model_overrides(path):
-    """The 3D-parallel / ZeRO-3 / 1-bit recipes really build: same config, tiny model, seq 32."""
+    """The 3D-parallel / ZeRO-3 / 1-bit / offload recipes really build: same config, tiny model, seq 32."""
     import jzero
 
     family = read_config_file(path)["model"]["family"]
