@@ -42,15 +42,35 @@ class OffloadConfig(_Section):
     host arrays are always pinned (the only host memory a GPU program can DMA to directly).
     """
 
-    device: Literal["none", "cpu"] = "none"
+    device: Literal["none", "cpu", "nvme"] = "none"
     pin_memory: bool = True
     ratio: float = Field(1.0, gt=0.0, le=1.0)
+    # DeepSpeed's NVMe (ZeRO-Infinity) knobs: accepted at DeepSpeed's defaults, which do nothing without NVMe
+    nvme_path: str | None = None
+    buffer_count: int = 4
+    buffer_size: int | None = None
+    max_in_cpu: int | None = None
+    fast_init: bool = False
+    pipeline_read: bool = False
+    pipeline_write: bool = False
 
     @model_validator(mode="after")
-    def _check_pinned(self):
+    def _check(self):
+        if self.device == "nvme":
+            raise ValueError("device='nvme': NVMe offload (ZeRO-Infinity) is not implemented; use device 'cpu' "
+                             "(pinned host memory)")
+        if self.device == "none" and self.ratio != 1.0:
+            raise ValueError(f"ratio={self.ratio} without device 'cpu' would offload nothing; set device: cpu or "
+                             "remove ratio")
         if not self.pin_memory:
             raise ValueError("pin_memory=false: jzero offloads only to pinned host memory (JAX's 'pinned_host' "
                              "memory kind); remove pin_memory or set it to true")
+        nvme_only = {"nvme_path": None, "buffer_count": 4, "buffer_size": None, "max_in_cpu": None,
+                     "fast_init": False, "pipeline_read": False, "pipeline_write": False}
+        for key, default in nvme_only.items():
+            if getattr(self, key) != default:
+                raise ValueError(f"{key}={getattr(self, key)!r} configures DeepSpeed's NVMe offload, which jzero "
+                                 f"does not implement; remove it (or set it to DeepSpeed's default {default!r})")
         return self
 
 

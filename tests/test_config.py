@@ -64,6 +64,11 @@ def test_mesh_minus_one_fills_the_rest():
     ({}, ["mesh.data=0"], "mesh.data=0"),
     ({}, ["model.dropout=0.1"], "model.dropout"),
     ({}, ["stage3"], "stage3"),
+    ({}, ["zero_optimization.offload_optimizer.device=nvme"], "NVMe offload (ZeRO-Infinity) is not implemented"),
+    ({}, ["zero_optimization.offload_optimizer.fast_init=true"], "fast_init=True configures DeepSpeed's NVMe"),
+    ({}, ["zero_optimization.offload_optimizer.pin_memory=false"], "pin_memory=false"),
+    ({}, ["zero_optimization.offload_optimizer.ratio=0.5"], "ratio=0.5 without device 'cpu'"),
+    ({}, ["zero_optimization.offload_optimizer.ratio=1.5"], "offload_optimizer.ratio"),
 ])
 def test_bad_config_one_line_errors(data, overrides, needle):
     with pytest.raises(ConfigError) as exc:
@@ -105,3 +110,10 @@ def test_bucket_sizes_become_xla_combine_thresholds():
     assert "--xla_gpu_all_gather_combine_threshold_bytes=2000000000" in flags
     assert flags.startswith("--xla_force_host_platform_device_count=8 ")
     assert xla_flags.apply(cfg, env=env) == flags   # idempotent
+
+
+def test_deepspeed_offload_section_at_its_defaults_is_accepted():
+    """A ds_config's offload block with DeepSpeed's defaults for its NVMe-only knobs loads as is."""
+    cfg = load_config(base={"zero_optimization": {"stage": 2, "offload_optimizer": {
+        "device": "cpu", "pin_memory": True, "buffer_count": 4, "fast_init": False}}})
+    assert cfg.zero_optimization.offload_optimizer.device == "cpu"
