@@ -78,14 +78,15 @@ def main(argv=None):
     common = [f"train.steps={args.steps}", f"scheduler.params.total_num_steps={args.steps}", "zero_optimization.stage=0",
               "train.eval_interval=0", "steps_per_print=50", "gradient_clipping=0", "optimizer.params.weight_decay=0"]
     runs = run_overrides(args.steps)
-    results = {}
+    results, comm = {}, {}
     for name in NAMES:
         if name not in only:
             continue
         overrides = common + runs[name] + extra[name] + [f"train.output_dir={args.out}/{name}"]
         print(name, " ".join(runs[name] + extra[name]), flush=True)
         cfg = load_config(base=DEFAULT_CONFIG, overrides=overrides)
-        results[name] = run(cfg)["final_loss"]
+        summary = run(cfg)
+        results[name], comm[name] = summary["final_loss"], summary.get("communication")
         print(name, results[name], flush=True)
     for name in NAMES:  # the others from earlier runs into the same --out
         path = f"{args.out}/{name}/summary.json"
@@ -93,18 +94,26 @@ def main(argv=None):
             with open(path) as f:
                 summary = json.load(f)
             if summary.get("steps") == args.steps and summary.get("final_loss") is not None:
-                results[name] = summary["final_loss"]
-    print("| optimizer | final loss (mean of last 10) | baseline | relative gap | within 3% |\n|---|---|---|---|---|")
+                results[name], comm[name] = summary["final_loss"], summary.get("communication")
+    print("| optimizer | final loss (mean of last 10) | baseline | relative gap | within 3% | bytes/step/device: "
+          "compression stage vs fp32 all-reduce |\n|---|---|---|---|---|---|")
     for name in NAMES:
         base = BASELINE[name]
         if name not in results:
             continue
+        c = comm.get(name) or {}
+        if "compression" in c:
+            sent = f"{c['compression']:,} vs {c['fp32_allreduce']:,} (1/{c['fp32_allreduce'] / c['compression']:.0f})"
+        elif "one_program" in c:
+            sent = f"all stages in one program: {c['one_program']:,} vs {c['fp32_allreduce']:,}"
+        else:
+            sent = ""
         if base not in results or name == base:
-            print(f"| {name} | {results[name]:.4f} | | | |")
+            print(f"| {name} | {results[name]:.4f} | | | | {sent} |")
             continue
         gap = (results[name] - results[base]) / results[base]
         print(f"| {name} | {results[name]:.4f} | {base} {results[base]:.4f} | {gap:+.2%} | "
-              f"{'yes' if gap <= 0.03 else 'NO'} |")
+              f"{'yes' if gap <= 0.03 else 'NO'} | {sent} |")
     os.makedirs(args.out, exist_ok=True)
     with open(f"{args.out}/results.json", "w") as f:
         json.dump(results, f)

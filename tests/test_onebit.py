@@ -566,3 +566,18 @@ def test_build_onebit_from_deepspeed_params():
 def test_build_onebit_rejects_bad_params(optimizer_type, params, match):
     with pytest.raises(ConfigError, match=match):
         build_onebit(optimizer_type, params, data_size=N)
+
+
+@pytest.mark.parametrize("kind", ["OneBitAdam", "OneBitLamb"])
+def test_communication_report_of_real_param_shapes(kind):
+    """What train.pretrain writes to summary.json: warm-up moves exactly the fp32 all-reduce's bytes, the
+    compression stage at most 1/16 of them (HLO-counted on an 8-rank data axis)."""
+    from jzero.optim.onebit import communication_report
+
+    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in BIG.items()}
+    r = communication_report(kind, {"freeze_step": 10}, shapes, _mesh(N))
+    numel = sum(x.size for x in BIG.values())
+    assert r["data_parallel"] == N and r["fp32_allreduce"] == round(2 * 7 / 8 * 4 * numel)
+    assert r["warmup"] == r["fp32_allreduce"]
+    assert 0 < r["compression"] <= r["fp32_allreduce"] / 16
+    assert r["compression_vs_fp32"] == r["compression"] / r["fp32_allreduce"]

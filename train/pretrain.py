@@ -114,6 +114,29 @@ def _flops_profile(engine, tokens_per_step, flops_per_token, peak, rc, data_s, c
     return prof
 
 
+def _communication(engine):
+    """1-bit optimizers: bytes per step each device sends, warm-up vs compression stage vs an fp32 all-reduce,
+    counted from compiled HLO (printed once, kept in summary.json); None for other optimizers."""
+    import jax
+
+    from jzero.optim.onebit import communication_report, is_onebit
+
+    rc = engine.config
+    if not is_onebit(rc.optimizer.type):
+        return None
+    report = communication_report(rc.optimizer.type, rc.optimizer.params, engine.state.params, engine.mesh,
+                                  rc.gradient_clipping)
+    if jax.process_index() == 0:
+        if "compression" in report:
+            print(f"communication per step and device (HLO-counted): warm-up {report['warmup']:,} B, compression "
+                  f"{report['compression']:,} B = {report['compression_vs_fp32']:.4f} x the fp32 gradient "
+                  f"all-reduce ({report['fp32_allreduce']:,} B)", flush=True)
+        else:
+            print(f"communication per step and device (HLO-counted): one program for all stages "
+                  f"{report['one_program']:,} B; fp32 gradient all-reduce {report['fp32_allreduce']:,} B", flush=True)
+    return report
+
+
 def run(cfg, resume: bool = False) -> dict:
     """Train per ``cfg``; return the summary dict (also written to ``summary.json``).
 
@@ -148,6 +171,7 @@ def run(cfg, resume: bool = False) -> dict:
         start = _resume(engine, ckpt_dir, batches, out, pi)
 
     engine.compile()
+    comm = _communication(engine)
     mc = engine.model_config
     flops_per_token = flops.gpt_train_flops_per_token(mc.n_params(include_pos=False), mc.n_layer, rc.data.seq_len,
                                                       mc.d_model)
@@ -215,6 +239,8 @@ def run(cfg, resume: bool = False) -> dict:
             "compile_s": engine.compile_seconds,
             "flops_profile": profile.to_dict() if profile else None,
         }
+        if comm is not None:
+            summary["communication"] = comm
         if engine.pipeline is not None:   # schedule, theoretical and measured bubble (jzero.pipeline.bubble_report)
             from jzero.pipeline import bubble_report
 

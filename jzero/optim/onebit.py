@@ -172,3 +172,46 @@ def onebit_train_fn(loss_fn, tx, schedule, mesh, opt_specs, accum_dtype):
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_fn
+
+
+def communication_report(optimizer_type: str, opt_params: Mapping[str, Any] | None, abstract_params, mesh,
+                         gradient_clipping: float = 0.0) -> dict[str, Any]:
+    """Bytes one device sends per optimizer step, counted from compiled HLO (:func:`jzero.optim.comm.collective_bytes`,
+    ring conventions), for the model's real parameter shapes on ``mesh``'s ``data`` axis:
+
+    ``fp32_allreduce`` (what an exact fp32 gradient all-reduce moves), ``warmup`` and ``compression`` (the
+    optimizer's two stages compiled apart; ZeroOneAdam runs one program holding all its stages, reported as
+    ``one_program``), and ``compression_vs_fp32`` (the fraction). What train.pretrain writes to summary.json.
+    """
+    from jzero.optim.comm import collective_bytes
+
+    n = mesh.shape["data"]
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_params)
+    grads = jax.tree.map(lambda x: jax.ShapeDtypeStruct((n,) + x.shape, jnp.float32), shapes)
+    rep = jax.tree.map(lambda _: P(), shapes)
+    per_rank = jax.tree.map(lambda _: P("data"), shapes)
+
+    def total(fn, in_specs, out_specs, *args) -> int:
+        f = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names={"data"}))
+        return collective_bytes(f.lower(*args).compile().as_text())["total"]
+
+    def optimizer_bytes(phase: str) -> int:
+        tx = build_onebit(optimizer_type, opt_params, data_size=n, gradient_clipping=gradient_clipping, phase=phase)
+        state = jax.eval_shape(tx.init, shapes)
+        specs = onebit_state_specs(state)
+
+        def body(p, s, g):
+            updates, s = tx.update(jax.tree.map(lambda x: x[0], g), s, p)
+            return optax.apply_updates(p, updates), s
+
+        return total(body, (rep, specs, per_rank), (rep, specs), shapes, state, grads)
+
+    exact = total(lambda g: jax.lax.pmean(jax.tree.map(lambda x: x[0], g), "data"), (per_rank,), rep, grads)
+    report: dict[str, Any] = {"data_parallel": n, "fp32_allreduce": exact}
+    if optimizer_type.lower() == "zerooneadam":
+        report["one_program"] = optimizer_bytes("auto")
+    else:
+        report["warmup"] = optimizer_bytes("warmup")
+        report["compression"] = optimizer_bytes("compressed")
+        report["compression_vs_fp32"] = report["compression"] / exact if exact else None
+    return report
