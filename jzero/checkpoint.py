@@ -370,6 +370,13 @@ def load(engine, directory, tag=None, data_iterator=None, load_module_only: bool
     if data_iterator is not None and meta.get("data") is None:
         raise CheckpointError(f"{where} holds no data iterator position (saved without data_iterator); "
                               f"load it without data_iterator and position the data yourself")
+    if load_module_only and getattr(engine, "offload", None) is not None:
+        # under optimizer offload the weights are the fp32 host masters: read the checkpoint's fp32 weights
+        # (its params, or its masters if it was offloaded too) and rebuild masters + device copies from them
+        from jzero import export
+
+        engine.set_params(export.load_params(directory, step)[1])
+        return _restore_item(directory, step, "client", where)
     if load_module_only:
         check_compatible(meta, engine.state, engine.config.optimizer.type, where, prefix="params.")
         target = {"params": restore_target(saveable(engine.state.params))}

@@ -304,6 +304,41 @@ class Engine:
                 "opt_state": shd.per_device_bytes(self.state.opt_state, memory_kind="device"),
                 "host": shd.per_device_bytes(self.state, memory_kind="pinned_host")}
 
+    def master_params(self):
+        """The fp32 weights as jax arrays in the params' storage layout: ``state.params``, or under optimizer
+        offload the host masters re-stacked and placed like the device params."""
+        if self.offload is None:
+            return self.state.params
+        host = self.offload.master_params(self.state.opt_state)
+        return jax.tree.map(lambda x, s: jax.device_put(x, s), host, self.plan.param_storage)
+
+    def set_params(self, params) -> None:
+        """Replace the weights with ``params`` (same tree and shapes; fp32 values, numpy or jax, any layout).
+
+        Under optimizer offload the host masters and the device copies are both rebuilt from them and the
+        optimizer moments start fresh (as DeepSpeed's load_module_only / fine-tuning from weights).
+        """
+        from jzero.errors import CheckpointError
+
+        new, tdef = jax.tree.flatten(params)
+        cur, cdef = jax.tree.flatten(self.state.params)
+        if tdef != cdef:
+            raise CheckpointError(f"set_params: the new weights' tree {tdef} is not this model's {cdef}; use the "
+                                  "same model family and sizes")
+        bad = [(a.shape, b.shape) for a, b in zip(new, cur) if tuple(a.shape) != tuple(b.shape)]
+        if bad:
+            raise CheckpointError(f"set_params: a weight of shape {list(bad[0][0])} replaces one of shape "
+                                  f"{list(bad[0][1])} ({len(bad)} differ); use the same model sizes")
+        storage = jax.tree.leaves(self.plan.param_storage)
+        fp32 = [jax.device_put(jnp.asarray(x, jnp.float32) if not isinstance(x, jax.Array) else x.astype(jnp.float32),
+                               s) for x, s in zip(new, storage)]
+        if self.offload is None:
+            self.state = self.state.replace(params=jax.tree.unflatten(
+                cdef, [x.astype(c.dtype) for x, c in zip(fp32, cur)]))
+        else:
+            dev, opt_state, _ = self.offload.init(jax.tree.unflatten(cdef, fp32))
+            self.state = self.state.replace(params=dev, opt_state=opt_state)
+
     def n_params(self) -> int:
         return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.state.params)))
 

@@ -116,11 +116,11 @@ def load_pretrained(engine, path) -> dict:
         loaded.append(name)
         return jax.make_array_from_callback(cur.shape, cur.sharding, lambda idx: src[idx].astype(cur.dtype))
 
-    params = jax.tree_util.tree_map_with_path(one, engine.state.params)
+    params = jax.tree_util.tree_map_with_path(one, engine.master_params())   # fp32 (the host masters if offloaded)
     if not loaded:
         raise CheckpointError(f"finetune.init_from {path}: none of its {len(source)} params matches this model's "
                               f"names (e.g. {sorted(source)[:2]}); is it a model.family=bert checkpoint?")
-    engine.state = engine.state.replace(params=params)
+    engine.set_params(params)
     return {"path": str(path), "loaded": len(loaded), "fresh": sorted(fresh),
             "unused": sorted(set(source) - set(loaded))}
 
