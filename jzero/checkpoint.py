@@ -376,8 +376,8 @@ def load(engine, directory, tag=None, data_iterator=None, load_module_only: bool
         from jzero import export
 
         engine.set_params(export.load_params(directory, step)[1])
-        return _restore_item(directory, step, "client", where)
-    if load_module_only:
+        state = engine.state
+    elif load_module_only:
         check_compatible(meta, engine.state, engine.config.optimizer.type, where, prefix="params.")
         target = {"params": restore_target(saveable(engine.state.params))}
         params = _restore_state(directory, step, target, where, partial=True)["params"]

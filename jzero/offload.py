@@ -92,6 +92,7 @@ class OptimizerOffload:
     leaf_shapes: list              # per leaf: the full shape
     where: list                    # per chunk: "pinned_host", or "device" for the part a ratio < 1 keeps
     _fns: dict = field(default_factory=dict, repr=False)
+    _layers: list = field(default_factory=list, repr=False)   # per chunk: its layer index, on the device once
 
     @classmethod
     def build(cls, tx, plan, abstract_params, dtype, ratio: float = 1.0) -> "OptimizerOffload":
@@ -180,26 +181,21 @@ class OptimizerOffload:
         g = jax.tree.leaves(grads)
         last = {ch.leaf: c for c, ch in enumerate(self.chunks)}
         masters, inners = list(state.master), list(state.inner)
+        if not self._layers:
+            self._layers = [jnp.int32(0 if ch.layer is None else ch.layer) for ch in self.chunks]
         for c, ch in enumerate(self.chunks):
             fn = self._fn(c, inners[c])
-            layer = jnp.int32(0 if ch.layer is None else ch.layer)
-            dev[ch.leaf], masters[c], inners[c] = fn(dev[ch.leaf], g[ch.leaf], layer, masters[c], inners[c], mult, ok)
+            dev[ch.leaf], masters[c], inners[c] = fn(dev[ch.leaf], g[ch.leaf], self._layers[c], masters[c], inners[c],
+                                                     mult, ok)
             if last[ch.leaf] == c:
                 g[ch.leaf] = None      # this leaf's gradient can be freed
         return jax.tree.unflatten(self.treedef, dev), OffloadedOptState(master=masters, inner=inners)
 
     def master_params(self, state: OffloadedOptState):
         """The fp32 master weights as one params pytree of host numpy arrays (stacked leaves re-stacked)."""
-        import numpy as np
-
-        parts: dict[int, list] = {}
-        for c, ch in enumerate(self.chunks):
-            parts.setdefault(ch.leaf, []).append((ch.layer, np.asarray(jax.device_get(state.master[c]))))
-        leaves = []
-        for i in range(len(self.leaf_shapes)):
-            p = parts[i]
-            leaves.append(p[0][1] if p[0][0] is None else np.stack([a for _, a in sorted(p, key=lambda t: t[0])]))
-        return jax.tree.unflatten(self.treedef, leaves)
+        flat = restack_masters([[c.path, c.layer] for c in self.chunks], jax.device_get(list(state.master)))
+        path_of = {c.leaf: c.path for c in self.chunks}
+        return jax.tree.unflatten(self.treedef, [flat[path_of[i]] for i in range(len(self.leaf_shapes))])
 
 
 def make_grad_fn(loss_fn: Callable, schedule: Callable, mesh, rules, plan, accum_dtype, max_norm: float,
@@ -212,6 +208,7 @@ def make_grad_fn(loss_fn: Callable, schedule: Callable, mesh, rules, plan, accum
     """
     from jzero import sharding as shd
     from jzero.engine import accumulate_grads
+    from jzero.optim import clip_coefficient, global_norm
     from jzero.precision import all_finite, scale_loss, update_loss_scale
 
     def grad_fn(state, batch):
@@ -221,7 +218,7 @@ def make_grad_fn(loss_fn: Callable, schedule: Callable, mesh, rules, plan, accum
             scaled_loss, grads = accumulate_grads(scaled, state.params, batch, plan.grad, accum_dtype)
         norm = global_norm(grads) / ls.scale
         ok = all_finite(grads) if skip_nonfinite else jnp.asarray(True)
-        mult = clip_multiplier(norm, max_norm) / ls.scale
+        mult = clip_coefficient(norm, max_norm) / ls.scale
         new_ls = update_loss_scale(ls, ok) if skip_nonfinite else ls
         lr = jnp.asarray(schedule(state.step - ls.skipped_steps), jnp.float32)
         metrics = {"loss": scaled_loss / ls.scale, "grad_norm": norm, "lr": lr, "loss_scale": ls.scale,
@@ -250,18 +247,6 @@ def host_memory_limit_gb(fraction: float = 0.8) -> int | None:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * fraction / 1e9)
     except (ValueError, OSError, AttributeError):
         return None
-
-
-def global_norm(tree) -> jax.Array:
-    """fp32 global L2 norm of every leaf (bf16 gradients are upcast per leaf)."""
-    return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(tree)))
-
-
-def clip_multiplier(norm: jax.Array, max_norm: float) -> jax.Array:
-    """DeepSpeed's ``gradient_clipping`` as one multiplier: ``min(1, max_norm / (||g|| + 1e-6))`` (1 when off)."""
-    if not max_norm:
-        return jnp.ones((), jnp.float32)
-    return jnp.minimum(1.0, max_norm / (norm + 1e-6))
 
 
 def restack_masters(chunk_paths: list, masters: list) -> dict[str, Any]:

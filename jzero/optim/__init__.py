@@ -46,6 +46,18 @@ VALID_OPTIMIZERS = ("Adam", "AdamW", "Lamb")
 _BOOLS = {"bias_correction", "adam_w_mode", "amsgrad", "set_grad_none", "torch_adam", "eps_inside_sqrt"}
 
 
+def global_norm(tree) -> jax.Array:
+    """fp32 L2 norm over every leaf of ``tree`` (16-bit leaves are upcast per leaf before squaring)."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(tree)))
+
+
+def clip_coefficient(norm: jax.Array, max_norm: float) -> jax.Array:
+    """DeepSpeed's clip factor ``min(1, max_norm / (norm + 1e-6))``; 1 when ``max_norm`` is 0 (clipping off)."""
+    if not max_norm:
+        return jnp.ones((), jnp.float32)
+    return jnp.minimum(1.0, max_norm / (norm + 1e-6))
+
+
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     """DeepSpeed's ``gradient_clipping``: scale all gradients by ``min(1, max_norm / (||g|| + 1e-6))``.
 
@@ -55,9 +67,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
     def update_fn(updates, state, params=None):
         del params
-        leaves = jax.tree.leaves(updates)
-        norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in leaves))
-        coef = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+        coef = clip_coefficient(global_norm(updates), max_norm)
         return jax.tree.map(lambda g: (g * coef).astype(g.dtype), updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
