@@ -121,9 +121,29 @@ def lm_task(seq_len: int) -> Task:
 
 
 def lm_loss(apply_fn: Callable, params, tokens_BxT1: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy (fp32) of ``tokens[:, :-1] -> tokens[:, 1:]``."""
-    logits = apply_fn({"params": params}, tokens_BxT1[:, :-1])
-    return cross_entropy(logits, tokens_BxT1[:, 1:]).mean()
+    """Mean next-token cross-entropy (fp32) of ``tokens[:, :-1] -> tokens[:, 1:]``.
+
+    A bf16 model with a fused head (GPT-2, Llama: ``fused_head``) on the GPU applies its head inside
+    :func:`jzero.kernels.cross_entropy.head_cross_entropy` (Pallas; the logits are read once, never kept);
+    otherwise logits from the model, then :func:`cross_entropy`.
+    """
+    inputs, labels = tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]
+    if _use_fused_head(apply_fn):
+        from jzero.kernels.cross_entropy import head_cross_entropy
+
+        hidden, w_VxD = apply_fn({"params": params}, inputs, head=False)
+        return head_cross_entropy(hidden, w_VxD, labels).mean()
+    return cross_entropy(apply_fn({"params": params}, inputs), labels).mean()
+
+
+def _use_fused_head(apply_fn: Callable) -> bool:
+    from jzero import kernels
+    from jzero.kernels import cross_entropy as kernel_ce
+
+    module = getattr(apply_fn, "__self__", None)
+    cfg = getattr(module, "cfg", None)
+    return (getattr(module, "fused_head", False) and cfg is not None
+            and jnp.dtype(cfg.dtype) == jnp.dtype(jnp.bfloat16) and kernels.enabled("cross_entropy") and kernel_ce.supported())
 
 
 @jax.custom_vjp

@@ -47,23 +47,29 @@ class Block(nn.Module):
     def __call__(self, x_BxTxD, _=None):
         cfg = self.cfg
         out_std = 0.02 / math.sqrt(2 * cfg.n_layer)
-        h = LayerNorm(cfg.dtype, name="ln_1")(x_BxTxD)
+        # passthrough: the residual stream comes back beside its norm, so the GPU kernel's backward adds the
+        # residual gradient into the norm's dx in one pass
+        x, h = LayerNorm(cfg.dtype, name="ln_1", passthrough=True)(x_BxTxD)
         # each sub-layer's output is reduced into the residual layout here (tensor parallelism's all-reduce,
         # or reduce-scatter under sequence parallelism)
-        x = x_BxTxD + constrain(MultiHeadAttention(cfg.n_head, cfg.dtype, cfg.attention, out_std, name="attn")(h),
-                                RESIDUAL)
-        h = LayerNorm(cfg.dtype, name="ln_2")(x)
-        x = x + constrain(MLP(cfg.d_ff, cfg.dtype, out_std, name="mlp")(h), RESIDUAL)
+        x = x + constrain(MultiHeadAttention(cfg.n_head, cfg.dtype, cfg.attention, out_std, name="attn")(h),
+                          RESIDUAL)
+        x, h = LayerNorm(cfg.dtype, name="ln_2", passthrough=True)(x)
+        x = x + constrain(MLP(cfg.d_ff, cfg.dtype, out_std, fused=not cfg.remat, name="mlp")(h), RESIDUAL)
         return constrain(x, RESIDUAL), None
 
 
 class GPT2(nn.Module):
     """``tokens_BxT`` (int32) -> logits ``[B, T, vocab]`` in the compute dtype."""
 
+    fused_head = True   # __call__(..., head=False) gives (hidden, head weight [V, D]); see jzero.engine.lm_loss
+
     cfg: GPT2Config
 
     @nn.compact
-    def __call__(self, tokens_BxT):
+    def __call__(self, tokens_BxT, head: bool = True):
+        """``head=False``: ``(hidden_BxTxD, wte_VxD)`` in the compute dtype instead of the logits (for a loss that
+        applies the tied head itself, ``jzero.kernels.cross_entropy.head_cross_entropy``)."""
         cfg = self.cfg
         T = tokens_BxT.shape[1]
         if T > cfg.max_len:
@@ -75,6 +81,8 @@ class GPT2(nn.Module):
         x = constrain(x, RESIDUAL)
         x = stack_blocks(Block, cfg, x)
         x = LayerNorm(cfg.dtype, name="ln_f")(x)
+        if not head:
+            return x, wte
         # logits in the compute dtype (bf16 under bf16.enabled, as PyTorch autocast gives); the loss upcasts to fp32
         logits = jnp.einsum("btd,vd->btv", x, wte)
         return constrain(logits, ("batch", "length", "vocab"))

@@ -18,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from jzero import pipeline
+from jzero import kernels, pipeline
+from jzero.kernels import layer_norm as kernel_ln
+from jzero.kernels import mlp as kernel_mlp
 from jzero.sharding import constrain
 
 Dtype = Any
@@ -49,10 +51,16 @@ def attention_impl(choice: str) -> str | None:
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm computed in fp32 (as GPT-2), output in the compute dtype."""
+    """LayerNorm computed in fp32 (as GPT-2), output in the compute dtype.
+
+    bf16/fp16 on a GPU: the Pallas kernels of :mod:`jzero.kernels.layer_norm` (one HBM pass each way), per shard
+    of ``names`` (the input's logical axes); elsewhere :func:`layer_norm` (XLA, same gradient).
+    """
 
     dtype: Dtype = jnp.float32
     eps: float = 1e-5
+    names: tuple = RESIDUAL
+    passthrough: bool = False   # return (x, norm(x)): the kernel then adds the residual's gradient into dx
 
     @nn.compact
     def __call__(self, x):
@@ -60,12 +68,16 @@ class LayerNorm(nn.Module):
         scale = param(self, "scale", (d,), ("embed",), nn.initializers.ones, jnp.float32)
         bias = param(self, "bias", (d,), ("embed",), nn.initializers.zeros, jnp.float32)
         if _low_precision(self.dtype):   # GPU training path; fp32 keeps the plain formula (results unchanged)
-            return layer_norm(x, scale, bias, self.eps, self.dtype)
+            if kernels.enabled("layer_norm") and kernel_ln.supported(self.names):
+                op = kernel_ln.residual_layer_norm if self.passthrough else kernel_ln.layer_norm
+                return op(x, scale, bias, self.eps, self.dtype, tuple(self.names))
+            y = layer_norm(x, scale, bias, self.eps, self.dtype)
+            return (x, y) if self.passthrough else y
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
-        return y.astype(self.dtype)
+        y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias).astype(self.dtype)
+        return (x, y) if self.passthrough else y
 
 
 def _low_precision(dtype) -> bool:
@@ -283,6 +295,7 @@ class MLP(nn.Module):
     dtype: Dtype
     out_init_std: float
     gelu_approximate: bool = True   # GPT-2's tanh GELU; BERT uses the exact (erf) one
+    fused: bool = False   # GPU, bf16/fp16, no remat: jzero.kernels.mlp (GELU in the GEMM epilogues)
 
     @nn.compact
     def __call__(self, x_BxTxD):
@@ -290,6 +303,12 @@ class MLP(nn.Module):
         d = x_BxTxD.shape[-1]
         w1 = param(self, "fc_kernel", (d, self.d_ff), ("embed", "mlp"), nn.initializers.normal(0.02), self.dtype)
         b1 = param(self, "fc_bias", (self.d_ff,), ("mlp",), nn.initializers.zeros, self.dtype)
+        if (self.fused and self.gelu_approximate and _low_precision(self.dtype) and kernels.enabled("mlp")
+                and kernel_mlp.supported(x_BxTxD.shape, self.d_ff)):
+            w2 = param(self, "proj_kernel", (self.d_ff, d), ("mlp", "embed"),
+                       nn.initializers.normal(self.out_init_std), self.dtype)
+            b2 = param(self, "proj_bias", (d,), ("embed",), nn.initializers.zeros, self.dtype)
+            return kernel_mlp.mlp(x_BxTxD, w1, b1, w2, b2)
         pre = jnp.einsum("btd,df->btf", x_BxTxD, w1) + b1
         if self.gelu_approximate and _low_precision(self.dtype):   # fp32 keeps jax's autodiff (unchanged)
             hdn = gelu_tanh(pre)

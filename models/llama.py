@@ -79,8 +79,10 @@ class Llama(nn.Module):
 
     cfg: LlamaConfig
 
+    fused_head = True   # __call__(..., head=False) gives (hidden, head weight [V, D]); see jzero.engine.lm_loss
+
     @nn.compact
-    def __call__(self, tokens_BxT):
+    def __call__(self, tokens_BxT, head: bool = True):
         cfg = self.cfg
         if tokens_BxT.shape[1] > cfg.max_len:
             raise ValueError(f"sequence length {tokens_BxT.shape[1]} exceeds model.max_len={cfg.max_len}; "
@@ -91,9 +93,11 @@ class Llama(nn.Module):
         x = stack_blocks(LlamaBlock, cfg, x)
         x = RMSNorm(cfg.dtype, cfg.norm_eps, name="final_norm")(x)
         if cfg.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, embed.astype(cfg.dtype))
+            w_VxD = embed.astype(cfg.dtype)
         else:
-            head = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
-                         nn.initializers.normal(0.02), cfg.dtype)
-            logits = jnp.einsum("btd,dv->btv", x, head.astype(cfg.dtype))
+            w_VxD = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                          nn.initializers.normal(0.02), cfg.dtype).T
+        if not head:   # (hidden, head weight) for a loss that applies the head itself (jzero.engine.lm_loss)
+            return x, w_VxD
+        logits = jnp.einsum("btd,vd->btv", x, w_VxD)
         return constrain(logits, ("batch", "length", "vocab"))

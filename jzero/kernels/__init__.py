@@ -1,0 +1,88 @@
+"""Hand-written GPU kernels (Pallas, Triton backend) for the passes XLA leaves at two or three HBM round trips.
+
+- :mod:`jzero.kernels.layer_norm`: LayerNorm whose backward reads ``x`` and ``dy`` once and writes ``dx`` plus
+  per-block partial scale/bias gradients (XLA: three kernels and a recomputed fp32 ``xhat * dy``).
+- :mod:`jzero.kernels.mlp`: GPT-2's MLP with bias+GELU in the fc GEMM's epilogue and GELU' (+ the bias gradient)
+  in the proj dX GEMM's.
+- :mod:`jzero.kernels.cross_entropy`: the LM head's cross-entropy that reads the logits once (both passes of a
+  row hit L2) and writes ``softmax - onehot`` in the forward, with the head's linear inside the custom VJP so the
+  per-token cotangent scales the small GEMM outputs instead of the [tokens, vocab] array.
+
+When they run: :func:`enabled` is True on a GPU backend (``JZERO_KERNELS=0`` turns them off, ``=1`` forces them on,
+in Pallas interpret mode off the GPU, which is how the CPU tests check their numbers; ``=layer_norm,mlp`` picks some). Under an active sharding
+plan the kernels run per shard through ``shard_map`` over the row (token) axes; a layout that splits the reduced
+axis (the hidden size for LayerNorm, the vocabulary for the loss) falls back to the XLA formula.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+from jzero import sharding as _sharding
+
+
+#: the kernels, by the names JZERO_KERNELS takes
+NAMES = ("layer_norm", "cross_entropy", "mlp")
+
+
+def enabled(name: str | None = None) -> bool:
+    """Use Pallas kernel ``name`` (None: any)? GPU backend by default. ``JZERO_KERNELS``: 0 (none), 1 (all, also
+    off the GPU, in interpret mode), or a comma-separated subset of :data:`NAMES`."""
+    flag = os.environ.get("JZERO_KERNELS", "").strip()
+    if not flag:
+        return jax.default_backend() == "gpu"
+    if flag in ("0", "1"):
+        return flag == "1"
+    chosen = {n.strip() for n in flag.split(",") if n.strip()}
+    unknown = chosen - set(NAMES)
+    if unknown:
+        raise ValueError(f"JZERO_KERNELS={flag!r}: unknown kernel(s) {sorted(unknown)}; use 0, 1 or a "
+                         f"comma-separated subset of {', '.join(NAMES)}")
+    return name is None or name in chosen
+
+
+def interpret() -> bool:
+    """Pallas interpret mode off the GPU (CPU tests of the kernels' numbers)."""
+    return jax.default_backend() != "gpu"
+
+
+def row_spec(names: Sequence[str | None]):
+    """PartitionSpec of an array with these logical ``names`` under the active plan (None: no plan active)."""
+    active = _sharding.active_plan()
+    if active is None:
+        return None
+    mesh, rules = active
+    return mesh, _sharding.logical_to_spec(names, rules)
+
+
+def spec_axes(spec: P) -> tuple[str, ...]:
+    """Mesh axes named anywhere in ``spec``."""
+    out: list[str] = []
+    for entry in spec:
+        if entry is None:
+            continue
+        out.extend(entry if isinstance(entry, tuple) else (entry,))
+    return tuple(out)
+
+
+def per_shard(make_fn: Callable, names: Sequence[str | None], in_specs, out_specs, reduced_dim: int = -1):
+    """``make_fn(row_axes)`` run per shard (``shard_map``) under an active plan, or as is; None if ``reduced_dim``
+    is split over a mesh axis (the caller then uses its XLA formula).
+
+    ``row_axes`` are the mesh axes the rows are split over (for a ``psum`` of partial sums; () without a plan).
+    ``in_specs``/``out_specs`` are callables ``spec -> specs`` given the PartitionSpec of the row-major operand
+    (logical ``names``), so a caller states which operands follow the rows and which are replicated.
+    """
+    got = row_spec(names)
+    if got is None or got[0].size == 1:
+        return make_fn(())
+    mesh, spec = got
+    spec = P(*(tuple(spec) + (None,) * (len(names) - len(spec))))
+    if spec[reduced_dim] is not None:
+        return None
+    return jax.shard_map(make_fn(spec_axes(spec)), mesh=mesh, in_specs=in_specs(spec), out_specs=out_specs(spec),
+                         check_vma=False)

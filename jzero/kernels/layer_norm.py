@@ -1,0 +1,215 @@
+"""LayerNorm forward/backward as Pallas (Triton) kernels: one HBM pass each way.
+
+Forward: a program normalises ``block_m`` rows (the whole hidden size in one tile), writes ``y`` in the compute
+dtype and the fp32 row statistics (mean, rstd) that the backward reuses. Backward: a program walks
+``n_inner`` row tiles, reads ``x`` and ``dy`` once, writes ``dx`` and one row of fp32 partial sums of
+``dy * xhat`` and ``dy``; XLA then adds the [programs, d] partials (a ~1 MB array). XLA's own backward for GPT-2
+124M on the H100 is three kernels (a Triton ``dx`` fusion that recomputes the statistics, an fp32 ``xhat * dy``
+array, a column reduction): 2.5 ms of a 35 ms step for 25 LayerNorms whose bytes need ~0.8 ms.
+
+Math (per row, N = hidden size, g = dy * scale):
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  dscale = sum_rows(dy * xhat),  dbias = sum_rows(dy)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+from jax.sharding import PartitionSpec as P
+
+from jzero import kernels
+
+F32 = jnp.float32
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _tile(ref, rows, cols, mask, other=0.0):
+    return plgpu.load(ref.at[rows[:, None], cols[None, :]], mask=mask, other=other).astype(F32)
+
+
+def _fwd_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, eps, block_m, block_n):
+    m, n = x_ref.shape
+    rows = pl.program_id(0) * block_m + jnp.arange(block_m)
+    cols = jnp.arange(block_n)
+    rmask, cmask = rows < m, cols < n
+    mask = rmask[:, None] & cmask[None, :]
+    x = _tile(x_ref, rows, cols, mask)
+    mean = x.sum(axis=1) / n
+    xc = jnp.where(mask, x - mean[:, None], 0.0)
+    rstd = jax.lax.rsqrt((xc * xc).sum(axis=1) / n + eps)
+    w = plgpu.load(scale_ref.at[cols], mask=cmask, other=0.0).astype(F32)
+    b = plgpu.load(bias_ref.at[cols], mask=cmask, other=0.0).astype(F32)
+    y = xc * rstd[:, None] * w[None, :] + b[None, :]
+    plgpu.store(y_ref.at[rows[:, None], cols[None, :]], y.astype(y_ref.dtype), mask=mask)
+    plgpu.store(mean_ref.at[rows], mean, mask=rmask)
+    plgpu.store(rstd_ref.at[rows], rstd, mask=rmask)
+
+
+def _bwd_kernel(x_ref, dy_ref, scale_ref, mean_ref, rstd_ref, *refs, block_m, block_n, n_inner, add_dres):
+    if add_dres:
+        dres_ref, dx_ref, dscale_ref, dbias_ref = refs
+    else:
+        dx_ref, dscale_ref, dbias_ref = refs
+    m, n = x_ref.shape
+    cols = jnp.arange(block_n)
+    cmask = cols < n
+    w = plgpu.load(scale_ref.at[cols], mask=cmask, other=0.0).astype(F32)
+    first = pl.program_id(0) * n_inner
+
+    def body(k, acc):
+        rows = (first + k) * block_m + jnp.arange(block_m)
+        rmask = rows < m
+        mask = rmask[:, None] & cmask[None, :]
+        x = _tile(x_ref, rows, cols, mask)
+        dy = _tile(dy_ref, rows, cols, mask)
+        mean = plgpu.load(mean_ref.at[rows], mask=rmask, other=0.0)
+        rstd = plgpu.load(rstd_ref.at[rows], mask=rmask, other=0.0)
+        xhat = jnp.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        g = dy * w[None, :]
+        c1 = (g * xhat).sum(axis=1) / n
+        c2 = g.sum(axis=1) / n
+        dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        if add_dres:
+            dx = dx + _tile(dres_ref, rows, cols, mask)
+        plgpu.store(dx_ref.at[rows[:, None], cols[None, :]], dx.astype(dx_ref.dtype), mask=mask)
+        ds, db = acc
+        return ds + (dy * xhat).sum(axis=0), db + dy.sum(axis=0)
+
+    zero = jnp.zeros((block_n,), F32)
+    ds, db = jax.lax.fori_loop(0, n_inner, body, (zero, zero))
+    at = pl.program_id(0) * n + cols
+    plgpu.store(dscale_ref.at[at], ds, mask=cmask)
+    plgpu.store(dbias_ref.at[at], db, mask=cmask)
+
+
+#: rows per program tile; programs of the backward walk ``BWD_INNER`` tiles each (fewer partial rows to add)
+BLOCK_M = 16
+BWD_INNER = 4
+NUM_WARPS = 8
+
+
+def forward_2d(x_MxN, scale_N, bias_N, eps: float, out_dtype, block_m: int = BLOCK_M, num_warps: int = NUM_WARPS):
+    """``(y [M, N] out_dtype, mean [M] fp32, rstd [M] fp32)``."""
+    m, n = x_MxN.shape
+    kernel = functools.partial(_fwd_kernel, eps=eps, block_m=block_m, block_n=_pow2(n))
+    return pl.pallas_call(
+        kernel, grid=(pl.cdiv(m, block_m),), name="jzero_layer_norm_fwd", interpret=kernels.interpret(),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps),
+        out_shape=(jax.ShapeDtypeStruct((m, n), out_dtype), jax.ShapeDtypeStruct((m,), F32),
+                   jax.ShapeDtypeStruct((m,), F32)),
+    )(x_MxN, scale_N, bias_N)
+
+
+def backward_2d(x_MxN, dy_MxN, scale_N, mean_M, rstd_M, dres_MxN=None, block_m: int = BLOCK_M,
+                n_inner: int = BWD_INNER, num_warps: int = NUM_WARPS):
+    """``(dx [M, N] x.dtype, dscale [N] fp32, dbias [N] fp32)`` of the rows given; ``dres`` (the gradient that
+    reached ``x`` by another path, the residual stream) is added into ``dx`` in the same pass."""
+    m, n = x_MxN.shape
+    programs = pl.cdiv(m, block_m * n_inner)
+    kernel = functools.partial(_bwd_kernel, block_m=block_m, block_n=_pow2(n), n_inner=n_inner,
+                               add_dres=dres_MxN is not None)
+    extra = () if dres_MxN is None else (dres_MxN,)
+    dx, ds, db = pl.pallas_call(
+        kernel, grid=(programs,), name="jzero_layer_norm_bwd", interpret=kernels.interpret(),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps),
+        out_shape=(jax.ShapeDtypeStruct((m, n), x_MxN.dtype), jax.ShapeDtypeStruct((programs * n,), F32),
+                   jax.ShapeDtypeStruct((programs * n,), F32)),
+    )(x_MxN, dy_MxN, scale_N, mean_M, rstd_M, *extra)
+    return dx, ds.reshape(programs, n).sum(0), db.reshape(programs, n).sum(0)
+
+
+# --------------------------------------------------------------------------- differentiable op over [..., N]
+
+
+def _flat(a):
+    return a.reshape(-1, a.shape[-1])
+
+
+def _fwd_local(eps, out_dtype):
+    def run(x, scale, bias):
+        y, mean, rstd = forward_2d(_flat(x), scale.astype(F32), bias.astype(F32), eps, out_dtype)
+        lead = x.shape[:-1]
+        return y.reshape(x.shape), mean.reshape(lead), rstd.reshape(lead)
+    return run
+
+
+def _bwd_local(axes):
+    def run(x, dy, scale, mean, rstd, dres=None):
+        dx, ds, db = backward_2d(_flat(x), _flat(dy), scale.astype(F32), mean.reshape(-1), rstd.reshape(-1),
+                                 None if dres is None else _flat(dres))
+        if axes:
+            ds, db = jax.lax.psum((ds, db), axes)
+        return dx.reshape(x.shape), ds, db
+    return run
+
+
+def _row(spec):
+    return P(*spec[:-1])
+
+
+def supported(names) -> bool:
+    """Can the kernel run under the active plan (the hidden axis is not split)?"""
+    spec = kernels.row_spec(names)
+    if spec is None or spec[0].size == 1:
+        return True
+    full = tuple(spec[1]) + (None,) * (len(names) - len(spec[1]))
+    return full[-1] is None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def layer_norm(x, scale, bias, eps: float, out_dtype, names: tuple):
+    """LayerNorm over the last axis of ``x`` (logical axis ``names``), fp32 statistics, output in ``out_dtype``."""
+    return _fwd(x, scale, bias, eps, out_dtype, names)[0]
+
+
+def _fwd(x, scale, bias, eps, out_dtype, names):
+    fn = kernels.per_shard(lambda axes: _fwd_local(eps, out_dtype), names,
+                           in_specs=lambda s: (s, P(), P()), out_specs=lambda s: (s, _row(s), _row(s)))
+    y, mean, rstd = fn(x, scale, bias)
+    return y, (x, scale, mean, rstd)
+
+
+def _bwd(eps, out_dtype, names, res, dy):
+    x, scale, mean, rstd = res
+    fn = kernels.per_shard(_bwd_local, names, in_specs=lambda s: (s, s, P(), _row(s), _row(s)),
+                           out_specs=lambda s: (s, P(), P()))
+    dx, ds, db = fn(x, dy, scale, mean, rstd)
+    return dx, ds.astype(scale.dtype), db.astype(scale.dtype)
+
+
+layer_norm.defvjp(_fwd, _bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def residual_layer_norm(x, scale, bias, eps: float, out_dtype, names: tuple):
+    """``(x, layer_norm(x))``: the residual stream passed through beside its norm.
+
+    Same values as ``x`` and :func:`layer_norm`; the point is the backward, where the gradient arriving through
+    the residual stream is added into the norm's ``dx`` inside the kernel instead of by a separate XLA pass over
+    [tokens, d] (one per norm of a pre-LN block).
+    """
+    return x, layer_norm(x, scale, bias, eps, out_dtype, names)
+
+
+def _res_fwd(x, scale, bias, eps, out_dtype, names):
+    y, res = _fwd(x, scale, bias, eps, out_dtype, names)
+    return (x, y), res
+
+
+def _res_bwd(eps, out_dtype, names, res, cts):
+    dres, dy = cts
+    x, scale, mean, rstd = res
+    fn = kernels.per_shard(_bwd_local, names, in_specs=lambda s: (s, s, P(), _row(s), _row(s), s),
+                           out_specs=lambda s: (s, P(), P()))
+    dx, ds, db = fn(x, dy, scale, mean, rstd, dres.astype(x.dtype))
+    return dx, ds.astype(scale.dtype), db.astype(scale.dtype)
+
+
+residual_layer_norm.defvjp(_res_fwd, _res_bwd)
