@@ -89,6 +89,22 @@ def header() -> str:
     return "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS)
 
 
+def set_kernel_tile(item: str) -> None:
+    """``layer_norm.BLOCK_M=8`` -> ``jzero.kernels.layer_norm.BLOCK_M = 8`` (an existing int constant only)."""
+    import importlib
+
+    try:
+        target, value = item.split("=")
+        module, name = target.split(".")
+        mod = importlib.import_module(f"jzero.kernels.{module}")
+        if not isinstance(getattr(mod, name), int):
+            raise AttributeError(name)
+        setattr(mod, name, int(value))
+    except (ValueError, ImportError, AttributeError):
+        raise SystemExit(f"--kernel-tile {item!r}: expected MODULE.NAME=INT naming an int constant of a "
+                         f"jzero.kernels module, e.g. layer_norm.BLOCK_M=8") from None
+
+
 def main(argv=None) -> int:
     from jzero.config import load_config
     from jzero.errors import JzeroError
@@ -101,8 +117,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="append the row as JSON to this file")
     p.add_argument("--profile", help="write a jax.profiler trace of 3 more steps here (see benchmarks/trace_top.py)")
     p.add_argument("--hlo", help="write the compiled step's optimized HLO text here")
+    p.add_argument("--kernel-tile", action="append", default=[], metavar="MODULE.NAME=INT",
+                   help="set a tile constant of a jzero.kernels module for this run, e.g. layer_norm.BLOCK_M=8")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    for item in args.kernel_tile:
+        set_kernel_tile(item)
     try:
         from train.pretrain import DEFAULT_CONFIG
 

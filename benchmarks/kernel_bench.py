@@ -116,50 +116,6 @@ def cross_entropy_rows(m: int, d: int, v: int, iters: int, sweep: bool):
     return rows
 
 
-def mlp_rows(m: int, d: int, f: int, iters: int, sweep: bool):
-    from jzero.kernels import mlp as K
-    from models.layers import gelu_tanh
-
-    k = jax.random.split(jax.random.PRNGKey(2), 6)
-    x = jax.random.normal(k[0], (1, m, d)).astype(jnp.bfloat16)
-    w1 = (0.02 * jax.random.normal(k[1], (d, f))).astype(jnp.bfloat16)
-    b1 = (0.02 * jax.random.normal(k[2], (f,))).astype(jnp.bfloat16)
-    w2 = (0.02 * jax.random.normal(k[3], (f, d))).astype(jnp.bfloat16)
-    b2 = (0.02 * jax.random.normal(k[4], (d,))).astype(jnp.bfloat16)
-    dy = jax.random.normal(k[5], (1, m, d)).astype(jnp.bfloat16)
-
-    def grad_of(fn):
-        def loss(*a):
-            return jnp.vdot(fn(*a).astype(jnp.float32), dy.astype(jnp.float32))
-        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
-
-    def xla(x, w1, b1, w2, b2):
-        return jnp.einsum("btf,fd->btd", gelu_tanh(jnp.einsum("btd,df->btf", x, w1) + b1), w2) + b2
-
-    args = (x, w1, b1, w2, b2)
-    ms, ref = _time(grad_of(xla), *args, iters=iters)
-    rows = [("mlp", "xla", "", ms, 0.0)]
-    configs = [K.CONFIG]
-    if sweep:
-        configs += [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 4, 4), (128, 256, 32, 8, 4),
-                    (256, 128, 64, 8, 3), (128, 128, 32, 4, 5)]
-    for conf in configs:
-        orig = K.CONFIG
-        K.CONFIG = conf
-        try:
-            ms, out = _time(grad_of(K.mlp), *args, iters=iters)
-            rel = max(float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)))
-                            / (np.max(np.abs(np.asarray(b, np.float32))) + 1e-30))
-                      for a, b in zip(jax.tree.leaves(out[1]), jax.tree.leaves(ref[1])))
-            rows.append(("mlp", "pallas", f"bm,bn,bk,warps,stages={conf}", ms, rel))
-        except Exception as exc:   # noqa: BLE001
-            rows.append(("mlp", "pallas", f"{conf} FAILED {type(exc).__name__}: {str(exc)[:300]}",
-                         float("nan"), float("nan")))
-        finally:
-            K.CONFIG = orig
-    return rows
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=16384)
@@ -171,7 +127,6 @@ def main(argv=None):
     print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}")
     rows = layer_norm_rows(args.tokens, args.d_model, args.iters, args.sweep)
     rows += cross_entropy_rows(args.tokens, args.d_model, args.vocab, args.iters, args.sweep)
-    rows += mlp_rows(args.tokens, args.d_model, 4 * args.d_model, args.iters, args.sweep)
     print("| op | impl | config | ms (fwd+bwd) | max rel diff vs xla |")
     print("|---|---|---|---|---|")
     for op, impl, conf, ms, diff in rows:

@@ -20,7 +20,6 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jzero import kernels, pipeline
 from jzero.kernels import layer_norm as kernel_ln
-from jzero.kernels import mlp as kernel_mlp
 from jzero.sharding import constrain
 
 Dtype = Any
@@ -295,7 +294,6 @@ class MLP(nn.Module):
     dtype: Dtype
     out_init_std: float
     gelu_approximate: bool = True   # GPT-2's tanh GELU; BERT uses the exact (erf) one
-    fused: bool = False   # GPU, bf16/fp16, no remat: jzero.kernels.mlp (GELU in the GEMM epilogues)
 
     @nn.compact
     def __call__(self, x_BxTxD):
@@ -303,12 +301,6 @@ class MLP(nn.Module):
         d = x_BxTxD.shape[-1]
         w1 = param(self, "fc_kernel", (d, self.d_ff), ("embed", "mlp"), nn.initializers.normal(0.02), self.dtype)
         b1 = param(self, "fc_bias", (self.d_ff,), ("mlp",), nn.initializers.zeros, self.dtype)
-        if (self.fused and self.gelu_approximate and _low_precision(self.dtype) and kernels.enabled("mlp")
-                and kernel_mlp.supported(x_BxTxD.shape, self.d_ff)):
-            w2 = param(self, "proj_kernel", (self.d_ff, d), ("mlp", "embed"),
-                       nn.initializers.normal(self.out_init_std), self.dtype)
-            b2 = param(self, "proj_bias", (d,), ("embed",), nn.initializers.zeros, self.dtype)
-            return kernel_mlp.mlp(x_BxTxD, w1, b1, w2, b2)
         pre = jnp.einsum("btd,df->btf", x_BxTxD, w1) + b1
         if self.gelu_approximate and _low_precision(self.dtype):   # fp32 keeps jax's autodiff (unchanged)
             hdn = gelu_tanh(pre)

@@ -2,14 +2,12 @@
 
 - :mod:`jzero.kernels.layer_norm`: LayerNorm whose backward reads ``x`` and ``dy`` once and writes ``dx`` plus
   per-block partial scale/bias gradients (XLA: three kernels and a recomputed fp32 ``xhat * dy``).
-- :mod:`jzero.kernels.mlp`: GPT-2's MLP with bias+GELU in the fc GEMM's epilogue and GELU' (+ the bias gradient)
-  in the proj dX GEMM's.
 - :mod:`jzero.kernels.cross_entropy`: the LM head's cross-entropy that reads the logits once (both passes of a
   row hit L2) and writes ``softmax - onehot`` in the forward, with the head's linear inside the custom VJP so the
   per-token cotangent scales the small GEMM outputs instead of the [tokens, vocab] array.
 
 When they run: :func:`enabled` is True on a GPU backend (``JZERO_KERNELS=0`` turns them off, ``=1`` forces them on,
-in Pallas interpret mode off the GPU, which is how the CPU tests check their numbers; ``=layer_norm,mlp`` picks some). Under an active sharding
+in Pallas interpret mode off the GPU, which is how the CPU tests check their numbers; ``=layer_norm`` picks some). Under an active sharding
 plan the kernels run per shard through ``shard_map`` over the row (token) axes; a layout that splits the reduced
 axis (the hidden size for LayerNorm, the vocabulary for the loss) falls back to the XLA formula.
 """
@@ -26,7 +24,7 @@ from jzero import sharding as _sharding
 
 
 #: the kernels, by the names JZERO_KERNELS takes
-NAMES = ("layer_norm", "cross_entropy", "mlp")
+NAMES = ("layer_norm", "cross_entropy")
 
 
 def enabled(name: str | None = None) -> bool:

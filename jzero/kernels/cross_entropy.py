@@ -26,9 +26,13 @@ from jzero import kernels
 
 F32 = jnp.float32
 _NEG = -1e30   # finite "minus infinity" for the running max (exp(-inf - -inf) would be nan)
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 
 
 def _kernel(logits_ref, labels_ref, loss_ref, d_ref, *, block_r, block_v):
+    # log2 domain: exp2 lowers to one fast instruction (exp to libdevice's accurate expf, ~10), and the kernel is
+    # instruction-bound, not byte-bound, at 1.7 TB/s with exp (H100, GPT-2 124M logits)
     m, v = logits_ref.shape
     rows = pl.program_id(0) * block_r + jnp.arange(block_r)
     rmask = rows < m
@@ -43,35 +47,35 @@ def _kernel(logits_ref, labels_ref, loss_ref, d_ref, *, block_r, block_v):
         mx, se = carry
         cols, mask = chunk(k)
         x = plgpu.load(logits_ref.at[rows[:, None], cols[None, :]], mask=mask, other=float("-inf"),
-                       eviction_policy="evict_last").astype(F32)
+                       eviction_policy="evict_last").astype(F32) * _LOG2E
         new = jnp.maximum(mx, x.max(axis=1))
-        se = se * jnp.exp(mx - new) + jnp.exp(x - new[:, None]).sum(axis=1)
+        se = se * jnp.exp2(mx - new) + jnp.exp2(x - new[:, None]).sum(axis=1)
         return new, se
 
     mx, se = jax.lax.fori_loop(0, n_chunks, stats, (jnp.full((block_r,), _NEG, F32), jnp.zeros((block_r,), F32)))
-    lse = mx + jnp.log(se)
+    lse2 = mx + jnp.log2(se)
 
-    def grad(k, picked):
+    @pl.loop(0, n_chunks)
+    def _(k):
         cols, mask = chunk(k)
         x = plgpu.load(logits_ref.at[rows[:, None], cols[None, :]], mask=mask, other=0.0,
                        eviction_policy="evict_first").astype(F32)
-        hit = cols[None, :] == labels[:, None]
-        d = jnp.exp(x - lse[:, None]) - jnp.where(hit, 1.0, 0.0)
+        d = jnp.exp2(x * _LOG2E - lse2[:, None]) - jnp.where(cols[None, :] == labels[:, None], 1.0, 0.0)
         plgpu.store(d_ref.at[rows[:, None], cols[None, :]], d.astype(d_ref.dtype), mask=mask)
-        return picked + jnp.where(hit & mask, x, 0.0).sum(axis=1)
 
-    picked = jax.lax.fori_loop(0, n_chunks, grad, jnp.zeros((block_r,), F32))
-    plgpu.store(loss_ref.at[rows], lse - picked, mask=rmask)
+    picked = plgpu.load(logits_ref.at[rows, labels], mask=rmask, other=0.0).astype(F32)
+    plgpu.store(loss_ref.at[rows], (lse2 - picked * _LOG2E) * _LN2, mask=rmask)
 
 
 BLOCK_R = 1
-BLOCK_V = 2048
+BLOCK_V = 4096
 NUM_WARPS = 8
 
 
-def loss_and_grad_2d(logits_MxV, labels_M, block_r: int = BLOCK_R, block_v: int = BLOCK_V,
-                     num_warps: int = NUM_WARPS):
+def loss_and_grad_2d(logits_MxV, labels_M, block_r: int | None = None, block_v: int | None = None,
+                     num_warps: int | None = None):
     """``(loss [M] fp32, softmax - onehot [M, V] in the logits' dtype)`` in one read of the logits."""
+    block_r, block_v, num_warps = block_r or BLOCK_R, block_v or BLOCK_V, num_warps or NUM_WARPS
     m, v = logits_MxV.shape
     kernel = functools.partial(_kernel, block_r=block_r, block_v=block_v)
     return pl.pallas_call(

@@ -90,13 +90,15 @@ def _bwd_kernel(x_ref, dy_ref, scale_ref, mean_ref, rstd_ref, *refs, block_m, bl
 
 
 #: rows per program tile; programs of the backward walk ``BWD_INNER`` tiles each (fewer partial rows to add)
-BLOCK_M = 16
-BWD_INNER = 4
-NUM_WARPS = 8
+BLOCK_M = 4
+BWD_INNER = 8
+NUM_WARPS = 4
 
 
-def forward_2d(x_MxN, scale_N, bias_N, eps: float, out_dtype, block_m: int = BLOCK_M, num_warps: int = NUM_WARPS):
-    """``(y [M, N] out_dtype, mean [M] fp32, rstd [M] fp32)``."""
+def forward_2d(x_MxN, scale_N, bias_N, eps: float, out_dtype, block_m: int | None = None,
+               num_warps: int | None = None):
+    """``(y [M, N] out_dtype, mean [M] fp32, rstd [M] fp32)``; tiles default to the module's constants."""
+    block_m, num_warps = block_m or BLOCK_M, num_warps or NUM_WARPS
     m, n = x_MxN.shape
     kernel = functools.partial(_fwd_kernel, eps=eps, block_m=block_m, block_n=_pow2(n))
     return pl.pallas_call(
@@ -107,10 +109,11 @@ def forward_2d(x_MxN, scale_N, bias_N, eps: float, out_dtype, block_m: int = BLO
     )(x_MxN, scale_N, bias_N)
 
 
-def backward_2d(x_MxN, dy_MxN, scale_N, mean_M, rstd_M, dres_MxN=None, block_m: int = BLOCK_M,
-                n_inner: int = BWD_INNER, num_warps: int = NUM_WARPS):
+def backward_2d(x_MxN, dy_MxN, scale_N, mean_M, rstd_M, dres_MxN=None, block_m: int | None = None,
+                n_inner: int | None = None, num_warps: int | None = None):
     """``(dx [M, N] x.dtype, dscale [N] fp32, dbias [N] fp32)`` of the rows given; ``dres`` (the gradient that
     reached ``x`` by another path, the residual stream) is added into ``dx`` in the same pass."""
+    block_m, n_inner, num_warps = block_m or BLOCK_M, n_inner or BWD_INNER, num_warps or NUM_WARPS
     m, n = x_MxN.shape
     programs = pl.cdiv(m, block_m * n_inner)
     kernel = functools.partial(_bwd_kernel, block_m=block_m, block_n=_pow2(n), n_inner=n_inner,

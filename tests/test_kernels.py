@@ -1,0 +1,122 @@
+"""jzero.kernels: the Pallas kernels' numbers (interpret mode on CPU) against the XLA formulas and optax."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh
+
+from jzero import kernels, sharding
+from jzero.kernels import cross_entropy as kce
+from jzero.kernels import layer_norm as kln
+from models.layers import layer_norm as xla_layer_norm
+
+NAMES = ("batch", "length", "embed")
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+
+
+@pytest.fixture(scope="module")
+def ln_inputs():
+    k = jax.random.split(jax.random.PRNGKey(0), 5)
+    x = (jax.random.normal(k[0], (4, 37, 48)) * 3 + 1).astype(jnp.bfloat16)   # 148 rows: ragged last tile
+    scale = 1 + 0.1 * jax.random.normal(k[1], (48,))
+    bias = 0.1 * jax.random.normal(k[2], (48,))
+    dy = jax.random.normal(k[3], x.shape).astype(jnp.bfloat16)
+    dres = jax.random.normal(k[4], x.shape).astype(jnp.bfloat16)
+    return x, scale, bias, dy, dres
+
+
+def test_layer_norm_kernel_matches_the_xla_formula(ln_inputs):
+    x, scale, bias, dy, dres = ln_inputs
+
+    def run(fn):
+        def loss(x, s, b):
+            return jnp.vdot(fn(x, s, b).astype(jnp.float32), dy.astype(jnp.float32))
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(x, scale, bias)
+
+    v_k, g_k = run(lambda x, s, b: kln.layer_norm(x, s, b, 1e-5, jnp.bfloat16, NAMES))
+    v_x, g_x = run(lambda x, s, b: xla_layer_norm(x, s, b, 1e-5, jnp.bfloat16))
+    assert abs(float(v_k) - float(v_x)) <= 1e-3 * abs(float(v_x))
+    for a, b in zip(g_k, g_x):
+        assert a.dtype == b.dtype and _rel(a, b) < 5e-3
+
+
+def test_residual_layer_norm_adds_the_residual_gradient(ln_inputs):
+    x, scale, bias, dy, dres = ln_inputs
+
+    def loss(fn):
+        def f(x):
+            xr, y = fn(x)
+            return jnp.vdot(y.astype(jnp.float32), dy.astype(jnp.float32)) + \
+                jnp.vdot(xr.astype(jnp.float32), dres.astype(jnp.float32))
+        return jax.grad(f)(x)
+
+    fused = loss(lambda x: kln.residual_layer_norm(x, scale, bias, 1e-5, jnp.bfloat16, NAMES))
+    plain = loss(lambda x: (x, xla_layer_norm(x, scale, bias, 1e-5, jnp.bfloat16)))
+    assert _rel(fused, plain) < 5e-3
+    xr, y = kln.residual_layer_norm(x, scale, bias, 1e-5, jnp.bfloat16, NAMES)
+    assert xr is x or np.array_equal(np.asarray(xr, np.float32), np.asarray(x, np.float32))
+
+
+def test_head_cross_entropy_matches_optax_value_and_gradient():
+    k = jax.random.split(jax.random.PRNGKey(1), 4)
+    h = jax.random.normal(k[0], (2, 5, 16)).astype(jnp.bfloat16)
+    w = (0.5 * jax.random.normal(k[1], (300, 16))).astype(jnp.bfloat16)   # vocab 300: ragged last chunk
+    labels = jax.random.randint(k[2], (2, 5), 0, 300)
+    weight = jax.random.uniform(k[3], (2, 5))   # a per-token cotangent, not only the mean's uniform one
+
+    def ours(h, w):
+        return (kce.head_cross_entropy(h, w, labels) * weight).sum()
+
+    def ref(h, w):
+        logits = jnp.einsum("btd,vd->btv", h.astype(jnp.float32), w.astype(jnp.float32))
+        return (optax.softmax_cross_entropy_with_integer_labels(logits, labels) * weight).sum()
+
+    v1, g1 = jax.value_and_grad(ours, (0, 1))(h, w)
+    v2, g2 = jax.value_and_grad(ref, (0, 1))(h, w)
+    assert abs(float(v1) - float(v2)) < 1e-3 * abs(float(v2))
+    for a, b in zip(g1, g2):
+        assert a.dtype == jnp.bfloat16 and _rel(a, b) < 1e-2
+
+
+def test_kernels_per_shard_on_8_devices_equal_one_device(ln_inputs):
+    """Under a data=8 plan both kernels run per shard (shard_map) and give the un-sharded numbers."""
+    x, scale, bias, dy, _ = ln_inputs
+    x, dy = x[:, :32], dy[:, :32]
+    x8 = jnp.concatenate([x, x], 0)   # 8 rows of batch
+    dy8 = jnp.concatenate([dy, dy], 0)
+    labels = jax.random.randint(jax.random.PRNGKey(3), x8.shape[:2], 0, 64)
+    w = (0.3 * jax.random.normal(jax.random.PRNGKey(4), (64, 48))).astype(jnp.bfloat16)
+
+    def step(x, s, b, w):
+        y = kln.layer_norm(x, s, b, 1e-5, jnp.bfloat16, NAMES)
+        return (jnp.vdot(y.astype(jnp.float32), dy8.astype(jnp.float32))
+                + kce.head_cross_entropy(y, w, labels).mean())
+
+    grad = jax.value_and_grad(step, argnums=(0, 1, 2, 3))
+    v1, g1 = jax.jit(grad)(x8, scale, bias, w)
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(8, 1, 1), ("data", "tensor", "pipeline"),
+                axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    with sharding.activate(mesh):
+        assert kernels.row_spec(NAMES)[1][0] is not None   # rows really are split
+        v8, g8 = jax.jit(grad)(x8, scale, bias, w)
+    assert abs(float(v8) - float(v1)) < 1e-4 * abs(float(v1))
+    for a, b in zip(g8, g1):
+        assert _rel(a, b) < 1e-5
+
+
+def test_jzero_kernels_switch(monkeypatch):
+    monkeypatch.setenv("JZERO_KERNELS", "0")
+    assert not kernels.enabled("layer_norm")
+    monkeypatch.setenv("JZERO_KERNELS", "layer_norm")
+    assert kernels.enabled("layer_norm") and not kernels.enabled("cross_entropy")
+    monkeypatch.setenv("JZERO_KERNELS", "layer_norm,softmax")
+    with pytest.raises(ValueError, match="unknown kernel.*softmax"):
+        kernels.enabled("layer_norm")
+    monkeypatch.delenv("JZERO_KERNELS")
+    assert kernels.enabled() == (jax.default_backend() == "gpu")
