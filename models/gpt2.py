@@ -47,14 +47,12 @@ class Block(nn.Module):
     def __call__(self, x_BxTxD, _=None):
         cfg = self.cfg
         out_std = 0.02 / math.sqrt(2 * cfg.n_layer)
-        # passthrough: the residual stream comes back beside its norm, so the GPU kernel's backward adds the
-        # residual gradient into the norm's dx in one pass
-        x, h = LayerNorm(cfg.dtype, name="ln_1", passthrough=True)(x_BxTxD)
+        h = LayerNorm(cfg.dtype, name="ln_1")(x_BxTxD)
         # each sub-layer's output is reduced into the residual layout here (tensor parallelism's all-reduce,
         # or reduce-scatter under sequence parallelism)
-        x = x + constrain(MultiHeadAttention(cfg.n_head, cfg.dtype, cfg.attention, out_std, name="attn")(h),
-                          RESIDUAL)
-        x, h = LayerNorm(cfg.dtype, name="ln_2", passthrough=True)(x)
+        x = x_BxTxD + constrain(MultiHeadAttention(cfg.n_head, cfg.dtype, cfg.attention, out_std, name="attn")(h),
+                                RESIDUAL)
+        h = LayerNorm(cfg.dtype, name="ln_2")(x)
         x = x + constrain(MLP(cfg.d_ff, cfg.dtype, out_std, name="mlp")(h), RESIDUAL)
         return constrain(x, RESIDUAL), None
 

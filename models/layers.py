@@ -59,7 +59,6 @@ class LayerNorm(nn.Module):
     dtype: Dtype = jnp.float32
     eps: float = 1e-5
     names: tuple = RESIDUAL
-    passthrough: bool = False   # return (x, norm(x)): the kernel then adds the residual's gradient into dx
 
     @nn.compact
     def __call__(self, x):
@@ -68,15 +67,13 @@ class LayerNorm(nn.Module):
         bias = param(self, "bias", (d,), ("embed",), nn.initializers.zeros, jnp.float32)
         if _low_precision(self.dtype):   # GPU training path; fp32 keeps the plain formula (results unchanged)
             if kernels.enabled("layer_norm") and kernel_ln.supported(self.names):
-                op = kernel_ln.residual_layer_norm if self.passthrough else kernel_ln.layer_norm
-                return op(x, scale, bias, self.eps, self.dtype, tuple(self.names))
-            y = layer_norm(x, scale, bias, self.eps, self.dtype)
-            return (x, y) if self.passthrough else y
+                return kernel_ln.layer_norm(x, scale, bias, self.eps, self.dtype, tuple(self.names))
+            return layer_norm(x, scale, bias, self.eps, self.dtype)
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias).astype(self.dtype)
-        return (x, y) if self.passthrough else y
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return y.astype(self.dtype)
 
 
 def _low_precision(dtype) -> bool:

@@ -52,11 +52,8 @@ def _fwd_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, eps, b
     plgpu.store(rstd_ref.at[rows], rstd, mask=rmask)
 
 
-def _bwd_kernel(x_ref, dy_ref, scale_ref, mean_ref, rstd_ref, *refs, block_m, block_n, n_inner, add_dres):
-    if add_dres:
-        dres_ref, dx_ref, dscale_ref, dbias_ref = refs
-    else:
-        dx_ref, dscale_ref, dbias_ref = refs
+def _bwd_kernel(x_ref, dy_ref, scale_ref, mean_ref, rstd_ref, dx_ref, dscale_ref, dbias_ref, *, block_m, block_n,
+                n_inner):
     m, n = x_ref.shape
     cols = jnp.arange(block_n)
     cmask = cols < n
@@ -76,8 +73,6 @@ def _bwd_kernel(x_ref, dy_ref, scale_ref, mean_ref, rstd_ref, *refs, block_m, bl
         c1 = (g * xhat).sum(axis=1) / n
         c2 = g.sum(axis=1) / n
         dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-        if add_dres:
-            dx = dx + _tile(dres_ref, rows, cols, mask)
         plgpu.store(dx_ref.at[rows[:, None], cols[None, :]], dx.astype(dx_ref.dtype), mask=mask)
         ds, db = acc
         return ds + (dy * xhat).sum(axis=0), db + dy.sum(axis=0)
@@ -109,22 +104,19 @@ def forward_2d(x_MxN, scale_N, bias_N, eps: float, out_dtype, block_m: int | Non
     )(x_MxN, scale_N, bias_N)
 
 
-def backward_2d(x_MxN, dy_MxN, scale_N, mean_M, rstd_M, dres_MxN=None, block_m: int | None = None,
-                n_inner: int | None = None, num_warps: int | None = None):
-    """``(dx [M, N] x.dtype, dscale [N] fp32, dbias [N] fp32)`` of the rows given; ``dres`` (the gradient that
-    reached ``x`` by another path, the residual stream) is added into ``dx`` in the same pass."""
+def backward_2d(x_MxN, dy_MxN, scale_N, mean_M, rstd_M, block_m: int | None = None, n_inner: int | None = None,
+                num_warps: int | None = None):
+    """``(dx [M, N] x.dtype, dscale [N] fp32, dbias [N] fp32)`` of the rows given."""
     block_m, n_inner, num_warps = block_m or BLOCK_M, n_inner or BWD_INNER, num_warps or NUM_WARPS
     m, n = x_MxN.shape
     programs = pl.cdiv(m, block_m * n_inner)
-    kernel = functools.partial(_bwd_kernel, block_m=block_m, block_n=_pow2(n), n_inner=n_inner,
-                               add_dres=dres_MxN is not None)
-    extra = () if dres_MxN is None else (dres_MxN,)
+    kernel = functools.partial(_bwd_kernel, block_m=block_m, block_n=_pow2(n), n_inner=n_inner)
     dx, ds, db = pl.pallas_call(
         kernel, grid=(programs,), name="jzero_layer_norm_bwd", interpret=kernels.interpret(),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps),
         out_shape=(jax.ShapeDtypeStruct((m, n), x_MxN.dtype), jax.ShapeDtypeStruct((programs * n,), F32),
                    jax.ShapeDtypeStruct((programs * n,), F32)),
-    )(x_MxN, dy_MxN, scale_N, mean_M, rstd_M, *extra)
+    )(x_MxN, dy_MxN, scale_N, mean_M, rstd_M)
     return dx, ds.reshape(programs, n).sum(0), db.reshape(programs, n).sum(0)
 
 
@@ -144,9 +136,8 @@ def _fwd_local(eps, out_dtype):
 
 
 def _bwd_local(axes):
-    def run(x, dy, scale, mean, rstd, dres=None):
-        dx, ds, db = backward_2d(_flat(x), _flat(dy), scale.astype(F32), mean.reshape(-1), rstd.reshape(-1),
-                                 None if dres is None else _flat(dres))
+    def run(x, dy, scale, mean, rstd):
+        dx, ds, db = backward_2d(_flat(x), _flat(dy), scale.astype(F32), mean.reshape(-1), rstd.reshape(-1))
         if axes:
             ds, db = jax.lax.psum((ds, db), axes)
         return dx.reshape(x.shape), ds, db
@@ -189,30 +180,3 @@ def _bwd(eps, out_dtype, names, res, dy):
 
 layer_norm.defvjp(_fwd, _bwd)
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def residual_layer_norm(x, scale, bias, eps: float, out_dtype, names: tuple):
-    """``(x, layer_norm(x))``: the residual stream passed through beside its norm.
-
-    Same values as ``x`` and :func:`layer_norm`; the point is the backward, where the gradient arriving through
-    the residual stream is added into the norm's ``dx`` inside the kernel instead of by a separate XLA pass over
-    [tokens, d] (one per norm of a pre-LN block).
-    """
-    return x, layer_norm(x, scale, bias, eps, out_dtype, names)
-
-
-def _res_fwd(x, scale, bias, eps, out_dtype, names):
-    y, res = _fwd(x, scale, bias, eps, out_dtype, names)
-    return (x, y), res
-
-
-def _res_bwd(eps, out_dtype, names, res, cts):
-    dres, dy = cts
-    x, scale, mean, rstd = res
-    fn = kernels.per_shard(_bwd_local, names, in_specs=lambda s: (s, s, P(), _row(s), _row(s), s),
-                           out_specs=lambda s: (s, P(), P()))
-    dx, ds, db = fn(x, dy, scale, mean, rstd, dres.astype(x.dtype))
-    return dx, ds.astype(scale.dtype), db.astype(scale.dtype)
-
-
-residual_layer_norm.defvjp(_res_fwd, _res_bwd)
