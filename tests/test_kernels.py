@@ -102,3 +102,29 @@ def test_jzero_kernels_switch(monkeypatch):
         kernels.enabled("layer_norm")
     monkeypatch.delenv("JZERO_KERNELS")
     assert kernels.enabled() == (jax.default_backend() == "gpu")
+
+
+def test_kernels_stand_aside_inside_shard_map():
+    """Inside a shard_map (1-bit optimizers, pipeline stages) both kernels defer to the XLA formulas."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    seen = {}
+
+    def local(x):
+        seen["inside"] = (kernels.in_manual_region(), kln.supported(NAMES), kce.supported())
+        return x
+
+    jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P("data"), out_specs=P("data")))(jnp.ones((8, 4)))
+    assert seen["inside"] == (True, False, False)
+    assert not kernels.in_manual_region() and kln.supported(NAMES) and kce.supported()
+
+
+def test_head_cross_entropy_undifferentiated_equals_the_kernel_forward():
+    k = jax.random.split(jax.random.PRNGKey(5), 3)
+    h = jax.random.normal(k[0], (2, 4, 16)).astype(jnp.bfloat16)
+    w = (0.5 * jax.random.normal(k[1], (100, 16))).astype(jnp.bfloat16)
+    labels = jax.random.randint(k[2], (2, 4), 0, 100)
+    plain = kce.head_cross_entropy(h, w, labels)                       # eval: XLA formula
+    fwd, _ = jax.vjp(lambda h: kce.head_cross_entropy(h, w, labels), h)   # train: the kernel's loss
+    np.testing.assert_allclose(np.asarray(plain), np.asarray(fwd), rtol=1e-5, atol=1e-5)

@@ -9,7 +9,8 @@
 When they run: :func:`enabled` is True on a GPU backend (``JZERO_KERNELS=0`` turns them off, ``=1`` forces them on,
 in Pallas interpret mode off the GPU, which is how the CPU tests check their numbers; ``=layer_norm`` picks some). Under an active sharding
 plan the kernels run per shard through ``shard_map`` over the row (token) axes; a layout that splits the reduced
-axis (the hidden size for LayerNorm, the vocabulary for the loss) falls back to the XLA formula.
+axis (the hidden size for LayerNorm, the vocabulary for the loss), or a trace inside a ``shard_map`` (1-bit
+optimizers, pipeline stages), falls back to the XLA formula.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ def enabled(name: str | None = None) -> bool:
         raise ValueError(f"JZERO_KERNELS={flag!r}: unknown kernel(s) {sorted(unknown)}; use 0, 1 or a "
                          f"comma-separated subset of {', '.join(NAMES)}")
     return name is None or name in chosen
+
+
+def in_manual_region() -> bool:
+    """Tracing inside a ``shard_map`` (1-bit optimizers, the pipeline)? The kernels then stand aside for the XLA
+    formulas: a ``pallas_call`` there would need its varying axes declared, and on the axes still automatic
+    XLA would gather its operands whole."""
+    return bool(jax.sharding.get_abstract_mesh().manual_axes)
 
 
 def interpret() -> bool:

@@ -94,6 +94,8 @@ HIDDEN = ("batch", "length", "embed")
 def supported() -> bool:
     """Can the fused head run under the active plan? Rows may be split; the hidden axis may not (the vocabulary
     projection would then need a partial-sum all-reduce of the logits inside the kernel's shard)."""
+    if kernels.in_manual_region():
+        return False
     spec = kernels.row_spec(HIDDEN)
     if spec is None or spec[0].size == 1:
         return True
@@ -127,8 +129,11 @@ def head_cross_entropy(h_BxTxD, w_VxD, labels_BxT):
     """Per-token cross-entropy (fp32) of ``logits = h @ w.T`` against ``labels``, logits never kept.
 
     ``h`` and ``w`` in the compute dtype (bf16); the rows may be sharded (data parallelism), ``w`` replicated.
+    Not differentiated (evaluation), it is XLA's logsumexp: the kernel's gradient output would be wasted work.
     """
-    return _fwd(h_BxTxD, w_VxD, labels_BxT)[0]
+    logits = jnp.einsum("btd,vd->btv", h_BxTxD, w_VxD)
+    picked = jnp.take_along_axis(logits, labels_BxT[..., None], axis=-1)[..., 0].astype(F32)
+    return jax.nn.logsumexp(logits.astype(F32), axis=-1) - picked
 
 
 def _fwd(h, w, labels):

@@ -150,6 +150,8 @@ def _row(spec):
 
 def supported(names) -> bool:
     """Can the kernel run under the active plan (the hidden axis is not split)?"""
+    if kernels.in_manual_region():
+        return False
     spec = kernels.row_spec(names)
     if spec is None or spec[0].size == 1:
         return True
