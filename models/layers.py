@@ -66,7 +66,7 @@ class LayerNorm(nn.Module):
         scale = param(self, "scale", (d,), ("embed",), nn.initializers.ones, jnp.float32)
         bias = param(self, "bias", (d,), ("embed",), nn.initializers.zeros, jnp.float32)
         if _low_precision(self.dtype):   # GPU training path; fp32 keeps the plain formula (results unchanged)
-            if kernels.enabled("layer_norm") and kernel_ln.supported(self.names):
+            if kernels.enabled("layer_norm") and kernel_ln.supported(self.names, d):
                 return kernel_ln.layer_norm(x, scale, bias, self.eps, self.dtype, tuple(self.names))
             return layer_norm(x, scale, bias, self.eps, self.dtype)
         x32 = x.astype(jnp.float32)

@@ -112,12 +112,12 @@ def test_kernels_stand_aside_inside_shard_map():
     seen = {}
 
     def local(x):
-        seen["inside"] = (kernels.in_manual_region(), kln.supported(NAMES), kce.supported())
+        seen["inside"] = (kernels.in_manual_region(), kln.supported(NAMES, 48), kce.supported())
         return x
 
     jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P("data"), out_specs=P("data")))(jnp.ones((8, 4)))
     assert seen["inside"] == (True, False, False)
-    assert not kernels.in_manual_region() and kln.supported(NAMES) and kce.supported()
+    assert not kernels.in_manual_region() and kln.supported(NAMES, 48) and kce.supported()
 
 
 def test_head_cross_entropy_undifferentiated_equals_the_kernel_forward():

@@ -2,17 +2,18 @@
 
 - :mod:`jzero.kernels.layer_norm`: LayerNorm whose backward reads ``x`` and ``dy`` once and writes ``dx`` plus
   per-block partial scale/bias gradients (XLA: three kernels and a recomputed fp32 ``xhat * dy``).
-- :mod:`jzero.kernels.cross_entropy`: the LM head's cross-entropy that reads the logits once (both passes of a
-  row hit L2) and writes ``softmax - onehot`` in the forward, with the head's linear inside the custom VJP so the
-  per-token cotangent scales the small GEMM outputs instead of the [tokens, vocab] array.
+- :mod:`jzero.kernels.cross_entropy`: the LM head's cross-entropy reading the logits once from HBM (the second
+  pass over a row hits L2) and writing ``softmax - onehot`` in the forward, with the head's linear inside the
+  custom VJP so the per-token cotangent scales the small GEMM operands instead of the [tokens, vocab] array.
 
-When they run: :func:`enabled` is True on a GPU backend (``JZERO_KERNELS=0`` turns them off, ``=1`` forces them on,
-in Pallas interpret mode off the GPU, which is how the CPU tests check their numbers; ``=layer_norm`` picks some). Under an active sharding
-plan the kernels run per shard through ``shard_map`` over the row (token) axes; a layout that splits the reduced
-axis (the hidden size for LayerNorm, the vocabulary for the loss), or a trace inside a ``shard_map`` (1-bit
-optimizers, pipeline stages), falls back to the XLA formula.
+GPT-2 124M (b16 x 1024, bf16) on one H100: 34.9 -> 33.4-33.6 ms per step (BENCHMARKS.md, session 3).
+
+When they run: :func:`enabled` is True on a GPU backend. ``JZERO_KERNELS=0`` turns them off, ``=1`` forces them
+on (in Pallas interpret mode off the GPU: how the CPU tests check their numbers), ``=layer_norm`` picks some.
+Under an active sharding plan the kernels run per shard through ``shard_map`` over the row (token) axes; a layout
+that splits the reduced axis (the hidden size for LayerNorm, the vocabulary for the loss), or a trace inside a
+``shard_map`` (1-bit optimizers, pipeline stages), falls back to the XLA formula.
 """
-
 from __future__ import annotations
 
 import os
@@ -75,20 +76,29 @@ def spec_axes(spec: P) -> tuple[str, ...]:
     return tuple(out)
 
 
-def per_shard(make_fn: Callable, names: Sequence[str | None], in_specs, out_specs, reduced_dim: int = -1):
-    """``make_fn(row_axes)`` run per shard (``shard_map``) under an active plan, or as is; None if ``reduced_dim``
-    is split over a mesh axis (the caller then uses its XLA formula).
+def per_shard(make_fn: Callable, names: Sequence[str | None], in_specs, out_specs):
+    """``make_fn(row_axes)`` run per shard (``shard_map``) under an active plan of several devices, or as is.
 
     ``row_axes`` are the mesh axes the rows are split over (for a ``psum`` of partial sums; () without a plan).
     ``in_specs``/``out_specs`` are callables ``spec -> specs`` given the PartitionSpec of the row-major operand
-    (logical ``names``), so a caller states which operands follow the rows and which are replicated.
+    (logical ``names``), so a caller states which operands follow the rows and which are replicated. The caller
+    has checked that the reduced (last) axis is not split (the kernels' ``supported``).
     """
     got = row_spec(names)
     if got is None or got[0].size == 1:
         return make_fn(())
     mesh, spec = got
     spec = P(*(tuple(spec) + (None,) * (len(names) - len(spec))))
-    if spec[reduced_dim] is not None:
-        return None
     return jax.shard_map(make_fn(spec_axes(spec)), mesh=mesh, in_specs=in_specs(spec), out_specs=out_specs(spec),
                          check_vma=False)
+
+
+def last_axis_unsplit(names: Sequence[str | None]) -> bool:
+    """Is the last logical axis of ``names`` unsplit under the active plan (and are we outside a shard_map)?"""
+    if in_manual_region():
+        return False
+    got = row_spec(names)
+    if got is None or got[0].size == 1:
+        return True
+    full = tuple(got[1]) + (None,) * (len(names) - len(got[1]))
+    return full[-1] is None

@@ -2,14 +2,15 @@
 
 Kernel (one program per ``block_r`` rows): pass 1 walks the row's vocabulary in ``block_v`` chunks keeping a
 running max and sum of exp (fp32) -> ``lse``; pass 2 walks it again (the rows just read are still in L2) and writes
-``softmax - onehot`` in the logits' dtype, picking the label's logit on the way. Out: per-row loss
-``lse - logit[label]`` (fp32) and that unscaled gradient ``D`` [M, V].
+``softmax - onehot`` in the logits' dtype; the label's logit is one gathered load per row. Out: per-row loss
+``lse - logit[label]`` (fp32) and that unscaled gradient ``D`` [M, V]. The math is in the log2 domain (``exp2``).
 
 :func:`head_cross_entropy` puts the head's linear inside the custom VJP: ``logits = h @ w.T`` (XLA's GEMM), then
 the kernel; the backward is two GEMMs on the saved ``D`` with the per-token cotangent ``g`` applied to their
 small operands (``dh = g * (D @ w)``, ``dw = D.T @ (g * h)``), so no pass over the [M, V] array scales it. XLA's
-version for GPT-2 124M (bf16 logits [16384, 50304], 1.65 GB) is a logsumexp pass and a backward pass of 1 ms
-each on an H100; this reads the logits once and writes ``D`` once (~1.2 ms at bandwidth, in the forward).
+version for GPT-2 124M (bf16 logits [16384, 50304], 1.65 GB) is a logsumexp pass (0.96 ms on an H100) and a
+backward pass (1.21 ms); the kernel reads the logits once and writes ``D`` once: 1.68 ms (with ``exp``, whose
+libdevice form is ~10 instructions, it was 1.94 ms; the bytes alone would take ~1.2 ms).
 """
 
 from __future__ import annotations
@@ -94,13 +95,7 @@ HIDDEN = ("batch", "length", "embed")
 def supported() -> bool:
     """Can the fused head run under the active plan? Rows may be split; the hidden axis may not (the vocabulary
     projection would then need a partial-sum all-reduce of the logits inside the kernel's shard)."""
-    if kernels.in_manual_region():
-        return False
-    spec = kernels.row_spec(HIDDEN)
-    if spec is None or spec[0].size == 1:
-        return True
-    full = tuple(spec[1]) + (None,) * (3 - len(spec[1]))
-    return full[-1] is None
+    return kernels.last_axis_unsplit(HIDDEN)
 
 
 def _local_fwd(h, w, labels):
