@@ -10,7 +10,6 @@ Each row times ``jax.value_and_grad`` of the op (forward + backward, what a trai
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import time
 
@@ -37,15 +36,36 @@ def _diff(a, b):
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+def _kernel_rows(op: str, module, names: tuple[str, ...], configs, run, ref):
+    """Time ``run()`` (a jitted fwd+bwd of the module's public op) with each tile config set as the module's
+    constants, as ``bench --kernel-tile`` does; a config that does not compile is a row, not a crash."""
+    rows = []
+    for conf in configs:
+        saved = {n: getattr(module, n) for n in names}
+        label = " ".join(f"{n}={c}" for n, c in zip(names, conf))
+        try:
+            for n, c in zip(names, conf):
+                setattr(module, n, c)
+            ms, out = run()
+            rows.append((op, "pallas", label, ms, _diff(out, ref)))
+        except Exception as exc:   # noqa: BLE001
+            rows.append((op, "pallas", f"{label} FAILED {type(exc).__name__}: {str(exc)[:300]}",
+                         float("nan"), float("nan")))
+        finally:
+            for n, c in saved.items():
+                setattr(module, n, c)
+    return rows
+
+
 def layer_norm_rows(m: int, n: int, iters: int, sweep: bool):
     from jzero.kernels import layer_norm as K
     from models.layers import layer_norm as xla_ln
 
     k = jax.random.split(jax.random.PRNGKey(0), 4)
-    x = (jax.random.normal(k[0], (m, n)) * 2 + 0.5).astype(jnp.bfloat16)
+    x = (jax.random.normal(k[0], (1, m, n)) * 2 + 0.5).astype(jnp.bfloat16)
     s = 1 + 0.1 * jax.random.normal(k[1], (n,))
     b = 0.1 * jax.random.normal(k[2], (n,))
-    dy = jax.random.normal(k[3], (m, n)).astype(jnp.bfloat16)
+    dy = jax.random.normal(k[3], (1, m, n)).astype(jnp.bfloat16)
 
     def grad_of(fn):
         def loss(x, s, b):
@@ -53,33 +73,13 @@ def layer_norm_rows(m: int, n: int, iters: int, sweep: bool):
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
     ms, ref = _time(grad_of(lambda x, s, b: xla_ln(x, s, b, 1e-5, jnp.bfloat16)), x, s, b, iters=iters)
-    rows = [("layer_norm", "xla", "", ms, 0.0)]
-    configs = [(K.BLOCK_M, K.BWD_INNER, K.NUM_WARPS)]
+    names = ("BLOCK_M", "BWD_INNER", "NUM_WARPS")
+    configs = [tuple(getattr(K, n) for n in names)]
     if sweep:
-        configs += [(8, 4, 4), (8, 8, 4), (16, 8, 8), (8, 4, 8), (4, 8, 4)]
-    for bm, inner, warps in configs:
-        def op(x, s, b, bm=bm, inner=inner, warps=warps):
-            @jax.custom_vjp
-            def f(x, s, b):
-                return K.forward_2d(x, s, b, 1e-5, jnp.bfloat16, block_m=bm, num_warps=warps)[0]
-
-            def fwd(x, s, b):
-                y, mean, rstd = K.forward_2d(x, s, b, 1e-5, jnp.bfloat16, block_m=bm, num_warps=warps)
-                return y, (x, s, mean, rstd)
-
-            def bwd(res, g):
-                x, s, mean, rstd = res
-                return K.backward_2d(x, g, s, mean, rstd, block_m=bm, n_inner=inner, num_warps=warps)
-
-            f.defvjp(fwd, bwd)
-            return f(x, s, b)
-        try:
-            ms, out = _time(grad_of(op), x, s, b, iters=iters)
-            rows.append(("layer_norm", "pallas", f"block_m={bm} inner={inner} warps={warps}", ms, _diff(out, ref)))
-        except Exception as exc:   # noqa: BLE001 - a config that does not compile is a row, not a crash
-            rows.append(("layer_norm", "pallas", f"block_m={bm} inner={inner} warps={warps} FAILED "
-                         f"{type(exc).__name__}: {str(exc)[:300]}", float("nan"), float("nan")))
-    return rows
+        configs += [(8, 4, 4), (8, 8, 4), (16, 8, 8), (8, 4, 8), (16, 4, 8)]
+    kernel = lambda x, s, b: K.layer_norm(x, s, b, 1e-5, jnp.bfloat16, ("batch", "length", "embed"))  # noqa: E731
+    run = lambda: _time(grad_of(kernel), x, s, b, iters=iters)  # noqa: E731  (a fresh trace per config)
+    return [("layer_norm", "xla", "", ms, 0.0)] + _kernel_rows("layer_norm", K, names, configs, run, ref)
 
 
 def cross_entropy_rows(m: int, d: int, v: int, iters: int, sweep: bool):
@@ -91,29 +91,19 @@ def cross_entropy_rows(m: int, d: int, v: int, iters: int, sweep: bool):
     w = (0.05 * jax.random.normal(k[1], (v, d))).astype(jnp.bfloat16)
     labels = jax.random.randint(k[2], (1, m), 0, v)
 
-    def xla(h, w):
-        return cross_entropy(jnp.einsum("btd,vd->btv", h, w), labels).mean()
+    def grad_of(loss):
+        return jax.jit(jax.value_and_grad(lambda h, w: loss(h, w).mean(), argnums=(0, 1)))
 
-    ms, ref = _time(jax.jit(jax.value_and_grad(xla, argnums=(0, 1))), h, w, iters=iters)
-    rows = [("head+cross_entropy", "xla", "", ms, 0.0)]
-    configs = [(K.BLOCK_R, K.BLOCK_V, K.NUM_WARPS)]
+    ms, ref = _time(grad_of(lambda h, w: cross_entropy(jnp.einsum("btd,vd->btv", h, w), labels)), h, w,
+                    iters=iters)
+    names = ("BLOCK_R", "BLOCK_V", "NUM_WARPS")
+    configs = [tuple(getattr(K, n) for n in names)]
     if sweep:
-        configs += [(1, 4096, 8), (4, 4096, 8), (8, 2048, 8), (2, 8192, 8), (1, 16384, 8), (1, 65536, 16),
+        configs += [(1, 2048, 8), (4, 4096, 8), (8, 2048, 8), (2, 8192, 8), (1, 16384, 8), (1, 65536, 16),
                     (1, 65536, 32), (4, 2048, 4)]
-    for br, bv, warps in configs:
-        orig = K.loss_and_grad_2d
-        K.loss_and_grad_2d = functools.partial(orig, block_r=br, block_v=bv, num_warps=warps)
-        try:
-            fn = jax.jit(jax.value_and_grad(lambda h, w: K.head_cross_entropy(h, w, labels).mean(), argnums=(0, 1)))
-            ms, out = _time(fn, h, w, iters=iters)
-            rows.append(("head+cross_entropy", "pallas", f"block_r={br} block_v={bv} warps={warps}", ms,
-                         _diff(out, ref)))
-        except Exception as exc:   # noqa: BLE001
-            rows.append(("head+cross_entropy", "pallas", f"block_r={br} block_v={bv} warps={warps} FAILED "
-                         f"{type(exc).__name__}: {str(exc)[:300]}", float("nan"), float("nan")))
-        finally:
-            K.loss_and_grad_2d = orig
-    return rows
+    run = lambda: _time(grad_of(lambda h, w: K.head_cross_entropy(h, w, labels)), h, w, iters=iters)  # noqa: E731
+    return [("head+cross_entropy", "xla", "", ms, 0.0)] + _kernel_rows("head+cross_entropy", K, names, configs,
+                                                                        run, ref)
 
 
 def main(argv=None):

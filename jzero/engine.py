@@ -143,7 +143,8 @@ def _use_fused_head(apply_fn: Callable) -> bool:
     module = getattr(apply_fn, "__self__", None)
     cfg = getattr(module, "cfg", None)
     return (getattr(module, "fused_head", False) and cfg is not None
-            and jnp.dtype(cfg.dtype) == jnp.dtype(jnp.bfloat16) and kernels.enabled("cross_entropy") and kernel_ce.supported())
+            and jnp.dtype(cfg.dtype) == jnp.dtype(jnp.bfloat16)
+            and kernels.enabled("cross_entropy") and kernel_ce.supported())
 
 
 @jax.custom_vjp

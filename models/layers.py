@@ -53,12 +53,11 @@ class LayerNorm(nn.Module):
     """LayerNorm computed in fp32 (as GPT-2), output in the compute dtype.
 
     bf16/fp16 on a GPU: the Pallas kernels of :mod:`jzero.kernels.layer_norm` (one HBM pass each way), per shard
-    of ``names`` (the input's logical axes); elsewhere :func:`layer_norm` (XLA, same gradient).
+    of the residual layout (``RESIDUAL``); elsewhere :func:`layer_norm` (XLA, same gradient).
     """
 
     dtype: Dtype = jnp.float32
     eps: float = 1e-5
-    names: tuple = RESIDUAL
 
     @nn.compact
     def __call__(self, x):
@@ -66,8 +65,8 @@ class LayerNorm(nn.Module):
         scale = param(self, "scale", (d,), ("embed",), nn.initializers.ones, jnp.float32)
         bias = param(self, "bias", (d,), ("embed",), nn.initializers.zeros, jnp.float32)
         if _low_precision(self.dtype):   # GPU training path; fp32 keeps the plain formula (results unchanged)
-            if kernels.enabled("layer_norm") and kernel_ln.supported(self.names, d):
-                return kernel_ln.layer_norm(x, scale, bias, self.eps, self.dtype, tuple(self.names))
+            if kernels.enabled("layer_norm") and kernel_ln.supported(RESIDUAL, d):
+                return kernel_ln.layer_norm(x, scale, bias, self.eps, self.dtype, RESIDUAL)
             return layer_norm(x, scale, bias, self.eps, self.dtype)
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)

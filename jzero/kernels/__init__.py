@@ -58,12 +58,19 @@ def interpret() -> bool:
 
 
 def row_spec(names: Sequence[str | None]):
-    """PartitionSpec of an array with these logical ``names`` under the active plan (None: no plan active)."""
+    """``(mesh, PartitionSpec)`` of an array with these logical ``names`` under the active plan, the spec padded
+    to one entry per name (None: no plan active)."""
     active = _sharding.active_plan()
     if active is None:
         return None
     mesh, rules = active
-    return mesh, _sharding.logical_to_spec(names, rules)
+    spec = tuple(_sharding.logical_to_spec(names, rules))
+    return mesh, P(*(spec + (None,) * (len(names) - len(spec))))
+
+
+def rows_of(spec: P) -> P:
+    """The spec without its last (reduced) axis: that of per-row outputs such as statistics or losses."""
+    return P(*spec[:-1])
 
 
 def spec_axes(spec: P) -> tuple[str, ...]:
@@ -88,7 +95,6 @@ def per_shard(make_fn: Callable, names: Sequence[str | None], in_specs, out_spec
     if got is None or got[0].size == 1:
         return make_fn(())
     mesh, spec = got
-    spec = P(*(tuple(spec) + (None,) * (len(names) - len(spec))))
     return jax.shard_map(make_fn(spec_axes(spec)), mesh=mesh, in_specs=in_specs(spec), out_specs=out_specs(spec),
                          check_vma=False)
 
@@ -98,7 +104,4 @@ def last_axis_unsplit(names: Sequence[str | None]) -> bool:
     if in_manual_region():
         return False
     got = row_spec(names)
-    if got is None or got[0].size == 1:
-        return True
-    full = tuple(got[1]) + (None,) * (len(names) - len(got[1]))
-    return full[-1] is None
+    return got is None or got[0].size == 1 or got[1][-1] is None

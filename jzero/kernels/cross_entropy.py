@@ -115,32 +115,29 @@ def _local_bwd(axes):
     return run
 
 
-def _row(spec):
-    return P(*spec[:-1])
-
-
 @jax.custom_vjp
 def head_cross_entropy(h_BxTxD, w_VxD, labels_BxT):
     """Per-token cross-entropy (fp32) of ``logits = h @ w.T`` against ``labels``, logits never kept.
 
     ``h`` and ``w`` in the compute dtype (bf16); the rows may be sharded (data parallelism), ``w`` replicated.
-    Not differentiated (evaluation), it is XLA's logsumexp: the kernel's gradient output would be wasted work.
+    Not differentiated (evaluation), it is :func:`jzero.engine.cross_entropy` (XLA): the kernel's gradient output
+    would be wasted work.
     """
-    logits = jnp.einsum("btd,vd->btv", h_BxTxD, w_VxD)
-    picked = jnp.take_along_axis(logits, labels_BxT[..., None], axis=-1)[..., 0].astype(F32)
-    return jax.nn.logsumexp(logits.astype(F32), axis=-1) - picked
+    from jzero.engine import cross_entropy
+
+    return cross_entropy(jnp.einsum("btd,vd->btv", h_BxTxD, w_VxD), labels_BxT)
 
 
 def _fwd(h, w, labels):
-    fn = kernels.per_shard(lambda axes: _local_fwd, HIDDEN, in_specs=lambda s: (s, P(), _row(s)),
-                           out_specs=lambda s: (_row(s), P(*s[:-1], None)))
+    fn = kernels.per_shard(lambda axes: _local_fwd, HIDDEN, in_specs=lambda s: (s, P(), kernels.rows_of(s)),
+                           out_specs=lambda s: (kernels.rows_of(s), s))
     loss, d = fn(h, w, labels)
     return loss, (h, w, d)
 
 
 def _bwd(res, g):
     h, w, d = res
-    fn = kernels.per_shard(_local_bwd, HIDDEN, in_specs=lambda s: (s, P(), P(*s[:-1], None), _row(s)),
+    fn = kernels.per_shard(_local_bwd, HIDDEN, in_specs=lambda s: (s, P(), s, kernels.rows_of(s)),
                            out_specs=lambda s: (s, P()))
     dh, dw = fn(h, w, d, g)
     return dh, dw, None

@@ -145,10 +145,6 @@ def _bwd_local(axes):
     return run
 
 
-def _row(spec):
-    return P(*spec[:-1])
-
-
 #: widest hidden size the one-tile kernels take (a row tile is next_pow2(d) wide, held in registers)
 MAX_HIDDEN = 4096
 
@@ -166,14 +162,16 @@ def layer_norm(x, scale, bias, eps: float, out_dtype, names: tuple):
 
 def _fwd(x, scale, bias, eps, out_dtype, names):
     fn = kernels.per_shard(lambda axes: _fwd_local(eps, out_dtype), names,
-                           in_specs=lambda s: (s, P(), P()), out_specs=lambda s: (s, _row(s), _row(s)))
+                           in_specs=lambda s: (s, P(), P()),
+                           out_specs=lambda s: (s, kernels.rows_of(s), kernels.rows_of(s)))
     y, mean, rstd = fn(x, scale, bias)
     return y, (x, scale, mean, rstd)
 
 
 def _bwd(eps, out_dtype, names, res, dy):
     x, scale, mean, rstd = res
-    fn = kernels.per_shard(_bwd_local, names, in_specs=lambda s: (s, s, P(), _row(s), _row(s)),
+    fn = kernels.per_shard(_bwd_local, names,
+                           in_specs=lambda s: (s, s, P(), kernels.rows_of(s), kernels.rows_of(s)),
                            out_specs=lambda s: (s, P(), P()))
     dx, ds, db = fn(x, dy, scale, mean, rstd)
     return dx, ds.astype(scale.dtype), db.astype(scale.dtype)
