@@ -53,7 +53,7 @@ class Block(nn.Module):
         x = x_BxTxD + constrain(MultiHeadAttention(cfg.n_head, cfg.dtype, cfg.attention, out_std, name="attn")(h),
                                 RESIDUAL)
         h = LayerNorm(cfg.dtype, name="ln_2")(x)
-        x = x + constrain(MLP(cfg.d_ff, cfg.dtype, out_std, name="mlp")(h), RESIDUAL)
+        x = x + constrain(MLP(cfg.d_ff, cfg.dtype, out_std, fused=not cfg.remat, name="mlp")(h), RESIDUAL)
         return constrain(x, RESIDUAL), None
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from jzero import kernels, pipeline
+from jzero.kernels import gelu_gemm as kernel_gg
 from jzero.kernels import layer_norm as kernel_ln
 from jzero.sharding import constrain
 
@@ -272,24 +273,39 @@ class MultiHeadAttention(nn.Module):
         init = nn.initializers.normal(0.02)
         w_qkv = param(self, "qkv_kernel", (d, 3, self.n_head, h), ("embed", None, "heads", "kv"), init, self.dtype)
         b_qkv = param(self, "qkv_bias", (3, self.n_head, h), (None, "heads", "kv"), nn.initializers.zeros, self.dtype)
-        # three projections from the fused kernel: q, k, v come out contiguous (no strided slices of a qkv tensor)
-        q, k, v = (checkpoint_name(constrain(jnp.einsum("btd,dnh->btnh", x_BxTxD, w_qkv[:, i]) + b_qkv[i],
-                                             ("batch", "length", "heads", "kv")), "qkv") for i in range(3))
-        o = causal_attention(q, k, v, attention_impl(self.attention))
-        o = checkpoint_name(constrain(o, ("batch", "length", "heads", "kv")), "attn_out")
         w_o = param(self, "out_kernel", (self.n_head, h, d), ("heads", "kv", "embed"),
                     nn.initializers.normal(self.out_init_std), self.dtype)
         b_o = param(self, "out_bias", (d,), ("embed",), nn.initializers.zeros, self.dtype)
-        return jnp.einsum("btnh,nhd->btd", o, w_o) + b_o
+
+        def project(i, bias=None):   # q, k, v from the fused kernel, each contiguous (no strided qkv slices)
+            y = jnp.einsum("btd,dnh->btnh", x_BxTxD, w_qkv[:, i])
+            return checkpoint_name(constrain(y if bias is None else y + bias, ("batch", "length", "heads", "kv")),
+                                   "qkv")
+
+        # Only q gets its bias added. softmax over keys is unchanged by k's bias (it adds q.b_k, the same for every
+        # key of a query), so b_k has no effect and its gradient is exactly zero; and since each row of
+        # attention weights sums to 1, v's bias comes out as o + b_v, folded into the output bias below
+        # (b_o + b_v @ W_o). Same function, same param tree (HF GPT-2 weights load unchanged), two fewer
+        # [tokens, d] bias passes and bias-gradient reductions per layer: GPT-2 124M on one H200 30.96/31.02 ->
+        # 30.58/30.66 ms per step (BENCHMARKS.md, session 4).
+        o = causal_attention(project(0, b_qkv[0]), project(1), project(2), attention_impl(self.attention))
+        o = checkpoint_name(constrain(o, ("batch", "length", "heads", "kv")), "attn_out")
+        b_out = b_o + jnp.einsum("nh,nhd->d", b_qkv[2], w_o)
+        return jnp.einsum("btnh,nhd->btd", o, w_o) + b_out
 
 
 class MLP(nn.Module):
-    """GPT-2 MLP: fc (column-parallel over ``mlp``) -> GELU(tanh) -> proj (row-parallel)."""
+    """GPT-2 MLP: fc (column-parallel over ``mlp``) -> GELU(tanh) -> proj (row-parallel).
+
+    bf16/fp16 with the tanh GELU on a GPU: :func:`jzero.kernels.gelu_gemm.mlp` (bias + GELU and GELU' in the
+    cuBLASLt GEMM epilogues) where it applies; elsewhere XLA with :func:`gelu_tanh`.
+    """
 
     d_ff: int
     dtype: Dtype
     out_init_std: float
     gelu_approximate: bool = True   # GPT-2's tanh GELU; BERT uses the exact (erf) one
+    fused: bool = True   # may use jzero.kernels.gelu_gemm (GPT-2 turns it off under remat: its residuals are unnamed)
 
     @nn.compact
     def __call__(self, x_BxTxD):
@@ -297,15 +313,18 @@ class MLP(nn.Module):
         d = x_BxTxD.shape[-1]
         w1 = param(self, "fc_kernel", (d, self.d_ff), ("embed", "mlp"), nn.initializers.normal(0.02), self.dtype)
         b1 = param(self, "fc_bias", (self.d_ff,), ("mlp",), nn.initializers.zeros, self.dtype)
+        w2 = param(self, "proj_kernel", (self.d_ff, d), ("mlp", "embed"),
+                   nn.initializers.normal(self.out_init_std), self.dtype)
+        b2 = param(self, "proj_bias", (d,), ("embed",), nn.initializers.zeros, self.dtype)
+        if (self.fused and self.gelu_approximate and _low_precision(self.dtype) and kernels.enabled("gelu_gemm")
+                and kernel_gg.supported(SUBLAYER_INPUT) and kernel_gg.available()):
+            return kernel_gg.mlp(x_BxTxD, w1, b1, w2, SUBLAYER_INPUT) + b2
         pre = jnp.einsum("btd,df->btf", x_BxTxD, w1) + b1
         if self.gelu_approximate and _low_precision(self.dtype):   # fp32 keeps jax's autodiff (unchanged)
             hdn = gelu_tanh(pre)
         else:
             hdn = jax.nn.gelu(pre, approximate=self.gelu_approximate)
         hdn = checkpoint_name(constrain(hdn, ("batch", "length", "mlp")), "mlp_hidden")
-        w2 = param(self, "proj_kernel", (self.d_ff, d), ("mlp", "embed"),
-                   nn.initializers.normal(self.out_init_std), self.dtype)
-        b2 = param(self, "proj_bias", (d,), ("embed",), nn.initializers.zeros, self.dtype)
         return jnp.einsum("btf,fd->btd", hdn, w2) + b2
 
 

@@ -5,6 +5,8 @@
 - :mod:`jzero.kernels.cross_entropy`: the LM head's cross-entropy reading the logits once from HBM (the second
   pass over a row hits L2) and writing ``softmax - onehot`` in the forward, with the head's linear inside the
   custom VJP so the per-token cotangent scales the small GEMM operands instead of the [tokens, vocab] array.
+- :mod:`jzero.kernels.gelu_gemm`: GPT-2's MLP with bias + GELU and GELU's derivative in cuBLASLt GEMM epilogues
+  (C++ XLA FFI handlers in ``csrc/``, built at first use by :mod:`jzero.kernels.build`).
 
 GPT-2 124M (b16 x 1024, bf16) on one H100: 34.9 -> 33.4-33.6 ms per step (BENCHMARKS.md, session 3).
 
@@ -26,7 +28,7 @@ from jzero import sharding as _sharding
 
 
 #: the kernels, by the names JZERO_KERNELS takes
-NAMES = ("layer_norm", "cross_entropy")
+NAMES = ("layer_norm", "cross_entropy", "gelu_gemm")
 
 
 def enabled(name: str | None = None) -> bool:
@@ -43,6 +45,12 @@ def enabled(name: str | None = None) -> bool:
         raise ValueError(f"JZERO_KERNELS={flag!r}: unknown kernel(s) {sorted(unknown)}; use 0, 1 or a "
                          f"comma-separated subset of {', '.join(NAMES)}")
     return name is None or name in chosen
+
+
+def requested(name: str) -> bool:
+    """Did ``JZERO_KERNELS`` ask for kernel ``name`` by itself or by ``1`` (rather than the GPU default)?"""
+    flag = os.environ.get("JZERO_KERNELS", "").strip()
+    return flag == "1" or name in {n.strip() for n in flag.split(",")}
 
 
 def in_manual_region() -> bool:

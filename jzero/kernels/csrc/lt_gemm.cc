@@ -1,0 +1,282 @@
+// cuBLASLt GEMMs with the GELU epilogues, as XLA FFI handlers (jzero.kernels.gelu_gemm builds and loads this).
+//
+// XLA (jax 0.11.2) never asks cuBLASLt for its GELU epilogues in GPT-2's MLP, so the bias + GELU of the fc layer
+// and GELU's derivative in the backward pass run as separate HBM passes over [tokens, d_ff] arrays. These two
+// handlers do them inside the GEMM:
+//
+//   jzero_gemm_bias_gelu   x [M, K], w [K, N], b [N]    -> out = gelu(x @ w + b) [M, N], pre = x @ w + b [M, N]
+//   jzero_gemm_dgelu_bgrad dy [M, K], w [N, K], pre [M, N] -> dpre = (dy @ w^T) * gelu'(pre) [M, N],
+//                                                             db = sum over rows of dpre [N]
+//
+// All arrays are row-major bf16 or fp16 (one dtype per call), fp32 accumulation. cuBLASLt is column-major, so a
+// row-major C[M, N] = A[M, K] @ B[K, N] is computed as the column-major C^T[N, M] = B^T[N, K] @ A^T[K, M]: the
+// weight is cuBLASLt's A and the activations its B, and its per-row bias / aux / bias gradient run over our N.
+// GELU is the tanh approximation (cuBLASLt's only one), which is GPT-2's. Each handler's last result is a
+// workspace buffer for cuBLASLt. The algorithm for each (epilogue, shape, dtype) is chosen once, by timing
+// cuBLASLt's heuristic candidates on the first call's operands, and cached.
+
+#include <cublasLt.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+ffi::Error Check(cublasStatus_t status, const char* what) {
+  if (status == CUBLAS_STATUS_SUCCESS) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string("jzero lt_gemm: ") + what + " failed: " +
+                              cublasLtGetStatusString(status));
+}
+
+#define JZ_CHECK(expr, what)                       \
+  do {                                             \
+    ffi::Error err_ = Check((expr), (what));       \
+    if (err_.failure()) return err_;               \
+  } while (0)
+
+cublasStatus_t Handle(cublasLtHandle_t* out) {
+  static cublasLtHandle_t handle = nullptr;
+  static cublasStatus_t status = cublasLtCreate(&handle);
+  *out = handle;
+  return status;
+}
+
+// One GEMM in cuBLASLt's column-major terms: D[m, n] = op(A)[m, k] @ B[k, n], then the epilogue.
+struct Problem {
+  cublasLtEpilogue_t epilogue;
+  bool trans_a;  // A stored [k, m] (transposed) rather than [m, k]
+  int64_t m, n, k;
+  cudaDataType_t dtype;
+};
+
+using Key = std::tuple<int, bool, int64_t, int64_t, int64_t, int, size_t>;
+
+std::mutex cache_mutex;
+std::map<Key, cublasLtMatmulAlgo_t> algo_cache;
+
+// RAII for the per-call descriptors (creating them is host-only and takes microseconds).
+struct Descriptors {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  cublasLtMatmulPreference_t pref = nullptr;
+  ~Descriptors() {
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (d) cublasLtMatrixLayoutDestroy(d);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (op) cublasLtMatmulDescDestroy(op);
+  }
+};
+
+constexpr int kCandidates = 16;
+
+// Time each candidate algorithm of the heuristic on the real operands (once per shape; the call's own
+// result is written again afterwards) and pick the fastest: the heuristic's first choice for the epilogue
+// GEMMs measured slower than XLA's GEMM + element-wise pass. JZERO_LT_VERBOSE=1 prints the candidates.
+ffi::Error Autotune(cublasLtHandle_t handle, cudaStream_t stream, const Descriptors& desc,
+                    const cublasLtMatmulHeuristicResult_t* results, int found, const void* a, const void* b,
+                    void* d, void* workspace, size_t workspace_bytes, const Problem& p,
+                    cublasLtMatmulAlgo_t* best) {
+  const float alpha = 1.0f, beta = 0.0f;
+  const bool verbose = std::getenv("JZERO_LT_VERBOSE") != nullptr;
+  cudaEvent_t start, stop;
+  if (cudaEventCreate(&start) != cudaSuccess || cudaEventCreate(&stop) != cudaSuccess) {
+    return ffi::Error::Internal("jzero lt_gemm: cudaEventCreate failed");
+  }
+  float best_ms = -1.0f;
+  for (int i = 0; i < found; ++i) {
+    auto run = [&] {
+      return cublasLtMatmul(handle, desc.op, &alpha, a, desc.a, b, desc.b, &beta, d, desc.d, d, desc.d,
+                            &results[i].algo, workspace, workspace_bytes, stream);
+    };
+    if (results[i].state != CUBLAS_STATUS_SUCCESS || run() != CUBLAS_STATUS_SUCCESS) continue;
+    cudaEventRecord(start, stream);
+    bool ok = true;
+    for (int r = 0; r < 5 && ok; ++r) ok = run() == CUBLAS_STATUS_SUCCESS;
+    cudaEventRecord(stop, stream);
+    float ms = 0.0f;
+    if (!ok || cudaEventSynchronize(stop) != cudaSuccess || cudaEventElapsedTime(&ms, start, stop) != cudaSuccess) {
+      continue;
+    }
+    ms /= 5;
+    if (verbose) {
+      std::fprintf(stderr, "jzero lt_gemm epilogue %d m=%lld n=%lld k=%lld: candidate %d %.4f ms\n",
+                   static_cast<int>(p.epilogue), static_cast<long long>(p.m), static_cast<long long>(p.n),
+                   static_cast<long long>(p.k), i, ms);
+    }
+    if (best_ms < 0 || ms < best_ms) {
+      best_ms = ms;
+      *best = results[i].algo;
+    }
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  if (best_ms < 0) return ffi::Error::Internal("jzero lt_gemm: no cuBLASLt candidate algorithm ran");
+  return ffi::Error::Success();
+}
+
+ffi::Error Run(cudaStream_t stream, const Problem& p, const void* a, const void* b, void* d, void* bias,
+               void* aux, void* workspace, size_t workspace_bytes) {
+  cublasLtHandle_t handle;
+  JZ_CHECK(Handle(&handle), "cublasLtCreate");
+  Descriptors desc;
+  JZ_CHECK(cublasLtMatmulDescCreate(&desc.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
+  cublasOperation_t op_a = p.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = CUBLAS_OP_N;
+  int64_t ld = p.m;
+  auto set = [&](cublasLtMatmulDescAttributes_t attr, const void* value, size_t size) {
+    return cublasLtMatmulDescSetAttribute(desc.op, attr, value, size);
+  };
+  JZ_CHECK(set(CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)), "set TRANSA");
+  JZ_CHECK(set(CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)), "set TRANSB");
+  JZ_CHECK(set(CUBLASLT_MATMUL_DESC_EPILOGUE, &p.epilogue, sizeof(p.epilogue)), "set EPILOGUE");
+  if (bias != nullptr) {
+    JZ_CHECK(set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)), "set BIAS_POINTER");
+    JZ_CHECK(set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &p.dtype, sizeof(p.dtype)), "set BIAS_DATA_TYPE");
+  }
+  JZ_CHECK(set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof(aux)), "set EPILOGUE_AUX_POINTER");
+  JZ_CHECK(set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &ld, sizeof(ld)), "set EPILOGUE_AUX_LD");
+  JZ_CHECK(set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE, &p.dtype, sizeof(p.dtype)),
+           "set EPILOGUE_AUX_DATA_TYPE");
+  if (p.trans_a) {
+    JZ_CHECK(cublasLtMatrixLayoutCreate(&desc.a, p.dtype, p.k, p.m, p.k), "layout A");
+  } else {
+    JZ_CHECK(cublasLtMatrixLayoutCreate(&desc.a, p.dtype, p.m, p.k, p.m), "layout A");
+  }
+  JZ_CHECK(cublasLtMatrixLayoutCreate(&desc.b, p.dtype, p.k, p.n, p.k), "layout B");
+  JZ_CHECK(cublasLtMatrixLayoutCreate(&desc.d, p.dtype, p.m, p.n, p.m), "layout D");
+
+  Key key{static_cast<int>(p.epilogue), p.trans_a, p.m, p.n, p.k, static_cast<int>(p.dtype), workspace_bytes};
+  cublasLtMatmulAlgo_t algo;
+  {
+    std::lock_guard<std::mutex> lock(cache_mutex);
+    auto it = algo_cache.find(key);
+    if (it != algo_cache.end()) {
+      algo = it->second;
+    } else {
+      JZ_CHECK(cublasLtMatmulPreferenceCreate(&desc.pref), "cublasLtMatmulPreferenceCreate");
+      uint64_t ws = workspace_bytes;
+      JZ_CHECK(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
+                                                    sizeof(ws)),
+               "set MAX_WORKSPACE_BYTES");
+      cublasLtMatmulHeuristicResult_t results[kCandidates];
+      int found = 0;
+      JZ_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, desc.op, desc.a, desc.b, desc.d, desc.d, desc.pref,
+                                              kCandidates, results, &found),
+               "cublasLtMatmulAlgoGetHeuristic");
+      if (found == 0) {
+        return ffi::Error::Internal("jzero lt_gemm: cuBLASLt has no algorithm for epilogue " +
+                                    std::to_string(static_cast<int>(p.epilogue)) + " at m=" +
+                                    std::to_string(p.m) + " n=" + std::to_string(p.n) + " k=" +
+                                    std::to_string(p.k) + "; run with JZERO_KERNELS=layer_norm,cross_entropy");
+      }
+      ffi::Error err = Autotune(handle, stream, desc, results, found, a, b, d, workspace, workspace_bytes, p,
+                                &algo);
+      if (err.failure()) return err;
+      algo_cache.emplace(key, algo);
+    }
+  }
+  const float alpha = 1.0f, beta = 0.0f;
+  JZ_CHECK(cublasLtMatmul(handle, desc.op, &alpha, a, desc.a, b, desc.b, &beta, d, desc.d, d, desc.d, &algo,
+                          workspace, workspace_bytes, stream),
+           "cublasLtMatmul");
+  return ffi::Error::Success();
+}
+
+ffi::Error DataType(ffi::DataType t, cudaDataType_t* out) {
+  if (t == ffi::DataType::BF16) {
+    *out = CUDA_R_16BF;
+  } else if (t == ffi::DataType::F16) {
+    *out = CUDA_R_16F;
+  } else {
+    return ffi::Error::InvalidArgument("jzero lt_gemm: arrays must be bfloat16 or float16");
+  }
+  return ffi::Error::Success();
+}
+
+int64_t Dim(const ffi::AnyBuffer& buf, int i) { return buf.dimensions()[i]; }
+
+// x [M, K], w [K, N], b [N] -> out [M, N] = gelu(x @ w + b), pre [M, N] = x @ w + b.
+ffi::Error GemmBiasGelu(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer b,
+                        ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> pre,
+                        ffi::Result<ffi::AnyBuffer> workspace) {
+  if (x.dimensions().size() != 2 || w.dimensions().size() != 2 || Dim(x, 1) != Dim(w, 0) ||
+      b.element_count() != static_cast<size_t>(Dim(w, 1))) {
+    return ffi::Error::InvalidArgument("jzero_gemm_bias_gelu: expected x [M, K], w [K, N], b [N]");
+  }
+  Problem p{CUBLASLT_EPILOGUE_GELU_AUX_BIAS, false, Dim(w, 1), Dim(x, 0), Dim(x, 1), CUDA_R_16BF};
+  ffi::Error err = DataType(x.element_type(), &p.dtype);
+  if (err.failure()) return err;
+  return Run(stream, p, w.untyped_data(), x.untyped_data(), out->untyped_data(), b.untyped_data(),
+             pre->untyped_data(), workspace->untyped_data(), workspace->size_bytes());
+}
+
+// dy [M, K], w [N, K], pre [M, N] -> dpre [M, N] = (dy @ w^T) * gelu'(pre), db [N] = dpre summed over rows.
+ffi::Error GemmDgeluBgrad(cudaStream_t stream, ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::AnyBuffer pre,
+                          ffi::Result<ffi::AnyBuffer> dpre, ffi::Result<ffi::AnyBuffer> db,
+                          ffi::Result<ffi::AnyBuffer> workspace) {
+  if (dy.dimensions().size() != 2 || w.dimensions().size() != 2 || Dim(dy, 1) != Dim(w, 1) ||
+      pre.element_count() != static_cast<size_t>(Dim(dy, 0) * Dim(w, 0))) {
+    return ffi::Error::InvalidArgument("jzero_gemm_dgelu_bgrad: expected dy [M, K], w [N, K], pre [M, N]");
+  }
+  Problem p{CUBLASLT_EPILOGUE_DGELU_BGRAD, true, Dim(w, 0), Dim(dy, 0), Dim(dy, 1), CUDA_R_16BF};
+  ffi::Error err = DataType(dy.element_type(), &p.dtype);
+  if (err.failure()) return err;
+  return Run(stream, p, w.untyped_data(), dy.untyped_data(), dpre->untyped_data(), db->untyped_data(),
+             pre.untyped_data(), workspace->untyped_data(), workspace->size_bytes());
+}
+
+// dy [M, K], w [N, K], pre [M, N] -> dpre [M, N] = (dy @ w^T) * gelu'(pre) (DGELU: no bias gradient, which
+// cuBLASLt computes in a separate slow kernel; the caller reduces dpre itself).
+ffi::Error GemmDgelu(cudaStream_t stream, ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::AnyBuffer pre,
+                     ffi::Result<ffi::AnyBuffer> dpre, ffi::Result<ffi::AnyBuffer> workspace) {
+  if (dy.dimensions().size() != 2 || w.dimensions().size() != 2 || Dim(dy, 1) != Dim(w, 1) ||
+      pre.element_count() != static_cast<size_t>(Dim(dy, 0) * Dim(w, 0))) {
+    return ffi::Error::InvalidArgument("jzero_gemm_dgelu: expected dy [M, K], w [N, K], pre [M, N]");
+  }
+  Problem p{CUBLASLT_EPILOGUE_DGELU, true, Dim(w, 0), Dim(dy, 0), Dim(dy, 1), CUDA_R_16BF};
+  ffi::Error err = DataType(dy.element_type(), &p.dtype);
+  if (err.failure()) return err;
+  return Run(stream, p, w.untyped_data(), dy.untyped_data(), dpre->untyped_data(), nullptr, pre.untyped_data(),
+             workspace->untyped_data(), workspace->size_bytes());
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JzeroGemmDgelu, GemmDgelu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()   // dy
+                                  .Arg<ffi::AnyBuffer>()   // w
+                                  .Arg<ffi::AnyBuffer>()   // pre
+                                  .Ret<ffi::AnyBuffer>()   // dpre
+                                  .Ret<ffi::AnyBuffer>()); // workspace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JzeroGemmBiasGelu, GemmBiasGelu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()   // x
+                                  .Arg<ffi::AnyBuffer>()   // w
+                                  .Arg<ffi::AnyBuffer>()   // b
+                                  .Ret<ffi::AnyBuffer>()   // out
+                                  .Ret<ffi::AnyBuffer>()   // pre
+                                  .Ret<ffi::AnyBuffer>()); // workspace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JzeroGemmDgeluBgrad, GemmDgeluBgrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()   // dy
+                                  .Arg<ffi::AnyBuffer>()   // w
+                                  .Arg<ffi::AnyBuffer>()   // pre
+                                  .Ret<ffi::AnyBuffer>()   // dpre
+                                  .Ret<ffi::AnyBuffer>()   // db
+                                  .Ret<ffi::AnyBuffer>()); // workspace
