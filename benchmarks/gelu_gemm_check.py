@@ -89,14 +89,16 @@ def main(argv=None) -> int:
     x, w1, b1, w2, dy = inputs(3, a.m, a.d, a.f)
     ref = jax.jit(lambda *t: grads(f32_mlp, [u.astype(F32) for u in t[:4]], t[4].astype(F32)))(x, w1, b1, w2, dy)
     names = ("y", "dx", "dw1", "db1", "dw2")
-    for label, fn in (("cublaslt", fused_mlp), ("xla", xla_mlp)):
+    for label, fn in (("cublaslt", fused_mlp), ("cublaslt_bgrada", fused_mlp), ("xla", xla_mlp)):
+        gg.BACKWARD = 3 if label == "cublaslt_bgrada" else 1
         got = jax.jit(lambda *t, fn=fn: grads(fn, t[:4], t[4]))(x, w1, b1, w2, dy)
         out[f"{label}_vs_fp32"] = {n: rel(g_, r_) for n, g_, r_ in zip(names, got, ref)}
         bad = [n for n, g_ in zip(names, got) if not bool(jnp.isfinite(g_.astype(F32)).all())]
         if bad:
             out[f"{label}_nonfinite"] = bad
     for label, fn, backward in (("cublaslt_bwd_xla", fused_mlp, 0), ("cublaslt_bwd_dgelu", fused_mlp, 1),
-                                ("cublaslt_bwd_dgelu_bgrad", fused_mlp, 2), ("xla", xla_mlp, None)):
+                                ("cublaslt_bwd_dgelu_bgrad", fused_mlp, 2), ("cublaslt_bwd_dgelu_bgrada", fused_mlp, 3),
+                                ("xla", xla_mlp, None)):
         if backward is not None:
             gg.BACKWARD = backward   # read when the step is traced
         step = jax.jit(lambda *t, fn=fn: grads(fn, t[:4], t[4]))

@@ -44,7 +44,8 @@ def _register() -> None:
     jax.devices()   # the GPU client first: it has loaded the libcublasLt the library links to
     lib = ctypes.CDLL(build.library("lt_gemm"))
     for target, symbol in (("jzero_gemm_bias_gelu", "JzeroGemmBiasGelu"), ("jzero_gemm_dgelu", "JzeroGemmDgelu"),
-                           ("jzero_gemm_dgelu_bgrad", "JzeroGemmDgeluBgrad")):
+                           ("jzero_gemm_dgelu_bgrad", "JzeroGemmDgeluBgrad"),
+                           ("jzero_gemm_wgrad_bgrad", "JzeroGemmWgradBgrad")):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="CUDA")
 
 
@@ -125,7 +126,21 @@ def xla_dgelu_bgrad(dy_MxK, w_NxK, pre_MxN):
     return reference_dgelu_bgrad(dy_MxK, w_NxK, pre_MxN)
 
 
-#: the backward's dpre: 0 XLA GEMM + element-wise pass, 1 cuBLASLt DGELU + XLA bias reduction, 2 DGELU_BGRAD
+def wgrad_bgrad_2d(x_MxK, g_MxN):
+    """``(x.T @ g [K, N], g.sum(0) [N])``: a weight-gradient GEMM whose BGRADA epilogue reduces the bias
+    gradient from its operand."""
+    if kernels.interpret():
+        return jnp.dot(x_MxK.T, g_MxN), g_MxN.astype(F32).sum(0).astype(g_MxN.dtype)
+    _register()
+    dt = x_MxK.dtype
+    dw, db, _ = jax.ffi.ffi_call("jzero_gemm_wgrad_bgrad",
+                                 (jax.ShapeDtypeStruct((x_MxK.shape[1], g_MxN.shape[1]), dt),
+                                  jax.ShapeDtypeStruct((g_MxN.shape[1],), dt), _workspace()))(x_MxK, g_MxN)
+    return dw, db
+
+
+#: the backward's dpre: 0 XLA GEMM + element-wise pass, 1 cuBLASLt DGELU + XLA bias reduction, 2 DGELU_BGRAD,
+#: 3 DGELU + the fc bias gradient in the dw1 GEMM's BGRADA epilogue
 BACKWARD = 1
 
 
@@ -163,8 +178,12 @@ def _bwd_local(axes):
     def run(x, w1, w2, hidden, pre, dy):
         x2, h2, p2, dy2 = _flat(x), _flat(hidden), _flat(pre), _flat(dy)
         dw2 = jnp.dot(h2.T, dy2)
-        dpre, db1 = (xla_dgelu_bgrad, dgelu_2d, dgelu_bgrad_2d)[BACKWARD](dy2, w2, p2)
-        dw1 = jnp.dot(x2.T, dpre)
+        if BACKWARD == 3:
+            dpre, _ = dgelu_2d(dy2, w2, p2)
+            dw1, db1 = wgrad_bgrad_2d(x2, dpre)
+        else:
+            dpre, db1 = (xla_dgelu_bgrad, dgelu_2d, dgelu_bgrad_2d)[BACKWARD](dy2, w2, p2)
+            dw1 = jnp.dot(x2.T, dpre)
         dx = jnp.dot(dpre, w1.T).reshape(x.shape)
         if axes:
             dw1, db1, dw2 = jax.lax.psum((dw1, db1, dw2), axes)

@@ -57,9 +57,10 @@ struct Problem {
   bool trans_a;  // A stored [k, m] (transposed) rather than [m, k]
   int64_t m, n, k;
   cudaDataType_t dtype;
+  bool trans_b = false;  // B stored [n, k] rather than [k, n]
 };
 
-using Key = std::tuple<int, bool, int64_t, int64_t, int64_t, int, size_t>;
+using Key = std::tuple<int, bool, bool, int64_t, int64_t, int64_t, int, size_t>;
 
 std::mutex cache_mutex;
 std::map<Key, cublasLtMatmulAlgo_t> algo_cache;
@@ -131,7 +132,7 @@ ffi::Error Run(cudaStream_t stream, const Problem& p, const void* a, const void*
   JZ_CHECK(Handle(&handle), "cublasLtCreate");
   Descriptors desc;
   JZ_CHECK(cublasLtMatmulDescCreate(&desc.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
-  cublasOperation_t op_a = p.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = CUBLAS_OP_N;
+  cublasOperation_t op_a = p.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = p.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   int64_t ld = p.m;
   auto set = [&](cublasLtMatmulDescAttributes_t attr, const void* value, size_t size) {
     return cublasLtMatmulDescSetAttribute(desc.op, attr, value, size);
@@ -143,19 +144,26 @@ ffi::Error Run(cudaStream_t stream, const Problem& p, const void* a, const void*
     JZ_CHECK(set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)), "set BIAS_POINTER");
     JZ_CHECK(set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &p.dtype, sizeof(p.dtype)), "set BIAS_DATA_TYPE");
   }
-  JZ_CHECK(set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof(aux)), "set EPILOGUE_AUX_POINTER");
-  JZ_CHECK(set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &ld, sizeof(ld)), "set EPILOGUE_AUX_LD");
-  JZ_CHECK(set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE, &p.dtype, sizeof(p.dtype)),
-           "set EPILOGUE_AUX_DATA_TYPE");
+  if (aux != nullptr) {
+    JZ_CHECK(set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof(aux)), "set EPILOGUE_AUX_POINTER");
+    JZ_CHECK(set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &ld, sizeof(ld)), "set EPILOGUE_AUX_LD");
+    JZ_CHECK(set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE, &p.dtype, sizeof(p.dtype)),
+             "set EPILOGUE_AUX_DATA_TYPE");
+  }
   if (p.trans_a) {
     JZ_CHECK(cublasLtMatrixLayoutCreate(&desc.a, p.dtype, p.k, p.m, p.k), "layout A");
   } else {
     JZ_CHECK(cublasLtMatrixLayoutCreate(&desc.a, p.dtype, p.m, p.k, p.m), "layout A");
   }
-  JZ_CHECK(cublasLtMatrixLayoutCreate(&desc.b, p.dtype, p.k, p.n, p.k), "layout B");
+  if (p.trans_b) {
+    JZ_CHECK(cublasLtMatrixLayoutCreate(&desc.b, p.dtype, p.n, p.k, p.n), "layout B");
+  } else {
+    JZ_CHECK(cublasLtMatrixLayoutCreate(&desc.b, p.dtype, p.k, p.n, p.k), "layout B");
+  }
   JZ_CHECK(cublasLtMatrixLayoutCreate(&desc.d, p.dtype, p.m, p.n, p.m), "layout D");
 
-  Key key{static_cast<int>(p.epilogue), p.trans_a, p.m, p.n, p.k, static_cast<int>(p.dtype), workspace_bytes};
+  Key key{static_cast<int>(p.epilogue), p.trans_a, p.trans_b, p.m, p.n, p.k, static_cast<int>(p.dtype),
+          workspace_bytes};
   cublasLtMatmulAlgo_t algo;
   {
     std::lock_guard<std::mutex> lock(cache_mutex);
@@ -250,7 +258,31 @@ ffi::Error GemmDgelu(cudaStream_t stream, ffi::AnyBuffer dy, ffi::AnyBuffer w, f
              workspace->untyped_data(), workspace->size_bytes());
 }
 
+// x [M, K], g [M, N] -> dw [K, N] = x^T @ g, db [N] = g summed over rows (BGRADA: the weight-gradient GEMM of
+// a linear layer, its bias gradient reduced by the GEMM from its A operand).
+ffi::Error GemmWgradBgrad(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::Result<ffi::AnyBuffer> dw,
+                          ffi::Result<ffi::AnyBuffer> db, ffi::Result<ffi::AnyBuffer> workspace) {
+  if (x.dimensions().size() != 2 || g.dimensions().size() != 2 || Dim(x, 0) != Dim(g, 0)) {
+    return ffi::Error::InvalidArgument("jzero_gemm_wgrad_bgrad: expected x [M, K], g [M, N]");
+  }
+  // column-major: dw^T [N, K] = g^T [N, M] @ x [M, K]; A = g (stored [N, M]), B = x (stored [K, M]: transposed)
+  Problem p{CUBLASLT_EPILOGUE_BGRADA, false, Dim(g, 1), Dim(x, 1), Dim(x, 0), CUDA_R_16BF, true};
+  ffi::Error err = DataType(x.element_type(), &p.dtype);
+  if (err.failure()) return err;
+  return Run(stream, p, g.untyped_data(), x.untyped_data(), dw->untyped_data(), db->untyped_data(), nullptr,
+             workspace->untyped_data(), workspace->size_bytes());
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JzeroGemmWgradBgrad, GemmWgradBgrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()   // x
+                                  .Arg<ffi::AnyBuffer>()   // g
+                                  .Ret<ffi::AnyBuffer>()   // dw
+                                  .Ret<ffi::AnyBuffer>()   // db
+                                  .Ret<ffi::AnyBuffer>()); // workspace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JzeroGemmDgelu, GemmDgelu,
                               ffi::Ffi::Bind()
