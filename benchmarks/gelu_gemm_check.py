@@ -6,8 +6,7 @@ the relative error ||out - ref|| / ||ref|| against an fp32 reference (``jax.nn.g
 - the two epilogue GEMMs against their XLA formulas (same rounding: these should agree to ~1e-3),
 - the whole MLP's value and four gradients, for the cuBLASLt path and for XLA's bf16 path (``gelu_tanh``),
 
-then the median time of the MLP's forward + backward on each path (``--reps`` runs after warm-up), the
-cuBLASLt one with each choice of ``gelu_gemm.BACKWARD``.
+then the median time of the MLP's forward + backward on each path (``--reps`` runs after warm-up).
 """
 
 from __future__ import annotations
@@ -83,24 +82,19 @@ def main(argv=None) -> int:
     out["bias_gelu_vs_formula"] = {"hidden": rel(h, hr), "pre": rel(pre, prer)}
     x, w1, b1, w2, dy = inputs(2, a.m, a.d, a.f)
     pre = (x @ w1 + b1)
-    g, db = jax.jit(gg.dgelu_bgrad_2d)(dy, w2, pre)
-    gr, dbr = jax.jit(gg.reference_dgelu_bgrad)(dy, w2, pre)
-    out["dgelu_bgrad_vs_formula"] = {"dpre": rel(g, gr), "db": rel(db, dbr)}
+    g, db = jax.jit(gg.dgelu_2d)(dy, w2, pre)
+    gr, dbr = jax.jit(gg.reference_dgelu)(dy, w2, pre)
+    out["dgelu_vs_formula"] = {"dpre": rel(g, gr), "db": rel(db, dbr)}
     x, w1, b1, w2, dy = inputs(3, a.m, a.d, a.f)
     ref = jax.jit(lambda *t: grads(f32_mlp, [u.astype(F32) for u in t[:4]], t[4].astype(F32)))(x, w1, b1, w2, dy)
     names = ("y", "dx", "dw1", "db1", "dw2")
-    for label, fn in (("cublaslt", fused_mlp), ("cublaslt_bgrada", fused_mlp), ("xla", xla_mlp)):
-        gg.BACKWARD = 3 if label == "cublaslt_bgrada" else 1
+    for label, fn in (("cublaslt", fused_mlp), ("xla", xla_mlp)):
         got = jax.jit(lambda *t, fn=fn: grads(fn, t[:4], t[4]))(x, w1, b1, w2, dy)
         out[f"{label}_vs_fp32"] = {n: rel(g_, r_) for n, g_, r_ in zip(names, got, ref)}
         bad = [n for n, g_ in zip(names, got) if not bool(jnp.isfinite(g_.astype(F32)).all())]
         if bad:
             out[f"{label}_nonfinite"] = bad
-    for label, fn, backward in (("cublaslt_bwd_xla", fused_mlp, 0), ("cublaslt_bwd_dgelu", fused_mlp, 1),
-                                ("cublaslt_bwd_dgelu_bgrad", fused_mlp, 2), ("cublaslt_bwd_dgelu_bgrada", fused_mlp, 3),
-                                ("xla", xla_mlp, None)):
-        if backward is not None:
-            gg.BACKWARD = backward   # read when the step is traced
+    for label, fn in (("cublaslt", fused_mlp), ("xla", xla_mlp)):
         step = jax.jit(lambda *t, fn=fn: grads(fn, t[:4], t[4]))
         out[f"{label}_fwd_bwd_ms"] = round(median_ms(step, (x, w1, b1, w2, dy), a.reps), 4)
     print(json.dumps(out, indent=1))

@@ -317,7 +317,7 @@ class MLP(nn.Module):
                    nn.initializers.normal(self.out_init_std), self.dtype)
         b2 = param(self, "proj_bias", (d,), ("embed",), nn.initializers.zeros, self.dtype)
         if (self.fused and self.gelu_approximate and _low_precision(self.dtype) and kernels.enabled("gelu_gemm")
-                and kernel_gg.supported(SUBLAYER_INPUT) and kernel_gg.available()):
+                and kernel_gg.supported(SUBLAYER_INPUT, d, self.d_ff) and kernel_gg.available()):
             return kernel_gg.mlp(x_BxTxD, w1, b1, w2, SUBLAYER_INPUT) + b2
         pre = jnp.einsum("btd,df->btf", x_BxTxD, w1) + b1
         if self.gelu_approximate and _low_precision(self.dtype):   # fp32 keeps jax's autodiff (unchanged)

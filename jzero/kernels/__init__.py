@@ -1,4 +1,4 @@
-"""Hand-written GPU kernels (Pallas, Triton backend) for the passes XLA leaves at two or three HBM round trips.
+"""Hand-written GPU kernels (Pallas on Triton; cuBLASLt via XLA FFI) for passes XLA leaves as extra HBM trips.
 
 - :mod:`jzero.kernels.layer_norm`: LayerNorm whose backward reads ``x`` and ``dy`` once and writes ``dx`` plus
   per-block partial scale/bias gradients (XLA: three kernels and a recomputed fp32 ``xhat * dy``).
@@ -8,10 +8,12 @@
 - :mod:`jzero.kernels.gelu_gemm`: GPT-2's MLP with bias + GELU and GELU's derivative in cuBLASLt GEMM epilogues
   (C++ XLA FFI handlers in ``csrc/``, built at first use by :mod:`jzero.kernels.build`).
 
-GPT-2 124M (b16 x 1024, bf16) on one H100: 34.9 -> 33.4-33.6 ms per step (BENCHMARKS.md, session 3).
+GPT-2 124M (b16 x 1024, bf16): 34.9 -> 33.4-33.6 ms per step on one H100 with the first two (session 3); on one
+H200, 32.64 (none) -> 30.94 (first two) -> 30.21 ms (all three) (BENCHMARKS.md, session 4).
 
 When they run: :func:`enabled` is True on a GPU backend. ``JZERO_KERNELS=0`` turns them off, ``=1`` forces them
-on (in Pallas interpret mode off the GPU: how the CPU tests check their numbers), ``=layer_norm`` picks some.
+on (in Pallas interpret mode, or the XLA formulas of ``gelu_gemm``, off the GPU: how the CPU tests check their
+numbers), ``=layer_norm`` picks some.
 Under an active sharding plan the kernels run per shard through ``shard_map`` over the row (token) axes; a layout
 that splits the reduced axis (the hidden size for LayerNorm, the vocabulary for the loss), or a trace inside a
 ``shard_map`` (1-bit optimizers, pipeline stages), falls back to the XLA formula.

@@ -3,20 +3,22 @@
 XLA runs ``proj(gelu(x @ w1 + b1))`` with plain GEMMs and two element-wise passes over [tokens, d_ff] arrays:
 the forward's bias + GELU (reads the fc GEMM's output, writes the hidden) and the backward's GELU derivative +
 fc-bias gradient (reads the proj dX GEMM's output and the pre-activation, writes dpre). GPT-2 124M (b16 x 1024)
-on one H200: 0.97 + 1.24 ms of a 31 ms step. cuBLASLt does both in the GEMMs' epilogues:
+on one H200: 0.97 + 1.24 ms of a 31 ms step. cuBLASLt does them in the GEMMs' epilogues:
 
-- forward, ``GELU_AUX_BIAS``: the fc GEMM writes ``hidden = gelu(x @ w1 + b1)`` and ``pre = x @ w1 + b1``;
-- backward, ``DGELU_BGRAD``: the proj layer's dX GEMM writes ``dpre = (dy @ w2.T) * gelu'(pre)`` and the fc
-  bias gradient ``db1 = dpre.sum(0)``.
+- forward, ``GELU_AUX_BIAS``: the fc GEMM writes ``hidden = gelu(x @ w1 + b1)`` and ``pre = x @ w1 + b1``
+  (0.147 ms a layer, against 0.105 for the plain GEMM plus 0.081 for XLA's pass);
+- backward, ``DGELU``: the proj layer's dX GEMM writes ``dpre = (dy @ w2.T) * gelu'(pre)``; the fc bias
+  gradient ``dpre.sum(0)`` stays an XLA reduction (DGELU_BGRAD, which also sums, measured 0.44 ms a layer).
 
 :func:`mlp` is ``gelu(x @ w1 + b1) @ w2`` (the proj bias stays outside, for XLA to fuse into the residual add)
-as one custom VJP whose other three GEMMs (dw2, dw1, dx) are XLA's. The FFI handlers are C++
-(``csrc/lt_gemm.cc``), built at first use by :mod:`jzero.kernels.build`. Off the GPU (``JZERO_KERNELS=1`` in
-the CPU tests) the two epilogue GEMMs are the XLA formulas below, with the epilogues' rounding (fp32
-accumulation, one rounding of ``pre`` and of the output), so the custom VJP itself is tested everywhere.
-Under an active plan the op runs per shard over the token axes (``shard_map``) with the weights whole; it
-stands aside (XLA formulas) where the hidden or model axis is split (tensor parallelism), inside a
-``shard_map``, and under activation checkpointing (its saved ``pre``/``hidden`` are not remat-nameable).
+as one custom VJP whose other three GEMMs (dw2, dw1, dx) are XLA's. GPT-2 124M on one H200: 30.94 -> 30.21 ms
+per step (BENCHMARKS.md, session 4). The FFI handlers are C++ (``csrc/lt_gemm.cc``), built at first use by
+:mod:`jzero.kernels.build`. Off the GPU (``JZERO_KERNELS=1`` in the CPU tests) the two epilogue GEMMs are the
+XLA formulas below, with the epilogues' rounding (fp32 accumulation, each output rounded once), so the custom
+VJP itself is tested everywhere. Under an active plan the op runs per shard over the token axes
+(``shard_map``) with the weights whole; it stands aside (XLA formulas) where the hidden or model axis is split
+(tensor parallelism), inside a ``shard_map``, and under activation checkpointing (its saved ``pre``/``hidden``
+are not remat-nameable).
 """
 
 from __future__ import annotations
@@ -43,9 +45,7 @@ def _register() -> None:
 
     jax.devices()   # the GPU client first: it has loaded the libcublasLt the library links to
     lib = ctypes.CDLL(build.library("lt_gemm"))
-    for target, symbol in (("jzero_gemm_bias_gelu", "JzeroGemmBiasGelu"), ("jzero_gemm_dgelu", "JzeroGemmDgelu"),
-                           ("jzero_gemm_dgelu_bgrad", "JzeroGemmDgeluBgrad"),
-                           ("jzero_gemm_wgrad_bgrad", "JzeroGemmWgradBgrad")):
+    for target, symbol in (("jzero_gemm_bias_gelu", "JzeroGemmBiasGelu"), ("jzero_gemm_dgelu", "JzeroGemmDgelu")):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="CUDA")
 
 
@@ -92,10 +92,14 @@ def reference_bias_gelu(x_MxK, w_KxN, b_N):
     return _gelu(pre32).astype(x_MxK.dtype), pre32.astype(x_MxK.dtype)
 
 
-def reference_dgelu_bgrad(dy_MxK, w_NxK, pre_MxN):
-    """XLA formula of :func:`dgelu_bgrad_2d` (fp32 product and sum, rounded once)."""
-    g32 = jnp.dot(dy_MxK, w_NxK.T, preferred_element_type=F32) * _gelu_grad(pre_MxN.astype(F32))
-    return g32.astype(dy_MxK.dtype), g32.sum(0).astype(dy_MxK.dtype)
+def reference_dgelu(dy_MxK, w_NxK, pre_MxN):
+    """XLA formula of :func:`dgelu_2d` (fp32 product rounded once; the bias gradient sums the rounded dpre)."""
+    dpre = (jnp.dot(dy_MxK, w_NxK.T, preferred_element_type=F32) * _gelu_grad(pre_MxN.astype(F32))).astype(dy_MxK.dtype)
+    return dpre, _bias_grad(dpre)
+
+
+def _bias_grad(dpre_MxN):
+    return dpre_MxN.astype(F32).sum(0).astype(dpre_MxN.dtype)
 
 
 def bias_gelu_2d(x_MxK, w_KxN, b_N):
@@ -110,52 +114,16 @@ def bias_gelu_2d(x_MxK, w_KxN, b_N):
 
 
 def dgelu_2d(dy_MxK, w_NxK, pre_MxN):
-    """``(dpre, db)`` as :func:`dgelu_bgrad_2d`, with cuBLASLt's DGELU epilogue for ``dpre`` and XLA's reduction
-    for ``db``."""
+    """``(dpre, db)``: ``dpre = (dy @ w.T) * gelu'(pre)`` [M, N] from the proj layer's dX GEMM with cuBLASLt's
+    DGELU epilogue, and the fc bias gradient ``db = dpre.sum(0)`` [N] as XLA's reduction (cuBLASLt's
+    DGELU_BGRAD, which would do both, runs the sum as a separate kernel ten times slower: BENCHMARKS.md)."""
     if kernels.interpret():
-        return reference_dgelu_bgrad(dy_MxK, w_NxK, pre_MxN)
+        return reference_dgelu(dy_MxK, w_NxK, pre_MxN)
     _register()
     dpre, _ = jax.ffi.ffi_call("jzero_gemm_dgelu",
                                (jax.ShapeDtypeStruct((dy_MxK.shape[0], w_NxK.shape[0]), dy_MxK.dtype),
                                 _workspace()))(dy_MxK, w_NxK, pre_MxN)
-    return dpre, dpre.astype(F32).sum(0).astype(dpre.dtype)
-
-
-def xla_dgelu_bgrad(dy_MxK, w_NxK, pre_MxN):
-    """``(dpre, db)`` with XLA's GEMM and one element-wise pass (GELU' and the bias gradient)."""
-    return reference_dgelu_bgrad(dy_MxK, w_NxK, pre_MxN)
-
-
-def wgrad_bgrad_2d(x_MxK, g_MxN):
-    """``(x.T @ g [K, N], g.sum(0) [N])``: a weight-gradient GEMM whose BGRADA epilogue reduces the bias
-    gradient from its operand."""
-    if kernels.interpret():
-        return jnp.dot(x_MxK.T, g_MxN), g_MxN.astype(F32).sum(0).astype(g_MxN.dtype)
-    _register()
-    dt = x_MxK.dtype
-    dw, db, _ = jax.ffi.ffi_call("jzero_gemm_wgrad_bgrad",
-                                 (jax.ShapeDtypeStruct((x_MxK.shape[1], g_MxN.shape[1]), dt),
-                                  jax.ShapeDtypeStruct((g_MxN.shape[1],), dt), _workspace()))(x_MxK, g_MxN)
-    return dw, db
-
-
-#: the backward's dpre: 0 XLA GEMM + element-wise pass, 1 cuBLASLt DGELU + XLA bias reduction, 2 DGELU_BGRAD,
-#: 3 DGELU + the fc bias gradient in the dw1 GEMM's BGRADA epilogue
-BACKWARD = 1
-
-
-def dgelu_bgrad_2d(dy_MxK, w_NxK, pre_MxN):
-    """``(dpre, db)``: ``dpre = (dy @ w.T) * gelu'(pre)`` [M, N] and ``db = dpre.sum(0)`` [N] (cuBLASLt's
-    DGELU_BGRAD on the proj layer's dX GEMM)."""
-    dt = dy_MxK.dtype
-    if kernels.interpret():
-        return reference_dgelu_bgrad(dy_MxK, w_NxK, pre_MxN)
-    _register()
-    m, n = dy_MxK.shape[0], w_NxK.shape[0]
-    dpre, db, _ = jax.ffi.ffi_call("jzero_gemm_dgelu_bgrad",
-                                   (jax.ShapeDtypeStruct((m, n), dt), jax.ShapeDtypeStruct((n,), dt),
-                                    _workspace()))(dy_MxK, w_NxK, pre_MxN)
-    return dpre, db
+    return dpre, _bias_grad(dpre)
 
 
 # --------------------------------------------------------------------------- the differentiable MLP
@@ -178,12 +146,8 @@ def _bwd_local(axes):
     def run(x, w1, w2, hidden, pre, dy):
         x2, h2, p2, dy2 = _flat(x), _flat(hidden), _flat(pre), _flat(dy)
         dw2 = jnp.dot(h2.T, dy2)
-        if BACKWARD == 3:
-            dpre, _ = dgelu_2d(dy2, w2, p2)
-            dw1, db1 = wgrad_bgrad_2d(x2, dpre)
-        else:
-            dpre, db1 = (xla_dgelu_bgrad, dgelu_2d, dgelu_bgrad_2d)[BACKWARD](dy2, w2, p2)
-            dw1 = jnp.dot(x2.T, dpre)
+        dpre, db1 = dgelu_2d(dy2, w2, p2)
+        dw1 = jnp.dot(x2.T, dpre)
         dx = jnp.dot(dpre, w1.T).reshape(x.shape)
         if axes:
             dw1, db1, dw2 = jax.lax.psum((dw1, db1, dw2), axes)
@@ -191,9 +155,17 @@ def _bwd_local(axes):
     return run
 
 
-def supported(names) -> bool:
-    """Can :func:`mlp` run here: activations' model axis unsplit, outside ``shard_map`` (see the module doc)."""
-    return kernels.last_axis_unsplit(names) and kernels.last_axis_unsplit(tuple(names[:-1]) + ("mlp",))
+def supported(names, *dims: int) -> bool:
+    """Can :func:`mlp` run here: the activations' model axis and the hidden ('mlp') axis whole on each device,
+    outside ``shard_map`` (see the module doc), and the sizes ``dims`` (model, hidden) multiples of 8 (cuBLASLt's
+    epilogue needs its aux leading dimension so)."""
+    if any(n % 8 for n in dims) or not kernels.last_axis_unsplit(names):
+        return False
+    got = kernels.row_spec(tuple(names[:-1]) + ("mlp",))
+    if got is None:
+        return True
+    mesh, spec = got
+    return all(mesh.shape[a] == 1 for a in kernels.spec_axes(P(spec[-1])))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))

@@ -1,0 +1,145 @@
+"""jzero.kernels.gelu_gemm (the cuBLASLt-epilogue MLP; its XLA formulas off the GPU) and jzero.kernels.build.
+
+On CPU the two epilogue GEMMs are their reference formulas, so these tests check the custom VJP around them, its
+sharding and where it stands aside; the GPU handlers themselves are checked against the same formulas by
+``python -m benchmarks.gelu_gemm_check`` on the GPU (numbers in BENCHMARKS.md).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from jzero import kernels, sharding
+from jzero.kernels import build
+from jzero.kernels import gelu_gemm as gg
+from models.layers import MLP
+
+NAMES = ("batch", "length", "embed")
+F32 = jnp.float32
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def mlp_inputs():
+    k = jax.random.split(jax.random.PRNGKey(0), 5)
+    bf = jnp.bfloat16
+    x = jax.random.normal(k[0], (8, 6, 32), bf)
+    w1 = (0.3 * jax.random.normal(k[1], (32, 128))).astype(bf)
+    b1 = (0.5 * jax.random.normal(k[2], (128,))).astype(bf)
+    w2 = (0.2 * jax.random.normal(k[3], (128, 32))).astype(bf)
+    dy = jax.random.normal(k[4], (8, 6, 32), bf)
+    return x, w1, b1, w2, dy
+
+
+def _vjp(fn, args, dy):
+    y, back = jax.vjp(fn, *args)
+    return (y, *back(dy))
+
+
+def test_formulas_match_numpy_float64():
+    """The epilogues' formulas: pre = x @ w + b, hidden = gelu_tanh(pre), dpre = (dy @ w.T) * gelu'(pre)."""
+    rng = np.random.default_rng(0)
+    x, w, b = rng.normal(size=(16, 8)), 0.5 * rng.normal(size=(8, 24)), rng.normal(size=24)
+    hidden, pre = gg.reference_bias_gelu(*(jnp.asarray(a, F32) for a in (x, w, b)))
+    p = x @ w + b
+    c = np.sqrt(2 / np.pi)
+    np.testing.assert_allclose(pre, p, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(hidden, 0.5 * p * (1 + np.tanh(c * (p + 0.044715 * p ** 3))), rtol=1e-5, atol=1e-5)
+    dy, w2 = rng.normal(size=(16, 4)), rng.normal(size=(24, 4))
+    dpre, db = gg.reference_dgelu(*(jnp.asarray(a, F32) for a in (dy, w2, p)))
+    eps = 1e-6   # gelu' by central differences in float64
+    gelu = lambda t: 0.5 * t * (1 + np.tanh(c * (t + 0.044715 * t ** 3)))   # noqa: E731
+    want = (dy @ w2.T) * (gelu(p + eps) - gelu(p - eps)) / (2 * eps)
+    np.testing.assert_allclose(dpre, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(db, want.sum(0), rtol=1e-4, atol=1e-4)
+
+
+def test_mlp_value_and_gradients_match_autodiff(mlp_inputs):
+    """bf16 custom VJP vs jax autodiff of the fp32 MLP: each output within bf16 rounding, like XLA's bf16 path."""
+    x, w1, b1, w2, dy = mlp_inputs
+    got = _vjp(lambda *a: gg.mlp(*a, NAMES), (x, w1, b1, w2), dy)
+    ref = _vjp(lambda *a: jax.nn.gelu(a[0] @ a[1] + a[2], approximate=True) @ a[3],
+               [a.astype(F32) for a in (x, w1, b1, w2)], dy.astype(F32))
+    for name, g, r in zip(("y", "dx", "dw1", "db1", "dw2"), got, ref):
+        assert g.dtype == jnp.bfloat16 and g.shape == r.shape, name
+        assert _rel(g, r) < 1e-2, name
+
+
+def test_mlp_per_shard_on_8_devices_equals_one_device(mlp_inputs):
+    x, w1, b1, w2, dy = mlp_inputs
+
+    def loss(x, w1, b1, w2):
+        return jnp.vdot(gg.mlp(x, w1, b1, w2, NAMES).astype(F32), dy.astype(F32))
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+    v1, g1 = grad(x, w1, b1, w2)
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(8, 1, 1), ("data", "tensor", "pipeline"),
+                axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    with sharding.activate(mesh):
+        assert kernels.row_spec(NAMES)[1][0] is not None and gg.supported(NAMES)   # rows split, op runs
+        v8, g8 = grad(x, w1, b1, w2)
+    assert abs(float(v8) - float(v1)) <= 1e-3 * abs(float(v1))
+    for a, b in zip(g8, g1):
+        assert _rel(a, b) < 5e-3   # bf16 weight gradients: per-shard partial sums rounded before the psum
+
+
+def test_stands_aside_under_tensor_parallelism_and_inside_shard_map():
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2, 1), ("data", "tensor", "pipeline"),
+                axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    with sharding.activate(mesh):
+        assert not gg.supported(NAMES)   # 'mlp' split over tensor: the hidden is not whole on a device
+    assert gg.supported(NAMES, 768, 3072) and not gg.supported(NAMES, 768, 3070)   # cuBLASLt: multiples of 8
+    flat = Mesh(np.array(jax.devices()[:8]), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    seen = {}
+
+    def local(v):
+        seen["supported"] = gg.supported(NAMES)
+        return v
+
+    jax.jit(jax.shard_map(local, mesh=flat, in_specs=P("data"), out_specs=P("data")))(jnp.ones((8, 4)))
+    assert seen["supported"] is False and gg.supported(NAMES)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_mlp_module_uses_the_op_only_when_fused(monkeypatch, mlp_inputs, fused):
+    """models.layers.MLP: same params either way; fused=False (GPT-2 under remat) keeps XLA's autodiff GELU."""
+    x = mlp_inputs[0]
+    monkeypatch.setenv("JZERO_KERNELS", "1")
+    calls = []
+    monkeypatch.setattr(gg, "bias_gelu_2d", lambda *a: calls.append(1) or gg.reference_bias_gelu(*a))
+    m = MLP(128, jnp.bfloat16, 0.02, fused=fused)
+    params = m.init(jax.random.PRNGKey(1), x)
+    y = m.apply(params, x)
+    assert bool(calls) == fused
+    monkeypatch.setenv("JZERO_KERNELS", "0")
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(m.apply(params, x), np.float32),
+                               rtol=2e-2, atol=2e-2)
+
+
+def test_build_names_what_is_missing(monkeypatch):
+    monkeypatch.setattr(build, "_cuda_roots", lambda: [])
+    with pytest.raises(build.BuildError, match=r"cublasLt\.h.*CUDA_HOME.*JZERO_KERNELS=layer_norm,cross_entropy"):
+        build.command("lt_gemm", "/tmp/x.so")
+
+
+def test_failed_build_warns_by_default_and_raises_when_requested(monkeypatch):
+    monkeypatch.setattr(kernels, "interpret", lambda: False)   # as on a GPU
+
+    def fail():
+        raise build.BuildError("cannot build jzero's cuBLASLt kernels: test")
+
+    monkeypatch.setattr(gg, "_register", fail)
+    monkeypatch.delenv("JZERO_KERNELS", raising=False)
+    with pytest.warns(UserWarning, match="cannot build.*XLA's GEMMs"):
+        assert gg.available() is False
+    monkeypatch.setenv("JZERO_KERNELS", "gelu_gemm")
+    with pytest.raises(build.BuildError):
+        gg.available()
