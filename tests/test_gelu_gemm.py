@@ -5,6 +5,8 @@ sharding and where it stands aside; the GPU handlers themselves are checked agai
 ``python -m benchmarks.gelu_gemm_check`` on the GPU (numbers in BENCHMARKS.md).
 """
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,3 +145,39 @@ def test_failed_build_warns_by_default_and_raises_when_requested(monkeypatch):
     monkeypatch.setenv("JZERO_KERNELS", "gelu_gemm")
     with pytest.raises(build.BuildError):
         gg.available()
+
+
+def test_build_finds_each_header_and_library_in_the_cuda_roots(monkeypatch, tmp_path):
+    """Headers split over two roots (as the nvidia-* wheels and a toolkit split them): one -I per directory."""
+    wheel, toolkit = tmp_path / "nvidia" / "cu13", tmp_path / "cuda"
+    for root, files in ((wheel, ["include/cublasLt.h", "lib/libcublasLt.so.13", "lib/libcudart.so.13"]),
+                        (toolkit, [f"include/{h}" for h in build.HEADERS if h != "cublasLt.h"])):
+        for f in files:
+            (root / f).parent.mkdir(parents=True, exist_ok=True)
+            (root / f).write_text("")
+    monkeypatch.setattr(build, "_cuda_roots", lambda: [str(wheel), str(toolkit)])
+    cmd = build.command("lt_gemm", "out.so")
+    assert f"-I{wheel / 'include'}" in cmd and f"-I{toolkit / 'include'}" in cmd
+    assert "-l:libcublasLt.so.13" in cmd and "-l:libcudart.so.13" in cmd and f"-Wl,-rpath,{wheel / 'lib'}" in cmd
+
+
+def test_library_is_built_once_and_a_failed_build_names_the_error(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setenv("JZERO_CACHE_DIR", str(tmp_path))
+    runs = []
+
+    def fake(name, out):
+        runs.append(out)
+        return [sys.executable, "-c", f"open({out!r}, 'w').write('so')"]
+
+    monkeypatch.setattr(build, "command", fake)
+    first = build.library("lt_gemm")
+    built = len(runs)
+    assert build.library("lt_gemm") == first and len(runs) == built + 1   # second call: only the digest probe
+    assert [p.name for p in tmp_path.iterdir()] == [pathlib.Path(first).name]   # no temporary file left
+    monkeypatch.setenv("JZERO_CACHE_DIR", str(tmp_path / "other"))
+    monkeypatch.setattr(build, "command", lambda name, out: [sys.executable, "-c",
+                                                             "import sys; sys.exit('x.cc:3: error: bad thing')"])
+    with pytest.raises(build.BuildError, match=r"failed \(x\.cc:3: error: bad thing\).*JZERO_KERNELS="):
+        build.library("lt_gemm")

@@ -84,6 +84,9 @@ def library(name: str) -> str:
     import jax
 
     src = CSRC / f"{name}.cc"
+    if not src.is_file():
+        raise BuildError(f"cannot build jzero's {name} kernels: {src} is missing from this install; reinstall jzero, "
+                         f"or turn the kernel off with JZERO_KERNELS=layer_norm,cross_entropy")
     cache = pathlib.Path(os.environ.get("JZERO_CACHE_DIR", pathlib.Path.home() / ".cache" / "jzero" / "kernels"))
     probe = command(name, "OUT")
     digest = hashlib.sha256(src.read_bytes() + " ".join(probe).encode() + jax.__version__.encode()).hexdigest()
