@@ -73,6 +73,14 @@ def test_mlp_value_and_gradients_match_autodiff(mlp_inputs):
         assert _rel(g, r) < 1e-2, name
 
 
+def test_mixed_or_fp32_operands_are_refused(mlp_inputs):
+    x, w1, b1, w2, dy = mlp_inputs
+    with pytest.raises(TypeError, match=r"one dtype, bfloat16 or float16; got \['bfloat16', 'float16'\]"):
+        gg.bias_gelu_2d(x[0], w1.astype(jnp.float16), b1)
+    with pytest.raises(TypeError, match="float32"):
+        gg.dgelu_2d(dy[0].astype(F32), w2.astype(F32), x[0].astype(F32))
+
+
 def test_mlp_per_shard_on_8_devices_equals_one_device(mlp_inputs):
     x, w1, b1, w2, dy = mlp_inputs
 

@@ -102,8 +102,16 @@ def _bias_grad(dpre_MxN):
     return dpre_MxN.astype(F32).sum(0).astype(dpre_MxN.dtype)
 
 
+def _one_dtype(op: str, *arrays) -> None:
+    dtypes = {jnp.dtype(a.dtype) for a in arrays}
+    if len(dtypes) != 1 or dtypes.pop() not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise TypeError(f"jzero.kernels.gelu_gemm.{op}: operands must share one dtype, bfloat16 or float16; got "
+                        f"{[str(a.dtype) for a in arrays]} (cast them first)")
+
+
 def bias_gelu_2d(x_MxK, w_KxN, b_N):
     """``(gelu(x @ w + b), x @ w + b)``, both [M, N] in x's dtype (the fc GEMM with cuBLASLt's GELU_AUX_BIAS)."""
+    _one_dtype("bias_gelu_2d", x_MxK, w_KxN)
     dt = x_MxK.dtype
     if kernels.interpret():
         return reference_bias_gelu(x_MxK, w_KxN, b_N)
@@ -117,6 +125,7 @@ def dgelu_2d(dy_MxK, w_NxK, pre_MxN):
     """``(dpre, db)``: ``dpre = (dy @ w.T) * gelu'(pre)`` [M, N] from the proj layer's dX GEMM with cuBLASLt's
     DGELU epilogue, and the fc bias gradient ``db = dpre.sum(0)`` [N] as XLA's reduction (cuBLASLt's
     DGELU_BGRAD, which would do both, runs the sum as a separate kernel ten times slower: BENCHMARKS.md)."""
+    _one_dtype("dgelu_2d", dy_MxK, w_NxK, pre_MxN)
     if kernels.interpret():
         return reference_dgelu(dy_MxK, w_NxK, pre_MxN)
     _register()
