@@ -183,10 +183,16 @@ class OptimizerOffload:
         masters, inners = list(state.master), list(state.inner)
         if not self._layers:
             self._layers = [jnp.int32(0 if ch.layer is None else ch.layer) for ch in self.chunks]
+        # XLA:CPU's in-process collectives can deadlock with many multi-device chunk programs in flight on a small
+        # thread pool (seen on 2 cores with 8 fake devices: an all-gather's rendezvous stuck until XLA aborted the
+        # process); there, run the chunks one at a time. GPUs keep the whole loop asynchronous.
+        one_at_a_time = jax.default_backend() == "cpu" and jax.device_count() > 1
         for c, ch in enumerate(self.chunks):
             fn = self._fn(c, inners[c])
             dev[ch.leaf], masters[c], inners[c] = fn(dev[ch.leaf], g[ch.leaf], self._layers[c], masters[c], inners[c],
                                                      mult, ok)
+            if one_at_a_time:
+                jax.block_until_ready(masters[c])
             if last[ch.leaf] == c:
                 g[ch.leaf] = None      # this leaf's gradient can be freed
         return jax.tree.unflatten(self.treedef, dev), OffloadedOptState(master=masters, inner=inners)
