@@ -15,7 +15,6 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from jzero import kernels, pipeline
@@ -118,9 +117,6 @@ def _layer_norm_bwd(eps, out_dtype, res, dy):
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-_GELU_C = float(np.sqrt(2.0 / np.pi))
-
-
 @jax.custom_vjp
 def gelu_tanh(x):
     """GELU (tanh approximation; ``jax.nn.gelu(approximate=True)``) whose backward needs only ``x``.
@@ -138,9 +134,7 @@ def _gelu_fwd(x):
 
 
 def _gelu_bwd(x, g):
-    x32 = x.astype(jnp.float32)
-    t = jnp.tanh(_GELU_C * (x32 + 0.044715 * x32 * x32 * x32))
-    d = 0.5 * (1.0 + t) + 0.5 * x32 * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x32 * x32)
+    d = kernel_gg.gelu_tanh_grad(x.astype(jnp.float32))
     return ((g.astype(jnp.float32) * d).astype(x.dtype),)
 
 

@@ -36,12 +36,11 @@ NAMES = ("layer_norm", "cross_entropy", "gelu_gemm")
 def enabled(name: str | None = None) -> bool:
     """Use Pallas kernel ``name`` (None: any)? GPU backend by default. ``JZERO_KERNELS``: 0 (none), 1 (all, also
     off the GPU, in interpret mode), or a comma-separated subset of :data:`NAMES`."""
-    flag = os.environ.get("JZERO_KERNELS", "").strip()
+    flag, chosen = _flag()
     if not flag:
         return jax.default_backend() == "gpu"
     if flag in ("0", "1"):
         return flag == "1"
-    chosen = {n.strip() for n in flag.split(",") if n.strip()}
     unknown = chosen - set(NAMES)
     if unknown:
         raise ValueError(f"JZERO_KERNELS={flag!r}: unknown kernel(s) {sorted(unknown)}; use 0, 1 or a "
@@ -51,8 +50,14 @@ def enabled(name: str | None = None) -> bool:
 
 def requested(name: str) -> bool:
     """Did ``JZERO_KERNELS`` ask for kernel ``name`` by itself or by ``1`` (rather than the GPU default)?"""
+    flag, chosen = _flag()
+    return flag == "1" or name in chosen
+
+
+def _flag() -> tuple[str, set[str]]:
+    """``JZERO_KERNELS`` as given, and the kernel names it lists."""
     flag = os.environ.get("JZERO_KERNELS", "").strip()
-    return flag == "1" or name in {n.strip() for n in flag.split(",")}
+    return flag, {n.strip() for n in flag.split(",") if n.strip()}
 
 
 def in_manual_region() -> bool:

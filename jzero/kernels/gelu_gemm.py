@@ -77,24 +77,21 @@ def _workspace():
     return jax.ShapeDtypeStruct((WORKSPACE_BYTES,), jnp.uint8)
 
 
-def _gelu(x32):
-    return 0.5 * x32 * (1.0 + jnp.tanh(_C * (x32 + 0.044715 * x32 ** 3)))
-
-
-def _gelu_grad(x32):
-    t = jnp.tanh(_C * (x32 + 0.044715 * x32 ** 3))
+def gelu_tanh_grad(x32):
+    """d/dx of the tanh GELU (GPT-2's; cuBLASLt's DGELU), elementwise in x's dtype (fp32 here)."""
+    t = jnp.tanh(_C * (x32 + 0.044715 * x32 * x32 * x32))
     return 0.5 * (1.0 + t) + 0.5 * x32 * (1.0 - t * t) * _C * (1.0 + 3 * 0.044715 * x32 * x32)
 
 
 def reference_bias_gelu(x_MxK, w_KxN, b_N):
     """XLA formula of :func:`bias_gelu_2d` with the epilogue's rounding (fp32 sum, each output rounded once)."""
     pre32 = jnp.dot(x_MxK, w_KxN, preferred_element_type=F32) + b_N.astype(F32)
-    return _gelu(pre32).astype(x_MxK.dtype), pre32.astype(x_MxK.dtype)
+    return jax.nn.gelu(pre32, approximate=True).astype(x_MxK.dtype), pre32.astype(x_MxK.dtype)
 
 
 def reference_dgelu(dy_MxK, w_NxK, pre_MxN):
     """XLA formula of :func:`dgelu_2d` (fp32 product rounded once; the bias gradient sums the rounded dpre)."""
-    dpre = (jnp.dot(dy_MxK, w_NxK.T, preferred_element_type=F32) * _gelu_grad(pre_MxN.astype(F32))).astype(dy_MxK.dtype)
+    dpre = (jnp.dot(dy_MxK, w_NxK.T, preferred_element_type=F32) * gelu_tanh_grad(pre_MxN.astype(F32))).astype(dy_MxK.dtype)
     return dpre, _bias_grad(dpre)
 
 
