@@ -21,7 +21,7 @@ COLUMNS = ["name", "device", "n_dev", "tokens_per_s", "mfu", "step_ms", "compile
 
 
 def bench(cfg, steps: int = 10, warmup: int = 2, name: str | None = None, profile_dir: str | None = None,
-          hlo_path: str | None = None) -> dict:
+          hlo_path: str | None = None, token_range: int | None = None) -> dict:
     """Build the engine for ``cfg``, run ``warmup`` + ``steps`` steps on random tokens, return the row dict."""
     import jax
     import numpy as np
@@ -40,7 +40,7 @@ def bench(cfg, steps: int = 10, warmup: int = 2, name: str | None = None, profil
             f.write(engine.compile().as_text())
     rng = np.random.default_rng(0)
     spec = engine.batch_spec()
-    host = jax.tree.map(lambda s: rng.integers(0, mc.vocab_size, size=s.shape).astype(s.dtype), spec)
+    host = jax.tree.map(lambda s: rng.integers(0, token_range or mc.vocab_size, size=s.shape).astype(s.dtype), spec)
     batch = jax.tree.map(lambda x, s: jax.device_put(x, s.sharding), host, spec)
     for _ in range(warmup):
         jax.block_until_ready(engine.train_step(batch))
@@ -119,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--hlo", help="write the compiled step's optimized HLO text here")
     p.add_argument("--kernel-tile", action="append", default=[], metavar="MODULE.NAME=INT",
                    help="set a tile constant of a jzero.kernels module for this run, e.g. layer_norm.BLOCK_M=8")
+    p.add_argument("--token-range", type=int, default=None,
+                   help="draw the random tokens from [0, N) instead of the whole vocabulary")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     for item in args.kernel_tile:
@@ -130,7 +132,7 @@ def main(argv=None) -> int:
         from jzero import xla_flags
 
         xla_flags.apply(cfg)   # before the backend starts (jzero.initialize)
-        row = bench(cfg, args.steps, args.warmup, args.name or args.config or "default", args.profile, args.hlo)
+        row = bench(cfg, args.steps, args.warmup, args.name or args.config or "default", args.profile, args.hlo, args.token_range)
     except JzeroError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -186,7 +186,9 @@ class FlopsProfile:
     """One step's FLOPs three ways and where its time goes; `format` is printed once after the first steps.
 
     ``xla_flops_per_device`` comes from `xla_flops` (per device); ``jaxpr_flops`` from `jaxpr_matmul_flops`
-    (global). Times are seconds: compile once, data wait and compute per step.
+    (global). Times are seconds (`jzero.step_timer`): compile once; ``step_time_s`` the training loop's wall time
+    per step; ``device_step_s`` a real step run synchronised (dispatch to ready); ``host_time_s`` the host's own
+    work per step, split in ``host_split`` (data wait, placement, dispatch, logging). MFU is of the loop's step.
     """
 
     tokens_per_step: int
@@ -196,8 +198,10 @@ class FlopsProfile:
     xla_while_loops: int = 0
     jaxpr_flops: Optional[float] = None
     compile_time_s: Optional[float] = None
-    data_time_s: Optional[float] = None
-    compute_time_s: Optional[float] = None
+    step_time_s: Optional[float] = None
+    device_step_s: Optional[float] = None
+    host_time_s: Optional[float] = None
+    host_split: Optional[dict] = None
     peak_flops_per_device: Optional[float] = None
     dtype: str = "bfloat16"
 
@@ -216,9 +220,9 @@ class FlopsProfile:
 
     @property
     def mfu(self) -> Optional[float]:
-        if not self.compute_time_s:
+        if not self.step_time_s:
             return None
-        return mfu(self.tokens_per_step / self.compute_time_s, self.flops_per_token, self.n_devices,
+        return mfu(self.tokens_per_step / self.step_time_s, self.flops_per_token, self.n_devices,
                    self.peak_flops_per_device)
 
     def to_dict(self) -> dict[str, Any]:
@@ -245,10 +249,15 @@ class FlopsProfile:
             lines.append(f"  jaxpr matmuls     : {format_flops(self.jaxpr_flops)}, "
                          f"jaxpr / analytic = {self.jaxpr_flops / a:.3f}")
         compile_s = "n/a" if self.compile_time_s is None else f"{self.compile_time_s:.1f} s"
-        lines.append(f"  time              : compile {compile_s} (once) | data wait {_ms(self.data_time_s)} | "
-                     f"compute {_ms(self.compute_time_s)} per step")
-        if self.compute_time_s:
-            achieved = a / self.compute_time_s / self.n_devices
+        lines.append(f"  time              : compile {compile_s} (once) | loop step {_ms(self.step_time_s)} | "
+                     f"device step {_ms(self.device_step_s)} (synchronised) | host overhead "
+                     f"{_ms(self.host_time_s)} per step")
+        if self.host_split:
+            lines.append("  host overhead     : " + " | ".join(
+                f"{k.replace('_time_s', '').replace('_s', '').replace('_', ' ')} {_ms(v)}"
+                for k, v in self.host_split.items()))
+        if self.step_time_s:
+            achieved = a / self.step_time_s / self.n_devices
             tail = ("MFU n/a (no peak for this device)" if self.mfu is None else
                     f"MFU {100 * self.mfu:.1f}% of {format_flops(self.peak_flops_per_device, 'FLOP/s')} "
                     f"({self.dtype})")

@@ -165,9 +165,14 @@ def format_train_line(step: int, total_steps: int, m: Mapping[str, Any], *, timi
         parts.append(f"mfu {100 * m['mfu']:.1f}%")
     if _is_number(m.get("memory_bytes")):
         parts.append(f"mem {human_bytes(m['memory_bytes'])}")
+    shown = {"step_time_s", "host_time_s"}   # always: a host-bound loop shows as host close to step
+    if _is_number(m.get("step_time_s")):
+        parts.append(f"step {1000 * m['step_time_s']:.1f} ms")
+    if _is_number(m.get("host_time_s")):
+        parts.append(f"host {1000 * m['host_time_s']:.1f} ms")
     if timings:
         for k, v in m.items():
-            if k.endswith(TIMING_SUFFIX) and _is_number(v):
+            if k.endswith(TIMING_SUFFIX) and k not in shown and _is_number(v):
                 parts.append(f"{k[: -len(TIMING_SUFFIX)]} {1000 * v:.1f} ms")
     return " | ".join(parts)
 

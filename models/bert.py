@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jzero.sharding import constrain
-from models.layers import MLP, RESIDUAL, Attention, LayerNorm, param, stack_blocks
+from models.layers import MLP, RESIDUAL, Attention, LayerNorm, embed_lookup, param, stack_blocks
 
 HEADS = ("mlm", "classification", "token_classification")
 
@@ -95,7 +95,7 @@ class Bert(nn.Module):
         wte = param(self, "word_embed", (cfg.vocab_size, d), ("vocab", "embed"), nn.initializers.normal(0.02),
                     cfg.dtype)
         wpe = param(self, "pos_embed", (cfg.max_len, d), (None, "embed"), nn.initializers.normal(0.02), cfg.dtype)
-        x = jnp.take(wte, tokens_BxT, axis=0) + wpe[:T][None]
+        x = embed_lookup(wte, tokens_BxT) + wpe[:T][None]
         x = constrain(LayerNorm(cfg.dtype, cfg.norm_eps, name="embed_norm")(x), RESIDUAL)
         x, _ = stack_blocks(BertBlock, cfg, (x, mask_BxT.astype(jnp.int32)))
 

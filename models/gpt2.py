@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jzero.sharding import constrain
-from models.layers import MLP, RESIDUAL, LayerNorm, MultiHeadAttention, param, stack_blocks
+from models.layers import MLP, RESIDUAL, LayerNorm, MultiHeadAttention, embed_lookup, param, stack_blocks
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class GPT2(nn.Module):
         wte = param(self, "wte", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), nn.initializers.normal(0.02),
                     cfg.dtype)
         wpe = param(self, "wpe", (cfg.max_len, cfg.d_model), (None, "embed"), nn.initializers.normal(0.01), cfg.dtype)
-        x = jnp.take(wte, tokens_BxT, axis=0) + wpe[:T][None]
+        x = embed_lookup(wte, tokens_BxT) + wpe[:T][None]
         x = constrain(x, RESIDUAL)
         x = stack_blocks(Block, cfg, x)
         x = LayerNorm(cfg.dtype, name="ln_f")(x)

@@ -42,6 +42,37 @@ def param(mod: nn.Module, name: str, shape: Sequence[int], names: Sequence[str |
     return constrain(w.astype(dtype), names)
 
 
+def embed_lookup(table_VxD: jax.Array, ids_BxT: jax.Array) -> jax.Array:
+    """``table_VxD[ids_BxT]`` (rows in the table's dtype) whose gradient is summed in fp32.
+
+    The gradient of a gather is a scatter-add of ``[B*T, D]`` rows into ``[V, D]``. Autodiff emits it in the
+    table's compute dtype: in bf16 a GPU has no native atomic add, and text repeats tokens (a byte-level corpus has
+    ~100 distinct ids, natural text is Zipfian), so the colliding compare-and-swap loops serialise. Here the sum
+    runs in fp32 (native atomics) and is rounded once to the table's dtype: on an H200 the GPT-2 124M main on the
+    byte-level corpus went from ~410k to ~520k tokens/s (BENCHMARKS.md, session 5), and a bf16 sum also stops
+    growing once it reaches 256x an addend (a token seen 4096 times got 256 in tests/test_layers.py).
+    """
+    return _embed_lookup(table_VxD.shape[0], table_VxD, ids_BxT)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _embed_lookup(vocab: int, table_VxD, ids_BxT):
+    return jnp.take(table_VxD, ids_BxT, axis=0)
+
+
+def _embed_lookup_fwd(vocab, table_VxD, ids_BxT):
+    return jnp.take(table_VxD, ids_BxT, axis=0), ids_BxT
+
+
+def _embed_lookup_bwd(vocab, ids_BxT, g_BxTxD):
+    g_NxD = g_BxTxD.reshape(-1, g_BxTxD.shape[-1]).astype(jnp.float32)
+    d_VxD = jnp.zeros((vocab, g_NxD.shape[1]), jnp.float32).at[ids_BxT.reshape(-1)].add(g_NxD)
+    return d_VxD.astype(g_BxTxD.dtype), None
+
+
+_embed_lookup.defvjp(_embed_lookup_fwd, _embed_lookup_bwd)
+
+
 def attention_impl(choice: str) -> str | None:
     """'auto' -> cuDNN flash attention on GPU, XLA elsewhere."""
     if choice == "auto":

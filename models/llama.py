@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jzero.sharding import constrain
-from models.layers import RESIDUAL, Attention, RMSNorm, SwiGLU, param, stack_blocks
+from models.layers import RESIDUAL, Attention, RMSNorm, SwiGLU, embed_lookup, param, stack_blocks
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class Llama(nn.Module):
                              f"raise model.max_len")
         embed = param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                       nn.initializers.normal(0.02), cfg.dtype)
-        x = constrain(jnp.take(embed, tokens_BxT, axis=0), RESIDUAL)
+        x = constrain(embed_lookup(embed, tokens_BxT), RESIDUAL)
         x = stack_blocks(LlamaBlock, cfg, x)
         x = RMSNorm(cfg.dtype, cfg.norm_eps, name="final_norm")(x)
         if cfg.tie_embeddings:

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.layers import MultiHeadAttention
+from models.layers import MultiHeadAttention, embed_lookup
 
 
 def _reference(p, x):
@@ -35,3 +35,24 @@ def test_folded_biases_equal_the_full_formula_and_k_bias_gets_no_gradient():
     g = np.asarray(getattr(g, "value", g))
     assert np.all(g[1] == 0.0)   # softmax is unchanged by k's bias: exactly no gradient
     assert np.abs(g[0]).max() > 0 and np.abs(g[2]).max() > 0
+
+
+def test_embed_lookup_gradient_is_an_fp32_sum_rounded_once():
+    """The gather's gradient sums each id's rows in fp32: equal to autodiff's in fp32, and in bf16 it is the exact
+    sum rounded once, where autodiff's bf16 scatter-add saturates on a repeated id (4096 x 1.0 stays at 256)."""
+    rng = np.random.default_rng(0)
+    V, D = 40, 8
+    table = jnp.asarray(rng.normal(size=(V, D)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, V, size=(4, 32)), jnp.int32)
+    w = jnp.asarray(rng.normal(size=(4, 32, D)), jnp.float32)
+    ref = jax.grad(lambda t: (jnp.take(t, ids, axis=0) * w).sum())(table)
+    got = jax.jit(jax.grad(lambda t: (embed_lookup(t, ids) * w).sum()))(table)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    assert np.array_equal(np.asarray(embed_lookup(table, ids)), np.asarray(table)[np.asarray(ids)])
+
+    same = jnp.zeros((2, 2048), jnp.int32)   # one id 4096 times, each row's cotangent 1.0
+    tb = table.astype(jnp.bfloat16)
+    got_b = jax.jit(jax.grad(lambda t: embed_lookup(t, same).astype(jnp.float32).sum()))(tb)
+    auto_b = jax.jit(jax.grad(lambda t: jnp.take(t, same, axis=0).astype(jnp.float32).sum()))(tb)
+    assert got_b.dtype == jnp.bfloat16 and float(got_b[0, 0]) == 4096.0 and float(got_b[1:].max()) == 0.0
+    assert float(auto_b[0, 0]) < 4096.0   # the reason for embed_lookup: bf16 accumulation stops growing

@@ -135,3 +135,6 @@ def test_helpers():
     assert device_memory_bytes(Dev()) == {"bytes_in_use": 10, "peak_bytes_in_use": 20}
     assert [human_bytes(x) for x in (None, 512, 1536, 3 * 2**30)] == ["n/a", "512 B", "1.5 KiB", "3.0 GiB"]
     assert format_train_line(3, 9, {"loss": float("nan")}) == "step 3/9 | loss nan"
+    # step time and host overhead are on every line, not only under wall_clock_breakdown
+    assert (format_train_line(5, 9, {"loss": 1.0, "step_time_s": 0.03, "host_time_s": 0.001, "data_wait_s": 2e-4})
+            == "step 5/9 | loss 1 | step 30.0 ms | host 1.0 ms")

@@ -27,6 +27,15 @@ def test_run_writes_config_metrics_and_summary(tmp_path):
         assert key in s, key
     assert s["n_devices"] == 8 and s["zero_stage"] == 3 and s["mfu"] is None   # no known CPU peak
     assert s["memory_per_device_bytes"]["params"] > 0 and s["memory_per_device_bytes"]["opt_state"] > 0
+    # the loop's timing split (jzero.step_timer): host overhead = its four phases, and it fits inside the wall
+    # time of the run's steps; steps 2-4 ran synchronised for the device step time
+    phases = ("data_wait_s", "place_time_s", "dispatch_time_s", "log_time_s")
+    for x in train:
+        assert x["host_time_s"] == pytest.approx(sum(x[k] for k in phases)) and min(x[k] for k in phases) >= 0
+    assert sum(x["host_time_s"] for x in train) < sum(x["step_time_s"] for x in train)
+    assert 0 < s["device_step_s"] and 0 < s["host_time_s"] < s["step_time_s"]
+    prof = s["flops_profile"]
+    assert prof["device_step_s"] == s["device_step_s"] and set(prof["host_split"]) == set(phases)
 
 
 def _tiny_data(tmp_path, n_bytes):

@@ -30,6 +30,10 @@ DEFAULT_CONFIG: dict = {
 }
 
 
+#: real training steps run synchronised once per run to measure the device step time (jzero.step_timer)
+N_PROBES = 3
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="DeepSpeed-style JSON or YAML config (default: the embedded default)")
@@ -95,19 +99,22 @@ def _resume(engine, ckpt_dir: Path, batches, out: Path, pi: int) -> int:
     return start
 
 
-def _flops_profile(engine, tokens_per_step, flops_per_token, peak, rc, data_s, compute_s):
+def _flops_profile(engine, tokens_per_step, flops_per_token, peak, rc, window, device_step_s):
     """DeepSpeed's flops profiler, once: XLA-counted and jaxpr-counted FLOPs of the compiled step next to the
-    analytic 6N + 12LTd, and the step time split into compile / data wait / compute; printed by process 0."""
+    analytic 6N + 12LTd, and the step time split (jzero.step_timer): loop step, synchronised device step and the
+    host's overhead per step; printed by process 0."""
     import jax
 
     from jzero import flops
+    from jzero.step_timer import PHASES
 
     compiled = engine.compile()
     prof = flops.FlopsProfile(
         tokens_per_step=tokens_per_step, flops_per_token=flops_per_token, n_devices=jax.device_count(),
         xla_flops_per_device=flops.xla_flops(compiled), xla_while_loops=flops.hlo_while_loops(compiled),
         jaxpr_flops=flops.jaxpr_matmul_flops(engine._train, engine.state, engine.batch_spec()),
-        compile_time_s=engine.compile_seconds, data_time_s=data_s, compute_time_s=compute_s,
+        compile_time_s=engine.compile_seconds, step_time_s=window["step_time_s"], device_step_s=device_step_s,
+        host_time_s=window["host_time_s"], host_split={k: window[k] for k in PHASES},
         peak_flops_per_device=peak, dtype="bfloat16" if rc.bf16.enabled else "float32")
     if jax.process_index() == 0:
         print(prof.format(), flush=True)
@@ -150,6 +157,7 @@ def run(cfg, resume: bool = False) -> dict:
     from jzero.config import resolve, to_dict
     from jzero.data import BatchIterator, eval_batches, read_meta
     from jzero.monitor import Monitor, device_memory_bytes
+    from jzero.step_timer import StepTimer
 
     resolved = resolve(cfg, jax.device_count())
     data_dir = _data_dir(resolved)
@@ -185,40 +193,67 @@ def run(cfg, resume: bool = False) -> dict:
     if rc.train.eval_interval:   # a val split too short for one eval batch fails now, not after training
         next(iter(eval_batches(data_dir / "val.bin", rc.data.seq_len, eval_rows, 1, pi, pc)))
 
-    rates, losses, data_wait, last_eval, profile = [], [], 0.0, None, None
-    t_mark, steps_since = time.perf_counter(), 0
+    rates, host, losses, last_eval, profile = [], [], [], None, None
+    timer, pending, last_logged = StepTimer(), None, start
+    probe_steps = set(range(start + 2, start + 2 + N_PROBES))   # after the first (warm-up) dispatch
+
+    def log_pending():
+        """Log the queued step's metrics: they are fetched one step late, so the device has the next step queued
+        while the host waits here and formats/writes the line (no bubble from the sync)."""
+        nonlocal pending, last_logged, profile
+        step, metrics = pending
+        pending = None
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}   # the one host sync per log
+        window = timer.window(step - last_logged)
+        last_logged = step
+        with timer.phase("log_time_s"):
+            tps = tokens_per_step / window["step_time_s"]
+            rates.append(tps)
+            host.append(window["host_time_s"])
+            m.update(window, tokens_per_s=tps,
+                     mfu=flops.mfu(tps, flops_per_token, jax.device_count(), peak) if peak else None)
+            if profile is None and (step >= start + 2 + N_PROBES or step == rc.train.steps):   # once
+                profile = _flops_profile(engine, tokens_per_step, flops_per_token, peak, rc, window,
+                                         timer.device_step_s)
+            monitor.log(step, m)
+            losses.append(m["loss"])
+
     with monitor:
         for step in range(start + 1, rc.train.steps + 1):
-            t0 = time.perf_counter()
-            batch = next(batches)
-            data_wait += time.perf_counter() - t0
-            metrics = engine.train_step(batch)
-            steps_since += 1
+            with timer.phase("data_wait_s"):
+                local = next(batches)
+            with timer.phase("place_time_s"):
+                batch = engine.put_batch(local)
+            if step in probe_steps:   # a real step, synchronised: the device time of one step
+                with timer.probe(lambda: jax.block_until_ready(engine.state)):
+                    metrics = engine.train_step(batch)
+                    jax.block_until_ready((metrics, engine.state))
+            else:
+                with timer.phase("dispatch_time_s"):
+                    metrics = engine.train_step(batch)
+            timer.step()
+            if pending is not None:
+                log_pending()
             if step % rc.train.log_interval == 0 or step == rc.train.steps:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}   # the one host sync per log
-                now = time.perf_counter()
-                dt = (now - t_mark) / steps_since
-                tps = tokens_per_step / dt
-                rates.append(tps)
-                m.update(step_time_s=dt, tokens_per_s=tps,
-                         mfu=flops.mfu(tps, flops_per_token, jax.device_count(), peak) if peak else None)
-                if rc.wall_clock_breakdown:
-                    m["data_wait_s"] = data_wait / steps_since
-                if profile is None and (step >= start + 5 or step == rc.train.steps):   # flops profile, once
-                    profile = _flops_profile(engine, tokens_per_step, flops_per_token, peak, rc,
-                                             data_wait / steps_since, dt - data_wait / steps_since)
-                monitor.log(step, m)
-                losses.append(m["loss"])
-                t_mark, steps_since, data_wait = time.perf_counter(), 0, 0.0
-            if rc.train.eval_interval and (step % rc.train.eval_interval == 0 or step == rc.train.steps):
+                pending = (step, metrics)
+            evaluating = rc.train.eval_interval and (step % rc.train.eval_interval == 0 or step == rc.train.steps)
+            saving = rc.train.checkpoint_interval and (step % rc.train.checkpoint_interval == 0
+                                                        or step == rc.train.steps)
+            if (evaluating or saving) and pending is not None:
+                log_pending()   # evaluation and the save's sync are not step time: close the window first
+            if evaluating:
                 eval_losses = [float(engine.eval_step(b)) for b in
                           eval_batches(data_dir / "val.bin", rc.data.seq_len, eval_rows, rc.train.eval_batches, pi, pc)]
                 ev = statistics.fmean(eval_losses)
                 last_eval = ev
                 monitor.log_eval(step, {"eval_loss": ev, "eval_ppl": float(jax.numpy.exp(ev))})
-                t_mark = time.perf_counter()
-            if rc.train.checkpoint_interval and (step % rc.train.checkpoint_interval == 0 or step == rc.train.steps):
+            if saving:
                 engine.save_checkpoint(ckpt_dir, data_iterator=batches)   # async: training goes on while it writes
+            if evaluating or saving:
+                timer.restart()
+                last_logged = step
+        if pending is not None:
+            log_pending()
         checkpoint.wait_until_finished(ckpt_dir)
         tps_med = statistics.median(rates[1:] or rates)
         mem = device_memory_bytes(dev) or {}
@@ -229,6 +264,8 @@ def run(cfg, resume: bool = False) -> dict:
             "final_eval_loss": last_eval,
             "steps": rc.train.steps,
             "tokens_per_s": tps_med,
+            "step_time_s": tokens_per_step / tps_med,   # the loop's wall time per step (median window)
+            "host_time_s": statistics.median(host[1:] or host),   # the host's own work per step
             "mfu": flops.mfu(tps_med, flops_per_token, jax.device_count(), peak) if peak else None,
             "n_devices": jax.device_count(),
             "n_params": engine.n_params(),
@@ -237,6 +274,7 @@ def run(cfg, resume: bool = False) -> dict:
             "memory_per_device_bytes": engine.memory_per_device(),
             "peak_memory_bytes": mem.get("peak_bytes_in_use"),
             "compile_s": engine.compile_seconds,
+            "device_step_s": timer.device_step_s,
             "flops_profile": profile.to_dict() if profile else None,
         }
         if comm is not None:
