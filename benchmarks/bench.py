@@ -18,6 +18,8 @@ import time
 
 COLUMNS = ["name", "device", "n_dev", "tokens_per_s", "mfu", "step_ms", "compile_s", "peak_mem_GiB",
            "params_MiB_per_dev", "opt_MiB_per_dev", "host_MiB_per_dev", "n_params_M"]
+#: extra columns of ``--main`` rows: the loop's host overhead per step and the synchronised device step
+MAIN_COLUMNS = ["host_ms", "device_step_ms"]
 
 
 def bench(cfg, steps: int = 10, warmup: int = 2, name: str | None = None, profile_dir: str | None = None,
@@ -81,12 +83,46 @@ def bench(cfg, steps: int = 10, warmup: int = 2, name: str | None = None, profil
     }
 
 
-def format_row(row: dict) -> str:
-    return "| " + " | ".join("null" if row.get(c) is None else str(row[c]) for c in COLUMNS) + " |"
+def bench_main(path: str | None, overrides: list[str], steps: int = 10, name: str | None = None) -> dict:
+    """Time the training main itself (``train.pretrain.run``: the data iterator over the config's ``data.path``
+    or the embedded corpus, batch placement, dispatch, logging): 4 windows of ``steps`` steps, the first dropped
+    (it holds the synchronised probes), median of the other 3 as in `bench`; same row plus host/device figures."""
+    import tempfile
+
+    import jax
+
+    from jzero.config import load_config
+    from train.pretrain import DEFAULT_CONFIG, run
+
+    with tempfile.TemporaryDirectory(prefix="jzero-bench-main-") as out:
+        over = [f"train.steps={4 * steps}", f"train.log_interval={steps}", f"steps_per_print={steps}",
+                "train.eval_interval=0", "train.checkpoint_interval=0", f"train.output_dir={out}"]
+        s = run(load_config(path, list(overrides) + over, base=None if path else DEFAULT_CONFIG))
+        per_dev = s["memory_per_device_bytes"]
+        return {
+            "name": name or "main",
+            "device": jax.local_devices()[0].device_kind,
+            "n_dev": s["n_devices"],
+            "tokens_per_s": round(s["tokens_per_s"], 1),
+            "mfu": None if s["mfu"] is None else round(s["mfu"], 4),
+            "step_ms": round(s["step_time_s"] * 1e3, 2),
+            "compile_s": round(s["compile_s"], 2),
+            "peak_mem_GiB": None if s["peak_memory_bytes"] is None else round(s["peak_memory_bytes"] / 2**30, 2),
+            "params_MiB_per_dev": round(per_dev["params"] / 2**20, 2),
+            "opt_MiB_per_dev": round(per_dev["opt_state"] / 2**20, 2),
+            "host_MiB_per_dev": round(per_dev["host"] / 2**20, 2),
+            "n_params_M": round(s["n_params"] / 1e6, 2),
+            "host_ms": round(s["host_time_s"] * 1e3, 2),
+            "device_step_ms": round(s["device_step_s"] * 1e3, 2),
+        }
 
 
-def header() -> str:
-    return "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS)
+def format_row(row: dict, columns=COLUMNS) -> str:
+    return "| " + " | ".join("null" if row.get(c) is None else str(row[c]) for c in columns) + " |"
+
+
+def header(columns=COLUMNS) -> str:
+    return "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
 
 
 def set_kernel_tile(item: str) -> None:
@@ -119,6 +155,9 @@ def main(argv=None) -> int:
     p.add_argument("--hlo", help="write the compiled step's optimized HLO text here")
     p.add_argument("--kernel-tile", action="append", default=[], metavar="MODULE.NAME=INT",
                    help="set a tile constant of a jzero.kernels module for this run, e.g. layer_norm.BLOCK_M=8")
+    p.add_argument("--main", action="store_true",
+                   help="time the training main's loop (real data iterator, placement, logging) instead of the "
+                        "step alone; adds host_ms and device_step_ms columns")
     p.add_argument("--token-range", type=int, default=None,
                    help="draw the random tokens from [0, N) instead of the whole vocabulary")
     p.add_argument("overrides", nargs="*")
@@ -132,12 +171,20 @@ def main(argv=None) -> int:
         from jzero import xla_flags
 
         xla_flags.apply(cfg)   # before the backend starts (jzero.initialize)
-        row = bench(cfg, args.steps, args.warmup, args.name or args.config or "default", args.profile, args.hlo, args.token_range)
+        name = args.name or args.config or "default"
+        if args.main:
+            if args.profile or args.hlo or args.token_range:
+                raise SystemExit("--main times the real loop on real data; --profile, --hlo and --token-range "
+                                 "apply to the step-alone mode only")
+            row = bench_main(args.config, args.overrides, args.steps, name)
+        else:
+            row = bench(cfg, args.steps, args.warmup, name, args.profile, args.hlo, args.token_range)
     except JzeroError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(header())
-    print(format_row(row))
+    columns = COLUMNS + (MAIN_COLUMNS if args.main else [])
+    print(header(columns))
+    print(format_row(row, columns))
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(row) + "\n")
