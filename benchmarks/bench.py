@@ -19,7 +19,7 @@ import time
 COLUMNS = ["name", "device", "n_dev", "tokens_per_s", "mfu", "step_ms", "compile_s", "peak_mem_GiB",
            "params_MiB_per_dev", "opt_MiB_per_dev", "host_MiB_per_dev", "n_params_M"]
 #: extra columns of ``--main`` rows: the loop's host overhead per step and the synchronised device step
-MAIN_COLUMNS = ["host_ms", "device_step_ms"]
+MAIN_COLUMNS = ["host_ms", "queue_wait_ms", "device_step_ms"]
 
 
 def bench(cfg, steps: int = 10, warmup: int = 2, name: str | None = None, profile_dir: str | None = None,
@@ -113,6 +113,7 @@ def bench_main(path: str | None, overrides: list[str], steps: int = 10, name: st
             "host_MiB_per_dev": round(per_dev["host"] / 2**20, 2),
             "n_params_M": round(s["n_params"] / 1e6, 2),
             "host_ms": round(s["host_time_s"] * 1e3, 2),
+            "queue_wait_ms": round(s["queue_wait_s"] * 1e3, 2),
             "device_step_ms": round(s["device_step_s"] * 1e3, 2),
         }
 
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
                    help="set a tile constant of a jzero.kernels module for this run, e.g. layer_norm.BLOCK_M=8")
     p.add_argument("--main", action="store_true",
                    help="time the training main's loop (real data iterator, placement, logging) instead of the "
-                        "step alone; adds host_ms and device_step_ms columns")
+                        "step alone; adds host_ms, queue_wait_ms and device_step_ms columns")
     p.add_argument("--token-range", type=int, default=None,
                    help="draw the random tokens from [0, N) instead of the whole vocabulary")
     p.add_argument("overrides", nargs="*")

@@ -188,7 +188,8 @@ class FlopsProfile:
     ``xla_flops_per_device`` comes from `xla_flops` (per device); ``jaxpr_flops`` from `jaxpr_matmul_flops`
     (global). Times are seconds (`jzero.step_timer`): compile once; ``step_time_s`` the training loop's wall time
     per step; ``device_step_s`` a real step run synchronised (dispatch to ready); ``host_time_s`` the host's own
-    work per step, split in ``host_split`` (data wait, placement, dispatch, logging). MFU is of the loop's step.
+    work per step, split in ``host_split`` (data wait, placement, dispatch, logging); ``queue_wait_s`` the time
+    the dispatch call blocked waiting for the device. MFU is of the loop's step.
     """
 
     tokens_per_step: int
@@ -202,6 +203,7 @@ class FlopsProfile:
     device_step_s: Optional[float] = None
     host_time_s: Optional[float] = None
     host_split: Optional[dict] = None
+    queue_wait_s: Optional[float] = None
     peak_flops_per_device: Optional[float] = None
     dtype: str = "bfloat16"
 
@@ -255,7 +257,8 @@ class FlopsProfile:
         if self.host_split:
             lines.append("  host overhead     : " + " | ".join(
                 f"{k.replace('_time_s', '').replace('_s', '').replace('_', ' ')} {_ms(v)}"
-                for k, v in self.host_split.items()))
+                for k, v in self.host_split.items())
+                + ("" if self.queue_wait_s is None else f" (+ {_ms(self.queue_wait_s)} waiting for the device)"))
         if self.step_time_s:
             achieved = a / self.step_time_s / self.n_devices
             tail = ("MFU n/a (no peak for this device)" if self.mfu is None else

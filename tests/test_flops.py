@@ -124,7 +124,7 @@ def test_profile_format_and_numbers():
                         xla_while_loops=1, jaxpr_flops=9.9e11, compile_time_s=12.0, step_time_s=0.5,
                         device_step_s=0.49, host_time_s=0.004,
                         host_split={"data_wait_s": 0.002, "place_time_s": 0.001, "dispatch_time_s": 0.0005,
-                                    "log_time_s": 0.0005}, peak_flops_per_device=989e12)
+                                    "log_time_s": 0.0005}, queue_wait_s=0.45, peak_flops_per_device=989e12)
     assert prof.analytic_flops_per_step == 1e12
     assert prof.xla_ratio == pytest.approx(1.04)
     assert prof.mfu == pytest.approx(2000 * 1e9 / (4 * 989e12))
@@ -134,7 +134,8 @@ def test_profile_format_and_numbers():
     assert "while loop" in text
     assert ("compile 12.0 s (once) | loop step 500.0 ms | device step 490.0 ms (synchronised) | "
             "host overhead 4.0 ms per step") in text
-    assert "host overhead     : data wait 2.0 ms | place 1.0 ms | dispatch 0.5 ms | log 0.5 ms" in text
+    assert ("host overhead     : data wait 2.0 ms | place 1.0 ms | dispatch 0.5 ms | log 0.5 ms "
+            "(+ 450.0 ms waiting for the device)") in text
     assert "MFU 0.1% of 989.00 TFLOP/s (bfloat16)" in text
     assert prof.to_dict()["xla_flops_per_step"] == pytest.approx(1.04e12)
     assert format_flops(None) == "n/a" and format_flops(512) == "512 FLOP"

@@ -12,44 +12,62 @@ class Clock:
         return self.t
 
 
+def _iteration(timer, clock, data=1e-3, place=2e-3, call=3e-3, device=0.0):
+    for name, dt in (("data_wait_s", data), ("place_time_s", place), ("dispatch_call_s", call)):
+        with timer.phase(name):
+            clock.t += dt
+    clock.t += device
+    timer.step()
+
+
 def test_window_splits_wall_time_and_host_phases():
     clock = Clock()
     timer = StepTimer(clock)
-    for _ in range(4):   # each iteration: 1 ms data, 2 ms placement, 3 ms dispatch
-        for name, dt in zip(PHASES, (1e-3, 2e-3, 3e-3)):
-            with timer.phase(name):
-                clock.t += dt
-        clock.t += 14e-3   # device work the host waits for
-        timer.step()
+    for _ in range(4):
+        _iteration(timer, clock, device=14e-3)
     w = timer.window(steps=4)
     assert w["step_time_s"] == pytest.approx(0.020)
-    assert (w["data_wait_s"], w["place_time_s"], w["dispatch_time_s"], w["log_time_s"]) == pytest.approx(
-        (1e-3, 2e-3, 3e-3, 0.0))
+    # no probe yet: the whole dispatch call counts as host work
+    assert (w["data_wait_s"], w["place_time_s"], w["dispatch_time_s"], w["log_time_s"], w["queue_wait_s"]) == \
+        pytest.approx((1e-3, 2e-3, 3e-3, 0.0, 0.0))
     assert w["host_time_s"] == pytest.approx(6e-3)
-    # the window restarted: the next one starts from zero at the current time
-    clock.t += 0.010
+    clock.t += 0.010   # the window restarted: the next one starts from zero now
     timer.step()
-    assert timer.window(steps=1) == pytest.approx({"step_time_s": 0.010, "host_time_s": 0.0,
+    assert timer.window(steps=1) == pytest.approx({"step_time_s": 0.010, "host_time_s": 0.0, "queue_wait_s": 0.0,
                                                    **dict.fromkeys(PHASES, 0.0)})
+
+
+def test_probe_measures_device_step_and_dispatch_cost_and_splits_queue_wait():
+    """Probes (nothing queued) give the dispatch call's own cost; later, a dispatch call that blocks for the
+    device is split into that cost (host work) and queue wait (not host work)."""
+    clock, drained = Clock(), []
+    timer = StepTimer(clock)
+    assert timer.device_step_s is None
+    for call, device in ((0.002, 0.030), (0.001, 0.010), (0.003, 0.020)):
+        def dispatch(call=call):
+            clock.t += call
+            return "metrics"
+        with timer.probe(lambda: drained.append(clock.t), dispatch) as out:
+            assert out == "metrics"
+            clock.t += device   # blocking on the result
+        timer.step()
+    assert drained == pytest.approx([0.0, 0.032, 0.043])
+    assert timer.device_step_s == pytest.approx(0.023) and timer.dispatch_cost_s == pytest.approx(0.002)
+    w = timer.window(steps=3)
+    assert w["dispatch_time_s"] == pytest.approx(0.002) and w["queue_wait_s"] == pytest.approx(0.0)
+    for _ in range(5):   # device-bound steady state: the dispatch call blocks 25 ms beyond its cost
+        _iteration(timer, clock, call=0.027)
+    w = timer.window(steps=5)
+    assert w["step_time_s"] == pytest.approx(0.030)
+    assert w["dispatch_time_s"] == pytest.approx(0.002) and w["queue_wait_s"] == pytest.approx(0.025)
+    assert w["host_time_s"] == pytest.approx(0.005) and w["host_time_s"] + w["queue_wait_s"] == pytest.approx(0.030)
 
 
 def test_host_phases_average_over_timed_iterations_not_window_steps():
     """Metrics are fetched one step late, so a window of n steps timed n + 1 loop iterations after a restart."""
-    clock, timer = Clock(), None
+    clock = Clock()
     timer = StepTimer(clock)
     for _ in range(5):
-        with timer.phase("dispatch_time_s"):
-            clock.t += 1e-3
-        timer.step()
+        _iteration(timer, clock, data=0.0, place=0.0, call=1e-3)
     w = timer.window(steps=4)
     assert w["dispatch_time_s"] == pytest.approx(1e-3) and w["step_time_s"] == pytest.approx(5e-3 / 4)
-
-
-def test_probe_keeps_the_median_and_drains_first():
-    clock, drained = Clock(), []
-    timer = StepTimer(clock)
-    assert timer.device_step_s is None
-    for dt in (0.030, 0.010, 0.020):
-        with timer.probe(lambda: drained.append(clock.t)):
-            clock.t += dt
-    assert drained == pytest.approx([0.0, 0.030, 0.040]) and timer.device_step_s == pytest.approx(0.020)

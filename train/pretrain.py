@@ -115,6 +115,7 @@ def _flops_profile(engine, tokens_per_step, flops_per_token, peak, rc, window, d
         jaxpr_flops=flops.jaxpr_matmul_flops(engine._train, engine.state, engine.batch_spec()),
         compile_time_s=engine.compile_seconds, step_time_s=window["step_time_s"], device_step_s=device_step_s,
         host_time_s=window["host_time_s"], host_split={k: window[k] for k in PHASES},
+        queue_wait_s=window["queue_wait_s"],
         peak_flops_per_device=peak, dtype="bfloat16" if rc.bf16.enabled else "float32")
     if jax.process_index() == 0:
         print(prof.format(), flush=True)
@@ -209,7 +210,7 @@ def run(cfg, resume: bool = False) -> dict:
         with timer.phase("log_time_s"):
             tps = tokens_per_step / window["step_time_s"]
             rates.append(tps)
-            host.append(window["host_time_s"])
+            host.append((window["host_time_s"], window["queue_wait_s"]))
             m.update(window, tokens_per_s=tps,
                      mfu=flops.mfu(tps, flops_per_token, jax.device_count(), peak) if peak else None)
             if profile is None and (step >= start + 2 + N_PROBES or step == rc.train.steps):   # once
@@ -224,12 +225,12 @@ def run(cfg, resume: bool = False) -> dict:
                 local = next(batches)
             with timer.phase("place_time_s"):
                 batch = engine.put_batch(local)
-            if step in probe_steps:   # a real step, synchronised: the device time of one step
-                with timer.probe(lambda: jax.block_until_ready(engine.state)):
-                    metrics = engine.train_step(batch)
+            if step in probe_steps:   # a real step, synchronised: device step time and the dispatch's own cost
+                with timer.probe(lambda: jax.block_until_ready(engine.state),
+                                 lambda: engine.train_step(batch)) as metrics:
                     jax.block_until_ready((metrics, engine.state))
             else:
-                with timer.phase("dispatch_time_s"):
+                with timer.phase("dispatch_call_s"):
                     metrics = engine.train_step(batch)
             timer.step()
             if pending is not None:
@@ -265,7 +266,8 @@ def run(cfg, resume: bool = False) -> dict:
             "steps": rc.train.steps,
             "tokens_per_s": tps_med,
             "step_time_s": tokens_per_step / tps_med,   # the loop's wall time per step (median window)
-            "host_time_s": statistics.median(host[1:] or host),   # the host's own work per step
+            "host_time_s": statistics.median(h for h, _ in host[1:] or host),   # the host's own work per step
+            "queue_wait_s": statistics.median(q for _, q in host[1:] or host),   # dispatch blocked on the device
             "mfu": flops.mfu(tps_med, flops_per_token, jax.device_count(), peak) if peak else None,
             "n_devices": jax.device_count(),
             "n_params": engine.n_params(),
