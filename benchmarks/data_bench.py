@@ -47,8 +47,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--prefetch", type=int, default=2, help="grain prefetch threads (BatchIterator's default)")
     p.add_argument("--cores", default="0", help="CPU cores to pin to, e.g. 0 or 0-3 (default: one core)")
-    p.add_argument("--consumer-tokens-per-s", type=float, default=520_000.0,
-                   help="what one GPU consumes (default: GPT-2 124M main, one H200, BENCHMARKS.md session 5)")
+    p.add_argument("--consumer-tokens-per-s", type=float, default=539_509.0,
+                   help="what one GPU consumes (default: the GPT-2 124M main on one H200, BENCHMARKS.md session 5)")
     p.add_argument("--json", help="append the row as JSON to this file")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     lo, _, hi = args.cores.partition("-")
