@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -48,6 +49,10 @@ UNREADABLE_SUFFIX = ".unreadable"
 
 class UnreadableCheckpointError(CheckpointError):
     """A step directory exists but cannot be read (partial, corrupted, not a jzero checkpoint)."""
+
+
+class NonFiniteStateError(CheckpointError):
+    """The state to save holds inf/nan: it is never written (it would rotate out the last good checkpoints)."""
 
 
 # --------------------------------------------------------------------------- state tree <-> saved tree
@@ -183,6 +188,26 @@ def _quiet_absl():
         logger.setLevel(level)
 
 
+class _OrbaxBackgroundErrors(logging.Filter):
+    """Drop orbax's ERROR records (each with a full traceback, ~50 on a full disk): the background failure they
+    report is re-raised once as a one-line :class:`CheckpointError` by :func:`_wait`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+_ORBAX_FILTER = _OrbaxBackgroundErrors()
+
+
+def _quiet_background_failures() -> None:
+    """Before async saves run: orbax's background error logs and tensorstore's late callbacks stay quiet (the
+    error surfaces through :func:`_wait`)."""
+    logger = logging.getLogger("absl")
+    if _ORBAX_FILTER not in logger.filters:
+        logger.addFilter(_ORBAX_FILTER)
+    _drop_closed_loop_callbacks()
+
+
 def _key(directory) -> str:
     return str(Path(directory).expanduser().absolute())
 
@@ -196,6 +221,7 @@ def writer(directory, max_to_keep: int | None = 3, async_save: bool = True) -> o
         if old == opts:
             return mgr
         _finish(key)
+    _quiet_background_failures()
     try:
         with _quiet_absl():
             mgr = ocp.CheckpointManager(
@@ -268,7 +294,29 @@ def _first_line(exc: BaseException) -> str:
     'No space left on device', is often at the end of tensorstore's long messages)."""
     text = str(exc).strip().splitlines()
     line = text[0] if text else type(exc).__name__
-    return line if len(line) <= 300 else f"{line[:140]} ... {line[-150:]}"
+    # tensorstore appends the whole JSON spec and C++ source locations: noise after the cause, drop them
+    line = re.sub(r"\s*\[(?:tensorstore_spec|source locations)(?:\[\d+\])?=.*$", "", line).strip()
+    return line if len(line) <= 500 else f"{line[:240]} ... {line[-250:]}"
+
+
+def _drop_closed_loop_callbacks() -> None:
+    """Hide tensorstore's late read callbacks after a failed restore: orbax has closed its event loop by then,
+    and each callback's ``RuntimeError('Event loop is closed')`` would print a traceback (~100 on 8 devices)
+    after the one-line error. Installed once, as a filter in front of the current ``sys.unraisablehook``; any
+    other unraisable exception still goes through."""
+    import sys
+
+    if getattr(sys.unraisablehook, "_jzero_filter", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(info):
+        if isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed":
+            return
+        previous(info)
+
+    hook._jzero_filter = True
+    sys.unraisablehook = hook
 
 
 def steps(directory) -> list[int]:
@@ -291,6 +339,24 @@ def _tag_step(tag) -> int:
 # --------------------------------------------------------------------------- save / load
 
 
+@jax.jit
+def _all_finite(leaves):
+    ok = [jnp.all(jnp.isfinite(x)) for x in leaves]
+    return jnp.all(jnp.stack(ok)) if ok else jnp.asarray(True)
+
+
+def state_is_finite(state) -> bool:
+    """Whether every floating leaf of ``state`` on the devices is finite (one compiled reduction, one host sync).
+
+    Leaves in pinned host memory (optimizer offload's masters and moments) are left out: a non-finite update of
+    theirs reaches the device params, which are checked.
+    """
+    leaves = [x for x in jax.tree.leaves(saveable(state))
+              if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.inexact)
+              and getattr(x.sharding, "memory_kind", None) in (None, "device")]
+    return bool(jax.device_get(_all_finite(leaves))) if leaves else True
+
+
 def save(engine, directory, tag=None, client_state: Any = None, data_iterator=None) -> int:
     """Save ``engine.state`` (+ meta, client_state, the data iterator position) as step ``tag``.
 
@@ -311,6 +377,12 @@ def save(engine, directory, tag=None, client_state: Any = None, data_iterator=No
     if step in mgr.all_steps():
         raise CheckpointError(f"checkpoint step {step} already exists in {key}; pass another tag, or delete "
                               f"{key}/{step} to overwrite it")
+    if not state_is_finite(engine.state):
+        last = steps(directory)
+        raise NonFiniteStateError(
+            f"checkpoint step {step} not saved into {key}: the train state holds inf/nan (training diverged), and "
+            f"a nan checkpoint would rotate out the good ones; last good checkpoint: "
+            f"{f'{key}/{last[-1]}' if last else 'none'}; resume from it with a lower learning rate")
     args = ocp.args.Composite(state=ocp.args.StandardSave(saveable(engine.state)),
                               meta=ocp.args.JsonSave(make_meta(engine, step, data_state)),
                               client=ocp.args.JsonSave(client_json))
@@ -334,6 +406,7 @@ def read_meta(directory, step: int | None = None) -> tuple[int, dict]:
     try:
         meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as exc:
+        _drop_closed_loop_callbacks()
         raise UnreadableCheckpointError(f"{where} is unreadable: its meta item failed to load "
                                         f"({type(exc).__name__}: {_first_line(exc)}); it is partial or corrupted, "
                                         f"load an earlier step or delete it") from None
@@ -358,7 +431,8 @@ def _pick_step(mgr, directory, step) -> int:
     return step
 
 
-def load(engine, directory, tag=None, data_iterator=None, load_module_only: bool = False) -> Any:
+def load(engine, directory, tag=None, data_iterator=None, load_module_only: bool = False,
+         log: Callable[[str], None] = print) -> Any:
     """Restore ``engine.state`` from step ``tag`` (default latest) in the engine's current layout; return client_state.
 
     ``data_iterator`` (anything with ``set_state``) is moved to the saved position.
@@ -386,11 +460,32 @@ def load(engine, directory, tag=None, data_iterator=None, load_module_only: bool
         check_compatible(meta, engine.state, engine.config.optimizer.type, where)
         target = restore_target(saveable(engine.state))
         state = _unsaveable(_restore_state(directory, step, target, where), engine.state)
+        state = _fresh_loss_scale_if_precision_changed(meta, engine, state, where, log)
     client = _restore_item(directory, step, "client", where)
     if data_iterator is not None:
         data_iterator.set_state(meta["data"])
     engine.state = state
     return client
+
+
+def _fresh_loss_scale_if_precision_changed(meta: dict, engine, state, where: str, log):
+    """A checkpoint written without fp16 holds the static 1.0 scale (and one with a static scale holds that
+    scale): resumed under dynamic fp16 it would never scale. When the saved fp16 ``enabled`` / ``loss_scale``
+    differ from this run's, the scaler starts fresh from this run's ``fp16`` section, and ``log`` says so."""
+    from jzero.precision import init_loss_scale
+
+    saved = (meta.get("config") or {}).get("fp16") or {}
+    now = getattr(engine.config, "fp16", None)
+    if now is None or not hasattr(state, "loss_scale"):
+        return state
+    if (bool(saved.get("enabled", False)), float(saved.get("loss_scale", 0.0))) == (now.enabled, now.loss_scale):
+        return state
+    fresh = init_loss_scale(now)
+    fresh = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), fresh, state.loss_scale)
+    log(f"checkpoint: {where} was written with fp16.enabled={saved.get('enabled', False)}, "
+        f"loss_scale={saved.get('loss_scale', 0.0)}; the loss scaler starts fresh from this run's fp16 section "
+        f"(scale {float(fresh.scale):g})")
+    return state.replace(loss_scale=fresh.replace(skipped_steps=state.loss_scale.skipped_steps))
 
 
 def _restore_state(directory, step: int, target, where: str, partial: bool = False):
@@ -399,6 +494,7 @@ def _restore_state(directory, step: int, target, where: str, partial: bool = Fal
             return restore_partial(directory, step, target, ocp.checkpoint_utils.construct_restore_args(target))
         return reader(directory).restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
     except Exception as exc:
+        _drop_closed_loop_callbacks()
         raise UnreadableCheckpointError(f"{where} is unreadable: its state failed to load ({type(exc).__name__}: "
                                         f"{_first_line(exc)}); it is partial or corrupted, load an earlier step "
                                         f"or delete it") from None
@@ -454,7 +550,7 @@ def restore_latest(engine, directory, data_iterator=None, log: Callable[[str], N
     tried = []
     for step in reversed(available):
         try:
-            client = load(engine, directory, step, data_iterator)
+            client = load(engine, directory, step, data_iterator, log=log)
             if tried:
                 log(f"checkpoint: resumed from step {step}, the latest loadable one in {_key(directory)} "
                     f"(skipped unreadable steps {tried})")

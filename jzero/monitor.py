@@ -165,6 +165,8 @@ def format_train_line(step: int, total_steps: int, m: Mapping[str, Any], *, timi
         parts.append(f"mfu {100 * m['mfu']:.1f}%")
     if _is_number(m.get("memory_bytes")):
         parts.append(f"mem {human_bytes(m['memory_bytes'])}")
+    if _is_number(m.get("skipped_steps")) and m["skipped_steps"] > 0:   # fp16 overflow / bf16 non-finite skips
+        parts.append(f"skipped {int(m['skipped_steps'])}")
     if timings:
         for k, v in m.items():
             if k.endswith(TIMING_SUFFIX) and _is_number(v):

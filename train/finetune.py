@@ -43,7 +43,7 @@ def parse_args(argv):
     p.add_argument("--config", help="DeepSpeed-style JSON or YAML config (default: the embedded default)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. finetune.task=token_classification")
     add_distributed_args(p)
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)   # overrides may come before or after the flags
 
 
 def main(argv=None) -> int:

@@ -40,7 +40,7 @@ def parse_args(argv):
     from jzero.distributed import add_distributed_args
 
     add_distributed_args(p)
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)   # overrides may come before or after --resume
 
 
 def main(argv=None) -> int:
@@ -149,6 +149,7 @@ def run(cfg, resume: bool = False) -> dict:
     from jzero import checkpoint, flops
     from jzero.config import resolve, to_dict
     from jzero.data import BatchIterator, eval_batches, read_meta
+    from jzero.guard import TrainingGuard
     from jzero.monitor import Monitor, device_memory_bytes
 
     resolved = resolve(cfg, jax.device_count())
@@ -169,6 +170,7 @@ def run(cfg, resume: bool = False) -> dict:
         checkpoint.writer(ckpt_dir, rc.checkpoint.max_to_keep, rc.checkpoint.async_save)
     if resume:
         start = _resume(engine, ckpt_dir, batches, out, pi)
+    guard = TrainingGuard(rc, ckpt_dir if rc.train.checkpoint_interval else None)   # divergence, fp16 stall
 
     engine.compile()
     comm = _communication(engine)
@@ -192,10 +194,11 @@ def run(cfg, resume: bool = False) -> dict:
             t0 = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - t0
-            metrics = engine.train_step(batch)
+            metrics = guard.watch(engine, engine.train_step(batch))   # + device-side non-finite count
             steps_since += 1
             if step % rc.train.log_interval == 0 or step == rc.train.steps:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}   # the one host sync per log
+                guard.check(step, m)   # diverged / fp16 scale stuck at its minimum: one line, exit 2
                 now = time.perf_counter()
                 dt = (now - t_mark) / steps_since
                 tps = tokens_per_step / dt
@@ -228,6 +231,7 @@ def run(cfg, resume: bool = False) -> dict:
             "initial_loss": losses[0],
             "final_eval_loss": last_eval,
             "steps": rc.train.steps,
+            "skipped_steps": int(engine.state.loss_scale.skipped_steps),   # fp16 overflow / bf16 non-finite
             "tokens_per_s": tps_med,
             "mfu": flops.mfu(tps_med, flops_per_token, jax.device_count(), peak) if peak else None,
             "n_devices": jax.device_count(),
