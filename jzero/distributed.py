@@ -342,6 +342,9 @@ def initialize(spec: DistributedSpec, init_timeout: int = DEFAULT_INIT_TIMEOUT,
         watchdog.cancel()
     global _INITIALIZED
     _INITIALIZED = True
+    from jzero import liveness   # a peer killed outside a launcher ends this process with one line, not SIGABRT
+
+    liveness.start(spec.process_id, spec.num_processes, heartbeat_timeout or DEFAULT_HEARTBEAT_TIMEOUT)
     if sys.excepthook is not _exit_on_uncaught:
         _previous_hooks.append(sys.excepthook)
         sys.excepthook = _exit_on_uncaught

@@ -49,7 +49,7 @@ def last_good_checkpoint(checkpoint_dir) -> str:
     from jzero import checkpoint
 
     if checkpoint_dir is None:
-        return "none (train.checkpoint_interval=0 saves none)"
+        return "none (no checkpoint directory)"
     try:
         steps = checkpoint.steps(checkpoint_dir)
     except Exception:  # noqa: BLE001  (a failed async save is reported by its own error; here we only name one)

@@ -170,7 +170,7 @@ def run(cfg, resume: bool = False) -> dict:
         checkpoint.writer(ckpt_dir, rc.checkpoint.max_to_keep, rc.checkpoint.async_save)
     if resume:
         start = _resume(engine, ckpt_dir, batches, out, pi)
-    guard = TrainingGuard(rc, ckpt_dir if rc.train.checkpoint_interval else None)   # divergence, fp16 stall
+    guard = TrainingGuard(rc, ckpt_dir)   # divergence and a stuck fp16 loss scale stop the run (jzero.guard)
 
     engine.compile()
     comm = _communication(engine)
