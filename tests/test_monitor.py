@@ -135,3 +135,5 @@ def test_helpers():
     assert device_memory_bytes(Dev()) == {"bytes_in_use": 10, "peak_bytes_in_use": 20}
     assert [human_bytes(x) for x in (None, 512, 1536, 3 * 2**30)] == ["n/a", "512 B", "1.5 KiB", "3.0 GiB"]
     assert format_train_line(3, 9, {"loss": float("nan")}) == "step 3/9 | loss nan"
+    assert format_train_line(3, 9, {"loss": 2.0, "skipped_steps": 2.0}) == "step 3/9 | loss 2 | skipped 2"
+    assert format_train_line(3, 9, {"loss": 2.0, "skipped_steps": 0.0}) == "step 3/9 | loss 2"   # none: not shown
