@@ -100,5 +100,5 @@ class TrainingGuard:
             raise TrainingError(
                 f"step {step}: training diverged: loss {m.get('loss')}, grad_norm {m.get('grad_norm')} "
                 f"({run} consecutive non-finite steps >= train.max_nonfinite_steps={self.max_nonfinite}); "
-                f"last good checkpoint: {last_good_checkpoint(self.checkpoint_dir)}; resume from it (--resume) "
-                "with a lower optimizer.params.lr or gradient_clipping")
+                f"last good checkpoint: {last_good_checkpoint(self.checkpoint_dir)}; restart (from it, if any) with "
+                "a lower optimizer.params.lr or a gradient_clipping")
