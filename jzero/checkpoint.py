@@ -27,7 +27,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
-import logging
 import re
 import shutil
 import time
@@ -36,11 +35,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from jzero.errors import CheckpointError
+from jzero.guard import state_is_finite
+from jzero.orbax_noise import drop_closed_loop_callbacks, first_line, quiet_absl, quiet_background_failures
 
 FORMAT = 1
 ITEMS = ("state", "meta", "client")
@@ -176,38 +176,6 @@ def check_compatible(meta: dict, state, optimizer_type: str, where: str, prefix:
 _WRITERS: dict[str, tuple[ocp.CheckpointManager, tuple]] = {}
 
 
-@contextlib.contextmanager
-def _quiet_absl():
-    """Hide orbax's INFO/WARNING chatter ('directory is read only', ...) while opening a manager."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-class _OrbaxBackgroundErrors(logging.Filter):
-    """Drop orbax's ERROR records (each with a full traceback, ~50 on a full disk): the background failure they
-    report is re-raised once as a one-line :class:`CheckpointError` by :func:`_wait`."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
-
-
-_ORBAX_FILTER = _OrbaxBackgroundErrors()
-
-
-def _quiet_background_failures() -> None:
-    """Before async saves run: orbax's background error logs and tensorstore's late callbacks stay quiet (the
-    error surfaces through :func:`_wait`)."""
-    logger = logging.getLogger("absl")
-    if _ORBAX_FILTER not in logger.filters:
-        logger.addFilter(_ORBAX_FILTER)
-    _drop_closed_loop_callbacks()
-
-
 def _key(directory) -> str:
     return str(Path(directory).expanduser().absolute())
 
@@ -221,9 +189,9 @@ def writer(directory, max_to_keep: int | None = 3, async_save: bool = True) -> o
         if old == opts:
             return mgr
         _finish(key)
-    _quiet_background_failures()
+    quiet_background_failures()
     try:
-        with _quiet_absl():
+        with quiet_absl():
             mgr = ocp.CheckpointManager(
                 key, item_names=ITEMS,
                 options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
@@ -244,7 +212,7 @@ def reader(directory) -> ocp.CheckpointManager:
     if not Path(key).is_dir():
         raise CheckpointError(f"checkpoint directory {key} does not exist; pass the directory that "
                               f"save_checkpoint / train.checkpoint_interval wrote")
-    with _quiet_absl():
+    with quiet_absl():
         return ocp.CheckpointManager(key, item_names=ITEMS,
                                      options=ocp.CheckpointManagerOptions(read_only=True, create=False))
 
@@ -261,7 +229,7 @@ def _wait(key: str) -> None:
         with contextlib.suppress(Exception):
             mgr.close()
         raise CheckpointError(f"writing a checkpoint into {key} failed: {type(exc).__name__}: "
-                              f"{_first_line(exc)}") from exc
+                              f"{first_line(exc)}") from exc
 
 
 def _finish(key: str) -> None:
@@ -289,36 +257,6 @@ def close(directory=None) -> None:
 atexit.register(close)
 
 
-def _first_line(exc: BaseException) -> str:
-    """The first line of ``exc``'s message, its middle elided past 300 characters (the cause, e.g.
-    'No space left on device', is often at the end of tensorstore's long messages)."""
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    # tensorstore appends the whole JSON spec and C++ source locations: noise after the cause, drop them
-    line = re.sub(r"\s*\[(?:tensorstore_spec|source locations)(?:\[\d+\])?=.*$", "", line).strip()
-    return line if len(line) <= 500 else f"{line[:240]} ... {line[-250:]}"
-
-
-def _drop_closed_loop_callbacks() -> None:
-    """Hide tensorstore's late read callbacks after a failed restore: orbax has closed its event loop by then,
-    and each callback's ``RuntimeError('Event loop is closed')`` would print a traceback (~100 on 8 devices)
-    after the one-line error. Installed once, as a filter in front of the current ``sys.unraisablehook``; any
-    other unraisable exception still goes through."""
-    import sys
-
-    if getattr(sys.unraisablehook, "_jzero_filter", False):
-        return
-    previous = sys.unraisablehook
-
-    def hook(info):
-        if isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed":
-            return
-        previous(info)
-
-    hook._jzero_filter = True
-    sys.unraisablehook = hook
-
-
 def steps(directory) -> list[int]:
     """Complete checkpoint steps in ``directory``, ascending ([] if it does not exist)."""
     if _key(directory) not in _WRITERS and not Path(directory).expanduser().is_dir():
@@ -337,24 +275,6 @@ def _tag_step(tag) -> int:
 
 
 # --------------------------------------------------------------------------- save / load
-
-
-@jax.jit
-def _all_finite(leaves):
-    ok = [jnp.all(jnp.isfinite(x)) for x in leaves]
-    return jnp.all(jnp.stack(ok)) if ok else jnp.asarray(True)
-
-
-def state_is_finite(state) -> bool:
-    """Whether every floating leaf of ``state`` on the devices is finite (one compiled reduction, one host sync).
-
-    Leaves in pinned host memory (optimizer offload's masters and moments) are left out: a non-finite update of
-    theirs reaches the device params, which are checked.
-    """
-    leaves = [x for x in jax.tree.leaves(saveable(state))
-              if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.inexact)
-              and getattr(x.sharding, "memory_kind", None) in (None, "device")]
-    return bool(jax.device_get(_all_finite(leaves))) if leaves else True
 
 
 def save(engine, directory, tag=None, client_state: Any = None, data_iterator=None) -> int:
@@ -390,7 +310,7 @@ def save(engine, directory, tag=None, client_state: Any = None, data_iterator=No
         saved = mgr.save(step, args=args, force=True)
     except Exception as exc:  # OSError, or tensorstore's ValueError (e.g. RESOURCE_EXHAUSTED: disk full)
         raise CheckpointError(f"saving checkpoint step {step} into {key} failed: {type(exc).__name__}: "
-                              f"{_first_line(exc)}") from None
+                              f"{first_line(exc)}") from None
     if not saved:
         raise CheckpointError(f"orbax declined to save step {step} into {key}; is another save of it in progress?")
     if not cc.async_save:
@@ -406,9 +326,9 @@ def read_meta(directory, step: int | None = None) -> tuple[int, dict]:
     try:
         meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as exc:
-        _drop_closed_loop_callbacks()
+        drop_closed_loop_callbacks()
         raise UnreadableCheckpointError(f"{where} is unreadable: its meta item failed to load "
-                                        f"({type(exc).__name__}: {_first_line(exc)}); it is partial or corrupted, "
+                                        f"({type(exc).__name__}: {first_line(exc)}); it is partial or corrupted, "
                                         f"load an earlier step or delete it") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "state" not in meta:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
@@ -494,9 +414,9 @@ def _restore_state(directory, step: int, target, where: str, partial: bool = Fal
             return restore_partial(directory, step, target, ocp.checkpoint_utils.construct_restore_args(target))
         return reader(directory).restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
     except Exception as exc:
-        _drop_closed_loop_callbacks()
+        drop_closed_loop_callbacks()
         raise UnreadableCheckpointError(f"{where} is unreadable: its state failed to load ({type(exc).__name__}: "
-                                        f"{_first_line(exc)}); it is partial or corrupted, load an earlier step "
+                                        f"{first_line(exc)}); it is partial or corrupted, load an earlier step "
                                         f"or delete it") from None
 
 
@@ -521,7 +441,7 @@ def _restore_item(directory, step: int, item: str, where: str):
         return getattr(reader(directory).restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})), item)
     except Exception as exc:
         raise UnreadableCheckpointError(f"{where} is unreadable: its {item} item failed to load "
-                                        f"({type(exc).__name__}: {_first_line(exc)})") from None
+                                        f"({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def config_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:

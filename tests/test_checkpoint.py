@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import jzero
-from jzero import checkpoint
+from jzero import checkpoint, orbax_noise
 from jzero.config import load_config
 from jzero.errors import CheckpointError
 from jzero.mesh import make_mesh
@@ -320,7 +320,7 @@ def test_a_corrupted_array_file_is_one_readable_line_without_late_callback_noise
     seen = []
     hook, sys.unraisablehook = sys.unraisablehook, seen.append
     try:
-        checkpoint._drop_closed_loop_callbacks()
+        orbax_noise.drop_closed_loop_callbacks()
         sys.unraisablehook(SimpleNamespace(exc_value=RuntimeError("Event loop is closed")))
         sys.unraisablehook(SimpleNamespace(exc_value=RuntimeError("something else")))
     finally:

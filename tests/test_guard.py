@@ -63,7 +63,7 @@ def test_divergence_is_never_checkpointed(good_run, tmp_path, capsys):
 
 
 def test_consecutive_nonfinite_steps_stop_the_run(good_run, tmp_path, capsys):
-    """No checkpoint due: after train.max_nonfinite_steps nan steps the guard stops, naming step 2 of the earlier run."""
+    """No checkpoint due: after train.max_nonfinite_steps nan steps the guard stops, naming the earlier step 2."""
     out = _copy(good_run, tmp_path)
     code = main(TINY + [f"train.output_dir={out}", "--resume", "train.steps=40", "optimizer.params.lr=1e6",
                         "train.checkpoint_interval=100", "train.max_nonfinite_steps=3"])
