@@ -48,14 +48,13 @@ class Watcher:
     def dead_peer(self, now: float) -> tuple[int, float] | None:
         """``(peer, seconds silent)`` of the first peer silent for ``stale_after_s``; peers done or not yet
         beating (still starting) are never dead."""
-        for peer in range(self.n):
-            if peer == self.pid:
-                continue
-            try:
-                value = self.client.key_value_try_get(f"{_PREFIX}{peer}")
-            except Exception:  # noqa: BLE001  (NOT_FOUND: the peer has not beaten yet)
-                continue
-            if value == _DONE:
+        beats = {}   # one key-value RPC per check for all peers (not one per peer: 256 processes stay cheap)
+        for key, value in self.client.key_value_dir_get(_PREFIX):
+            tail = key.rsplit("/", 1)[-1]
+            if tail.isdigit():
+                beats[int(tail)] = value
+        for peer, value in sorted(beats.items()):
+            if peer == self.pid or value == _DONE:   # a peer not listed has not beaten yet (still starting)
                 continue
             last, since = self._seen.get(peer, (None, now))
             if value != last:
