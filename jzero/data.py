@@ -273,20 +273,36 @@ def default_corpus_dir(cache_dir: str | os.PathLike | None = None,
 # Reading
 # ----------------------------------------------------------------------------------------------------------
 
-_CHECKED: dict[tuple, int] = {}   # (path, size, mtime_ns, dtype) -> max token id, for this process
+_CHECKED: dict[tuple, int] = {}   # (path, inode, size, mtime_ns, dtype) -> max token id, for this process
 _CHECK_CHUNK = 1 << 24            # tokens per chunk of the max scan (32-64 MiB)
 
 
 def max_token_id(path: str | os.PathLike, dtype: str | np.dtype) -> int:
-    """The largest id in a token file (-1 when empty): a max over the memmap in chunks, cached per process by
-    path, size and mtime (so BatchIterator and eval_batches reopening a file do not scan it again)."""
+    """The largest id in a token file (-1 when empty): a max over the memmap in chunks, cached by path, size and
+    mtime, in this process and in ``$JZERO_CACHE/token_max/`` (best effort), so a large train.bin is scanned
+    once, not at every run and every reopening."""
+    import hashlib
+
     path, dtype = Path(path), np.dtype(dtype)
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, dtype.name)
-    if key not in _CHECKED:
-        n = st.st_size // dtype.itemsize
-        tokens = np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
-        _CHECKED[key] = max((int(tokens[i:i + _CHECK_CHUNK].max()) for i in range(0, n, _CHECK_CHUNK)), default=-1)
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, dtype.name)
+    if key in _CHECKED:
+        return _CHECKED[key]
+    disk = (Path(os.environ.get("JZERO_CACHE", "~/.cache/jzero")).expanduser() / "token_max"
+            / hashlib.sha1(repr(key).encode()).hexdigest())
+    try:
+        _CHECKED[key] = int(disk.read_text())
+        return _CHECKED[key]
+    except (OSError, ValueError):
+        pass
+    n = st.st_size // dtype.itemsize
+    tokens = np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+    _CHECKED[key] = max((int(tokens[i:i + _CHECK_CHUNK].max()) for i in range(0, n, _CHECK_CHUNK)), default=-1)
+    try:
+        disk.parent.mkdir(parents=True, exist_ok=True)
+        disk.write_text(str(_CHECKED[key]))
+    except OSError:   # a read-only cache only costs the next run another scan
+        pass
     return _CHECKED[key]
 
 

@@ -216,7 +216,8 @@ def test_ids_beyond_the_vocab_are_refused_when_the_data_is_opened(tmp_path, caps
                               "--val-fraction", "0.25"]) == 0
     assert data.max_token_id(d / "train.bin", "uint16") == ord("h")
     good = (d / "train.bin").read_bytes()
-    (d / "train.bin").write_bytes(good[:20] + b"ab" + good[22:])   # one uint16 = 0x6261 = 25185 at token 10
+    (d / "new.bin").write_bytes(good[:20] + b"ab" + good[22:])   # one uint16 = 0x6261 = 25185 at token 10
+    (d / "new.bin").replace(d / "train.bin")   # another file: the cached max of the good one does not apply
     msg = (rf"data file {d / 'train.bin'} holds token id 25185 \(first bad one at token 10\) >= vocab_size 256 of "
            rf"its meta.json, so it is not the token file meta.json describes; run python -m train.prepare_data")
     with pytest.raises(DataError, match=msg):
