@@ -41,8 +41,9 @@ STALLED_KEY = "guard_loss_scale_stalled"   # the fp16 scaler hit min_loss_scale 
 def _count(run, loss, grad_norm, stalled):
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_run = jnp.where(ok, 0, run + 1).astype(jnp.int32)
-    return new_run, jnp.asarray(stalled, jnp.bool_) & (new_run >= 0)   # computed: a fresh buffer, not the
-    # donated loss-scale leaf itself
+    # `& (new_run >= 0)` makes the flag a computed output (a fresh buffer), never the loss-scale leaf itself,
+    # which the next train step donates
+    return new_run, jnp.asarray(stalled, jnp.bool_) & (new_run >= 0)
 
 
 def last_good_checkpoint(checkpoint_dir) -> str:
