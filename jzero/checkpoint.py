@@ -27,7 +27,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
-import logging
 import re
 import shutil
 import time
@@ -40,6 +39,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jzero.errors import CheckpointError
+from jzero.guard import state_is_finite
+from jzero.orbax_noise import drop_closed_loop_callbacks, first_line, quiet_absl, quiet_background_failures
 
 FORMAT = 1
 ITEMS = ("state", "meta", "client")
@@ -48,6 +49,10 @@ UNREADABLE_SUFFIX = ".unreadable"
 
 class UnreadableCheckpointError(CheckpointError):
     """A step directory exists but cannot be read (partial, corrupted, not a jzero checkpoint)."""
+
+
+class NonFiniteStateError(CheckpointError):
+    """The state to save holds inf/nan: it is never written (it would rotate out the last good checkpoints)."""
 
 
 # --------------------------------------------------------------------------- state tree <-> saved tree
@@ -171,18 +176,6 @@ def check_compatible(meta: dict, state, optimizer_type: str, where: str, prefix:
 _WRITERS: dict[str, tuple[ocp.CheckpointManager, tuple]] = {}
 
 
-@contextlib.contextmanager
-def _quiet_absl():
-    """Hide orbax's INFO/WARNING chatter ('directory is read only', ...) while opening a manager."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def _key(directory) -> str:
     return str(Path(directory).expanduser().absolute())
 
@@ -196,8 +189,9 @@ def writer(directory, max_to_keep: int | None = 3, async_save: bool = True) -> o
         if old == opts:
             return mgr
         _finish(key)
+    quiet_background_failures()
     try:
-        with _quiet_absl():
+        with quiet_absl():
             mgr = ocp.CheckpointManager(
                 key, item_names=ITEMS,
                 options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
@@ -218,7 +212,7 @@ def reader(directory) -> ocp.CheckpointManager:
     if not Path(key).is_dir():
         raise CheckpointError(f"checkpoint directory {key} does not exist; pass the directory that "
                               f"save_checkpoint / train.checkpoint_interval wrote")
-    with _quiet_absl():
+    with quiet_absl():
         return ocp.CheckpointManager(key, item_names=ITEMS,
                                      options=ocp.CheckpointManagerOptions(read_only=True, create=False))
 
@@ -235,7 +229,7 @@ def _wait(key: str) -> None:
         with contextlib.suppress(Exception):
             mgr.close()
         raise CheckpointError(f"writing a checkpoint into {key} failed: {type(exc).__name__}: "
-                              f"{_first_line(exc)}") from exc
+                              f"{first_line(exc)}") from exc
 
 
 def _finish(key: str) -> None:
@@ -261,14 +255,6 @@ def close(directory=None) -> None:
 
 
 atexit.register(close)
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of ``exc``'s message, its middle elided past 300 characters (the cause, e.g.
-    'No space left on device', is often at the end of tensorstore's long messages)."""
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line if len(line) <= 300 else f"{line[:140]} ... {line[-150:]}"
 
 
 def steps(directory) -> list[int]:
@@ -311,6 +297,12 @@ def save(engine, directory, tag=None, client_state: Any = None, data_iterator=No
     if step in mgr.all_steps():
         raise CheckpointError(f"checkpoint step {step} already exists in {key}; pass another tag, or delete "
                               f"{key}/{step} to overwrite it")
+    if not state_is_finite(engine.state):
+        last = steps(directory)
+        raise NonFiniteStateError(
+            f"checkpoint step {step} not saved into {key}: the train state holds inf/nan (training diverged), and "
+            f"a nan checkpoint would rotate out the good ones; last good checkpoint: "
+            f"{f'{key}/{last[-1]}' if last else 'none'}; resume from it with a lower learning rate")
     args = ocp.args.Composite(state=ocp.args.StandardSave(saveable(engine.state)),
                               meta=ocp.args.JsonSave(make_meta(engine, step, data_state)),
                               client=ocp.args.JsonSave(client_json))
@@ -318,7 +310,7 @@ def save(engine, directory, tag=None, client_state: Any = None, data_iterator=No
         saved = mgr.save(step, args=args, force=True)
     except Exception as exc:  # OSError, or tensorstore's ValueError (e.g. RESOURCE_EXHAUSTED: disk full)
         raise CheckpointError(f"saving checkpoint step {step} into {key} failed: {type(exc).__name__}: "
-                              f"{_first_line(exc)}") from None
+                              f"{first_line(exc)}") from None
     if not saved:
         raise CheckpointError(f"orbax declined to save step {step} into {key}; is another save of it in progress?")
     if not cc.async_save:
@@ -334,8 +326,9 @@ def read_meta(directory, step: int | None = None) -> tuple[int, dict]:
     try:
         meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as exc:
+        drop_closed_loop_callbacks()
         raise UnreadableCheckpointError(f"{where} is unreadable: its meta item failed to load "
-                                        f"({type(exc).__name__}: {_first_line(exc)}); it is partial or corrupted, "
+                                        f"({type(exc).__name__}: {first_line(exc)}); it is partial or corrupted, "
                                         f"load an earlier step or delete it") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "state" not in meta:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
@@ -358,7 +351,8 @@ def _pick_step(mgr, directory, step) -> int:
     return step
 
 
-def load(engine, directory, tag=None, data_iterator=None, load_module_only: bool = False) -> Any:
+def load(engine, directory, tag=None, data_iterator=None, load_module_only: bool = False,
+         log: Callable[[str], None] = print) -> Any:
     """Restore ``engine.state`` from step ``tag`` (default latest) in the engine's current layout; return client_state.
 
     ``data_iterator`` (anything with ``set_state``) is moved to the saved position.
@@ -386,11 +380,32 @@ def load(engine, directory, tag=None, data_iterator=None, load_module_only: bool
         check_compatible(meta, engine.state, engine.config.optimizer.type, where)
         target = restore_target(saveable(engine.state))
         state = _unsaveable(_restore_state(directory, step, target, where), engine.state)
+        state = _fresh_loss_scale_if_precision_changed(meta, engine, state, where, log)
     client = _restore_item(directory, step, "client", where)
     if data_iterator is not None:
         data_iterator.set_state(meta["data"])
     engine.state = state
     return client
+
+
+def _fresh_loss_scale_if_precision_changed(meta: dict, engine, state, where: str, log):
+    """A checkpoint written without fp16 holds the static 1.0 scale (and one with a static scale holds that
+    scale): resumed under dynamic fp16 it would never scale. When the saved fp16 ``enabled`` / ``loss_scale``
+    differ from this run's, the scaler starts fresh from this run's ``fp16`` section, and ``log`` says so."""
+    from jzero.precision import init_loss_scale
+
+    saved = (meta.get("config") or {}).get("fp16") or {}
+    now = getattr(engine.config, "fp16", None)
+    if now is None or not hasattr(state, "loss_scale"):
+        return state
+    if (bool(saved.get("enabled", False)), float(saved.get("loss_scale", 0.0))) == (now.enabled, now.loss_scale):
+        return state
+    fresh = init_loss_scale(now)
+    fresh = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), fresh, state.loss_scale)
+    log(f"checkpoint: {where} was written with fp16.enabled={saved.get('enabled', False)}, "
+        f"loss_scale={saved.get('loss_scale', 0.0)}; the loss scaler starts fresh from this run's fp16 section "
+        f"(scale {float(fresh.scale):g})")
+    return state.replace(loss_scale=fresh.replace(skipped_steps=state.loss_scale.skipped_steps))
 
 
 def _restore_state(directory, step: int, target, where: str, partial: bool = False):
@@ -399,8 +414,9 @@ def _restore_state(directory, step: int, target, where: str, partial: bool = Fal
             return restore_partial(directory, step, target, ocp.checkpoint_utils.construct_restore_args(target))
         return reader(directory).restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
     except Exception as exc:
+        drop_closed_loop_callbacks()
         raise UnreadableCheckpointError(f"{where} is unreadable: its state failed to load ({type(exc).__name__}: "
-                                        f"{_first_line(exc)}); it is partial or corrupted, load an earlier step "
+                                        f"{first_line(exc)}); it is partial or corrupted, load an earlier step "
                                         f"or delete it") from None
 
 
@@ -425,7 +441,7 @@ def _restore_item(directory, step: int, item: str, where: str):
         return getattr(reader(directory).restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})), item)
     except Exception as exc:
         raise UnreadableCheckpointError(f"{where} is unreadable: its {item} item failed to load "
-                                        f"({type(exc).__name__}: {_first_line(exc)})") from None
+                                        f"({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def config_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:
@@ -454,7 +470,7 @@ def restore_latest(engine, directory, data_iterator=None, log: Callable[[str], N
     tried = []
     for step in reversed(available):
         try:
-            client = load(engine, directory, step, data_iterator)
+            client = load(engine, directory, step, data_iterator, log=log)
             if tried:
                 log(f"checkpoint: resumed from step {step}, the latest loadable one in {_key(directory)} "
                     f"(skipped unreadable steps {tried})")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -196,6 +197,9 @@ class TrainConfig(_Section):
     eval_interval: int = Field(0, ge=0)
     eval_batches: int = Field(4, gt=0)
     checkpoint_interval: int = Field(0, ge=0)   # save every N steps and at the last step (0 = never)
+    #: stop (one line naming the last good checkpoint) after this many consecutive steps with a non-finite loss
+    #: or gradient norm (jzero.guard); dynamic fp16 scaling stops instead when its scale is stuck at the minimum
+    max_nonfinite_steps: int = Field(10, gt=0)
 
 
 class CheckpointConfig(_Section):
@@ -299,17 +303,45 @@ def _raise_from_validation(err: ValidationError, source: str) -> None:
     raise ConfigError(msg) from None
 
 
+class YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` / ``1.0e3`` / ``.5E-2`` as floats, as JSON and Python do (PyYAML's
+    YAML 1.1 rules read them as strings, so ``lr: 1e-3`` would fail as "not a number"). Configs, overrides and
+    sweep files all load through it."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse YAML ``text`` with :class:`YamlLoader`; a syntax error is one :class:`ConfigError` line naming
+    ``source``, the line and column, and what is wrong there."""
+    try:
+        return yaml.load(text, Loader=YamlLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context = getattr(exc, "context", None)
+        raise ConfigError(f"{source} is not valid YAML{where}: {what}"
+                          f"{f' ({context})' if context else ''}") from None
+
+
 def read_config_file(path: str | Path) -> dict:
     """Read a JSON or YAML config file into a dict (YAML by extension .yaml/.yml, else JSON)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found; pass an existing --config path or omit it for the default")
     text = path.read_text()
-    try:
-        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config file '{path}' is not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: "
-                          f"{str(exc).splitlines()[0]}") from None
+    if path.suffix in (".yaml", ".yml"):
+        data = load_yaml(text, f"config file '{path}'")
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file '{path}' is not valid JSON at line {exc.lineno}, column {exc.colno}: "
+                              f"{exc.msg}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -324,7 +356,7 @@ def _parse_value(text: str) -> Any:
         except ValueError:
             pass
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=YamlLoader)
     except yaml.YAMLError:
         return text
 

@@ -152,8 +152,9 @@ def prepare(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike,
     copied to val.bin and the file truncated into train.bin, so memory stays at one block/piece.
     `max_bytes` caps the input bytes read (the stream is cut there). Files are replaced atomically.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"--val-fraction {val_fraction} is out of range; use a value in [0, 1), e.g. 0.01")
+    if not 0.0 < val_fraction < 1.0:   # 0 would write an empty val.bin that evaluation fails on much later
+        raise DataError(f"--val-fraction {val_fraction} is out of range: val.bin gets that fraction of the tokens "
+                        "and training evaluates on it; use a value in (0, 1), e.g. 0.01")
     if max_bytes is not None and max_bytes <= 0:
         raise DataError(f"max_bytes {max_bytes} must be positive")
     files = list_input_files(inputs)
@@ -161,7 +162,18 @@ def prepare(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike,
     vocab_size = 256 if tok is None else tok.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab_size)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return _write_prepared(files, out, tok, tokenizer, vocab_size, dtype, val_fraction, max_bytes, extra_meta)
+    except OSError as exc:   # a file in the way, read-only, disk full: the temporaries are already removed
+        raise DataError(f"--output-dir {out}: writing the token files failed ({exc.strerror or exc}"
+                        f"{': ' + str(exc.filename) if exc.filename else ''}); pass a writable directory with free "
+                        "space") from None
+
+
+def _write_prepared(files, out: Path, tok, tokenizer, vocab_size: int, dtype, val_fraction: float,
+                    max_bytes: int | None, extra_meta: dict | None) -> dict:
+    """`prepare`'s writing half: tokens to a temporary file, split into train.bin / val.bin, then meta.json."""
     tag = f"tmp-{os.getpid()}"
     all_tmp, val_tmp = out / f"all.bin.{tag}", out / f"val.bin.{tag}"
     n_tokens, used, budget = 0, 0, max_bytes
@@ -261,6 +273,52 @@ def default_corpus_dir(cache_dir: str | os.PathLike | None = None,
 # Reading
 # ----------------------------------------------------------------------------------------------------------
 
+_CHECKED: dict[tuple, int] = {}   # (path, inode, size, mtime_ns, dtype) -> max token id, for this process
+_CHECK_CHUNK = 1 << 24            # tokens per chunk of the max scan (32-64 MiB)
+
+
+def max_token_id(path: str | os.PathLike, dtype: str | np.dtype) -> int:
+    """The largest id in a token file (-1 when empty): a max over the memmap in chunks, cached by path, size and
+    mtime, in this process and in ``$JZERO_CACHE/token_max/`` (best effort), so a large train.bin is scanned
+    once, not at every run and every reopening."""
+    import hashlib
+
+    path, dtype = Path(path), np.dtype(dtype)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, dtype.name)
+    if key in _CHECKED:
+        return _CHECKED[key]
+    disk = (Path(os.environ.get("JZERO_CACHE", "~/.cache/jzero")).expanduser() / "token_max"
+            / hashlib.sha1(repr(key).encode()).hexdigest())
+    try:
+        _CHECKED[key] = int(disk.read_text())
+        return _CHECKED[key]
+    except (OSError, ValueError):
+        pass
+    n = st.st_size // dtype.itemsize
+    tokens = np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+    _CHECKED[key] = max((int(tokens[i:i + _CHECK_CHUNK].max()) for i in range(0, n, _CHECK_CHUNK)), default=-1)
+    try:
+        disk.parent.mkdir(parents=True, exist_ok=True)
+        disk.write_text(str(_CHECKED[key]))
+    except OSError:   # a read-only cache only costs the next run another scan
+        pass
+    return _CHECKED[key]
+
+
+def check_token_ids(path: str | os.PathLike, dtype: str | np.dtype, vocab_size: int) -> None:
+    """:class:`DataError` when a token file holds an id >= ``vocab_size`` (the embedding lookup would read past
+    the table and the loss would be nan at every step): e.g. a text file copied in as train.bin."""
+    top = max_token_id(path, dtype)
+    if top >= vocab_size:
+        tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r")
+        first = next(i + int(np.argmax(tokens[i:i + _CHECK_CHUNK] >= vocab_size))
+                     for i in range(0, tokens.size, _CHECK_CHUNK) if (tokens[i:i + _CHECK_CHUNK] >= vocab_size).any())
+        raise DataError(f"data file {path} holds token id {top} (first bad one at token {first}) >= vocab_size "
+                        f"{vocab_size} of its meta.json, so it is not the token file meta.json describes; "
+                        + _PREPARE_HINT.format(Path(path).parent))
+
+
 class TokenSource:
     """grain random-access source over a memory-mapped token file: record i = tokens[i*L : i*L + L + 1].
 
@@ -270,7 +328,8 @@ class TokenSource:
     instead of copying the data.
     """
 
-    def __init__(self, path: str | os.PathLike, seq_len: int, dtype: str | np.dtype | None = None):
+    def __init__(self, path: str | os.PathLike, seq_len: int, dtype: str | np.dtype | None = None,
+                 vocab_size: int | None = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise DataError(f"data file {self.path} not found; " + _PREPARE_HINT.format(self.path.parent))
@@ -281,7 +340,9 @@ class TokenSource:
             if not (self.path.parent / "meta.json").is_file():
                 raise DataError(f"{self.path.parent / 'meta.json'} not found to give the dtype of {self.path}; "
                                 "pass dtype= or " + _PREPARE_HINT.format(self.path.parent))
-            dtype = read_meta(self.path.parent)["dtype"]
+            meta = read_meta(self.path.parent)
+            dtype = meta["dtype"]
+            vocab_size = meta.get("vocab_size") if vocab_size is None else vocab_size
         self.dtype = np.dtype(dtype)
         size = self.path.stat().st_size
         if size % self.dtype.itemsize:
@@ -289,6 +350,8 @@ class TokenSource:
                             f"{self.dtype.itemsize}; the file or its meta.json dtype is wrong, prepare it again")
         self.n_tokens = size // self.dtype.itemsize
         self._tokens: np.ndarray | None = None
+        if vocab_size is not None:
+            check_token_ids(self.path, self.dtype, int(vocab_size))
 
     @property
     def tokens(self) -> np.ndarray:
@@ -316,9 +379,12 @@ class TokenSource:
 
 
 def _too_short(src: TokenSource, rows: int, what: str) -> DataError:
+    fix = "use a smaller train_batch_size or seq_len, or more data"
+    if what == "one eval batch":
+        fix += (f" (prepare_data --val-fraction sets the size of {src.path.name}), or set train.eval_interval=0 "
+                "to train without evaluation")
     return DataError(f"data file {src.path} has {src.n_tokens} tokens but {what} of {rows} rows x seq_len "
-                     f"{src.seq_len} needs {rows * src.seq_len + 1}; use a smaller train_batch_size or seq_len, "
-                     "or more data")
+                     f"{src.seq_len} needs {rows * src.seq_len + 1}; {fix}")
 
 
 def _check_split(rows: int, accum_steps: int, process_count: int, process_index: int, what: str) -> None:

@@ -23,8 +23,9 @@ Bounded failure instead of a hang:
 - if the rendezvous of all N processes does not complete within the init timeout, a watchdog prints one
   ``error:`` line naming this process, the count and the address, and exits with code 3 (JAX would otherwise
   abort a little later with a bare ``DEADLINE_EXCEEDED``);
-- once running, JAX's heartbeats (``heartbeat_timeout_seconds``) end every process when one dies or freezes,
-  naming the dead task ("The following tasks are unhealthy (stopped sending heartbeats)");
+- once running, :mod:`jzero.liveness` ends every process with one ``error:`` line (exit code 3) after half the
+  heartbeat timeout when another is killed (JAX's own heartbeats, ``heartbeat_timeout_seconds``, would abort
+  them from C++ with a native stack trace); when process 0 itself dies, JAX aborts the others at once;
 - a process that fails (an uncaught exception, or :func:`exit_process` with a non-zero code) exits at once:
   JAX's exit hook would first wait up to 5 min in a shutdown barrier for the others, which are blocked in the
   step's collectives, so the launcher (or ``srun --kill-on-bad-exit``) would not see the failure for minutes;
@@ -342,6 +343,9 @@ def initialize(spec: DistributedSpec, init_timeout: int = DEFAULT_INIT_TIMEOUT,
         watchdog.cancel()
     global _INITIALIZED
     _INITIALIZED = True
+    from jzero import liveness   # a peer killed outside a launcher ends this process with one line, not SIGABRT
+
+    liveness.start(spec.process_id, spec.num_processes, heartbeat_timeout or DEFAULT_HEARTBEAT_TIMEOUT)
     if sys.excepthook is not _exit_on_uncaught:
         _previous_hooks.append(sys.excepthook)
         sys.excepthook = _exit_on_uncaught

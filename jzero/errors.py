@@ -18,3 +18,11 @@ class DataError(JzeroError, ValueError):
 
 class CheckpointError(JzeroError, ValueError):
     """A checkpoint directory is missing, partial or corrupted."""
+
+
+class TrainingError(JzeroError, RuntimeError):
+    """Training itself went wrong: the loss diverged to inf/nan, or the fp16 loss scale is stuck at its minimum."""
+
+
+class RunDirError(JzeroError):
+    """An output directory is in use by another run, or cannot be created or written."""

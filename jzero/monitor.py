@@ -170,6 +170,8 @@ def format_train_line(step: int, total_steps: int, m: Mapping[str, Any], *, timi
         parts.append(f"step {1000 * m['step_time_s']:.1f} ms")
     if _is_number(m.get("host_time_s")):
         parts.append(f"host {1000 * m['host_time_s']:.1f} ms")
+    if _is_number(m.get("skipped_steps")) and m["skipped_steps"] > 0:   # fp16 overflow / bf16 non-finite skips
+        parts.append(f"skipped {int(m['skipped_steps'])}")
     if timings:
         for k, v in m.items():
             if k.endswith(TIMING_SUFFIX) and k not in shown and _is_number(v):

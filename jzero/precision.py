@@ -11,7 +11,8 @@ The dynamic loss scaler reproduces ``DynamicLossScaler.update_scale`` (deepspeed
 ``good_steps`` is DeepSpeed's ``cur_iter - last_overflow_iter - 1`` read before the update (clean steps since
 the last overflow). Where DeepSpeed raises "Current loss scale already at minimum" (an overflow at
 ``min_scale`` with no hysteresis left), ``stalled_at_min_scale`` turns true and stays true: a jitted step
-cannot raise, so the engine checks it on the host and raises :class:`jzero.errors.JzeroError`.
+cannot raise, so the training loop's :class:`jzero.guard.TrainingGuard` reads it with the metrics it fetches at
+each log step and raises :class:`jzero.errors.TrainingError`.
 
 A static scale (``fp16.loss_scale > 0``) never changes, but DeepSpeed's fp16 optimizers still skip a step
 whose gradients overflow, so ``skipped_steps`` counts those too. Without fp16 the scale is a static 1.0.

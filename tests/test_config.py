@@ -117,3 +117,26 @@ def test_deepspeed_offload_section_at_its_defaults_is_accepted():
     cfg = load_config(base={"zero_optimization": {"stage": 2, "offload_optimizer": {
         "device": "cpu", "pin_memory": True, "buffer_count": 4, "fast_init": False}}})
     assert cfg.zero_optimization.offload_optimizer.device == "cpu"
+
+
+def test_yaml_and_json_syntax_errors_name_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  steps: 3\n   seed: 1\n")
+    with pytest.raises(ConfigError) as e:
+        read_config_file(bad)
+    assert str(e.value) == f"config file '{bad}' is not valid YAML at line 3, column 8: mapping values are not allowed here"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"train": {"steps": 3,\n  "seed": }}')
+    with pytest.raises(ConfigError) as e:
+        read_config_file(bad)
+    assert str(e.value) == f"config file '{bad}' is not valid JSON at line 2, column 11: Expecting value"
+
+
+def test_yaml_exponents_are_numbers_in_configs_and_overrides(tmp_path):
+    """PyYAML alone reads `lr: 1e-3` as the string '1e-3'; one loader (config files, overrides, sweeps) reads floats."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train_batch_size: 8\noptimizer:\n  type: AdamW\n  params: {lr: 1e-3, eps: 1.0e-8, "
+                    "weight_decay: .5E-2, betas: [0.9, 0.95]}\n")
+    cfg = load_config(path, ["optimizer.params.eps=2E-8"])
+    assert cfg.optimizer.params == {"lr": 1e-3, "eps": 2e-8, "weight_decay": 5e-3, "betas": [0.9, 0.95]}
+    assert all(isinstance(v, float) for k, v in cfg.optimizer.params.items() if k != "betas")

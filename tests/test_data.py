@@ -204,3 +204,54 @@ def test_errors_name_file_and_numbers(tmp_path):
     (d / "meta.json").unlink()
     with pytest.raises(DataError, match=r"meta\.json not found to give the dtype"):
         data.TokenSource(d / "train.bin", seq_len=4)
+
+
+# ------------------------------------------------------------------------------------------ issue 20: bad data
+
+
+def test_ids_beyond_the_vocab_are_refused_when_the_data_is_opened(tmp_path, capsys):
+    """A text file copied in as train.bin (uint16 pairs of bytes, far past vocab 256) used to train on nan loss."""
+    d = tmp_path / "d"
+    assert prepare_data.main(["--input", str(_write(tmp_path / "a.txt", "abcdefgh" * 64)), "--output-dir", str(d),
+                              "--val-fraction", "0.25"]) == 0
+    assert data.max_token_id(d / "train.bin", "uint16") == ord("h")
+    good = (d / "train.bin").read_bytes()
+    (d / "new.bin").write_bytes(good[:20] + b"ab" + good[22:])   # one uint16 = 0x6261 = 25185 at token 10
+    (d / "new.bin").replace(d / "train.bin")   # another file: the cached max of the good one does not apply
+    msg = (rf"data file {d / 'train.bin'} holds token id 25185 \(first bad one at token 10\) >= vocab_size 256 of "
+           rf"its meta.json, so it is not the token file meta.json describes; run python -m train.prepare_data")
+    with pytest.raises(DataError, match=msg):
+        data.TokenSource(d / "train.bin", seq_len=8)
+    with pytest.raises(DataError, match="holds token id 25185"):
+        data.BatchIterator(d / "train.bin", seq_len=8, global_batch_rows=2)
+    from train.pretrain import main   # fails at once, before anything compiles, and writes nothing
+
+    out = tmp_path / "o"
+    assert main(["model.n_layer=1", "model.d_model=32", "model.n_head=2", "data.seq_len=8", "train_batch_size=8",
+                 f"data.path={d}", f"train.output_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data file") and "holds token id 25185" in err and "\n" not in err
+    assert not (out / "config.json").exists() and not (out / "checkpoints").exists()
+
+
+def test_prepare_output_dir_that_is_a_file_or_val_fraction_0_is_one_line(tmp_path, capsys):
+    src = _write(tmp_path / "a.txt", "hello " * 100)
+    (tmp_path / "file").write_text("keep me")
+    assert prepare_data.main(["--input", str(src), "--output-dir", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --output-dir {tmp_path / 'file'}: writing the token files failed (File exists: "
+                   f"{tmp_path / 'file'}); pass a writable directory with free space")
+    assert (tmp_path / "file").read_text() == "keep me"
+    assert prepare_data.main(["--input", str(src), "--output-dir", str(tmp_path / "o"), "--val-fraction", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: --val-fraction 0.0 is out of range: val.bin gets that fraction of the tokens and "
+                   "training evaluates on it; use a value in (0, 1), e.g. 0.01")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_val_split_too_short_to_evaluate_names_the_fix(tmp_path):
+    d = _token_dir(tmp_path, 100)
+    with pytest.raises(DataError, match=r"val\.bin has 25 tokens but one eval batch of 8 rows x seq_len 8 needs 65; "
+                                         r".*prepare_data --val-fraction sets the size of val\.bin\), or set "
+                                         r"train\.eval_interval=0"):
+        next(data.eval_batches(d / "val.bin", seq_len=8, rows=8))

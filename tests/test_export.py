@@ -77,3 +77,18 @@ def test_export_errors_name_the_problem(ckpt, tmp_path, capsys):
 
         save_file({"a": np.zeros(2, np.float32)}, str(tmp_path / "other.safetensors"))
         export.load_safetensors(tmp_path / "other.safetensors")
+
+
+def test_unwritable_out_is_one_line_and_keeps_what_was_there(ckpt, tmp_path, capsys):
+    """safetensors' own SafetensorError (a directory it cannot write its temporary into) and an OSError (a file
+    where a directory should be) are one line, exit 2; an existing --out file is left as it was."""
+    d, _ = ckpt
+    assert main([str(d), "--out", "/proc/jzero-export-test.safetensors"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: writing /proc/jzero-export-test.safetensors failed (Error while serializing: ")
+    assert err.endswith("); pass an --out path in a writable directory") and "\n" not in err
+    (tmp_path / "f").write_text("keep")
+    assert main([str(d), "--out", str(tmp_path / "f" / "m"), "--format", "hf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: writing {tmp_path / 'f' / 'm'} failed ([Errno 20] Not a directory") and "\n" not in err
+    assert (tmp_path / "f").read_text() == "keep"

@@ -146,3 +146,15 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(DataError, match="never occur in the training set"):
         fd.label_names([{"text": "a", "label": "x"}, {"text": "b", "label": "y"}], [{"text": "c", "label": "z"}],
                        "classification")
+
+
+def test_divergence_stops_finetuning_with_one_line(tmp_path, capsys):
+    """lr 1e6: the guard (shared with pretrain) stops after train.max_nonfinite_steps nan steps, exit 2."""
+    assert main([f"train.output_dir={tmp_path}", "finetune.synthetic_train_examples=64",
+                 "finetune.synthetic_val_examples=16", "optimizer.params.lr=1e6", "train.max_nonfinite_steps=2",
+                 "model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.d_ff=64", "train.log_interval=1"]
+                + SMALL) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: step ") and "training diverged: loss nan" in err, err
+    assert "(2 consecutive non-finite steps >= train.max_nonfinite_steps=2); last good checkpoint: none in " in err
+    assert not (tmp_path / "report.json").exists()   # no report of a diverged run

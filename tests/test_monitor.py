@@ -138,3 +138,5 @@ def test_helpers():
     # step time and host overhead are on every line, not only under wall_clock_breakdown
     assert (format_train_line(5, 9, {"loss": 1.0, "step_time_s": 0.03, "host_time_s": 0.001, "data_wait_s": 2e-4})
             == "step 5/9 | loss 1 | step 30.0 ms | host 1.0 ms")
+    assert format_train_line(3, 9, {"loss": 2.0, "skipped_steps": 2.0}) == "step 3/9 | loss 2 | skipped 2"
+    assert format_train_line(3, 9, {"loss": 2.0, "skipped_steps": 0.0}) == "step 3/9 | loss 2"   # none: not shown

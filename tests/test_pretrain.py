@@ -63,3 +63,10 @@ def test_data_file_too_short_for_one_batch(capsys, tmp_path):
     assert main(TINY + [f"data.path={data}", f"train.output_dir={tmp_path}/o"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "train.bin" in err and "needs" in err and "\n" not in err, err
+
+
+def test_overrides_may_follow_resume():
+    from train.pretrain import parse_args
+
+    args = parse_args(["a.b=1", "--resume", "c.d=2", "--config", "x.yaml", "e=3"])
+    assert args.resume and args.overrides == ["a.b=1", "c.d=2", "e=3"] and args.config == "x.yaml"

@@ -168,6 +168,7 @@ def test_slurm_script_submission_and_point_task(sweep_dir, monkeypatch, capsys):
     ("output_dir: o\nrandom: {n: 1, params: {b: {uniform: [1, 0]}}}\n", "lo < hi"),
     ("output_dir: o\ngird: {a: [1]}\n", "gird: Extra inputs are not permitted"),
     ("output_dir: o\nbase: nope.yaml\ngrid: {a: [1]}\n", "base: .*nope.yaml does not exist"),
+    ("output_dir: o\ngrid: {a: [1}\n", r"s.yaml is not valid YAML at line 2, column 13: expected ',' or ']', but got '}'"),
 ])
 def test_bad_sweep_files_name_the_key(tmp_path, body, message):
     (tmp_path / "s.yaml").write_text(body)
@@ -196,3 +197,20 @@ def test_shipped_example_plans_a_2x2_grid(tmp_path):
     assert points[0].argv[1:] == ["-m", "train.pretrain", "--config", str(tmp_path / "default.yaml"),
                                   "train.steps=20", "zero_optimization.stage=1", "optimizer.params.lr=0.001",
                                   f"train.output_dir={points[0].dir}"]
+
+
+def test_dry_run_checks_every_point_as_pretrain_would_load_it(sweep_dir, capsys):
+    """No custom command: each point's config is validated before anything runs (dry run or not)."""
+    (sweep_dir / "sweep.yaml").write_text("base: base.yaml\noutput_dir: out\n"
+                                          "grid: {zero_optimization.stage: [1, 5], optimizer.params.lr: [1e-3]}\n")
+    with pytest.raises(ConfigError) as e:
+        main([str(sweep_dir / "sweep.yaml"), "--dry-run"])
+    assert str(e.value).startswith(f"{sweep_dir / 'sweep.yaml'}: 1 of 2 points have an invalid config, first [2/2] "
+                                   "zero_optimization.stage=5,optimizer.params.lr=0.001: key "
+                                   "'zero_optimization.stage' in ")
+    out = capsys.readouterr().out
+    assert "[1/2] zero_optimization.stage=1,optimizer.params.lr=0.001 (would run)" in out
+    assert "[2/2] zero_optimization.stage=5,optimizer.params.lr=0.001 (invalid: key 'zero_optimization.stage'" in out
+    with pytest.raises(ConfigError, match="1 of 2 points have an invalid config"):
+        main([str(sweep_dir / "sweep.yaml")])
+    assert not (sweep_dir / "out").exists() and _calls(sweep_dir) == []   # nothing ran, nothing written

@@ -8,8 +8,11 @@ from typing import Callable
 
 def run_main(args, default_config: dict, run: Callable) -> int:
     """Load ``args.config`` (or ``default_config``) + overrides, set XLA flags before the backend starts, join
-    a multi-process run if the flags/environment say so, then ``run(cfg)``; a JzeroError prints one line, exit 2."""
-    from jzero import xla_flags
+    a multi-process run if the flags/environment say so, then ``run(cfg)`` holding ``train.output_dir``'s lock
+    (process 0; :mod:`jzero.rundir`: a second run into it fails at once); a JzeroError prints one line, exit 2."""
+    import contextlib
+
+    from jzero import rundir, xla_flags
     from jzero.config import load_config
     from jzero.distributed import maybe_initialize_from_args
     from jzero.errors import JzeroError
@@ -18,7 +21,10 @@ def run_main(args, default_config: dict, run: Callable) -> int:
         cfg = load_config(args.config, args.overrides, base=None if args.config else default_config)
         xla_flags.apply(cfg)   # measured GPU flags + DeepSpeed bucket sizes as XLA combine thresholds, pre-backend
         maybe_initialize_from_args(args)
-        run(cfg)
+        import jax
+
+        with rundir.claim(cfg.train.output_dir) if jax.process_index() == 0 else contextlib.nullcontext():
+            run(cfg)
     except JzeroError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -40,11 +40,21 @@ def main(argv=None) -> int:
     except JzeroError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(f"error: writing {args.out} failed: {exc}", file=sys.stderr)
+    except Exception as exc:   # OSError, or safetensors' own SafetensorError (read-only / missing directory)
+        from safetensors import SafetensorError
+
+        if not isinstance(exc, (OSError, SafetensorError)):
+            raise
+        print(f"error: writing {args.out} failed ({_first_line(exc)}); pass an --out path in a writable "
+              "directory", file=sys.stderr)
         return 2
     print(f"wrote {path}: {n:,} params from step {step} as {args.dtype} ({args.format} format)")
     return 0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 if __name__ == "__main__":

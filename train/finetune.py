@@ -43,7 +43,7 @@ def parse_args(argv):
     p.add_argument("--config", help="DeepSpeed-style JSON or YAML config (default: the embedded default)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. finetune.task=token_classification")
     add_distributed_args(p)
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)   # overrides may come before or after the flags
 
 
 def main(argv=None) -> int:
@@ -265,6 +265,9 @@ def run(cfg) -> dict:
         checkpoint.writer(ckpt_dir, rc.checkpoint.max_to_keep, rc.checkpoint.async_save)
     evaluate = make_evaluator(engine)
     A = rc.gradient_accumulation_steps
+    from jzero.guard import TrainingGuard
+
+    guard = TrainingGuard(rc, ckpt_dir)   # divergence and a stuck fp16 loss scale stop the run (jzero.guard)
 
     per_epoch, step = [], 0
     with Monitor(out, total, tensorboard=rc.tensorboard.model_dump(), csv_monitor=rc.csv_monitor.model_dump(),
@@ -276,10 +279,11 @@ def run(cfg) -> dict:
                 idx = order[s * G:(s + 1) * G]
                 batch = {k: _local_rows(train_arr[k][idx].reshape((A, G // A) + train_arr[k].shape[1:]), 1)
                          for k in ("tokens", "mask", "labels")}
-                metrics = engine.train_step(batch)
+                metrics = guard.watch(engine, engine.train_step(batch))
                 step, since = step + 1, since + 1
                 if step % rc.train.log_interval == 0 or s == steps_per_epoch - 1:
                     m = {k: float(v) for k, v in jax.device_get(metrics).items()}   # the one host sync per log
+                    guard.check(step, m)
                     m.update(epoch=epoch, step_time_s=(time.perf_counter() - t_mark) / since)
                     losses.append(m["loss"])
                     monitor.log(step, m)

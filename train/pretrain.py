@@ -11,7 +11,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 DEFAULT_CONFIG: dict = {
@@ -44,7 +43,7 @@ def parse_args(argv):
     from jzero.distributed import add_distributed_args
 
     add_distributed_args(p)
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)   # overrides may come before or after --resume
 
 
 def main(argv=None) -> int:
@@ -157,6 +156,7 @@ def run(cfg, resume: bool = False) -> dict:
     from jzero import checkpoint, flops
     from jzero.config import resolve, to_dict
     from jzero.data import BatchIterator, eval_batches, read_meta
+    from jzero.guard import TrainingGuard
     from jzero.monitor import Monitor, device_memory_bytes
     from jzero.step_timer import StepTimer
 
@@ -178,6 +178,7 @@ def run(cfg, resume: bool = False) -> dict:
         checkpoint.writer(ckpt_dir, rc.checkpoint.max_to_keep, rc.checkpoint.async_save)
     if resume:
         start = _resume(engine, ckpt_dir, batches, out, pi)
+    guard = TrainingGuard(rc, ckpt_dir)   # divergence and a stuck fp16 loss scale stop the run (jzero.guard)
 
     engine.compile()
     comm = _communication(engine)
@@ -205,6 +206,7 @@ def run(cfg, resume: bool = False) -> dict:
         step, metrics = pending
         pending = None
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}   # the one host sync per log
+        guard.check(step, m)   # diverged / fp16 scale stuck at its minimum: one line, exit 2
         window = timer.window(step - last_logged)
         last_logged = step
         with timer.phase("log_time_s"):
@@ -227,11 +229,11 @@ def run(cfg, resume: bool = False) -> dict:
                 batch = engine.put_batch(local)
             if step in probe_steps:   # a real step, synchronised: device step time and the dispatch's own cost
                 with timer.probe(lambda: jax.block_until_ready(engine.state),
-                                 lambda: engine.train_step(batch)) as metrics:
+                                 lambda: guard.watch(engine, engine.train_step(batch))) as metrics:
                     jax.block_until_ready((metrics, engine.state))
             else:
                 with timer.phase("dispatch_call_s"):
-                    metrics = engine.train_step(batch)
+                    metrics = guard.watch(engine, engine.train_step(batch))   # + device-side non-finite count
             timer.step()
             if pending is not None:
                 log_pending()
@@ -264,6 +266,7 @@ def run(cfg, resume: bool = False) -> dict:
             "initial_loss": losses[0],
             "final_eval_loss": last_eval,
             "steps": rc.train.steps,
+            "skipped_steps": int(engine.state.loss_scale.skipped_steps),   # fp16 overflow / bf16 non-finite
             "tokens_per_s": tps_med,
             "step_time_s": tokens_per_step / tps_med,   # the loop's wall time per step (median window)
             "host_time_s": statistics.median(h for h, _ in host[1:] or host),   # the host's own work per step

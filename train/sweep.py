@@ -43,9 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from jzero.config import load_yaml
 from jzero.errors import ConfigError, JzeroError
 from train.plot import load_run, plot_losses, results_table
 
@@ -56,14 +56,6 @@ _RESERVED = ("train.output_dir",)
 # ----------------------------------------------------------------------------------------------------------
 # the sweep file
 # ----------------------------------------------------------------------------------------------------------
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``), as JSON and Python do."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
-
-
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -153,10 +145,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: sweep file not found")
-    try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = load_yaml(path.read_text(), f"sweep file {path}")   # the configs' loader: 1e-3 is a float
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a sweep file is a mapping with output_dir and grid and/or random")
     try:
@@ -243,6 +232,27 @@ def plan(spec: SweepSpec, sweep_file: str | Path) -> list[Point]:
         argv = command + base + fixed + [f"{k}={format_value(v)}" for k, v in values.items()]
         points.append(Point(len(points), name, values, pdir, argv + [f"train.output_dir={pdir}"]))
     return points
+
+
+def check_points(points: list[Point], spec: SweepSpec, sweep_file: str | Path) -> dict[int, str]:
+    """``{point index: one-line error}`` for the points whose trainer config is invalid (unknown key, wrong type,
+    out-of-range value), checked as ``python -m train.pretrain`` would load it, before anything runs. A custom
+    ``command`` has its own config rules, so its points are not checked here."""
+    from jzero.config import load_config
+    from train.pretrain import DEFAULT_CONFIG
+
+    if spec.command is not None:
+        return {}
+    base = (Path(sweep_file).parent / spec.base).resolve() if spec.base is not None else None
+    fixed = [f"{k}={format_value(v)}" for k, v in spec.overrides.items()]
+    bad = {}
+    for p in points:
+        try:
+            load_config(base, fixed + [f"{k}={format_value(v)}" for k, v in p.values.items()],
+                        base=None if base else DEFAULT_CONFIG)
+        except ConfigError as exc:
+            bad[p.index] = str(exc)
+    return bad
 
 
 def is_done(point: Point) -> bool:
@@ -359,10 +369,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out_root = Path(spec.output_dir).resolve()
     title = f"sweep {args.sweep.name}"
 
+    bad = check_points(points, spec, args.sweep) if not args.report else {}
     if args.dry_run:
         for p in points:
-            state = "done, would skip" if is_done(p) else "would run"
+            state = f"invalid: {bad[p.index]}" if p.index in bad else "done, would skip" if is_done(p) else "would run"
             print(f"[{p.index + 1}/{len(points)}] {p.name} ({state})\n    {shlex.join(p.argv)}")
+    if bad:
+        first = min(bad)
+        raise ConfigError(f"{args.sweep}: {len(bad)} of {len(points)} points have an invalid config, first "
+                          f"[{first + 1}/{len(points)}] {points[first].name}: {bad[first]}")
+    if args.dry_run:
         return 0
     if args.slurm:
         return submit_slurm(write_slurm(points, spec, args.sweep, out_root), args.sweep, out_root)

@@ -136,8 +136,10 @@ def build_optimizer(optimizer: dict | None, scheduler: dict | None = None,
                 raise ConfigError(f"{section}.{key}: unknown key; {section} takes only 'type' and 'params'")
     type_ = optimizer.get("type")
     if not isinstance(type_, str) or type_.lower() not in _PARAMS:
-        raise ConfigError(f"optimizer.type={type_!r}: jzero implements {', '.join(VALID_OPTIMIZERS)} "
-                          "(case-insensitive, as DeepSpeed)")
+        from jzero.optim.onebit import ONEBIT_TYPES
+
+        raise ConfigError(f"optimizer.type={type_!r}: jzero implements "
+                          f"{', '.join(VALID_OPTIMIZERS + tuple(ONEBIT_TYPES.values()))} (case-insensitive, as DeepSpeed)")
     name = type_.lower()
     p = _resolve(name, type_, optimizer.get("params"))
     clip = 0.0 if gradient_clipping is None else gradient_clipping
