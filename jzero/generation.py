@@ -82,6 +82,7 @@ def place_params(model: nn.Module, params, mesh: Mesh, dtype, rules: shd.Logical
     from jzero.engine import _names_tree
 
     cfg = model.cfg
+    params = nn.unbox(params)   # Flax init's LogicallyPartitioned boxes, if any
     boxed = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 1), jnp.int32)), jax.random.key(0))["params"]
     names = _names_tree(boxed)
     abstract = nn.unbox(boxed)
@@ -124,8 +125,8 @@ class Generator:
         self.params = place_params(model, params, self.mesh, self.dtype, rules)
         self.n_kv_head = getattr(self.cfg, "n_kv_head", self.cfg.n_head)
         self.head_dim = self.cfg.d_model // self.cfg.n_head
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=("slots", "sampling"))
-        self._decode = jax.jit(self._decode_fn, static_argnames=("n", "sampling", "stop", "pad_id", "keep_logits"),
+        self._prefill = jax.jit(self._prefill_fn, static_argnames=("slots", "mode"))
+        self._decode = jax.jit(self._decode_fn, static_argnames=("n", "mode", "pad_id", "keep_logits"),
                                donate_argnames=("cache",))
 
     # ------------------------------------------------------------------ the two programs
@@ -137,24 +138,23 @@ class Generator:
             logits = jnp.where(jnp.arange(logits.shape[-1]) < self.vocab_size, logits, -jnp.inf)
         return logits
 
-    def _prefill_fn(self, params, tokens_BxP, start_B, key, *, slots: int, sampling: SamplingConfig):
+    def _prefill_fn(self, params, tokens_BxP, start_B, key, knobs, *, slots: int, mode: tuple):
         B = tokens_BxP.shape[0]
         cache = KVCache.zeros(self.cfg.n_layer, B, slots, self.n_kv_head, self.head_dim, self.dtype, start_B)
         cache = cache.replace(k_LxBxSxKxH=shd.constrain(cache.k_LxBxSxKxH, CACHE_AXES),
                               v_LxBxSxKxH=shd.constrain(cache.v_LxBxSxKxH, CACHE_AXES))
         (hidden, w), cache = self.model.apply({"params": params}, tokens_BxP, head=False, cache=cache)
         logits = self._logits(hidden[:, -1], w)
-        return sample(logits, jax.random.fold_in(key, 0), sampling), cache, logits
+        return sample(logits, jax.random.fold_in(key, 0), mode, knobs[0], knobs[1]), cache, logits
 
-    def _decode_fn(self, params, cache, token_B, done_B, key, step, *, n: int, sampling: SamplingConfig,
-                   stop: tuple, pad_id: int, keep_logits: bool):
-        stop_ids = jnp.asarray(stop if stop else (-1,), jnp.int32)
+    def _decode_fn(self, params, cache, token_B, done_B, key, step, knobs, stop_ids, *, n: int, mode: tuple,
+                   pad_id: int, keep_logits: bool):
 
         def one(carry, i):
             cache, tok, done = carry
             (hidden, w), cache = self.model.apply({"params": params}, tok[:, None], head=False, cache=cache)
             logits = self._logits(hidden[:, -1], w)
-            nxt = sample(logits, jax.random.fold_in(key, step + i), sampling)
+            nxt = sample(logits, jax.random.fold_in(key, step + i), mode, knobs[0], knobs[1])
             out = jnp.where(done, pad_id, nxt)
             done = done | jnp.isin(nxt, stop_ids)
             return (cache, nxt, done), (out, logits if keep_logits else None)
@@ -184,12 +184,15 @@ class Generator:
             tokens[r, P - len(p):] = p
         start = np.asarray([P - len(p) for p in prompts], np.int32)
         key = jax.random.PRNGKey(seed)
-        stop = tuple(sorted(set(int(s) for s in stop_tokens)))
+        stop = sorted(set(int(s) for s in stop_tokens))
+        stop_ids = np.asarray(stop or [-1], np.int32)   # traced: another stop set does not recompile
+        knobs = np.asarray([sampling.temperature, sampling.top_p], np.float32)
         sync = on_tokens is not None or bool(stop)
 
         with jax.set_mesh(self.mesh), shd.activate(self.mesh, self.rules), kernels.suspended():
             t0 = time.perf_counter()
-            tok, cache, logits0 = self._prefill(self.params, tokens, start, key, slots=slots, sampling=sampling)
+            tok, cache, logits0 = self._prefill(self.params, tokens, start, key, knobs, slots=slots,
+                                                mode=sampling.mode)
             first = np.asarray(tok)[None]    # host copy: the first token is streamed / checked at once
             t1 = time.perf_counter()
             if on_tokens is not None:
@@ -199,8 +202,8 @@ class Generator:
             for _ in range(n_chunks):
                 if sync and bool(np.all(np.asarray(done))):
                     break
-                toks, cache, tok, done, logits = self._decode(self.params, cache, tok, done, key, step, n=chunk,
-                                                              sampling=sampling, stop=stop, pad_id=pad_id,
+                toks, cache, tok, done, logits = self._decode(self.params, cache, tok, done, key, step, knobs,
+                                                              stop_ids, n=chunk, mode=sampling.mode, pad_id=pad_id,
                                                               keep_logits=return_logits)
                 if sync:
                     toks = np.asarray(toks)

@@ -1,7 +1,7 @@
 """Picking the next token from logits: greedy, temperature, top-k, top-p (nucleus); pure, jittable.
 
     cfg = SamplingConfig(temperature=0.8, top_k=50, top_p=0.95)
-    next_B = sample(logits_BxV, key, cfg)
+    next_B = sample(logits_BxV, key, cfg.mode, cfg.temperature, cfg.top_p)
 
 The order is Hugging Face's logits processors' (temperature, then top-k, then top-p), so a seeded jzero run and
 an HF run keep the same candidate set for the same logits. ``temperature=0`` is greedy (argmax; ties to the
@@ -41,26 +41,36 @@ class SamplingConfig:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def mode(self) -> tuple[bool, int, bool]:
+        """What shapes the sampling program: ``(greedy, top_k, nucleus)``; temperature and top-p are traced
+        values (:func:`sample`), so changing them does not recompile."""
+        return self.greedy, self.top_k, self.top_p < 1
 
-def filter_logits(logits_BxV: jax.Array, cfg: SamplingConfig) -> jax.Array:
-    """fp32 logits divided by the temperature, with tokens outside top-k / top-p set to ``-inf``."""
-    logits = logits_BxV.astype(jnp.float32) / cfg.temperature
-    if cfg.top_k and cfg.top_k < logits.shape[-1]:
-        kth_Bx1 = jax.lax.top_k(logits, cfg.top_k)[0][:, -1:]
+
+def filter_logits(logits_BxV: jax.Array, temperature, top_k: int = 0, top_p=None) -> jax.Array:
+    """fp32 logits divided by ``temperature``, tokens outside top-k (static) / top-p (None: off) set to ``-inf``."""
+    logits = logits_BxV.astype(jnp.float32) / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth_Bx1 = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth_Bx1, -jnp.inf, logits)
-    if cfg.top_p < 1:
+    if top_p is not None:
         sorted_BxV = jnp.sort(logits, axis=-1)[:, ::-1]
         probs = jax.nn.softmax(sorted_BxV, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep = mass_before < cfg.top_p                      # the smallest prefix reaching top_p; always >= 1 token
+        keep = mass_before < top_p                          # the smallest prefix reaching top_p; always >= 1 token
         n_keep_Bx1 = keep.sum(-1, keepdims=True)
         cutoff_Bx1 = jnp.take_along_axis(sorted_BxV, n_keep_Bx1 - 1, axis=-1)
         logits = jnp.where(logits < cutoff_Bx1, -jnp.inf, logits)
     return logits
 
 
-def sample(logits_BxV: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
-    """Next token of each row (int32 ``[B]``)."""
-    if cfg.greedy:
+def sample(logits_BxV: jax.Array, key: jax.Array, mode: tuple[bool, int, bool], temperature=1.0,
+           top_p=1.0) -> jax.Array:
+    """Next token of each row (int32 ``[B]``); ``mode`` is :attr:`SamplingConfig.mode` (static), ``temperature``
+    and ``top_p`` may be traced scalars."""
+    greedy, top_k, nucleus = mode
+    if greedy:
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, filter_logits(logits_BxV, cfg), axis=-1).astype(jnp.int32)
+    logits = filter_logits(logits_BxV, temperature, top_k, top_p if nucleus else None)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
