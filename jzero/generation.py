@@ -32,7 +32,7 @@ in the compute dtype (what the model would cast them to on every step anyway; no
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -113,7 +113,15 @@ class Generator:
     """A model, its placed params and its compiled prefill/decode programs (compiled on first use per shape)."""
 
     def __init__(self, model: nn.Module, params, *, vocab_size: int | None = None, tensor: int = 1,
-                 devices=None, rules: shd.LogicalRules = shd.DEFAULT_RULES, prompt_bucket: int = 16):
+                 devices=None, rules: shd.LogicalRules = shd.DEFAULT_RULES, prompt_bucket: int = 16,
+                 unroll_layers: bool = False):
+        """``unroll_layers``: decode with one program per layer instead of the layer scan (the stacked params are
+        split into ``block_{i}``): no loop inside each decode step, for a longer compile."""
+        params = nn.unbox(params)
+        if unroll_layers and model.cfg.scan_layers:
+            model = type(model)(replace(model.cfg, scan_layers=False))
+            params = {k: v for k, v in params.items() if k != "blocks"} | {
+                f"block_{i}": jax.tree.map(lambda x, i=i: x[i], params["blocks"]) for i in range(model.cfg.n_layer)}
         self.model, self.cfg = model, model.cfg
         self.dtype = self.cfg.dtype
         self.vocab_size = int(vocab_size or self.cfg.vocab_size)
@@ -178,7 +186,9 @@ class Generator:
         longest = max(len(p) for p in prompts)
         P = -(-longest // self.prompt_bucket) * self.prompt_bucket
         n_chunks = -(-(max_new_tokens - 1) // chunk)
-        slots = P + n_chunks * chunk   # the last chunk may run past max_new_tokens; its extra tokens are dropped
+        # the last chunk may run past max_new_tokens (its extra tokens are dropped); slots rounded up to a multiple
+        # of 32 so nearby max_new_tokens share the compiled programs (the extra slots are never attended to)
+        slots = -(-(P + n_chunks * chunk) // 32) * 32
         tokens = np.full((B, P), pad_id, np.int32)
         for r, p in enumerate(prompts):
             tokens[r, P - len(p):] = p
@@ -207,8 +217,8 @@ class Generator:
                                                               keep_logits=return_logits)
                 if sync:
                     toks = np.asarray(toks)
-                    if on_tokens is not None:
-                        on_tokens(step, toks)
+                    if on_tokens is not None:   # the last chunk's steps past max_new_tokens are not streamed
+                        on_tokens(step, toks[: max_new_tokens - step])
                 chunks.append(toks)
                 if return_logits:
                     logit_chunks.append(np.swapaxes(np.asarray(logits), 0, 1))
@@ -274,7 +284,7 @@ def generate(prompts: Sequence[Sequence[int]], *, checkpoint=None, hf=None, mode
         raise ConfigError(f"pass exactly one of checkpoint=, hf=, model= (got {given or 'none'})")
     if model is not None and params is None:
         raise ConfigError("model= needs params= (the model's param tree)")
-    gen_keys = ("vocab_size", "devices", "rules", "prompt_bucket")
+    gen_keys = ("vocab_size", "devices", "rules", "prompt_bucket", "unroll_layers")
     gkw = {k: kwargs.pop(k) for k in gen_keys if k in kwargs}
     if checkpoint is not None:
         gen = Generator.from_checkpoint(checkpoint, dtype=dtype, tensor=tensor, **gkw)

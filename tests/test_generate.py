@@ -60,6 +60,11 @@ def test_cached_decoding_equals_full_recompute(gens, family):
         assert err < 1e-5, (family, r, err)
         assert out.tokens[r] == list(np.argmax(ref, -1))           # greedy = argmax of the real vocabulary
         assert np.all(np.isneginf(out.logits[r][:, REAL:]))         # padded rows never sampled
+    if family == "gpt2":   # the same decoding with the layer scan unrolled (block_i params split from blocks)
+        unrolled = Generator(model, params, vocab_size=REAL, unroll_layers=True)
+        assert "block_1" in unrolled.params and "blocks" not in unrolled.params
+        again = unrolled.generate(PROMPTS, NEW, chunk=4, return_logits=True)
+        assert again.tokens == out.tokens and np.abs(again.logits[..., :REAL] - out.logits[..., :REAL]).max() < 1e-5
 
 
 def test_seed_chunking_stop_tokens_and_streaming(gens):
@@ -120,7 +125,7 @@ def test_tensor_parallel_equals_single_device(gens):
         Generator(model, params, tensor=4)
 
 
-def test_weights_from_a_zero3_tensor_parallel_checkpoint(tmp_path, gens):
+def test_weights_from_a_zero3_tensor_parallel_checkpoint(tmp_path, capsys):
     from jzero import checkpoint
     from jzero.config import load_config
 
@@ -142,6 +147,13 @@ def test_weights_from_a_zero3_tensor_parallel_checkpoint(tmp_path, gens):
     for t in range(5, 11):
         seq[0, t] = int(np.argmax(np.asarray(forward({"params": want}, jnp.asarray(seq)))[0, t - 1]))
     assert gen.generate([[1, 2, 3, 4, 5]], 6).tokens == [seq[0, 5:].tolist()]
+    # the CLI on the run directory: byte-level tokenizer (the run's data is the embedded default), streamed
+    from train.generate import ByteTokenizer, main
+
+    capsys.readouterr()
+    assert main(["--checkpoint", str(tmp_path / "run"), "--prompt-ids", "1,2,3,4,5", "--max-new-tokens", "6",
+                 "--dtype", "fp32", "--tensor", "2"]) == 0
+    assert capsys.readouterr().out == ByteTokenizer().decode(seq[0].tolist()) + "\n"
 
 
 def test_errors_name_the_fix(gens, tmp_path, capsys):

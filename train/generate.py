@@ -97,11 +97,14 @@ def tokenizer_for(args, needed: bool):
     return ByteTokenizer() if kind == "bytes" else FileTokenizer(kind)
 
 
-def default_stops(args) -> list[int]:
+def default_stops(args, vocab_size: int) -> list[int]:
+    """``--stop`` ids, else the HF config's ``eos_token_id`` (ids the vocabulary cannot produce never occur, so a
+    config naming one, as tiny test models do, just has no stop token)."""
     if args.stop is not None or not args.hf:
         return list(args.stop or [])
     eos = json.loads((Path(args.hf) / "config.json").read_text()).get("eos_token_id")
-    return [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+    eos = [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+    return [e for e in eos if 0 <= e < vocab_size]
 
 
 def main(argv=None) -> int:
@@ -123,23 +126,34 @@ def main(argv=None) -> int:
         kw = dict(tensor=args.tensor, dtype=args.dtype)
         gen = (Generator.from_hf(args.hf, **kw) if args.hf else
                Generator.from_checkpoint(args.checkpoint, step=args.step, **kw))
+        stops = default_stops(args, gen.vocab_size)
         stream = len(prompts) == 1 and tok is not None
-        shown = [""]
-
-        def on_tokens(step, toks_NxB):   # one prompt: print the text decoded so far, past what is shown
-            streamed.extend(int(t) for t in toks_NxB[:, 0])
-            text = tok.decode(_until_stop(streamed, stops))
-            sys.stdout.write(text[len(shown[0]):])
-            sys.stdout.flush()
-            shown[0] = text
-
         streamed: list[int] = []
-        stops = default_stops(args)
+        shown = [tok.decode(prompts[0]) if stream else ""]
+
+        def show(final: bool = False):
+            """Print the text of prompt + tokens so far past what is shown; a trailing incomplete character
+            (a partial UTF-8 sequence decodes to U+FFFD) waits for the next chunk unless ``final``."""
+            text = tok.decode(prompts[0] + _until_stop(streamed, stops))
+            if not final:
+                text = text.rstrip("\ufffd")
+            if text.startswith(shown[0]) and len(text) > len(shown[0]):
+                sys.stdout.write(text[len(shown[0]):])
+                sys.stdout.flush()
+                shown[0] = text
+
+        def on_tokens(step, toks_NxB):
+            streamed.extend(int(t) for t in toks_NxB[:, 0])
+            show()
+
         if stream:
-            sys.stdout.write(args.prompt[0] if args.prompt else tok.decode(prompts[0]))
+            sys.stdout.write(shown[0])
         out = gen.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, stop_tokens=stops, seed=args.seed, chunk=args.chunk,
                            on_tokens=on_tokens if stream else None)
+        if stream:
+            streamed[:] = out.tokens[0]
+            show(final=True)
     except JzeroError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
