@@ -52,9 +52,11 @@ def test_cached_decoding_equals_full_recompute(gens, family):
     model, params, gen = gens[family]
     out = gen.generate(PROMPTS, NEW, chunk=4, return_logits=True)
     assert out.logits.shape == (2, NEW, VOCAB) and out.steps == NEW - 1
+    forward = jax.jit(model.apply)
     for r, prompt in enumerate(PROMPTS):
-        seq = np.asarray([prompt + out.tokens[r]], np.int32)
-        full = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(seq)))[0]   # no cache, no padding
+        seq = np.zeros((1, 32), np.int32)     # no cache, no left padding; causal, so the zeros at the end are inert
+        seq[0, : len(prompt) + NEW] = prompt + out.tokens[r]
+        full = np.asarray(forward({"params": params}, jnp.asarray(seq)))[0]
         ref = full[len(prompt) - 1: len(prompt) - 1 + NEW, :REAL]
         err = np.abs(out.logits[r][:, :REAL] - ref).max()
         assert err < 1e-5, (family, r, err)
