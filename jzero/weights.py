@@ -36,7 +36,8 @@ def model_from_meta(model_meta: dict, dtype):
         raise ConfigError(f"checkpoint model family {family!r}: generation supports gpt2 and llama (a causal LM)")
     module_cls, cfg_cls = FAMILIES[family]
     fields = cfg_cls.__dataclass_fields__
-    sizes = {k: v for k, v in meta.items() if k in fields and k not in ("dtype", "remat", "remat_policy")}
+    sizes = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()
+             if k in fields and k not in ("dtype", "remat", "remat_policy")}
     return module_cls(cfg_cls(**sizes, dtype=dtype, remat=False))
 
 

@@ -16,8 +16,9 @@ The same function, other layouts:
   ``norm_eps``.
 - Layers are stacked on a leading axis (``blocks/...``) or named ``block_{i}`` with ``scan_layers=False``.
 
-Configs that change the function (RoPE scaling such as Llama 3.1's ``llama3``, biases, another activation or
-head size) are refused with a :class:`ConfigError` naming the key, never converted approximately.
+RoPE: plain (``rope_type`` default) or Llama 3.1/3.2's ``llama3`` frequency scaling (``LlamaConfig.rope_scaling``).
+Configs that change the function otherwise (other RoPE scalings, biases, another activation or head size) are
+refused with a :class:`ConfigError` naming the key, never converted approximately.
 """
 
 from __future__ import annotations
@@ -35,14 +36,23 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
 
-def _rope_theta(hf: dict) -> float:
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kind = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if kind not in ("default", None):
-        raise ConfigError(f"HF Llama config rope type {kind!r} (rope_parameters/rope_scaling) is not supported by "
-                          f"jzero's Llama, which computes plain RoPE; use a model with rope_type 'default'")
-    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+def _rope(hf: dict) -> tuple[float, tuple | None]:
+    """``(rope_theta, rope_scaling)`` from ``rope_parameters`` (transformers 5) or ``rope_theta``/``rope_scaling``."""
+    rope = dict(hf.get("rope_parameters") or {})
+    rope = {**(hf.get("rope_scaling") or {}), **rope}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if kind in ("default", None):
+        return theta, None
+    if kind == "llama3":
+        try:
+            return theta, (float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
+                           float(rope["original_max_position_embeddings"]))
+        except KeyError as exc:
+            raise ConfigError(f"HF Llama config rope type 'llama3' lacks {exc}; it needs factor, low_freq_factor, "
+                              f"high_freq_factor, original_max_position_embeddings") from None
+    raise ConfigError(f"HF Llama config rope type {kind!r} (rope_parameters/rope_scaling) is not supported by "
+                      f"jzero's Llama, which computes plain RoPE and Llama 3.1's 'llama3'; use one of those")
 
 
 def llama_config_from_hf(hf: dict, vocab_size: int | None = None, max_len: int | None = None, **kw) -> LlamaConfig:
@@ -63,10 +73,12 @@ def llama_config_from_hf(hf: dict, vocab_size: int | None = None, max_len: int |
     if vocab_size is not None and vocab_size < v:
         raise ConfigError(f"vocab_size={vocab_size} is smaller than the HF model's vocab_size={v}; use >= {v}")
     n_pos = int(hf.get("max_position_embeddings", 4096))
+    theta, scaling = _rope(hf)
     try:
         return LlamaConfig(vocab_size=vocab_size or v, n_layer=int(hf["num_hidden_layers"]), n_head=n,
                            n_kv_head=int(hf.get("num_key_value_heads") or n), d_model=d,
-                           d_ff=int(hf["intermediate_size"]), max_len=max_len or n_pos, rope_theta=_rope_theta(hf),
+                           d_ff=int(hf["intermediate_size"]), max_len=max_len or n_pos, rope_theta=theta,
+                           rope_scaling=scaling,
                            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **kw)
     except ValueError as exc:

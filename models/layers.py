@@ -9,6 +9,7 @@ policies can save or offload them by name.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any, Callable, Sequence
 
@@ -185,15 +186,31 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, impl: str, causal: bool, key_mask_Bx
                                         **kwargs)
 
 
-def rope(x_BxTxNxH, theta: float, positions_BxT=None) -> jax.Array:
+def rope_frequencies(H: int, theta: float, scaling: tuple | None = None) -> jax.Array:
+    """RoPE's ``H/2`` inverse frequencies ``theta**(-2i/H)`` (fp32); ``scaling`` = Llama 3.1's
+    ``(factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)``: wavelengths longer than
+    ``original / low_freq_factor`` are stretched by ``factor``, shorter than ``original / high_freq_factor`` kept,
+    and the band between interpolated (HF's ``rope_type='llama3'``)."""
+    inv_freq_H2 = 1.0 / (theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+    if scaling is None:
+        return inv_freq_H2
+    factor, low, high, original = (float(v) for v in scaling)
+    wavelen = 2 * math.pi / inv_freq_H2
+    scaled = jnp.where(wavelen > original / low, inv_freq_H2 / factor, inv_freq_H2)
+    smooth = (original / wavelen - low) / (high - low)
+    medium = ~(wavelen < original / high) & ~(wavelen > original / low)
+    return jnp.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def rope(x_BxTxNxH, theta: float, positions_BxT=None, scaling: tuple | None = None) -> jax.Array:
     """Rotary position embedding (Su et al.; the half-split layout of Llama/GPT-NeoX), computed in fp32.
 
     Pairs dim i with dim i + H/2 and rotates each pair by ``position / theta**(2i/H)``: a query-key dot product
     then depends only on their relative position. Positions are ``0 .. T-1`` unless ``positions_BxT`` gives each
-    token's (decoding with a KV cache: see :mod:`models.kv_cache`).
+    token's (decoding with a KV cache: see :mod:`models.kv_cache`); ``scaling``: see :func:`rope_frequencies`.
     """
     T, H = x_BxTxNxH.shape[1], x_BxTxNxH.shape[-1]
-    inv_freq_H2 = 1.0 / (theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+    inv_freq_H2 = rope_frequencies(H, theta, scaling)
     if positions_BxT is None:
         angle_TxH2 = jnp.arange(T, dtype=jnp.float32)[:, None] * inv_freq_H2[None, :]
         cos = jnp.cos(angle_TxH2)[None, :, None, :]
@@ -227,6 +244,7 @@ class Attention(nn.Module):
     causal: bool = True
     use_bias: bool = False
     rope_theta: float | None = None
+    rope_scaling: tuple | None = None   # Llama 3.1's frequency scaling (rope_frequencies)
 
     @nn.compact
     def __call__(self, x_BxTxD, key_mask_BxT=None, kv=None, ctx=None):
@@ -248,7 +266,8 @@ class Attention(nn.Module):
         if kv is not None:
             return self._cached(x_BxTxD, q, k, v, kv, ctx)
         if self.rope_theta is not None:
-            q, k = rope(q, self.rope_theta), rope(k, self.rope_theta)
+            sc = self.rope_scaling
+            q, k = rope(q, self.rope_theta, scaling=sc), rope(k, self.rope_theta, scaling=sc)
         q = checkpoint_name(constrain(q, ("batch", "length", "heads", "kv")), "qkv")
         k = checkpoint_name(constrain(k, ("batch", "length", "kv_heads", "kv")), "qkv")
         v = checkpoint_name(constrain(v, ("batch", "length", "kv_heads", "kv")), "qkv")
@@ -270,7 +289,8 @@ class Attention(nn.Module):
         if not self.causal:
             raise ValueError("a KV cache is for causal attention; this Attention is bidirectional (BERT)")
         if self.rope_theta is not None:
-            q, k = rope(q, self.rope_theta, ctx.positions_BxT), rope(k, self.rope_theta, ctx.positions_BxT)
+            pos, sc = ctx.positions_BxT, self.rope_scaling
+            q, k = rope(q, self.rope_theta, pos, sc), rope(k, self.rope_theta, pos, sc)
         k = constrain(k, ("batch", "length", "kv_heads", "kv"))
         v = constrain(v, ("batch", "length", "kv_heads", "kv"))
         o = attend_cached(constrain(q, ("batch", "length", "heads", "kv")), k, v, kv[0], kv[1], ctx)

@@ -30,6 +30,9 @@ class LlamaConfig:
     d_ff: int = 11008
     max_len: int = 4096          # longest sequence accepted (RoPE itself has no table to outgrow)
     rope_theta: float = 10000.0
+    #: Llama 3.1 RoPE scaling ``(factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)``
+    #: (models.layers.rope_frequencies; set by the HF import of rope_type 'llama3'), None = plain RoPE
+    rope_scaling: tuple | None = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     dtype: Any = jnp.float32
@@ -66,7 +69,7 @@ class LlamaBlock(nn.Module):
         out_std = 0.02 / (2 * cfg.n_layer) ** 0.5
         h = RMSNorm(cfg.dtype, cfg.norm_eps, name="attn_norm")(x_BxTxD)
         attn = Attention(cfg.n_head, cfg.n_kv_head, cfg.dtype, cfg.attention, out_std, causal=True,
-                         rope_theta=cfg.rope_theta, name="attn")
+                         rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, name="attn")
         if kv is None:
             a, new_kv = attn(h), None
         else:
