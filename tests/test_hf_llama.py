@@ -14,7 +14,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from jzero.errors import CheckpointError, ConfigError  # noqa: E402
-from models.hf_llama import llama_config_from_hf, load_hf_llama, load_safetensors  # noqa: E402
+from models.hf_files import load_safetensors  # noqa: E402
+from models.hf_llama import llama_config_from_hf, load_hf_llama  # noqa: E402
 from models.llama import Llama  # noqa: E402
 
 
