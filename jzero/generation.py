@@ -32,7 +32,7 @@ in the compute dtype (what the model would cast them to on every step anyway; no
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -59,7 +59,6 @@ class GenerationResult:
     decode_s: float = 0.0           # all decode chunks
     steps: int = 0                  # decode steps run (the batch's tokens after the first; early stop cuts them)
     logits: np.ndarray | None = None   # [B, steps + 1, V] fp32 when asked for (return_logits=True; tests)
-    extra: dict = field(default_factory=dict)
 
 
 def generation_mesh(tensor: int = 1, devices=None) -> Mesh:

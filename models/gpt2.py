@@ -88,7 +88,10 @@ class GPT2(nn.Module):
         wpe = param(self, "wpe", (cfg.max_len, cfg.d_model), (None, "embed"), nn.initializers.normal(0.01), cfg.dtype)
         if cache is not None:   # decoding: each token at its row's own position (left padding), via the cache
             positions_BxT = context(cache, T).positions_BxT
-            x = constrain(jnp.take(wte, tokens_BxT, axis=0) + jnp.take(wpe, positions_BxT, axis=0), RESIDUAL)
+            # (clip: only the steps of a last decode chunk past max_new_tokens, whose tokens are dropped, can reach
+            # max_len; jzero.generation checks that every kept token's position fits)
+            pos_BxTxD = jnp.take(wpe, positions_BxT, axis=0, mode="clip")
+            x = constrain(jnp.take(wte, tokens_BxT, axis=0) + pos_BxTxD, RESIDUAL)
             x, cache = stack_blocks_cached(Block, cfg, x, cache)
             x = LayerNorm(cfg.dtype, name="ln_f")(x)
             out = (x, wte) if not head else constrain(jnp.einsum("btd,vd->btv", x, wte), ("batch", "length", "vocab"))
