@@ -170,3 +170,5 @@ def test_errors_name_the_fix(gens, tmp_path, capsys):
     assert f"error: {tmp_path / 'none' / 'config.json'} not found" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path)]) == 2
     assert "no prompt" in capsys.readouterr().err
+    assert main(["--hf", str(tmp_path), "--step", "3", "--prompt-ids", "1"]) == 2
+    assert "--step applies to --checkpoint only" in capsys.readouterr().err

@@ -26,7 +26,8 @@ def parse_args(argv):
     src.add_argument("--hf", help="local Hugging Face GPT-2 or Llama directory (config.json + safetensors)")
     p.add_argument("--step", type=int, help="--checkpoint: step to load (default: the latest complete one)")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
-    p.add_argument("--prompt-ids", action="append", default=[], help="prompt as comma-separated token ids (repeatable)")
+    p.add_argument("--prompt-ids", action="append", default=[],
+                   help="prompt as comma-separated token ids (repeatable; these rows come before --prompt rows)")
     p.add_argument("--tokenizer", help="tokenizer.json path, or 'bytes' for byte-level (default: the model's own)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -112,6 +113,8 @@ def main(argv=None) -> int:
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        if args.step is not None and args.hf:
+            raise ConfigError("--step applies to --checkpoint only (a Hugging Face directory has one set of weights)")
         if not args.prompt and not args.prompt_ids:
             raise ConfigError("no prompt: pass --prompt TEXT or --prompt-ids 1,2,3 (repeat either for a batch)")
         tok = tokenizer_for(args, needed=bool(args.prompt))
