@@ -119,6 +119,14 @@ def test_tensor_parallel_equals_single_device(gens):
     b = gen2.generate(PROMPTS, NEW, chunk=4, return_logits=True)
     assert a.tokens == b.tokens
     assert np.abs(a.logits[..., :REAL] - b.logits[..., :REAL]).max() < 1e-5
+    # the cache is split over K/V heads like the K/V projections (the prefill program generate just compiled)
+    from jzero import kernels, sharding
+
+    with jax.set_mesh(gen2.mesh), sharding.activate(gen2.mesh, gen2.rules), kernels.suspended():
+        _, cache, _ = gen2._prefill(gen2.params, np.zeros((2, 16), np.int32), np.zeros(2, np.int32),
+                                    jax.random.PRNGKey(0), np.asarray([0.0, 1.0], np.float32), slots=32,
+                                    mode=(True, 0, False))
+    assert cache.k_LxBxSxKxH.addressable_shards[0].data.shape == (2, 2, 32, 1, 8)    # [L, B, S, K/2, H]
     with pytest.raises(ConfigError, match="n_kv_head=2 is not divisible by mesh.tensor=4"):
         Generator(model, params, tensor=4)
 
