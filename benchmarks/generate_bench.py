@@ -246,7 +246,7 @@ def main(argv=None) -> int:
 
 
 def table(rows: dict, args) -> str:
-    lines = [f"| model | batch | impl | prompt | new | tokens/s | ms/token | note |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | batch | impl | prompt | new | tokens/s | ms/token | note |", "|---|---|---|---|---|---|---|---|"]
     for (label, b, impl), r in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], IMPLS.index(kv[0][2]))):
         s = r.get("seconds")
         tps = f"{b * args.new / s:,.0f}" if s else "-"

@@ -110,7 +110,8 @@ def params_from_hf(state: dict, cfg: LlamaConfig) -> dict:
                      "k_kernel": take(a + "k_proj.weight", (K * H, d)).T.reshape(d, K, H),
                      "v_kernel": take(a + "v_proj.weight", (K * H, d)).T.reshape(d, K, H),
                      "out_kernel": take(a + "o_proj.weight", (d, N * H)).T.reshape(N, H, d)},
-            "mlp": {"gate_kernel": take(m + "gate_proj.weight", (f, d)).T, "up_kernel": take(m + "up_proj.weight", (f, d)).T,
+            "mlp": {"gate_kernel": take(m + "gate_proj.weight", (f, d)).T,
+                    "up_kernel": take(m + "up_proj.weight", (f, d)).T,
                     "down_kernel": take(m + "down_proj.weight", (d, f)).T},
         }
 
@@ -143,7 +144,8 @@ def params_from_hf(state: dict, cfg: LlamaConfig) -> dict:
     return params
 
 
-def load_hf_llama(path, vocab_size: int | None = None, max_len: int | None = None, **cfg_kw) -> tuple[dict, LlamaConfig]:
+def load_hf_llama(path, vocab_size: int | None = None, max_len: int | None = None,
+                  **cfg_kw) -> tuple[dict, LlamaConfig]:
     """``(params, LlamaConfig)`` from a local HF Llama directory."""
     path = Path(path)
     if not (path / CONFIG_NAME).is_file():

@@ -136,8 +136,8 @@ def test_weights_from_a_zero3_tensor_parallel_checkpoint(tmp_path, capsys):
     from jzero.config import load_config
 
     cfg = load_config(base={}, overrides=[
-        "model.family=llama", "model.preset=llama-tiny", "model.n_layer=2", "model.d_model=32", "model.n_head=4", "model.n_kv_head=2",
-        "model.d_ff=64", "data.seq_len=32", "train_batch_size=8", "zero_optimization.stage=3", "mesh.tensor=2",
+        "model.family=llama", "model.preset=llama-tiny", "model.n_layer=2", "model.d_model=32", "model.n_head=4",
+        "model.n_kv_head=2", "model.d_ff=64", "data.seq_len=32", "train_batch_size=8", "zero_optimization.stage=3", "mesh.tensor=2",
         "zero_optimization.stage3_param_persistence_threshold=0"])
     eng = jzero.initialize(cfg)
     eng.save_checkpoint(tmp_path / "run" / "checkpoints")
