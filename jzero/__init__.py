@@ -3,6 +3,7 @@
     import jzero
     engine = jzero.initialize(jzero.load_config("ds_config.json"))
     from jzero import sharding, mesh          # the sharding utilities, importable on their own
+    out = jzero.generate([[15496, 11]], hf="gpt2_dir", max_new_tokens=16)   # KV-cache decoding (jzero.generation)
 """
 
 __version__ = "0.1.0"
@@ -13,6 +14,8 @@ _LAZY = {
     "TrainState": ("jzero.engine", "TrainState"),
     "load_config": ("jzero.config", "load_config"),
     "make_mesh": ("jzero.mesh", "make_mesh"),
+    "generate": ("jzero.generation", "generate"),
+    "Generator": ("jzero.generation", "Generator"),
 }
 
 

@@ -109,8 +109,15 @@ def _state_classes(tree) -> list[str]:
 
 
 def _model_meta(engine) -> dict:
+    """The model's family and its config's plain fields (numbers, strings, tuples of numbers such as Llama's
+    ``rope_scaling``; JSON keeps tuples as lists): what rebuilding the model needs (jzero.weights)."""
     mc = engine.model_config
-    sizes = {k: v for k, v in asdict(mc).items() if isinstance(v, (bool, int, float, str))} if is_dataclass(mc) else {}
+
+    def plain(v) -> bool:
+        return isinstance(v, (bool, int, float, str)) or (
+            isinstance(v, tuple) and all(isinstance(e, (int, float)) for e in v))
+
+    sizes = {k: v for k, v in asdict(mc).items() if plain(v)} if is_dataclass(mc) else {}
     return {"family": engine.config.model.family, **sizes}
 
 

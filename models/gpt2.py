@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jzero.sharding import constrain
+from models.kv_cache import KVCache, context, stack_blocks_cached
 from models.layers import MLP, RESIDUAL, LayerNorm, MultiHeadAttention, embed_lookup, param, stack_blocks
 
 
@@ -44,28 +45,38 @@ class Block(nn.Module):
     cfg: GPT2Config
 
     @nn.compact
-    def __call__(self, x_BxTxD, _=None):
+    def __call__(self, x_BxTxD, kv=None, ctx=None):
+        """``(x, None)``; with a layer's cached ``kv=(k, v)`` and the decode ``ctx`` (:mod:`models.kv_cache`)
+        ``(x, (k_new, v_new))``."""
         cfg = self.cfg
         out_std = 0.02 / math.sqrt(2 * cfg.n_layer)
         h = LayerNorm(cfg.dtype, name="ln_1")(x_BxTxD)
         # each sub-layer's output is reduced into the residual layout here (tensor parallelism's all-reduce,
         # or reduce-scatter under sequence parallelism)
-        x = x_BxTxD + constrain(MultiHeadAttention(cfg.n_head, cfg.dtype, cfg.attention, out_std, name="attn")(h),
-                                RESIDUAL)
+        attn = MultiHeadAttention(cfg.n_head, cfg.dtype, cfg.attention, out_std, name="attn")
+        if kv is None:
+            a, new_kv = attn(h), None
+        else:
+            a, new_kv = attn(h, kv, ctx)
+        x = x_BxTxD + constrain(a, RESIDUAL)
         h = LayerNorm(cfg.dtype, name="ln_2")(x)
         x = x + constrain(MLP(cfg.d_ff, cfg.dtype, out_std, fused=not cfg.remat, name="mlp")(h), RESIDUAL)
-        return constrain(x, RESIDUAL), None
+        return constrain(x, RESIDUAL), new_kv
 
 
 class GPT2(nn.Module):
-    """``tokens_BxT`` (int32) -> logits ``[B, T, vocab]`` in the compute dtype."""
+    """``tokens_BxT`` (int32) -> logits ``[B, T, vocab]`` in the compute dtype.
+
+    With ``cache`` (a :class:`models.kv_cache.KVCache`) the tokens are the next ``T`` of each row, at the cache's
+    slots, and the result is ``(logits, advanced_cache)`` (or ``((hidden, wte), cache)`` with ``head=False``).
+    """
 
     fused_head = True   # __call__(..., head=False) gives (hidden, head weight [V, D]); see jzero.engine.lm_loss
 
     cfg: GPT2Config
 
     @nn.compact
-    def __call__(self, tokens_BxT, head: bool = True):
+    def __call__(self, tokens_BxT, head: bool = True, cache: KVCache | None = None):
         """``head=False``: ``(hidden_BxTxD, wte_VxD)`` in the compute dtype instead of the logits (for a loss that
         applies the tied head itself, ``jzero.kernels.cross_entropy.head_cross_entropy``)."""
         cfg = self.cfg
@@ -75,6 +86,16 @@ class GPT2(nn.Module):
         wte = param(self, "wte", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), nn.initializers.normal(0.02),
                     cfg.dtype)
         wpe = param(self, "wpe", (cfg.max_len, cfg.d_model), (None, "embed"), nn.initializers.normal(0.01), cfg.dtype)
+        if cache is not None:   # decoding: each token at its row's own position (left padding), via the cache
+            positions_BxT = context(cache, T).positions_BxT
+            # (clip: only the steps of a last decode chunk past max_new_tokens, whose tokens are dropped, can reach
+            # max_len; jzero.generation checks that every kept token's position fits)
+            pos_BxTxD = jnp.take(wpe, positions_BxT, axis=0, mode="clip")
+            x = constrain(jnp.take(wte, tokens_BxT, axis=0) + pos_BxTxD, RESIDUAL)
+            x, cache = stack_blocks_cached(Block, cfg, x, cache)
+            x = LayerNorm(cfg.dtype, name="ln_f")(x)
+            out = (x, wte) if not head else constrain(jnp.einsum("btd,vd->btv", x, wte), ("batch", "length", "vocab"))
+            return out, cache
         x = embed_lookup(wte, tokens_BxT) + wpe[:T][None]
         x = constrain(x, RESIDUAL)
         x = stack_blocks(Block, cfg, x)

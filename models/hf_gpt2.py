@@ -208,11 +208,11 @@ def layer_of(tree: dict, i: int) -> dict:
 
 def load_hf_gpt2(path, vocab_size: int | None = None, max_len: int | None = None, **cfg_kw) -> tuple[dict, GPT2Config]:
     """``(params, GPT2Config)`` from a local HF directory with ``config.json`` and ``model.safetensors``."""
-    from safetensors.numpy import load_file
+    from models.hf_files import INDEX_NAME, read_state
 
     path = Path(path)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (path / name).is_file():
+        if not (path / name).is_file() and not (name == WEIGHTS_NAME and (path / INDEX_NAME).is_file()):
             raise CheckpointError(f"{path / name} not found; pass a local Hugging Face GPT-2 directory "
                                   f"(save_pretrained writes {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
@@ -220,11 +220,7 @@ def load_hf_gpt2(path, vocab_size: int | None = None, max_len: int | None = None
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path / CONFIG_NAME} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     cfg = gpt2_config_from_hf(hf, vocab_size, max_len, **cfg_kw)
-    try:
-        state = load_file(str(path / WEIGHTS_NAME))
-    except Exception as exc:  # safetensors raises its own SafetensorError on a bad header
-        raise CheckpointError(f"{path / WEIGHTS_NAME} is not a readable safetensors file ({exc})") from None
-    return params_from_hf(state, cfg), cfg
+    return params_from_hf(read_state(path), cfg), cfg   # one file or shards, fp32/fp16/bf16
 
 
 def save_hf_gpt2(params: dict, cfg: GPT2Config, path, vocab_size: int | None = None, dtype: str = "fp32") -> Path:

@@ -9,6 +9,7 @@ policies can save or offload them by name.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any, Callable, Sequence
 
@@ -21,6 +22,7 @@ from jzero import kernels, pipeline
 from jzero.kernels import gelu_gemm as kernel_gg
 from jzero.kernels import layer_norm as kernel_ln
 from jzero.sharding import constrain
+from models.kv_cache import attend_cached
 
 Dtype = Any
 
@@ -215,17 +217,39 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, impl: str, causal: bool, key_mask_Bx
                                         **kwargs)
 
 
-def rope(x_BxTxNxH, theta: float) -> jax.Array:
+def rope_frequencies(H: int, theta: float, scaling: tuple | None = None) -> jax.Array:
+    """RoPE's ``H/2`` inverse frequencies ``theta**(-2i/H)`` (fp32); ``scaling`` = Llama 3.1's
+    ``(factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)``: wavelengths longer than
+    ``original / low_freq_factor`` are stretched by ``factor``, shorter than ``original / high_freq_factor`` kept,
+    and the band between interpolated (HF's ``rope_type='llama3'``)."""
+    inv_freq_H2 = 1.0 / (theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+    if scaling is None:
+        return inv_freq_H2
+    factor, low, high, original = (float(v) for v in scaling)
+    wavelen = 2 * math.pi / inv_freq_H2
+    scaled = jnp.where(wavelen > original / low, inv_freq_H2 / factor, inv_freq_H2)
+    smooth = (original / wavelen - low) / (high - low)
+    medium = ~(wavelen < original / high) & ~(wavelen > original / low)
+    return jnp.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def rope(x_BxTxNxH, theta: float, positions_BxT=None, scaling: tuple | None = None) -> jax.Array:
     """Rotary position embedding (Su et al.; the half-split layout of Llama/GPT-NeoX), computed in fp32.
 
     Pairs dim i with dim i + H/2 and rotates each pair by ``position / theta**(2i/H)``: a query-key dot product
-    then depends only on their relative position.
+    then depends only on their relative position. Positions are ``0 .. T-1`` unless ``positions_BxT`` gives each
+    token's (decoding with a KV cache: see :mod:`models.kv_cache`); ``scaling``: see :func:`rope_frequencies`.
     """
     T, H = x_BxTxNxH.shape[1], x_BxTxNxH.shape[-1]
-    inv_freq_H2 = 1.0 / (theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
-    angle_TxH2 = jnp.arange(T, dtype=jnp.float32)[:, None] * inv_freq_H2[None, :]
-    cos = jnp.cos(angle_TxH2)[None, :, None, :]
-    sin = jnp.sin(angle_TxH2)[None, :, None, :]
+    inv_freq_H2 = rope_frequencies(H, theta, scaling)
+    if positions_BxT is None:
+        angle_TxH2 = jnp.arange(T, dtype=jnp.float32)[:, None] * inv_freq_H2[None, :]
+        cos = jnp.cos(angle_TxH2)[None, :, None, :]
+        sin = jnp.sin(angle_TxH2)[None, :, None, :]
+    else:
+        angle_BxTxH2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_H2
+        cos = jnp.cos(angle_BxTxH2)[:, :, None, :]
+        sin = jnp.sin(angle_BxTxH2)[:, :, None, :]
     x = x_BxTxNxH.astype(jnp.float32)
     x1, x2 = x[..., : H // 2], x[..., H // 2:]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -239,6 +263,8 @@ class Attention(nn.Module):
     ('heads' on its input dim). Grouped-query attention when ``n_kv_head < n_head`` (each K/V head serves
     ``n_head // n_kv_head`` query heads; both head dims split over ``tensor``, so ``tensor`` must divide
     ``n_kv_head``). Optional biases (BERT), RoPE (Llama), causal or bidirectional with a key padding mask.
+    With ``kv=(k_old, v_old), ctx`` (decoding, :mod:`models.kv_cache`) it attends over the cache plus the new
+    tokens and returns ``(out, (k_new, v_new))``.
     """
 
     n_head: int
@@ -249,9 +275,10 @@ class Attention(nn.Module):
     causal: bool = True
     use_bias: bool = False
     rope_theta: float | None = None
+    rope_scaling: tuple | None = None   # Llama 3.1's frequency scaling (rope_frequencies)
 
     @nn.compact
-    def __call__(self, x_BxTxD, key_mask_BxT=None):
+    def __call__(self, x_BxTxD, key_mask_BxT=None, kv=None, ctx=None):
         x_BxTxD = constrain(x_BxTxD, SUBLAYER_INPUT)
         d = x_BxTxD.shape[-1]
         N, K = self.n_head, self.n_kv_head
@@ -267,19 +294,39 @@ class Attention(nn.Module):
             return y
 
         q, k, v = project("q", N, "heads"), project("k", K, "kv_heads"), project("v", K, "kv_heads")
+        if kv is not None:
+            return self._cached(x_BxTxD, q, k, v, kv, ctx)
         if self.rope_theta is not None:
-            q, k = rope(q, self.rope_theta), rope(k, self.rope_theta)
+            sc = self.rope_scaling
+            q, k = rope(q, self.rope_theta, scaling=sc), rope(k, self.rope_theta, scaling=sc)
         q = checkpoint_name(constrain(q, ("batch", "length", "heads", "kv")), "qkv")
         k = checkpoint_name(constrain(k, ("batch", "length", "kv_heads", "kv")), "qkv")
         v = checkpoint_name(constrain(v, ("batch", "length", "kv_heads", "kv")), "qkv")
         o = attend(q, k, v, attention_impl(self.attention), self.causal, key_mask_BxT)
         o = checkpoint_name(constrain(o, ("batch", "length", "heads", "kv")), "attn_out")
-        w_o = param(self, "out_kernel", (N, h, d), ("heads", "kv", "embed"),
+        return self._out(o, d)
+
+    def _out(self, o_BxTxNxH, d: int):
+        w_o = param(self, "out_kernel", (self.n_head, o_BxTxNxH.shape[-1], d), ("heads", "kv", "embed"),
                     nn.initializers.normal(self.out_init_std), self.dtype)
-        out = jnp.einsum("btnh,nhd->btd", o, w_o)
+        out = jnp.einsum("btnh,nhd->btd", o_BxTxNxH, w_o)
         if self.use_bias:
-            out = out + param(self, "out_bias", (d,), ("embed",), zeros, self.dtype)
+            out = out + param(self, "out_bias", (d,), ("embed",), nn.initializers.zeros, self.dtype)
         return out
+
+    def _cached(self, x_BxTxD, q, k, v, kv, ctx):
+        """Decode path: RoPE at the tokens' own positions, attention over cache + new keys (no causal flag: the
+        context's masks are causal)."""
+        if not self.causal:
+            raise ValueError("a KV cache is for causal attention; this Attention is bidirectional (BERT)")
+        if self.rope_theta is not None:
+            pos, sc = ctx.positions_BxT, self.rope_scaling
+            q, k = rope(q, self.rope_theta, pos, sc), rope(k, self.rope_theta, pos, sc)
+        k = constrain(k, ("batch", "length", "kv_heads", "kv"))
+        v = constrain(v, ("batch", "length", "kv_heads", "kv"))
+        o = attend_cached(constrain(q, ("batch", "length", "heads", "kv")), k, v, kv[0], kv[1], ctx)
+        o = constrain(o, ("batch", "length", "heads", "kv"))
+        return self._out(o, x_BxTxD.shape[-1]), (k, v)
 
 
 class MultiHeadAttention(nn.Module):
@@ -291,7 +338,9 @@ class MultiHeadAttention(nn.Module):
     out_init_std: float
 
     @nn.compact
-    def __call__(self, x_BxTxD):
+    def __call__(self, x_BxTxD, kv=None, ctx=None):
+        """``kv=(k_old, v_old), ctx``: decoding with a KV cache (:mod:`models.kv_cache`), returns
+        ``(out, (k_new, v_new))``; the bias folding below holds there too (softmax over cache + new keys)."""
         x_BxTxD = constrain(x_BxTxD, SUBLAYER_INPUT)
         d = x_BxTxD.shape[-1]
         h = d // self.n_head
@@ -313,6 +362,12 @@ class MultiHeadAttention(nn.Module):
         # (b_o + b_v @ W_o). Same function, same param tree (HF GPT-2 weights load unchanged), two fewer
         # [tokens, d] bias passes and bias-gradient reductions per layer: GPT-2 124M on one H200 30.96/31.02 ->
         # 30.58/30.66 ms per step (BENCHMARKS.md, session 4).
+        if kv is not None:
+            b_out = b_o + jnp.einsum("nh,nhd->d", b_qkv[2], w_o)
+            k, v = project(1), project(2)
+            o = attend_cached(project(0, b_qkv[0]), k, v, kv[0], kv[1], ctx)
+            o = constrain(o, ("batch", "length", "heads", "kv"))
+            return jnp.einsum("btnh,nhd->btd", o, w_o) + b_out, (k, v)
         o = causal_attention(project(0, b_qkv[0]), project(1), project(2), attention_impl(self.attention))
         o = checkpoint_name(constrain(o, ("batch", "length", "heads", "kv")), "attn_out")
         b_out = b_o + jnp.einsum("nh,nhd->d", b_qkv[2], w_o)

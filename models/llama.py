@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jzero.sharding import constrain
+from models.kv_cache import KVCache, stack_blocks_cached
 from models.layers import RESIDUAL, Attention, RMSNorm, SwiGLU, embed_lookup, param, stack_blocks
 
 
@@ -29,6 +30,9 @@ class LlamaConfig:
     d_ff: int = 11008
     max_len: int = 4096          # longest sequence accepted (RoPE itself has no table to outgrow)
     rope_theta: float = 10000.0
+    #: Llama 3.1 RoPE scaling ``(factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)``
+    #: (models.layers.rope_frequencies; set by the HF import of rope_type 'llama3'), None = plain RoPE
+    rope_scaling: tuple | None = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     dtype: Any = jnp.float32
@@ -58,16 +62,22 @@ class LlamaBlock(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD, _=None):
+    def __call__(self, x_BxTxD, kv=None, ctx=None):
+        """``(x, None)``; with a layer's cached ``kv=(k, v)`` and the decode ``ctx`` (:mod:`models.kv_cache`)
+        ``(x, (k_new, v_new))``."""
         cfg = self.cfg
         out_std = 0.02 / (2 * cfg.n_layer) ** 0.5
         h = RMSNorm(cfg.dtype, cfg.norm_eps, name="attn_norm")(x_BxTxD)
-        a = Attention(cfg.n_head, cfg.n_kv_head, cfg.dtype, cfg.attention, out_std, causal=True,
-                      rope_theta=cfg.rope_theta, name="attn")(h)
+        attn = Attention(cfg.n_head, cfg.n_kv_head, cfg.dtype, cfg.attention, out_std, causal=True,
+                         rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, name="attn")
+        if kv is None:
+            a, new_kv = attn(h), None
+        else:
+            a, new_kv = attn(h, kv=kv, ctx=ctx)
         x = x_BxTxD + constrain(a, RESIDUAL)
         h = RMSNorm(cfg.dtype, cfg.norm_eps, name="mlp_norm")(x)
         x = x + constrain(SwiGLU(cfg.d_ff, cfg.dtype, out_std, name="mlp")(h), RESIDUAL)
-        return constrain(x, RESIDUAL), None
+        return constrain(x, RESIDUAL), new_kv
 
 
 class Llama(nn.Module):
@@ -75,6 +85,9 @@ class Llama(nn.Module):
 
     Not fp32: with fp32 logits the head's two backward GEMMs take an fp32 cotangent and run as fp32/TF32 GEMMs,
     measured 59 of 282 ms of a Llama-1B step (vocab 128256) on an H100; the cross-entropy upcasts per element.
+
+    With ``cache`` (a :class:`models.kv_cache.KVCache`) the tokens are the next ``T`` of each row and the result
+    is ``(logits, advanced_cache)`` (``((hidden, head weight), cache)`` with ``head=False``).
     """
 
     cfg: LlamaConfig
@@ -82,7 +95,7 @@ class Llama(nn.Module):
     fused_head = True   # __call__(..., head=False) gives (hidden, head weight [V, D]); see jzero.engine.lm_loss
 
     @nn.compact
-    def __call__(self, tokens_BxT, head: bool = True):
+    def __call__(self, tokens_BxT, head: bool = True, cache: KVCache | None = None):
         cfg = self.cfg
         if tokens_BxT.shape[1] > cfg.max_len:
             raise ValueError(f"sequence length {tokens_BxT.shape[1]} exceeds model.max_len={cfg.max_len}; "
@@ -90,7 +103,10 @@ class Llama(nn.Module):
         embed = param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                       nn.initializers.normal(0.02), cfg.dtype)
         x = constrain(embed_lookup(embed, tokens_BxT), RESIDUAL)
-        x = stack_blocks(LlamaBlock, cfg, x)
+        if cache is not None:
+            x, cache = stack_blocks_cached(LlamaBlock, cfg, x, cache)
+        else:
+            x = stack_blocks(LlamaBlock, cfg, x)
         x = RMSNorm(cfg.dtype, cfg.norm_eps, name="final_norm")(x)
         if cfg.tie_embeddings:
             w_VxD = embed.astype(cfg.dtype)
@@ -98,6 +114,6 @@ class Llama(nn.Module):
             w_VxD = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                           nn.initializers.normal(0.02), cfg.dtype).T
         if not head:   # (hidden, head weight) for a loss that applies the head itself (jzero.engine.lm_loss)
-            return x, w_VxD
-        logits = jnp.einsum("btd,vd->btv", x, w_VxD)
-        return constrain(logits, ("batch", "length", "vocab"))
+            return (x, w_VxD) if cache is None else ((x, w_VxD), cache)
+        logits = constrain(jnp.einsum("btd,vd->btv", x, w_VxD), ("batch", "length", "vocab"))
+        return logits if cache is None else (logits, cache)

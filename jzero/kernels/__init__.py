@@ -20,6 +20,8 @@ that splits the reduced axis (the hidden size for LayerNorm, the vocabulary for 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 from typing import Callable, Sequence
 
@@ -33,9 +35,25 @@ from jzero import sharding as _sharding
 NAMES = ("layer_norm", "cross_entropy", "gelu_gemm")
 
 
+_SUSPENDED: contextvars.ContextVar[bool] = contextvars.ContextVar("jzero_kernels_suspended", default=False)
+
+
+@contextlib.contextmanager
+def suspended():
+    """No kernel while tracing inside this block (the XLA formulas instead), whatever ``JZERO_KERNELS`` says:
+    :mod:`jzero.generation` decodes under it (the kernels are shaped for training's many-token blocks)."""
+    token = _SUSPENDED.set(True)
+    try:
+        yield
+    finally:
+        _SUSPENDED.reset(token)
+
+
 def enabled(name: str | None = None) -> bool:
     """Use Pallas kernel ``name`` (None: any)? GPU backend by default. ``JZERO_KERNELS``: 0 (none), 1 (all, also
-    off the GPU, in interpret mode), or a comma-separated subset of :data:`NAMES`."""
+    off the GPU, in interpret mode), or a comma-separated subset of :data:`NAMES`; never under :func:`suspended`."""
+    if _SUSPENDED.get():
+        return False
     flag, chosen = _flag()
     if not flag:
         return jax.default_backend() == "gpu"

@@ -1,0 +1,182 @@
+"""KV-cache generation (jzero.generation, models.kv_cache, jzero.weights, train.generate): cached decoding gives
+the logits of a full recompute (fp32, 1e-5) for GPT-2 and Llama with left-padded prompts; greedy continuations of
+tiny random HF GPT-2 / Llama equal transformers' generate token for token; tensor=2 equals tensor=1; weights from
+a ZeRO-3 x tensor=2 checkpoint; seeds, chunking, stop tokens, streaming, the padded vocabulary; the CLI."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jzero
+from jzero.errors import ConfigError
+from jzero.generation import Generator
+from models.gpt2 import GPT2, GPT2Config
+from models.llama import Llama, LlamaConfig
+
+VOCAB, REAL = 96, 90     # model rows, real vocabulary (rows 90..95 are padding: never sampled)
+PROMPTS = [[5, 17, 33, 2, 71, 8, 40, 11, 3], [60, 12, 7, 88]]   # different lengths: row 1 is left-padded
+NEW = 12
+
+
+def _model(family):
+    if family == "gpt2":
+        return GPT2(GPT2Config(vocab_size=VOCAB, n_layer=2, n_head=4, d_model=32, d_ff=64, max_len=64))
+    return Llama(LlamaConfig(vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, max_len=64))
+
+
+def _params(model, seed=0):
+    """Random params N(0, 0.3) (norm scales 1 + N(0, 0.3)), drawn in numpy from the model's abstract init: the
+    init's std 0.02 gives near-uniform logits and repetitive continuations, and every mapped tensor matters."""
+    shapes = nn.unbox(jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 4), jnp.int32)), jax.random.key(0)))
+    rng = np.random.default_rng(seed)
+    flat, tree = jax.tree_util.tree_flatten_with_path(shapes["params"])
+    return jax.tree.unflatten(tree, [(jax.tree_util.keystr(path).endswith("['scale']") + 0.3 * rng.standard_normal(
+        x.shape)).astype(np.float32) for path, x in flat])
+
+
+@pytest.fixture(scope="module")
+def gens():
+    """GPT-2 decoding with the layer scan; Llama with the scanned params split into one program per layer
+    (``unroll_layers``), so both cache paths are checked against the same scanned full recompute."""
+    out = {}
+    for family, unroll in (("gpt2", False), ("llama", True)):
+        model = _model(family)
+        params = _params(model)
+        out[family] = (model, params, Generator(model, params, vocab_size=REAL, unroll_layers=unroll))
+    return out
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_cached_decoding_equals_full_recompute(gens, family):
+    model, params, gen = gens[family]
+    out = gen.generate(PROMPTS, NEW, chunk=4, return_logits=True)
+    assert out.logits.shape == (2, NEW, VOCAB) and out.steps == NEW - 1
+    forward = jax.jit(model.apply)
+    for r, prompt in enumerate(PROMPTS):
+        seq = np.zeros((1, 32), np.int32)     # no cache, no left padding; causal, so the zeros at the end are inert
+        seq[0, : len(prompt) + NEW] = prompt + out.tokens[r]
+        full = np.asarray(forward({"params": params}, jnp.asarray(seq)))[0]
+        ref = full[len(prompt) - 1: len(prompt) - 1 + NEW, :REAL]
+        err = np.abs(out.logits[r][:, :REAL] - ref).max()
+        assert err < 1e-5, (family, r, err)
+        assert out.tokens[r] == list(np.argmax(ref, -1))           # greedy = argmax of the real vocabulary
+        assert np.all(np.isneginf(out.logits[r][:, REAL:]))         # padded rows never sampled
+    assert ("block_1" in gen.params and "blocks" not in gen.params) == (family == "llama")   # llama: unrolled
+
+
+def test_seed_chunking_stop_tokens_and_streaming(gens):
+    _, _, gen = gens["gpt2"]
+    kw = dict(temperature=1.5, top_k=40, top_p=0.95, seed=3)
+    a = gen.generate(PROMPTS, NEW, chunk=4, **kw).tokens
+    b = gen.generate(PROMPTS, NEW, chunk=1, **kw).tokens          # same seed, other chunking: same tokens
+    c = gen.generate(PROMPTS, NEW, chunk=4, **{**kw, "seed": 4}).tokens
+    assert a == b and a != c
+    assert all(t < REAL for row in a + c for t in row)
+    stop = a[0][3]                      # row 0's 4th token as a stop token: row 0 ends there (kept), row 1 goes on
+    streamed = []
+    out = gen.generate(PROMPTS, NEW, chunk=4, stop_tokens=[stop], on_tokens=lambda s, t: streamed.append((s, t)),
+                       **kw)
+    first = a[0].index(stop)
+    assert out.tokens[0] == a[0][: first + 1]
+    row1 = a[1][: a[1].index(stop) + 1] if stop in a[1] else a[1]
+    assert out.tokens[1] == row1
+    assert [s for s, _ in streamed][:2] == [0, 1] and streamed[0][1].shape == (1, 2)
+    flat = np.concatenate([t for _, t in streamed])
+    assert list(flat[: first + 1, 0]) == out.tokens[0]
+    if stop not in a[1]:    # both rows done only at the end: every chunk ran
+        assert len(flat) >= NEW
+
+
+def test_hf_greedy_equals_transformers_generate(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    models = {
+        "gpt2": transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=64, initializer_range=0.3)),
+        "llama": transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=100, max_position_embeddings=64, initializer_range=0.3, rms_norm_eps=1e-5)),
+    }
+    prompts = np.random.default_rng(0).integers(0, 100, (2, 7))
+    for name, model in models.items():
+        model.eval().save_pretrained(tmp_path / name)
+        with torch.no_grad():
+            ref = model.generate(torch.from_numpy(prompts), attention_mask=torch.ones(2, 7, dtype=torch.long),
+                                 max_new_tokens=20, do_sample=False, pad_token_id=0)[:, 7:].numpy()
+        out = jzero.generate(prompts.tolist(), hf=tmp_path / name, dtype="fp32", max_new_tokens=20)
+        assert np.array_equal(np.asarray(out.tokens), ref), name
+        assert len(set(ref[0].tolist())) > 5, "a degenerate continuation would prove little"
+
+
+def test_tensor_parallel_equals_single_device(gens):
+    model, params, gen1 = gens["llama"]
+    gen2 = Generator(model, params, vocab_size=REAL, tensor=2, unroll_layers=True)
+    q = gen2.params["block_0"]["attn"]["q_kernel"]
+    assert q.sharding.spec[1] == "tensor" and q.addressable_shards[0].data.shape == (32, 2, 8)
+    a = gen1.generate(PROMPTS, NEW, chunk=4, return_logits=True)
+    b = gen2.generate(PROMPTS, NEW, chunk=4, return_logits=True)
+    assert a.tokens == b.tokens
+    assert np.abs(a.logits[..., :REAL] - b.logits[..., :REAL]).max() < 1e-5
+    # the cache is split over K/V heads like the K/V projections (the prefill program generate just compiled)
+    from jzero import kernels, sharding
+
+    with jax.set_mesh(gen2.mesh), sharding.activate(gen2.mesh, gen2.rules), kernels.suspended():
+        _, cache, _ = gen2._prefill(gen2.params, np.zeros((2, 16), np.int32), np.zeros(2, np.int32),
+                                    jax.random.PRNGKey(0), np.asarray([0.0, 1.0], np.float32), slots=32,
+                                    mode=(True, 0, False))
+    assert cache.k_LxBxSxKxH.addressable_shards[0].data.shape == (2, 2, 32, 1, 8)    # [L, B, S, K/2, H]
+    with pytest.raises(ConfigError, match="n_kv_head=2 is not divisible by mesh.tensor=4"):
+        Generator(model, params, tensor=4)
+
+
+def test_weights_from_a_zero3_tensor_parallel_checkpoint(tmp_path, capsys):
+    from jzero import checkpoint
+    from jzero.config import load_config
+
+    cfg = load_config(base={}, overrides=[
+        "model.family=llama", "model.preset=llama-tiny", "model.n_layer=2", "model.d_model=32", "model.n_head=4",
+        "model.n_kv_head=2", "model.d_ff=64", "data.seq_len=32", "train_batch_size=8", "zero_optimization.stage=3", "mesh.tensor=2",
+        "zero_optimization.stage3_param_persistence_threshold=0"])
+    eng = jzero.initialize(cfg)
+    eng.save_checkpoint(tmp_path / "run" / "checkpoints")
+    checkpoint.wait_until_finished(tmp_path / "run" / "checkpoints")
+    want = jax.tree.map(np.asarray, jax.device_get(eng.state.params))
+    gen = Generator.from_checkpoint(tmp_path / "run", dtype="fp32", tensor=2)
+    assert gen.vocab_size == 256 and isinstance(gen.model, Llama)
+    got = jax.tree.map(np.asarray, jax.device_get(gen.params))
+    assert jax.tree.all(jax.tree.map(np.array_equal, got, want))
+    seq = np.zeros((1, 11), np.int32)     # greedy by full recompute: causal, so the zeros after t do not matter
+    seq[0, :5] = [1, 2, 3, 4, 5]
+    forward = jax.jit(gen.model.apply)
+    for t in range(5, 11):
+        seq[0, t] = int(np.argmax(np.asarray(forward({"params": want}, jnp.asarray(seq)))[0, t - 1]))
+    assert gen.generate([[1, 2, 3, 4, 5]], 6).tokens == [seq[0, 5:].tolist()]
+    # the CLI on the run directory: byte-level tokenizer (the run's data is the embedded default), streamed
+    from train.generate import ByteTokenizer, main
+
+    capsys.readouterr()
+    assert main(["--checkpoint", str(tmp_path / "run"), "--prompt-ids", "1,2,3,4,5", "--max-new-tokens", "6",
+                 "--dtype", "fp32", "--tensor", "2"]) == 0
+    assert capsys.readouterr().out == ByteTokenizer().decode(seq[0].tolist()) + "\n"
+
+
+def test_errors_name_the_fix(gens, tmp_path, capsys):
+    _, _, gen = gens["gpt2"]
+    with pytest.raises(ConfigError, match="exceeds the model's max_len=64"):
+        gen.generate([[1] * 60], 10)
+    with pytest.raises(ConfigError, match="token id 95 is outside the vocabulary 0..89"):
+        gen.generate([[95]], 2)
+    with pytest.raises(ConfigError, match="need sampling"):
+        gen.generate([[1]], 2, top_k=5)
+    with pytest.raises(ConfigError, match="exactly one of checkpoint=, hf=, model="):
+        jzero.generate([[1]], hf="x", checkpoint="y")
+    from train.generate import main
+
+    assert main(["--hf", str(tmp_path / "none"), "--prompt-ids", "1,2"]) == 2
+    assert f"error: {tmp_path / 'none' / 'config.json'} not found" in capsys.readouterr().err
+    assert main(["--checkpoint", str(tmp_path)]) == 2
+    assert "no prompt" in capsys.readouterr().err
+    assert main(["--hf", str(tmp_path), "--step", "3", "--prompt-ids", "1"]) == 2
+    assert "--step applies to --checkpoint only" in capsys.readouterr().err
