@@ -216,7 +216,7 @@ def test_no_scheduler_is_constant_base_lr():
     ("WarmupDecayLR", {}, r"scheduler.params.total_num_steps: required"),
     ("OneCycle", {"cycle_min_lr": 0.1}, r"scheduler.params.cycle_max_lr: required"),
     ("WarmupLR", {"warmup_type": "cosine"}, r"scheduler.params.warmup_type='cosine'"),
-    ("WarmupLR", {"warmup_num_steps": 0}, r"scheduler.params.warmup_num_steps=0: must be > 0"),
+    ("WarmupLR", {"warmup_num_steps": -1}, r"scheduler.params.warmup_num_steps=-1: must be >= 0"),
     ("WarmupLR", {"warmup_min_lr": [0.1, 0.2]}, r"scheduler.params.warmup_min_lr=.*one param group"),
     ("OneCycle", {"cycle_min_lr": 0.1, "cycle_max_lr": 0.2, "cycle_momentum": "yes"},
      r"scheduler.params.cycle_momentum"),

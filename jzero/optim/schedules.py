@@ -84,7 +84,8 @@ VALID_SCHEDULES = tuple(_PARAMS)
 
 # Keys that must be non-negative whole numbers (positive where marked), floats, or bools.
 _INT_KEYS = {"warmup_num_steps", "cycle_first_stair_count", "cycle_second_stair_count"}
-_POSITIVE_KEYS = {"warmup_num_steps", "cycle_first_step_size", "cycle_second_step_size", "lr_range_test_step_size"}
+# warmup_num_steps may be 0 (the HF integration's "auto" with no warm-up): DeepSpeed uses max(2, N) as jzero does
+_POSITIVE_KEYS = {"cycle_first_step_size", "cycle_second_step_size", "lr_range_test_step_size"}
 _BOOL_KEYS = {"cycle_momentum", "lr_range_test_staircase"}
 
 
