@@ -81,7 +81,9 @@ class ZeroConfig(_Section):
     ``stage3_param_persistence_threshold``: leaves with fewer elements stay replicated (DeepSpeed's default 1e5);
     jzero applies it to every partitioned tree, so small biases and norms are never split.
     The bucket keys have no PyTorch buckets to size under XLA; they set XLA's collective-combining thresholds
-    on GPU (elements x 4 bytes), see :func:`jzero.mesh.xla_flags_for`.
+    on GPU (elements x 4 bytes), see :func:`jzero.mesh.xla_flags_for`. DeepSpeed's other ZeRO keys
+    (``overlap_comm``, ``contiguous_gradients``, the stage-3 prefetch knobs, ...) are handled by
+    :mod:`jzero.ds_keys` before this schema sees the section.
     """
 
     stage: Literal[0, 1, 2, 3] = 0
@@ -89,8 +91,6 @@ class ZeroConfig(_Section):
     reduce_bucket_size: int | None = Field(None, gt=0)
     allgather_bucket_size: int | None = Field(None, gt=0)
     reduce_scatter: bool = True
-    overlap_comm: bool | None = None
-    contiguous_gradients: bool | None = None
     allgather_partitions: bool = True
     offload_optimizer: OffloadConfig = OffloadConfig()
     offload_param: OffloadConfig = OffloadConfig()
@@ -459,4 +459,8 @@ def resolve(cfg: JzeroConfig, n_devices: int) -> JzeroConfig:
 
 
 def to_dict(cfg: JzeroConfig) -> dict:
-    return cfg.model_dump(mode="json")
+    """The config as written to ``config.json``: every key, except the DeepSpeed keys that have no effect under
+    XLA (:mod:`jzero.ds_keys`; the run named them at start), so the file loads back without them."""
+    from jzero.ds_keys import drop_no_effect
+
+    return drop_no_effect(cfg.model_dump(mode="json"))

@@ -26,6 +26,8 @@ from typing import Any
 from jzero.errors import ConfigError
 
 AUTO = "auto"
+#: jzero's own sections, where "auto" is an ordinary value of some keys (model.attention: auto)
+JZERO_SECTIONS = ("mesh", "model", "data", "train", "finetune", "pipeline", "checkpoint")
 
 #: HF TrainingArguments defaults (transformers/training_args.py) for the keys HF fills from them
 HF_DEFAULTS = {"learning_rate": 5e-5, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8,
@@ -130,7 +132,7 @@ def resolve_auto(data: dict) -> tuple[dict, list[tuple[str, Any]]]:
             else:
                 node[last] = value
             filled.append((path, value))
-    left = _find_auto(data)
+    left = _find_auto({k: v for k, v in data.items() if k not in JZERO_SECTIONS})
     if left:
         raise ConfigError(f"{left}='auto': jzero resolves 'auto' only where the Hugging Face integration "
                           f"derives it ({', '.join(sorted(RULES))}); give a value for {left}")

@@ -390,6 +390,15 @@ def normalize(data: dict) -> tuple[dict, list[tuple[str, str]]]:
     return data, notes
 
 
+def drop_no_effect(data: dict) -> dict:
+    """``data`` without the no-effect keys (what ``config.json`` leaves out: they are not part of the run)."""
+    data = copy.deepcopy(data)
+    for path, key in KEYS.items():
+        if key.fate == NO_EFFECT and _get(data, path) is not ABSENT:
+            _pop(data, path)
+    return data
+
+
 def _short(value) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

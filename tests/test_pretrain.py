@@ -27,6 +27,17 @@ def test_run_writes_config_metrics_and_summary(tmp_path):
         assert key in s, key
     assert s["n_devices"] == 8 and s["zero_stage"] == 3 and s["mfu"] is None   # no known CPU peak
     assert s["memory_per_device_bytes"]["params"] > 0 and s["memory_per_device_bytes"]["opt_state"] > 0
+    assert_config_round_trip(out / "config.json")
+
+
+def assert_config_round_trip(path):
+    """A run's own config.json loads back with --config and resolves to itself."""
+    from jzero.config import load_config, resolve, to_dict
+    from jzero.engine import check_supported
+
+    again = resolve(load_config(path), 8)
+    check_supported(again)
+    assert to_dict(again) == json.loads(path.read_text()) and again.start_notes() == []
 
 
 def _tiny_data(tmp_path, n_bytes):
