@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import jzero
+import jzero.engine
 from jzero.config import load_config
 from jzero.errors import ConfigError
 
@@ -62,6 +63,23 @@ FAILS = {
     "bing_bert_deepspeed_bsz4096_adam_config.json": ("initialize", "max_grad_norm"),
     "bingbertsquad_deepspeed_bsz24_config.json": ("initialize", "max_grad_norm"),
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compiles():
+    """This file checks that each config builds and trains, not how fast its code runs: compile the train steps
+    with LLVM's optimisations off (about half the compile time on CPU; same XLA program and numerics)."""
+    original = jzero.engine.Engine.compile
+
+    def compile_fast(self):
+        if self._compiled is None:
+            options = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+            self._compiled = self.lower_train_step().compile(compiler_options=options)
+        return self._compiled
+
+    jzero.engine.Engine.compile = compile_fast
+    yield
+    jzero.engine.Engine.compile = original
 
 
 def test_every_kept_config_has_an_expected_outcome_and_a_source():
