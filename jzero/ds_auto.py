@@ -132,6 +132,11 @@ def resolve_auto(data: dict) -> tuple[dict, list[tuple[str, Any]]]:
             else:
                 node[last] = value
             filled.append((path, value))
+    batch = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+    if any(k in batch for k, _ in filled) and not any(data.get(k) is not None for k in batch[:2]):
+        key = next(k for k, _ in filled if k in batch)
+        raise ConfigError(f"{key}='auto': HF fills the batch sizes from its --per_device_train_batch_size, which "
+                          f"jzero does not have; give train_micro_batch_size_per_gpu or train_batch_size a number")
     left = _find_auto({k: v for k, v in data.items() if k not in JZERO_SECTIONS})
     if left:
         raise ConfigError(f"{left}='auto': jzero resolves 'auto' only where the Hugging Face integration "

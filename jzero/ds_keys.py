@@ -80,10 +80,6 @@ def _cpu(value):
     return {"device": "cpu"} if value else None
 
 
-def _pin(value):
-    return None if value in (None, True) else {"pin_memory": value}
-
-
 #: dotted DeepSpeed key -> its fate (a section entry covers everything under it)
 KEYS: dict[str, Key] = {
     # ---- batch, logging, clipping (deepspeed/runtime/config.py)
@@ -203,8 +199,8 @@ KEYS: dict[str, Key] = {
                                                to="zero_optimization.offload_param", convert=_cpu),
     "zero_optimization.cpu_offload_params": Key(ALIAS, "DeepSpeed 0.3's spelling of cpu_offload_param",
                                                 to="zero_optimization.offload_param", convert=_cpu),
-    "zero_optimization.cpu_offload_use_pin_memory": Key(ALIAS, "deprecated: offload_optimizer.pin_memory",
-                                                        to="zero_optimization.offload_optimizer", convert=_pin),
+    "zero_optimization.cpu_offload_use_pin_memory": _none("deprecated; DeepSpeed no longer reads it (offload_*."
+                                                          "pin_memory replaced it)"),
     "zero_optimization.sub_group_size": _none(f"tiles DeepSpeed's optimizer step to bound PyTorch memory; "
                                               f"{_XLA_PLANS}"),
     "zero_optimization.stage3_param_persistence_threshold": _impl("leaves with fewer elements stay replicated"),
@@ -381,11 +377,8 @@ def normalize(data: dict) -> tuple[dict, list[tuple[str, str]]]:
             notes.append((path, key.why))
         elif key.fate == UNIMPLEMENTED:
             if _feature_on(value, key.default):
-                off = {OFF: "remove the section or set enabled: false", ABSENT: "remove the section"}.get(
-                    key.default, f"remove it or set DeepSpeed's default {key.default!r}") \
-                    if isinstance(key.default, (_Off, type(ABSENT))) else \
-                    f"remove it or set DeepSpeed's default {key.default!r}"
-                raise ConfigError(f"{path}={_short(value)}: {key.why} is not implemented in jzero; {off}")
+                raise ConfigError(f"{path}={_short(value)}: {key.why} is not implemented in jzero; "
+                                  f"{_how_off(key.default)}")
             _pop(data, path)
     return data, notes
 
@@ -397,6 +390,14 @@ def drop_no_effect(data: dict) -> dict:
         if key.fate == NO_EFFECT and _get(data, path) is not ABSENT:
             _pop(data, path)
     return data
+
+
+def _how_off(default) -> str:
+    if default is OFF:
+        return "remove the section or set enabled: false"
+    if default is ABSENT:
+        return "remove the section"
+    return f"remove it or set DeepSpeed's default {default!r}"
 
 
 def _short(value) -> str:
@@ -466,8 +467,8 @@ def markdown_table() -> str:
         if key.fate == ALIAS:
             note = f"{note}; becomes `{key.to}`"
         elif key.fate == UNIMPLEMENTED and not key.by_schema:
-            off = {OFF: "absent or enabled: false", ABSENT: "absent"}.get(key.default) \
-                if isinstance(key.default, (_Off, type(ABSENT))) else f"{key.default!r}"
+            off = ("absent or enabled: false" if key.default is OFF else "absent" if key.default is ABSENT
+                   else f"{key.default!r}")
             note = f"{note}; accepted: {off}"
         rows.append(f"| `{path}` | {_FATE_TEXT[key.fate]} | {note.replace('|', '/')} |")
     return "\n".join(rows) + "\n"
