@@ -147,3 +147,36 @@ def test_published_config_fails_naming_the_feature(name):
     assert needle in str(exc.value) and "\n" not in str(exc.value)
     if where == "initialize":   # the config itself loads
         load_config(DIR / name, overrides(name))
+
+
+def test_fp16_onebit_skips_overflowed_steps_on_every_rank():
+    """bing_bert's fp16 OneBitAdam config (the same compiled step as its training test above; only the initial
+    loss scale differs, which is state, not program): the loss is scaled, local gradients unscaled before the
+    optimizer, and a step where any rank overflowed leaves params, moments, error buffers and the optimizer's
+    step count untouched on every rank while the scaler follows DeepSpeed's hysteresis rule; the rest train."""
+    import jax
+
+    name = "bing_bert_deepspeed_bsz4k_onebit_config_seq128.json"
+    eng = jzero.initialize(load_config(DIR / name, overrides(name) + ["fp16.initial_scale_power=22"]))
+    scale, hysteresis, skipped, losses = 2.0 ** 22, 2, 0, []
+    rng = np.random.default_rng(1)
+    for _ in range(14):
+        A, B, T = eng.batch_shape()
+        batch = ((rng.integers(0, 64, (A, B, 1)) + rng.integers(1, 4, (A, B, 1)) * np.arange(T)) % 64)
+        before = [np.asarray(x) for x in jax.tree.leaves((eng.state.params, eng.state.opt_state))]
+        m = eng.train_step(batch.astype(np.int32))
+        after = [np.asarray(x) for x in jax.tree.leaves((eng.state.params, eng.state.opt_state))]
+        assert float(m["loss_scale"]) == scale
+        if int(m["skipped_steps"]) > skipped:      # overflow: nothing moved; DeepSpeed's update_scale
+            assert all(np.array_equal(x, y) for x, y in zip(before, after))
+            skipped += 1
+            if hysteresis == 1:
+                scale /= 2
+            else:
+                hysteresis -= 1
+        else:
+            assert not all(np.array_equal(x, y) for x, y in zip(before, after))
+            losses.append(float(m["loss"]))
+    assert skipped >= 2 and len(losses) >= 3 and np.isfinite(losses).all()
+    assert float(eng.state.loss_scale.scale) == scale
+    assert int(jzero.optim.applied_steps(eng.state.opt_state)) == 14 - skipped
