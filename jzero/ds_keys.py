@@ -141,8 +141,9 @@ KEYS: dict[str, Key] = {
                             "DeepSpeed_Adam (DeepSpeedCPUAdam in old DeepSpeed) is Adam"),
     "optimizer.params": _impl("DeepSpeed's parameters of that optimizer (jzero.optim, jzero.optim.onebit)"),
     "scheduler.type": _impl("WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle, LRRangeTest"),
-    "scheduler.params.last_batch_iteration": _impl("-1 (a fresh schedule; a resumed run's position comes from "
-                                                   "the checkpoint); other values are refused"),
+    "scheduler.params.last_batch_iteration": Key(IMPLEMENTED, "-1 (a fresh schedule; a resumed run's position "
+                                                 "comes from the checkpoint); other values are refused "
+                                                 "(jzero.optim.schedules)"),
     "scheduler.params": _impl("DeepSpeed's parameters of that schedule (jzero.optim.schedules)"),
     # ---- fp16 / bf16 / data_types (precision_config.py)
     "fp16.enabled": _impl("fp16 compute, fp32 masters, dynamic loss scaling (jzero.precision)"),
