@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from jzero.errors import ConfigError
 from jzero.monitor import CometConfig, CSVMonitorConfig, TensorboardConfig, WandbConfig
@@ -82,7 +82,9 @@ class ZeroConfig(_Section):
     ``stage3_param_persistence_threshold``: leaves with fewer elements stay replicated (DeepSpeed's default 1e5);
     jzero applies it to every partitioned tree, so small biases and norms are never split.
     The bucket keys have no PyTorch buckets to size under XLA; they set XLA's collective-combining thresholds
-    on GPU (elements x 4 bytes), see :func:`jzero.mesh.xla_flags_for`.
+    on GPU (elements x 4 bytes), see :func:`jzero.mesh.xla_flags_for`. DeepSpeed's other ZeRO keys
+    (``overlap_comm``, ``contiguous_gradients``, the stage-3 prefetch knobs, ...) are handled by
+    :mod:`jzero.ds_keys` before this schema sees the section.
     """
 
     stage: Literal[0, 1, 2, 3] = 0
@@ -90,8 +92,6 @@ class ZeroConfig(_Section):
     reduce_bucket_size: int | None = Field(None, gt=0)
     allgather_bucket_size: int | None = Field(None, gt=0)
     reduce_scatter: bool = True
-    overlap_comm: bool | None = None
-    contiguous_gradients: bool | None = None
     allgather_partitions: bool = True
     offload_optimizer: OffloadConfig = OffloadConfig()
     offload_param: OffloadConfig = OffloadConfig()
@@ -235,7 +235,9 @@ class FinetuneConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self):
-        given = self.model_fields_set
+        # keys set to their default change nothing, so they conflict with nothing: a run's own config.json
+        # (every key written out) loads back with --config
+        given = {k for k in self.model_fields_set if getattr(self, k) != type(self).model_fields[k].default}
         if self.train_file is not None and given & {"synthetic_train_examples", "synthetic_val_examples"}:
             raise ValueError("synthetic_*_examples size the embedded set, which train_file replaces; remove them")
         if self.val_file is not None and self.train_file is None:
@@ -275,6 +277,18 @@ class JzeroConfig(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     finetune: FinetuneConfig = FinetuneConfig()
 
+    #: [(key, why)] of the DeepSpeed keys given that have no effect under XLA (jzero.ds_keys), and
+    #: [(key, value)] of the "auto" values resolved (jzero.ds_auto); printed by the mains at start
+    _no_effect: list = PrivateAttr(default_factory=list)
+    _auto_filled: list = PrivateAttr(default_factory=list)
+
+    def start_notes(self) -> list[str]:
+        """The lines a run prints at start: the no-effect DeepSpeed keys and the resolved "auto" values."""
+        from jzero.ds_auto import filled_line
+        from jzero.ds_keys import no_effect_line
+
+        return [line for line in (no_effect_line(self._no_effect), filled_line(self._auto_filled)) if line]
+
     @model_validator(mode="after")
     def _check(self):
         if self.fp16.enabled and self.bf16.enabled:
@@ -294,8 +308,12 @@ def _raise_from_validation(err: ValidationError, source: str) -> None:
     key = _fmt_loc(e["loc"])
     kind = e["type"]
     if kind == "extra_forbidden":
+        from jzero.ds_keys import closest_key
+
         parent = key.rsplit(".", 1)[0] if "." in key else "top level"
-        msg = f"unknown key '{key}' in {source}: not a DeepSpeed or jzero key under {parent}; remove or rename it"
+        near = closest_key(key)
+        fix = f"did you mean '{near}'?" if near else "remove or rename it"
+        msg = f"unknown key '{key}' in {source}: not a DeepSpeed or jzero key under {parent}; {fix}"
     elif kind == "value_error":
         msg = f"{key + ': ' if key else ''}{e['msg'].removeprefix('Value error, ')} ({source})"
     else:
@@ -389,10 +407,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def validate(data: dict, source: str = "config") -> JzeroConfig:
+    """The validated config of a raw dict: DeepSpeed's key table applied first (:func:`jzero.ds_keys.normalize`:
+    aliases, no-effect keys, unimplemented features), then ``"auto"`` values (:func:`jzero.ds_auto.resolve_auto`),
+    then the schema."""
+    from jzero.ds_auto import resolve_auto
+    from jzero.ds_keys import normalize
+
     try:
-        return JzeroConfig.model_validate(data)
+        data, no_effect = normalize(data)
+        data, filled = resolve_auto(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} ({source})") from None
+    try:
+        cfg = JzeroConfig.model_validate(data)
     except ValidationError as err:
         _raise_from_validation(err, source)
+    cfg._no_effect, cfg._auto_filled = no_effect, filled
+    return cfg
 
 
 # --------------------------------------------------------------------------- resolution
@@ -460,4 +491,8 @@ def resolve(cfg: JzeroConfig, n_devices: int) -> JzeroConfig:
 
 
 def to_dict(cfg: JzeroConfig) -> dict:
-    return cfg.model_dump(mode="json")
+    """The config as written to ``config.json``: every key, except the DeepSpeed keys that have no effect under
+    XLA (:mod:`jzero.ds_keys`; the run named them at start), so the file loads back without them."""
+    from jzero.ds_keys import drop_no_effect
+
+    return drop_no_effect(cfg.model_dump(mode="json"))

@@ -67,9 +67,6 @@ def check_supported(cfg: JzeroConfig) -> None:
         if cfg.mesh.tensor not in (1, -1) or cfg.mesh.pipeline not in (1, -1):
             unsupported.append(("mesh", f"{cfg.optimizer.type} runs data parallel only; set mesh.tensor=1 "
                                 "mesh.pipeline=1"))
-        if cfg.fp16.enabled:
-            unsupported.append(("fp16.enabled", f"{cfg.optimizer.type} with fp16 loss scaling is not implemented; "
-                                "use bf16.enabled"))
     if z.offload_optimizer.device != "none":
         from jzero.offload import OFFLOADABLE_OPTIMIZERS
 
@@ -77,7 +74,7 @@ def check_supported(cfg: JzeroConfig) -> None:
         if z.stage == 0:
             unsupported.append((key, "optimizer offload partitions like ZeRO (DeepSpeed: valid with stage 1, 2 and "
                                 "3); set zero_optimization.stage to 1, 2 or 3"))
-        if cfg.optimizer.type not in OFFLOADABLE_OPTIMIZERS:
+        if cfg.optimizer.type.lower() not in {o.lower() for o in OFFLOADABLE_OPTIMIZERS}:   # as DeepSpeed
             unsupported.append((key, f"offloading {cfg.optimizer.type} is not implemented (the chunked host update "
                                 f"is exact only for element-wise optimizers: {', '.join(OFFLOADABLE_OPTIMIZERS)})"))
         if cfg.mesh.pipeline not in (1, -1):
@@ -221,10 +218,21 @@ def accumulate_grads(loss_fn: Callable, params, batch_AxBx: Any, grad_shardings,
         acc = jax.tree.map(lambda a, b: a + b.astype(accum_dtype), acc, g)
         return (loss_sum + loss, put(acc)), None
 
-    zeros = put(jax.tree.map(lambda p: jnp.zeros(p.shape, accum_dtype), params))
-    (loss_sum, acc), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros), batch_AxBx)
+    refs = jax.tree.leaves((params, batch_AxBx))
+    zeros = put(jax.tree.map(lambda p: _varying_like(jnp.zeros(p.shape, accum_dtype), refs), params))
+    init = (_varying_like(jnp.zeros((), jnp.float32), refs), zeros)
+    (loss_sum, acc), _ = jax.lax.scan(micro, init, batch_AxBx)
     grads = jax.tree.map(lambda a, p: (a / n_micro).astype(p.dtype), acc, params)
     return loss_sum / n_micro, grads
+
+
+def _varying_like(x: jax.Array, refs) -> jax.Array:
+    """``x`` marked varying over every manual mesh axis any of ``refs`` varies over (a no-op outside a
+    ``shard_map``). Inside one (the 1-bit step) a scan's zero-initialised carry must have the varying-axes type
+    its body returns, which a gradient of varying params over varying rows has."""
+    varying = lambda a: jax.typeof(a).manual_axis_type.varying  # noqa: E731
+    axes = frozenset().union(*(varying(r) for r in refs)) - varying(x)
+    return jax.lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x
 
 
 def apply_update(tx: optax.GradientTransformation, params, opt_state, grads):
@@ -497,7 +505,8 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
     if onebit:
         from jzero.optim.onebit import onebit_train_fn
 
-        train_fn = onebit_train_fn(loss_fn, tx, schedule, mesh, opt_specs, accum_dtype)
+        train_fn = onebit_train_fn(loss_fn, tx, schedule, mesh, opt_specs, accum_dtype, fp16=cfg.fp16.enabled,
+                                   skip_nonfinite=skip_nonfinite)
     if offload:
         from jzero.offload import make_grad_fn
 

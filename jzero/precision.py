@@ -47,11 +47,11 @@ class FP16Config(_Section):
     """DeepSpeed's ``fp16`` section (``deepspeed/runtime/precision_config.py``), same keys and defaults.
 
     ``loss_scale`` 0 = dynamic scaling starting at ``2**initial_scale_power``; > 0 = that static scale.
-    ``auto_cast``: cast the model inputs to fp16 (the engine does it).
+    ``auto_cast`` has no effect under jzero (see :mod:`jzero.ds_keys`): the inputs are integer tokens and the
+    model computes in fp16 whenever ``enabled``.
     """
 
     enabled: bool = False
-    auto_cast: bool = False
     loss_scale: float = 0.0
     initial_scale_power: int = Field(16, ge=0, le=127)
     loss_scale_window: int = Field(1000, gt=0)

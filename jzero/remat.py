@@ -32,6 +32,9 @@ from jzero.errors import ConfigError
 Policy = Literal["none", "full", "save_dots", "save_dots_no_batch", "save_named", "offload_named"]
 POLICIES: tuple[str, ...] = Policy.__args__
 
+#: the activations models/layers.py names with ``checkpoint_name`` (attention q/k/v and output, MLP hidden)
+MODEL_ACTIVATION_NAMES = ("qkv", "attn_out", "mlp_hidden")
+
 _NO_JAX_MEANING = {
     "partition_activations": "splits saved activations across model-parallel ranks in PyTorch; in jzero saved "
                              "activations keep the shardings the model's logical axis rules give them (shard over "
@@ -72,13 +75,21 @@ class ActivationCheckpointingConfig(BaseModel):
             raise ValueError(f"activation_checkpointing.cpu_checkpointing=true means policy 'offload_named', but "
                              f"policy is {self.policy!r}; drop one of them")
         policy = self.effective_policy
-        if policy in ("save_named", "offload_named") and not self.save_names:
+        if policy in ("save_named", "offload_named") and not self.effective_save_names:
             raise ValueError(f"activation_checkpointing.save_names: policy {policy!r} needs the names (given to "
                              "jax.ad_checkpoint.checkpoint_name in the model) of the activations to keep")
         if self.save_names and policy not in ("save_named", "offload_named"):
             raise ValueError(f"activation_checkpointing.save_names is only read by policies 'save_named' and "
                              f"'offload_named', not {policy!r}; remove it or change the policy")
         return self
+
+    @property
+    def effective_save_names(self) -> list[str]:
+        """``save_names``; under DeepSpeed's ``cpu_checkpointing`` with none given, every activation jzero's models
+        name (:data:`MODEL_ACTIVATION_NAMES`: DeepSpeed moves all the activations it checkpoints to the CPU)."""
+        if not self.save_names and self.cpu_checkpointing:
+            return list(MODEL_ACTIVATION_NAMES)
+        return list(self.save_names)
 
     @property
     def effective_policy(self) -> str:
@@ -112,7 +123,7 @@ def remat_policy(cfg: ActivationCheckpointingConfig | dict, *, in_scan: bool = T
     cfg = as_config(cfg)
     cp = jax.checkpoint_policies
     policy = cfg.effective_policy
-    names = list(cfg.save_names)
+    names = cfg.effective_save_names
     chosen = {
         "none": None,
         "full": cp.nothing_saveable,

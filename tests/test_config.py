@@ -140,3 +140,138 @@ def test_yaml_exponents_are_numbers_in_configs_and_overrides(tmp_path):
     cfg = load_config(path, ["optimizer.params.eps=2E-8"])
     assert cfg.optimizer.params == {"lr": 1e-3, "eps": 2e-8, "weight_decay": 5e-3, "betas": [0.9, 0.95]}
     assert all(isinstance(v, float) for k, v in cfg.optimizer.params.items() if k != "betas")
+
+
+# --------------------------------------------------------------------------- DeepSpeed's whole key set (jzero.ds_keys)
+
+
+def test_every_deepspeed_key_of_the_schema_is_in_the_table_and_the_docs():
+    """The table names every field the schema has under DeepSpeed's sections, its by_schema rows are real
+    fields, and docs/deepspeed_keys.md is the table as generated."""
+    from pathlib import Path
+
+    from jzero.config import JzeroConfig
+    from jzero.ds_auto import RULES
+    from jzero.ds_keys import KEYS, _schema_paths, markdown_table
+
+    schema = _schema_paths(JzeroConfig)
+    ds_top = {k.split(".")[0] for k in KEYS} - {"pipeline", "checkpoint"}   # jzero sections sharing a name
+    sections = {k.rsplit(".", 1)[0] for k in schema if "." in k}
+    missing = [p for p in schema if p.split(".")[0] in ds_top and p not in sections
+               and p not in KEYS and not any(p.startswith(k + ".") for k in KEYS)]
+    assert not missing
+    assert [k for k, v in KEYS.items() if v.by_schema and k not in schema] == []
+    doc = (Path(__file__).parents[1] / "docs" / "deepspeed_keys.md").read_text()
+    assert markdown_table() in doc and all(f"| `{k}` |" in doc for k in RULES)
+
+
+PUBLISHED_STYLE = {   # keys from DeepSpeedExamples configs that jzero used to refuse
+    "train_batch_size": 16, "prescale_gradients": False, "zero_allow_untested_optimizer": True,
+    "zero_optimization": {"stage": 2, "cpu_offload": True, "overlap_comm": True, "contiguous_gradients": True,
+                          "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9,
+                          "stage3_prefetch_bucket_size": 5e7, "sub_group_size": 1e9},
+    "fp16": {"enabled": True, "auto_cast": False},
+    "aio": {"block_size": 1048576, "queue_depth": 8},
+    "activation_checkpointing": {"partition_activations": True},
+    "optimizer": {"type": "DeepSpeed_Adam", "params": {"lr": 1e-4}},
+}
+
+
+def test_no_effect_keys_are_accepted_and_named_in_one_start_line():
+    cfg = load_config(base=PUBLISHED_STYLE)
+    assert cfg.zero_optimization.offload_optimizer.device == "cpu"   # cpu_offload: DeepSpeed's alias
+    assert cfg.optimizer.type == "Adam"
+    notes = cfg.start_notes()
+    assert len(notes) == 1 and "\n" not in notes[0]
+    for key in ("prescale_gradients", "zero_allow_untested_optimizer", "zero_optimization.overlap_comm",
+                "zero_optimization.contiguous_gradients", "zero_optimization.stage3_max_live_parameters",
+                "zero_optimization.sub_group_size", "fp16.auto_cast", "aio",
+                "activation_checkpointing.partition_activations"):
+        assert f"{key} (" in notes[0]
+    assert load_config(base={"train_batch_size": 8}).start_notes() == []
+
+
+def test_the_main_prints_the_start_line(tmp_path, capsys):
+    from train._main import run_main
+    from train.pretrain import parse_args
+
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps({"train_batch_size": 8, "prescale_gradients": True}))
+    assert run_main(parse_args(["--config", str(p)]), {}, lambda cfg: None) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line for line in out if line.startswith("ds_config keys with no effect under XLA: prescale_gradients")]
+
+
+@pytest.mark.parametrize("data,needle", [
+    ({"zero_optimization": {"stage3_param_persitence_threshold": 10}},
+     "did you mean 'zero_optimization.stage3_param_persistence_threshold'?"),
+    ({"gradient_clip": 1.0}, "did you mean 'gradient_clipping'?"),
+    ({"stage": 2}, "did you mean 'zero_optimization.stage'?"),
+    ({"fp16": {"loss_scale_windows": 10}}, "did you mean 'fp16.loss_scale_window'?"),
+    ({"zero_optimization": {"zero_quantized_weights": True}}, "ZeRO++ quantized weight gathers (qwZ) is not "
+                                                              "implemented in jzero; remove it or set DeepSpeed's "
+                                                              "default False"),
+    ({"sparse_attention": {"mode": "fixed"}}, "block-sparse attention"),
+    ({"elasticity": {"enabled": True}}, "elastic training"),
+    ({"zero_optimization": {"cpu_offload": True, "offload_optimizer": {"device": "none"}}},
+     "zero_optimization.cpu_offload=True means zero_optimization.offload_optimizer.device='cpu'"),
+    ({"optimizer": {"type": "Adam", "params": {"lr": "auto"}}, "scheduler": {"type": "auto"}},
+     "scheduler.type='auto': jzero resolves 'auto' only where"),
+])
+def test_unknown_and_unimplemented_keys_one_line_errors(data, needle):
+    with pytest.raises(ConfigError) as exc:
+        load_config(base=data)
+    assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_features_off_at_deepspeed_defaults_are_accepted():
+    cfg = load_config(base={"elasticity": {"enabled": False}, "sequence_parallel_size": 1, "comms_logger": {},
+                            "zero_optimization": {"zero_quantized_weights": False, "mics_shard_size": -1,
+                                                  "load_from_fp32_weights": True},
+                            "checkpoint": {"use_node_local_storage": False, "tag_validation": "Warn"},
+                            "pipeline": {"stages": "auto", "pipe_partitioned": True}})
+    assert cfg.pipeline.schedule == "gpipe" and cfg.start_notes()[0].count("(") >= 2
+
+
+HF_AUTO = {   # the Hugging Face integration's ZeRO-3 template
+    "fp16": {"enabled": "auto", "loss_scale": 0}, "bf16": {"enabled": "auto"},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+    "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                      "warmup_num_steps": "auto", "total_num_steps": "auto"}},
+    "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                          "stage3_param_persistence_threshold": "auto"},
+    "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+}
+
+
+def test_auto_values_resolve_as_the_hf_integration_does():
+    from jzero.optim import build_optimizer
+
+    cfg = load_config(base=HF_AUTO, overrides=["train_micro_batch_size_per_gpu=2", "model.preset=gpt2-tiny",
+                                               "train.steps=50"])
+    assert cfg.optimizer.params == {"lr": 5e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
+    assert cfg.scheduler.params == {"warmup_min_lr": 0, "warmup_max_lr": 5e-5, "warmup_num_steps": 0,
+                                    "total_num_steps": 50}
+    assert cfg.gradient_clipping == 1.0 and not cfg.fp16.enabled and not cfg.bf16.enabled
+    z = cfg.zero_optimization
+    assert (z.reduce_bucket_size, z.stage3_param_persistence_threshold) == (192 * 192, 1920)   # gpt2-tiny d=192
+    assert resolve(cfg, 8).train_batch_size == 16 and resolve(cfg, 8).gradient_accumulation_steps == 1
+    _, schedule = build_optimizer(cfg.optimizer.model_dump(), cfg.scheduler.model_dump(), cfg.gradient_clipping)
+    assert float(schedule(0)) == pytest.approx(0.0) and float(schedule(2)) == pytest.approx(5e-5)   # max(2, 0)
+    notes = cfg.start_notes()
+    assert any("optimizer.params.lr=5e-05 (HF learning_rate default 5e-5)" in n for n in notes)
+    with pytest.raises(ConfigError, match=r"train_batch_size='auto': HF fills the batch sizes from its "
+                                          r"--per_device_train_batch_size"):   # every batch key 'auto'
+        load_config(base=HF_AUTO)
+
+
+def test_offload_check_reads_optimizer_type_case_insensitively():
+    from jzero.engine import check_supported
+
+    for t in ("adam", "ADAMW", "DeepSpeed_Adam"):
+        check_supported(resolve(load_config(base={"train_batch_size": 8, "optimizer": {"type": t}, "zero_optimization": {
+            "stage": 2, "offload_optimizer": {"device": "cpu"}}}), 8))
+    with pytest.raises(ConfigError, match="offloading lamb is not implemented"):
+        check_supported(resolve(load_config(base={"train_batch_size": 8, "optimizer": {"type": "lamb"},
+                                                  "zero_optimization": {"stage": 2, "cpu_offload": True}}), 8))

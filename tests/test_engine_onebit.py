@@ -40,3 +40,21 @@ def test_onebit_with_zero_is_a_clear_error():
     cfg = load_config(base={}, overrides=BASE + COMMON + ["optimizer.type=OneBitAdam", "zero_optimization.stage=1"])
     with pytest.raises(ConfigError, match="zero_optimization.stage"):
         jzero.initialize(cfg)
+
+
+def as_accumulation(batch_1x16):
+    """The same 16 rows as 2 micro-batches of 8 with every data rank keeping its own 2 rows (rank r had rows
+    2r, 2r+1; now row 2r in micro-batch 0 and 2r+1 in micro-batch 1): each rank's local gradient is unchanged."""
+    return batch_1x16.reshape(8, 2, -1).transpose(1, 0, 2)
+
+
+def test_gradient_accumulation_inside_the_onebit_step_equals_one_micro_batch(runs):
+    """gradient_accumulation_steps=2 scans the micro-batches inside the shard_map (a varying carry): the same
+    rows per rank give the accum=1 run's losses, through warm-up and the compressed stage."""
+    cfg = load_config(base={}, overrides=BASE + COMMON + ["optimizer.type=OneBitAdam", "optimizer.params.freeze_step=4",
+                                                          "gradient_accumulation_steps=2"])
+    eng = jzero.initialize(cfg)
+    assert eng.batch_shape() == (2, 8, 33)
+    losses = np.array([float(eng.train_step(as_accumulation(b))["loss"]) for b in batches((1, 16, 33), 8)])
+    np.testing.assert_allclose(losses[:5], runs["onebit"][1][:5], rtol=1e-5)
+    np.testing.assert_allclose(losses, runs["onebit"][1], rtol=2e-3)

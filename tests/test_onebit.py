@@ -545,7 +545,7 @@ def test_zero_one_adam_local_steps_take_gradients_at_each_ranks_model():
 
 def test_build_onebit_from_deepspeed_params():
     params = {"lr": 0.05, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.01, "freeze_step": 3,
-              "cuda_aware": False, "comm_backend_name": "nccl"}
+              "cuda_aware": True, "comm_backend_name": "nccl"}   # cuda_aware: MPI only, no effect
     grads = _grads(5)
     p, _, _ = _run(build_onebit("OneBitAdam", params, data_size=N), grads)
     _close(p, ref_onebit_adam(grads, 0.05, 0.9, 0.99, 1e-8, 0.01, 3))
@@ -554,7 +554,7 @@ def test_build_onebit_from_deepspeed_params():
 
 
 @pytest.mark.parametrize("optimizer_type,params,match", [
-    ("OneBitAdam", {"cuda_aware": True}, "optimizer.params.cuda_aware"),
+    ("OneBitAdam", {"cuda_aware": 1}, "optimizer.params.cuda_aware=1: must be true or false"),
     ("OneBitAdam", {"comm_backend_name": "mpi"}, "optimizer.params.comm_backend_name"),
     ("OneBitAdam", {"var_freeze_step": 5}, "optimizer.params.var_freeze_step: unknown"),
     ("ZeroOneAdam", {"freeze_step": 5}, "optimizer.params.freeze_step: unknown"),

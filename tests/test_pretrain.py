@@ -36,6 +36,17 @@ def test_run_writes_config_metrics_and_summary(tmp_path):
     assert 0 < s["device_step_s"] and 0 < s["host_time_s"] < s["step_time_s"]
     prof = s["flops_profile"]
     assert prof["device_step_s"] == s["device_step_s"] and set(prof["host_split"]) == set(phases)
+    assert_config_round_trip(out / "config.json")
+
+
+def assert_config_round_trip(path):
+    """A run's own config.json loads back with --config and resolves to itself."""
+    from jzero.config import load_config, resolve, to_dict
+    from jzero.engine import check_supported
+
+    again = resolve(load_config(path), 8)
+    check_supported(again)
+    assert to_dict(again) == json.loads(path.read_text()) and again.start_notes() == []
 
 
 def _tiny_data(tmp_path, n_bytes):

@@ -157,6 +157,10 @@ def test_warmup_decay_lr_default_max_is_not_optimizer_lr():
     expected = replay(lambda last: ref_warmup_lr(last, p, BASE_LR, total=10), 12)
     assert max(expected) == pytest.approx(0.001)
     check(build_schedule("WarmupDecayLR", p, BASE_LR), expected)
+    # warmup_num_steps 0 (the HF integration's 'auto' without warm-up) is 2 as well; last_batch_iteration -1 is
+    # every DeepSpeed scheduler's default
+    p0 = {"total_num_steps": 10, "warmup_num_steps": 0, "last_batch_iteration": -1}
+    check(build_schedule("WarmupDecayLR", p0, BASE_LR), expected)
 
 
 @pytest.mark.parametrize("kind", ["log", "linear"])
@@ -216,7 +220,8 @@ def test_no_scheduler_is_constant_base_lr():
     ("WarmupDecayLR", {}, r"scheduler.params.total_num_steps: required"),
     ("OneCycle", {"cycle_min_lr": 0.1}, r"scheduler.params.cycle_max_lr: required"),
     ("WarmupLR", {"warmup_type": "cosine"}, r"scheduler.params.warmup_type='cosine'"),
-    ("WarmupLR", {"warmup_num_steps": 0}, r"scheduler.params.warmup_num_steps=0: must be > 0"),
+    ("WarmupLR", {"warmup_num_steps": -1}, r"scheduler.params.warmup_num_steps=-1: must be >= 0"),
+    ("WarmupLR", {"last_batch_iteration": 5}, r"scheduler.params.last_batch_iteration=5: jzero starts every"),
     ("WarmupLR", {"warmup_min_lr": [0.1, 0.2]}, r"scheduler.params.warmup_min_lr=.*one param group"),
     ("OneCycle", {"cycle_min_lr": 0.1, "cycle_max_lr": 0.2, "cycle_momentum": "yes"},
      r"scheduler.params.cycle_momentum"),

@@ -21,6 +21,7 @@ def run_main(args, default_config: dict, run: Callable) -> int:
         cfg = load_config(args.config, args.overrides, base=None if args.config else default_config)
         xla_flags.apply(cfg)   # measured GPU flags + DeepSpeed bucket sizes as XLA combine thresholds, pre-backend
         maybe_initialize_from_args(args)
+        print_start_notes(cfg)
         import jax
 
         with rundir.claim(cfg.train.output_dir) if jax.process_index() == 0 else contextlib.nullcontext():
@@ -29,6 +30,16 @@ def run_main(args, default_config: dict, run: Callable) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def print_start_notes(cfg) -> None:
+    """Process 0 prints the config's start lines: the DeepSpeed keys that have no effect under XLA and why
+    (:mod:`jzero.ds_keys`), and the "auto" values resolved (:mod:`jzero.ds_auto`); nothing when there are none."""
+    import jax
+
+    if jax.process_index() == 0:
+        for line in cfg.start_notes():
+            print(line, flush=True)
 
 
 def exit_with(main: Callable[[], int]) -> None:

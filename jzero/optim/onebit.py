@@ -45,13 +45,18 @@ _COMMON_KEYS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 
 # Keys DeepSpeed accepts that have only one meaning here: the value that means it is allowed, anything else
 # is an error naming why.
 _FIXED_KEYS = {
-    "cuda_aware": (False, "it configures CUDA-aware MPI; jzero's collectives are XLA's (NCCL on GPU)"),
     "comm_backend_name": ("nccl", "jzero's collectives are XLA's, which use NCCL on GPU; there is no MPI/HCCL "
                                   "backend"),
     "amsgrad": (False, "the 1-bit optimizers have no AMSGrad variant (neither has DeepSpeed)"),
     "eps_inside_sqrt": (False, "eps is added outside the square root"),
     "max_grad_norm": (0.0, "clip with the top-level gradient_clipping key instead"),
 }
+
+
+#: Keys DeepSpeed reads only for a backend jzero does not have: any true/false is accepted and changes nothing
+#: (jzero.ds_keys names them in the no-effect line a run prints at start).
+NO_EFFECT_KEYS = {"cuda_aware": "DeepSpeed reads it only for its MPI backend (CUDA-aware MPI); jzero's collectives "
+                                "are XLA's (NCCL on GPU)"}
 
 
 def is_onebit(optimizer_type: str) -> bool:
@@ -74,14 +79,17 @@ def build_onebit(optimizer_type: str, params: Mapping[str, Any] | None, schedule
     given = dict(params or {})
     known = {**_COMMON_KEYS, **_OWN_KEYS[name]}
     for k, v in given.items():
-        if k in _FIXED_KEYS:
+        if k in NO_EFFECT_KEYS:
+            if not isinstance(v, bool):
+                raise ConfigError(f"optimizer.params.{k}={v!r}: must be true or false")
+        elif k in _FIXED_KEYS:
             allowed, why = _FIXED_KEYS[k]
             if v != allowed or isinstance(v, bool) != isinstance(allowed, bool):
                 raise ConfigError(f"optimizer.params.{k}: only {allowed!r} is supported for {name}: {why}; "
                                   f"remove the key")
         elif k not in known:
             raise ConfigError(f"optimizer.params.{k}: unknown for {name}; known keys: "
-                              f"{sorted(known) + sorted(_FIXED_KEYS)}")
+                              f"{sorted(known) + sorted(_FIXED_KEYS) + sorted(NO_EFFECT_KEYS)}")
     cfg = {k: given.get(k, default) for k, default in known.items()}
     betas = cfg.pop("betas")
     if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
@@ -144,32 +152,54 @@ def local_params(params, opt_state, axis_name: str = "data"):
     return params
 
 
-def onebit_train_fn(loss_fn, tx, schedule, mesh, opt_specs, accum_dtype):
+def onebit_train_fn(loss_fn, tx, schedule, mesh, opt_specs, accum_dtype, *, fp16: bool = False,
+                    skip_nonfinite: bool = False):
     """Train step for the 1-bit optimizers: manual over ``data`` (``shard_map``), so each rank differentiates at
-    its own rows and hands the optimizer its LOCAL gradient; the optimizer averages exactly in warm-up and by
-    the packed-bit compressed all-reduce after ``freeze_step``. Metrics: the loss averaged over ranks, and
-    ``grad_norm_local`` = the root-mean-square over ranks of each rank's local gradient norm (the norm of the
-    averaged gradient would need the full all-reduce the compression exists to avoid)."""
+    its own rows (``gradient_accumulation_steps`` micro-batches scanned, as the other optimizers) and hands the
+    optimizer its LOCAL gradient; the optimizer averages exactly in warm-up and by the packed-bit compressed
+    all-reduce after ``freeze_step``. Metrics: the loss averaged over ranks, and ``grad_norm_local`` = the
+    root-mean-square over ranks of each rank's local gradient norm (the norm of the averaged gradient would need
+    the full all-reduce the compression exists to avoid).
+
+    ``fp16``: the loss is multiplied by the loss scale before the backward pass and the local gradients divided
+    by it before the optimizer sees them (DeepSpeed's fp16 wrapper around its 1-bit optimizers).
+    ``skip_nonfinite`` (fp16, or bf16 with check_grad_overflow): a step where ANY rank's gradient is not finite
+    is skipped on every rank (a ``pmin`` of the flag over ``data``: the ranks' params, momenta and error buffers
+    must stay identical) and the loss scaler takes its overflow branch, as
+    :func:`jzero.precision.update_loss_scale`."""
     from jzero.engine import TrainState, _lr_count, accumulate_grads
+    from jzero.precision import all_finite, scale_loss, select_tree, unscale_grads, update_loss_scale
 
     batch_spec = P(None, "data")
 
-    def inner(step, params, opt_state, batch):
+    def inner(step, params, opt_state, ls, batch):
         p_local = local_params(params, opt_state)
-        loss, grads = accumulate_grads(loss_fn, p_local, batch, None, accum_dtype)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        scaled = (lambda p, b: scale_loss(loss_fn(p, b), ls)) if fp16 else loss_fn
+        loss, grads = accumulate_grads(scaled, p_local, batch, None, accum_dtype)
+        if fp16:
+            grads = unscale_grads(grads, ls, jnp.float32)
+            loss = loss / ls.scale
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        if skip_nonfinite:
+            finite = jax.lax.pmin(all_finite(grads).astype(jnp.int32), "data") > 0
+            new_params, new_opt = select_tree(finite, (new_params, new_opt), (params, opt_state))
+        else:
+            finite = jnp.asarray(True)
         norm2 = jax.lax.pmean(jnp.square(optax.tree.norm(grads)), "data")
-        return params, opt_state, jax.lax.pmean(loss, "data"), jnp.sqrt(norm2)
+        return new_params, new_opt, jax.lax.pmean(loss, "data"), jnp.sqrt(norm2), finite
 
     def train_fn(state: TrainState, batch):
-        sm = jax.shard_map(inner, mesh=mesh, in_specs=(P(), P(), opt_specs, batch_spec),
-                           out_specs=(P(), opt_specs, P(), P()), axis_names={"data"}, check_vma=True)
+        ls = state.loss_scale
+        ls_specs = jax.tree.map(lambda _: P(), ls)
+        sm = jax.shard_map(inner, mesh=mesh, in_specs=(P(), P(), opt_specs, ls_specs, batch_spec),
+                           out_specs=(P(), opt_specs, P(), P(), P()), axis_names={"data"}, check_vma=True)
         lr = jnp.asarray(schedule(_lr_count(state)), jnp.float32)
-        params, opt_state, loss, gnorm = sm(state.step, state.params, state.opt_state, batch)
-        metrics = {"loss": loss, "grad_norm_local": gnorm, "lr": lr, "loss_scale": state.loss_scale.scale,
-                   "skipped_steps": state.loss_scale.skipped_steps}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        params, opt_state, loss, gnorm, finite = sm(state.step, state.params, state.opt_state, ls, batch)
+        new_ls = update_loss_scale(ls, finite) if skip_nonfinite else ls
+        metrics = {"loss": loss, "grad_norm_local": gnorm, "lr": lr, "loss_scale": ls.scale,
+                   "skipped_steps": new_ls.skipped_steps}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, loss_scale=new_ls), metrics
 
     return train_fn
 

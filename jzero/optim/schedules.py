@@ -84,7 +84,8 @@ VALID_SCHEDULES = tuple(_PARAMS)
 
 # Keys that must be non-negative whole numbers (positive where marked), floats, or bools.
 _INT_KEYS = {"warmup_num_steps", "cycle_first_stair_count", "cycle_second_stair_count"}
-_POSITIVE_KEYS = {"warmup_num_steps", "cycle_first_step_size", "cycle_second_step_size", "lr_range_test_step_size"}
+# warmup_num_steps may be 0 (the HF integration's "auto" with no warm-up): DeepSpeed uses max(2, N) as jzero does
+_POSITIVE_KEYS = {"cycle_first_step_size", "cycle_second_step_size", "lr_range_test_step_size"}
 _BOOL_KEYS = {"cycle_momentum", "lr_range_test_staircase"}
 
 
@@ -95,6 +96,12 @@ def _resolve(name: str, params: dict | None) -> dict[str, Any]:
     """Defaults filled in, unknown/missing/mistyped keys rejected with ``scheduler.params.<key>`` named."""
     spec = _PARAMS[name]
     params = dict(params or {})
+    # every DeepSpeed scheduler's constructor takes last_batch_iteration (default -1: a fresh schedule); a resumed
+    # jzero run takes the schedule's position from the checkpoint's optimizer state instead
+    last = params.pop("last_batch_iteration", -1)
+    if last != -1 or isinstance(last, bool):
+        raise ConfigError(f"scheduler.params.last_batch_iteration={last!r}: jzero starts every schedule at -1 (as "
+                          "DeepSpeed's default) and resumes its position from the checkpoint; remove it or set -1")
     for key in params:
         if key not in spec:
             raise ConfigError(f"scheduler.params.{key}: not a parameter of DeepSpeed's {name}; "
