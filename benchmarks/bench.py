@@ -183,13 +183,17 @@ def main(argv=None) -> int:
     except JzeroError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    columns = COLUMNS + (MAIN_COLUMNS if args.main else [])
+    emit(row, COLUMNS + (MAIN_COLUMNS if args.main else []), args.json)
+    return 0
+
+
+def emit(row: dict, columns: list[str], json_path: str | None = None) -> None:
+    """Print the table header and ``row``; append it as JSON to ``json_path`` if given."""
     print(header(columns))
     print(format_row(row, columns))
-    if args.json:
-        with open(args.json, "a") as f:
+    if json_path:
+        with open(json_path, "a") as f:
             f.write(json.dumps(row) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

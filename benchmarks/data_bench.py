@@ -53,29 +53,30 @@ def main(argv=None) -> int:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     lo, _, hi = args.cores.partition("-")
     cores = set(range(int(lo), int(hi or lo) + 1))
+    before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, cores)   # the whole process, grain's threads included
-    rows = args.gpus * args.rows_per_gpu
-    with tempfile.TemporaryDirectory(prefix="jzero-data-bench-") as tmp:
-        d = Path(tmp)
-        raw = d / "train.bin"
-        rng = np.random.default_rng(0)
-        with open(raw, "wb") as f:
-            for i in range(0, args.tokens, 1 << 24):
-                f.write(rng.integers(0, 50257, size=min(1 << 24, args.tokens - i), dtype=np.uint16).tobytes())
-        (d / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 50257}))
-        times = bench_iterator(raw, args.seq_len, rows, args.steps, args.prefetch)
+    try:
+        rows = args.gpus * args.rows_per_gpu
+        with tempfile.TemporaryDirectory(prefix="jzero-data-bench-") as tmp:
+            d = Path(tmp)
+            raw = d / "train.bin"
+            rng = np.random.default_rng(0)
+            with open(raw, "wb") as f:
+                for i in range(0, args.tokens, 1 << 24):
+                    f.write(rng.integers(0, 50257, size=min(1 << 24, args.tokens - i), dtype=np.uint16).tobytes())
+            (d / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 50257}))
+            times = bench_iterator(raw, args.seq_len, rows, args.steps, args.prefetch)
+    finally:
+        os.sched_setaffinity(0, before)   # callers in-process (tests) get their cores back
     step_s = statistics.median(times)
     tps = rows * args.seq_len / step_s
     row = {"cores": args.cores, "gpus_per_host": args.gpus, "rows": rows, "seq_len": args.seq_len,
            "step_ms": round(step_s * 1e3, 3), "tokens_per_s": round(tps), "per_gpu_consumption": args.consumer_tokens_per_s,
            "x_one_gpu": round(tps / args.consumer_tokens_per_s, 1),
            "x_node": round(tps / (args.consumer_tokens_per_s * args.gpus), 2)}
-    cols = list(row)
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    print("| " + " | ".join(str(row[c]) for c in cols) + " |")
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    from benchmarks.bench import emit
+
+    emit(row, list(row), args.json)
     return 0
 
 

@@ -38,3 +38,27 @@ def test_max_batch_reports_growing_needs(capsys):
     needs = [int(ln.split("(")[1].split(" bytes")[0]) for ln in lines if ln.startswith("micro-batch")]
     assert len(needs) == 2 and 0 < needs[0] < needs[1]
     assert lines[-1] == "largest: 32"   # no allocator limit on CPU: every candidate fits
+
+
+def test_bench_main_times_the_training_main(capsys, tmp_path):
+    """--main runs train.pretrain's loop on the embedded corpus: same columns plus the loop's host/device split."""
+    row = _table(capsys, ["--main", "--name", "loop", "--steps", "1", "data.default_corpus_bytes=200000"] + TINY)
+    assert list(row) == bench.COLUMNS + bench.MAIN_COLUMNS and row["name"] == "loop"
+    step, host, queue = (float(row[k]) for k in ("step_ms", "host_ms", "queue_wait_ms"))
+    assert step > 0 and float(row["device_step_ms"]) > 0 and 0 < host and 0 <= queue and host + queue < 2 * step
+    with pytest.raises(SystemExit, match="--main times the real loop"):
+        bench.main(["--main", "--token-range", "10"] + TINY)
+
+
+def test_data_bench_row(capsys):
+    from benchmarks import data_bench
+
+    assert data_bench.main(["--tokens", "300000", "--gpus", "2", "--rows-per-gpu", "4", "--seq-len", "128",
+                            "--steps", "3", "--consumer-tokens-per-s", "1000"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("|")]
+    row = dict(zip([c.strip() for c in lines[0].strip("|").split("|")],
+                   [c.strip() for c in lines[2].strip("|").split("|")]))
+    tps = float(row["tokens_per_s"])
+    assert row["rows"] == "8" and tps == pytest.approx(8 * 128 / (float(row["step_ms"]) / 1e3), rel=0.01)
+    assert float(row["x_one_gpu"]) == pytest.approx(tps / 1000, rel=0.01)
+    assert float(row["x_node"]) == pytest.approx(tps / 2000, rel=0.01)
