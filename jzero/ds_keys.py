@@ -137,7 +137,7 @@ KEYS: dict[str, Key] = {
     "sequence_parallel_size": _unimpl("DeepSpeed-Ulysses sequence parallelism", default=1),
     "bfloat16": Key(ALIAS, "DeepSpeed's older name of bf16", to="bf16", convert=lambda v: v),
     # ---- optimizer / scheduler
-    "optimizer.type": _impl("Adam, AdamW, Lamb, OneBitAdam, ZeroOneAdam, OneBitLamb (case-insensitive); "
+    "optimizer.type": _impl("Adam, AdamW, Lamb, OneBitAdam, ZeroOneAdam, OneBitLamb, SignSGD (case-insensitive); "
                             "DeepSpeed_Adam (DeepSpeedCPUAdam in old DeepSpeed) is Adam"),
     "optimizer.params": _impl("DeepSpeed's parameters of that optimizer (jzero.optim, jzero.optim.onebit)"),
     "scheduler.type": _impl("WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle, LRRangeTest"),
