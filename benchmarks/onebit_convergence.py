@@ -36,7 +36,7 @@ BASELINE = {"Adam": "Adam", "OneBitAdam": "Adam", "ZeroOneAdam": "Adam", "SignSG
             "OneBitLamb": "Lamb"}
 #: SignSGD's peak LR: its step is a scaled sign with SGD's magnitude (jzero.optim.signsgd), so Adam's 2e-3 would
 #: barely move; chosen from the short probes recorded in BENCHMARKS.md (override with --set SignSGD:...).
-SIGNSGD_LR = 3.0
+SIGNSGD_LR = 1.0
 
 
 def zero_one_adam_params(steps: int) -> dict:
