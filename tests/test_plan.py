@@ -1,7 +1,6 @@
 """jzero.plan: replica-group parsing and axis attribution, loop trip counts, the link model's arithmetic, and the
 byte model checked against the compiler: bytes predicted for 4 data ranks from the 8-rank program equal the bytes
 HLO-counted in the program compiled for 4 (ZeRO-3-like layer scan on fake CPU devices)."""
-import math
 
 import jax
 import jax.numpy as jnp
