@@ -1,5 +1,6 @@
 """EF-SignSGD / Signum (jzero.optim.signsgd) against a NumPy model on 8 fake devices, by the compiled program's
-collectives (packed bits only, from the first step), from DeepSpeed-style config, and in the engine."""
+collectives (packed bits only, from the first step) and from DeepSpeed-style config. (The engine path, via
+jzero.optim.onebit, is run by benchmarks/onebit_convergence.py; no engine test here.)"""
 import jax
 import numpy as np
 import optax
