@@ -120,3 +120,13 @@ def test_profile_of_the_engine_step_counts_the_gradient_allreduce_and_the_1bit_s
     ob = prof(CANDIDATES["onebit_adam"])
     assert 0 < bytes_per_device(ob.cols, ob.compiled_sizes)["data"] <= sent / 16
     assert any(per_rank for _, _, per_rank in ob.leaves)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--candidates", "zero9"], "--candidates: unknown ['zero9']"),
+    ([], "--step-ms-1gpu: no measured single-GPU step for the default config")])
+def test_main_refuses_before_compiling(argv, match, capsys):
+    from train.plan import main
+
+    assert main(["--nodes", "2", "--gpus-per-node", "8"] + argv) == 2
+    assert match in capsys.readouterr().err
