@@ -4,7 +4,7 @@
         [--steps 200] [--out DIR] [--only NAME[,NAME]]
 
 Runs the default pretrain config (WarmupCosineLR, 20 warm-up steps, lr 2e-3, betas 0.9/0.99) with ZeRO 0, no
-gradient clipping and no weight decay, for Adam / OneBitAdam / ZeroOneAdam and Lamb / OneBitLamb, and prints
+gradient clipping and no weight decay, for Adam / OneBitAdam / ZeroOneAdam / SignSGD and Lamb / OneBitLamb, and prints
 each final loss (mean of the last 10 train losses, as train.pretrain's summary.json) and the gap to its
 baseline. --only runs a subset; the table then takes the other optimizers' results from DIR/NAME/summary.json
 of earlier runs (each optimizer takes minutes on a 2-core CPU, so they can be run one at a time).
@@ -20,6 +20,8 @@ Settings, per optimizer (freeze = 15% of steps; for --steps 200: 30):
                with DeepSpeed's var_update_scaler 16 the steps 17..31 alternate 1-bit-averaged gradients with
                exact ones, and that costs ~3% more final loss on this run (4 sequences per rank): see
                benchmarks/ONEBIT_NOTES.md for the measurements of each setting.
+  SignSGD:     EF-Signum (momentum 0.9), compressed from step 1, peak lr SIGNSGD_LR (an SGD learning rate:
+               its params replace the default's Adam betas/eps, which SignSGD does not take).
   OneBitLamb:  freeze_step = freeze, DeepSpeed's defaults for everything else (coeff_beta 0.9:
                1 / (1 - coeff_beta) = 10 <= freeze_step, as DeepSpeed asks).
 """
@@ -29,8 +31,12 @@ import json
 import os
 import sys
 
-NAMES = ("Adam", "OneBitAdam", "ZeroOneAdam", "Lamb", "OneBitLamb")
-BASELINE = {"Adam": "Adam", "OneBitAdam": "Adam", "ZeroOneAdam": "Adam", "Lamb": "Lamb", "OneBitLamb": "Lamb"}
+NAMES = ("Adam", "OneBitAdam", "ZeroOneAdam", "SignSGD", "Lamb", "OneBitLamb")
+BASELINE = {"Adam": "Adam", "OneBitAdam": "Adam", "ZeroOneAdam": "Adam", "SignSGD": "Adam", "Lamb": "Lamb",
+            "OneBitLamb": "Lamb"}
+#: SignSGD's peak LR: its step is a scaled sign with SGD's magnitude (jzero.optim.signsgd), so Adam's 2e-3 would
+#: barely move; chosen from the short probes recorded in BENCHMARKS.md (override with --set SignSGD:...).
+SIGNSGD_LR = 1.0
 
 
 def zero_one_adam_params(steps: int) -> dict:
@@ -47,6 +53,7 @@ def run_overrides(steps: int) -> dict[str, list[str]]:
         "Adam": ["optimizer.type=Adam", "optimizer.params.adam_w_mode=false"],
         "OneBitAdam": ["optimizer.type=OneBitAdam", f"optimizer.params.freeze_step={freeze}"],
         "ZeroOneAdam": ["optimizer.type=ZeroOneAdam"] + zo,
+        "SignSGD": ["optimizer.type=SignSGD", f"optimizer.params={{lr: {SIGNSGD_LR}, momentum: 0.9}}"],
         "Lamb": ["optimizer.type=Lamb"],
         "OneBitLamb": ["optimizer.type=OneBitLamb", f"optimizer.params.freeze_step={freeze}"],
     }

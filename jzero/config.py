@@ -82,8 +82,8 @@ class ZeroConfig(_Section):
     ``stage3_param_persistence_threshold``: leaves with fewer elements stay replicated (DeepSpeed's default 1e5);
     jzero applies it to every partitioned tree, so small biases and norms are never split.
     The bucket keys have no PyTorch buckets to size under XLA; they set XLA's collective-combining thresholds
-    on GPU (elements x 4 bytes), see :func:`jzero.mesh.xla_flags_for`. DeepSpeed's other ZeRO keys
-    (``overlap_comm``, ``contiguous_gradients``, the stage-3 prefetch knobs, ...) are handled by
+    on GPU (elements x 4 bytes), see :func:`jzero.mesh.xla_flags_for`; ``overlap_comm`` sets XLA's scheduler
+    flags (:mod:`jzero.overlap`). DeepSpeed's other ZeRO keys (``contiguous_gradients``, the stage-3 prefetch knobs, ...) are handled by
     :mod:`jzero.ds_keys` before this schema sees the section.
     """
 
@@ -93,6 +93,8 @@ class ZeroConfig(_Section):
     allgather_bucket_size: int | None = Field(None, gt=0)
     reduce_scatter: bool = True
     allgather_partitions: bool = True
+    #: true/false: XLA's async collectives + latency-hiding scheduler on / off (jzero.overlap); None: XLA's defaults
+    overlap_comm: bool | None = None
     offload_optimizer: OffloadConfig = OffloadConfig()
     offload_param: OffloadConfig = OffloadConfig()
 

@@ -137,7 +137,7 @@ KEYS: dict[str, Key] = {
     "sequence_parallel_size": _unimpl("DeepSpeed-Ulysses sequence parallelism", default=1),
     "bfloat16": Key(ALIAS, "DeepSpeed's older name of bf16", to="bf16", convert=lambda v: v),
     # ---- optimizer / scheduler
-    "optimizer.type": _impl("Adam, AdamW, Lamb, OneBitAdam, ZeroOneAdam, OneBitLamb (case-insensitive); "
+    "optimizer.type": _impl("Adam, AdamW, Lamb, OneBitAdam, ZeroOneAdam, OneBitLamb, SignSGD (case-insensitive); "
                             "DeepSpeed_Adam (DeepSpeedCPUAdam in old DeepSpeed) is Adam"),
     "optimizer.params": _impl("DeepSpeed's parameters of that optimizer (jzero.optim, jzero.optim.onebit)"),
     "scheduler.type": _impl("WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle, LRRangeTest"),
@@ -173,7 +173,11 @@ KEYS: dict[str, Key] = {
                                                 "(jzero.mesh.xla_flags_for)", by_schema=True),
     "zero_optimization.allgather_bucket_size": Key(XLA, "--xla_gpu_all_gather_combine_threshold_bytes = elements "
                                                    "x 4 (jzero.mesh.xla_flags_for)", by_schema=True),
-    "zero_optimization.overlap_comm": _none(_XLA_SCHEDULES),
+    "zero_optimization.overlap_comm": Key(XLA, "true: latency-hiding scheduler, collectives pipelined across the "
+                                          "layer scan, collective matmul under tensor parallelism; false: "
+                                          "--xla_gpu_disable_async_collectives=ALLCOLLECTIVES; unset: XLA's "
+                                          "defaults (jzero.overlap; GPU flags, XLA:CPU has no async "
+                                          "collectives)", by_schema=True),
     "zero_optimization.contiguous_gradients": _none(f"copies gradients into one PyTorch buffer; {_XLA_PLANS}"),
     "zero_optimization.use_multi_rank_bucket_allreduce": _none(_XLA_SCHEDULES),
     "zero_optimization.load_from_fp32_weights": _unimpl("restoring fp32 masters from the 16-bit weights",

@@ -26,12 +26,17 @@ FLAGS: dict[str, tuple[str, ...]] = {
 
 
 def flags_for(cfg) -> tuple[str, ...]:
-    """The family's measured flags plus DeepSpeed's bucket sizes as XLA combine thresholds (``jzero.mesh``)."""
+    """The family's measured flags plus DeepSpeed's bucket sizes as XLA combine thresholds (``jzero.mesh``) and
+    ``overlap_comm`` as XLA's scheduler flags (``jzero.overlap``)."""
     from jzero.mesh import xla_flags_for
+    from jzero.overlap import overlap_flags
 
     family = getattr(getattr(cfg, "model", None), "family", None)
     zero = getattr(cfg, "zero_optimization", None)
-    return FLAGS.get(family, ()) + (tuple(xla_flags_for(zero)) if zero is not None else ())
+    if zero is None:
+        return FLAGS.get(family, ())
+    tensor = getattr(getattr(cfg, "mesh", None), "tensor", 1)
+    return FLAGS.get(family, ()) + tuple(xla_flags_for(zero)) + overlap_flags(zero.overlap_comm, tensor)
 
 
 def apply(cfg, env=os.environ) -> str:

@@ -183,7 +183,9 @@ def test_no_effect_keys_are_accepted_and_named_in_one_start_line():
     assert cfg.optimizer.type == "Adam"
     notes = cfg.start_notes()
     assert len(notes) == 1 and "\n" not in notes[0]
-    for key in ("prescale_gradients", "zero_allow_untested_optimizer", "zero_optimization.overlap_comm",
+    assert cfg.zero_optimization.overlap_comm is True   # mapped to XLA flags (jzero.overlap), not no-effect
+    assert "overlap_comm" not in notes[0]
+    for key in ("prescale_gradients", "zero_allow_untested_optimizer",
                 "zero_optimization.contiguous_gradients", "zero_optimization.stage3_max_live_parameters",
                 "zero_optimization.sub_group_size", "fp16.auto_cast", "aio",
                 "activation_checkpointing.partition_activations"):

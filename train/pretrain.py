@@ -135,7 +135,8 @@ def _communication(engine):
                                   rc.gradient_clipping)
     if jax.process_index() == 0:
         if "compression" in report:
-            print(f"communication per step and device (HLO-counted): warm-up {report['warmup']:,} B, compression "
+            warm = f"warm-up {report['warmup']:,} B, " if "warmup" in report else "no warm-up, "
+            print(f"communication per step and device (HLO-counted): {warm}compression "
                   f"{report['compression']:,} B = {report['compression_vs_fp32']:.4f} x the fp32 gradient "
                   f"all-reduce ({report['fp32_allreduce']:,} B)", flush=True)
         else:

@@ -1,4 +1,5 @@
-"""DeepSpeed's communication-compressed optimizers, OneBitAdam / ZeroOneAdam / OneBitLamb, from config, and
+"""DeepSpeed's communication-compressed optimizers, OneBitAdam / ZeroOneAdam / OneBitLamb (and jzero's SignSGD,
+the same compressed all-reduce from the first step), from config, and
 what the engine needs to run them: the state's shardings and the params to differentiate at.
 
 The transforms (onebit_adam.py, zero_one_adam.py, onebit_lamb.py) run their `update` inside a
@@ -27,10 +28,12 @@ from jzero.errors import ConfigError
 from jzero.optim.comm import local_row
 from jzero.optim.onebit_adam import OneBitAdamState, onebit_adam
 from jzero.optim.onebit_lamb import OneBitLambState, onebit_lamb
+from jzero.optim.signsgd import SignSGDState, signsgd
 from jzero.optim.zero_one_adam import ZeroOneAdamState, zero_one_adam
 
-ONEBIT_TYPES = {"onebitadam": "OneBitAdam", "zerooneadam": "ZeroOneAdam", "onebitlamb": "OneBitLamb"}
-_STATES = (OneBitAdamState, ZeroOneAdamState, OneBitLambState)
+ONEBIT_TYPES = {"onebitadam": "OneBitAdam", "zerooneadam": "ZeroOneAdam", "onebitlamb": "OneBitLamb",
+                "signsgd": "SignSGD"}
+_STATES = (OneBitAdamState, ZeroOneAdamState, OneBitLambState, SignSGDState)
 
 # DeepSpeed's config keys per optimizer (beyond lr, betas, eps, weight_decay, bias_correction and the
 # compatibility keys below), mapped to our keyword names; defaults are DeepSpeed's.
@@ -40,8 +43,11 @@ _OWN_KEYS = {
                     "local_step_clipper": 16},
     "OneBitLamb": {"freeze_step": 100000, "max_coeff": 10.0, "min_coeff": 0.01, "coeff_beta": 0.9,
                    "factor_max": 4.0, "factor_min": 0.5, "factor_threshold": 0.1},
+    "SignSGD": {"momentum": 0.9},
 }
 _COMMON_KEYS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "bias_correction": True}
+# SignSGD has no Adam moments: no betas / eps / bias_correction (jzero.optim.signsgd).
+_SIGNSGD_COMMON = {"lr": 1e-3, "weight_decay": 0.0}
 # Keys DeepSpeed accepts that have only one meaning here: the value that means it is allowed, anything else
 # is an error naming why.
 _FIXED_KEYS = {
@@ -77,7 +83,7 @@ def build_onebit(optimizer_type: str, params: Mapping[str, Any] | None, schedule
         raise ConfigError(f"optimizer.type: {optimizer_type!r} is not one of {sorted(ONEBIT_TYPES.values())}")
     name = ONEBIT_TYPES[key]
     given = dict(params or {})
-    known = {**_COMMON_KEYS, **_OWN_KEYS[name]}
+    known = {**(_SIGNSGD_COMMON if name == "SignSGD" else _COMMON_KEYS), **_OWN_KEYS[name]}
     for k, v in given.items():
         if k in NO_EFFECT_KEYS:
             if not isinstance(v, bool):
@@ -91,7 +97,7 @@ def build_onebit(optimizer_type: str, params: Mapping[str, Any] | None, schedule
             raise ConfigError(f"optimizer.params.{k}: unknown for {name}; known keys: "
                               f"{sorted(known) + sorted(_FIXED_KEYS) + sorted(NO_EFFECT_KEYS)}")
     cfg = {k: given.get(k, default) for k, default in known.items()}
-    betas = cfg.pop("betas")
+    betas = cfg.pop("betas", (0.0, 0.0))
     if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
         raise ConfigError(f"optimizer.params.betas: want [beta1, beta2] each in [0, 1), got {betas!r}")
     for k, default in known.items():
@@ -109,6 +115,13 @@ def build_onebit(optimizer_type: str, params: Mapping[str, Any] | None, schedule
     if isinstance(gradient_clipping, bool) or not isinstance(gradient_clipping, (int, float)) \
             or not gradient_clipping >= 0:
         raise ConfigError(f"gradient_clipping={gradient_clipping!r}: must be a number >= 0 (0 = no clipping)")
+    if name == "SignSGD":
+        if not cfg["momentum"] < 1:
+            raise ConfigError(f"optimizer.params.momentum: want a number in [0, 1), got {cfg['momentum']!r}")
+        if phase not in ("auto", "compressed"):
+            raise ConfigError(f"SignSGD compresses from the first step (no warm-up): phase={phase!r} does not exist")
+        return signsgd(lr, data_size=data_size, axis_name=axis_name, momentum=float(cfg["momentum"]),
+                       weight_decay=float(cfg["weight_decay"]), gradient_clipping=float(gradient_clipping))
     common = dict(data_size=data_size, axis_name=axis_name, b1=float(betas[0]), b2=float(betas[1]),
                   gradient_clipping=float(gradient_clipping))
     if name == "ZeroOneAdam":
@@ -240,6 +253,9 @@ def communication_report(optimizer_type: str, opt_params: Mapping[str, Any] | No
     report: dict[str, Any] = {"data_parallel": n, "fp32_allreduce": exact}
     if optimizer_type.lower() == "zerooneadam":
         report["one_program"] = optimizer_bytes("auto")
+    elif optimizer_type.lower() == "signsgd":   # one stage: compressed from the first step
+        report["compression"] = optimizer_bytes("compressed")
+        report["compression_vs_fp32"] = report["compression"] / exact if exact else None
     else:
         report["warmup"] = optimizer_bytes("warmup")
         report["compression"] = optimizer_bytes("compressed")

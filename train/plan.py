@@ -1,0 +1,74 @@
+"""Scaling predictor: step time, tokens/s and efficiency of a config on 1..N x G GPUs for each candidate
+(ZeRO 0-3, 1-bit Adam), from the train step compiled on 8 fake CPU devices (jzero.plan, docs/plan.md).
+
+    python -m train.plan --config configs/gpt2_124m.yaml --nodes 16 --gpus-per-node 8 \
+        [--nvlink-GBps 450] [--ib-GBps 50] [--step-ms-1gpu MS] [--gpu-mem-GiB 80] [--overlap 0] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def parse_args(argv):
+    from jzero.plan import CANDIDATES
+
+    p = argparse.ArgumentParser(prog="python -m train.plan", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="DeepSpeed-style JSON/YAML (default: the embedded pretrain default)")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True)
+    p.add_argument("--nvlink-GBps", type=float, default=450.0, help="per-GPU NVLink bandwidth, GB/s")
+    p.add_argument("--ib-GBps", type=float, default=50.0, help="per-GPU InfiniBand bandwidth, GB/s (400 Gb/s NIC)")
+    p.add_argument("--step-ms-1gpu", type=float, help="measured single-GPU step at the config's micro-batch "
+                   "(default: BENCHMARKS.md's for the shipped configs)")
+    p.add_argument("--gpu-mem-GiB", type=float, default=80.0)
+    p.add_argument("--overlap", type=float, default=0.0, help="fraction of compute that hides communication (0-1)")
+    p.add_argument("--candidates", default=",".join(CANDIDATES))
+    p.add_argument("--fake-devices", type=int, default=8)
+    p.add_argument("overrides", nargs="*")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):   # before the backend starts
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={args.fake_devices}").strip()
+    from jzero import plan
+    from jzero.config import load_config
+    from jzero.errors import ConfigError, JzeroError
+    from train.pretrain import DEFAULT_CONFIG
+
+    try:
+        names = [c for c in args.candidates.split(",") if c]
+        bad = [c for c in names if c not in plan.CANDIDATES]
+        if bad:
+            raise ConfigError(f"--candidates: unknown {bad}; known: {list(plan.CANDIDATES)}")
+        step_ms = args.step_ms_1gpu
+        stem = Path(args.config).stem if args.config else None
+        if step_ms is None:
+            if stem not in plan.STEP_MS_1GPU:
+                raise ConfigError(f"--step-ms-1gpu: no measured single-GPU step for {stem or 'the default config'}; "
+                                  f"give it (known: {plan.STEP_MS_1GPU})")
+            step_ms = plan.STEP_MS_1GPU[stem]
+        links = plan.Links(nvlink_GBps=args.nvlink_GBps, ib_GBps=args.ib_GBps)
+        profiles = {}
+        for name in names:
+            cfg = load_config(args.config, plan.batch_overrides(args.config, args.overrides, DEFAULT_CONFIG,
+                                                                args.fake_devices) + plan.CANDIDATES[name],
+                              base=None if args.config else DEFAULT_CONFIG)
+            profiles[name] = plan.profile(cfg, name)
+            print(f"compiled {name}: " + plan.describe(profiles[name]), flush=True)
+        print(plan.table(profiles, plan.gpu_counts(args.nodes, args.gpus_per_node), args.gpus_per_node,
+                         step_ms / 1e3, links, args.overlap, args.gpu_mem_GiB * 2 ** 30))
+    except JzeroError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
