@@ -1,4 +1,5 @@
-"""GPU XLA flags that measured faster for a model family; set from a main before the backend starts.
+"""GPU XLA flags from the config (a model family's measured flags, DeepSpeed's bucket sizes, ``overlap_comm``), set
+from a main before the backend starts.
 
     from jzero import xla_flags
     cfg = load_config(...)
@@ -7,7 +8,9 @@
 
 XLA reads ``XLA_FLAGS`` once, when the backend initialises; a flag added later is silently ignored, so call this
 first. Flags the user already put in ``XLA_FLAGS`` win (a name already present is never overridden), and
-``JZERO_XLA_FLAGS=0`` turns the whole thing off. Only flags measured on the lent H100 are listed (BENCHMARKS.md):
+``JZERO_XLA_FLAGS=0`` turns the whole thing off. The per-family flags in ``FLAGS`` are the ones measured faster on
+the lent H100 (BENCHMARKS.md); ``overlap_comm``'s scheduler flags (:mod:`jzero.overlap`) map DeepSpeed's key and
+have not yet been timed on a GPU:
 
 - ``--xla_gpu_dot_merger_threshold_mb=0`` (GPT-2): XLA merges the q/k/v projections (they share their input) into
   one [d, 3d] GEMM, then needs a copy per q/k/v to split its output for cuDNN attention, and a concatenate of
