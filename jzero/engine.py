@@ -91,6 +91,9 @@ def check_supported(cfg: JzeroConfig) -> None:
         if is_onebit(cfg.optimizer.type) or z.offload_optimizer.device != "none" or cfg.mesh.pipeline not in (1, -1):
             unsupported.append((key, "ZeRO++ with 1-bit optimizers, optimizer offload or mesh.pipeline > 1 is not "
                                 "implemented; use plain ZeRO-3 with mesh.pipeline=1"))
+        if z.zero_quantized_weights and cfg.mesh.tensor not in (1, -1):
+            unsupported.append(("zero_optimization.zero_quantized_weights", "qwZ with mesh.tensor > 1 is not "
+                                "implemented (a dim split over tensor and data); set mesh.tensor=1"))
     if unsupported:
         key, why = unsupported[0]
         raise ConfigError(f"{key}: {why}")
@@ -499,12 +502,20 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
     loss_fn = lambda p, b: task.loss(model.apply, p, b)  # noqa: E731
     if hpz > 1:
         from jzero.topology import hierarchical_value_and_grad
+    import contextlib
+
+    from jzero import quantized_gather
+
+    def qwz_context():   # ZeRO++ qwZ: the traced weight gathers move int8 blocks
+        if not cfg.zero_optimization.zero_quantized_weights:
+            return contextlib.nullcontext()
+        return quantized_gather.active(min_elements=cfg.zero_optimization.stage3_param_persistence_threshold)
 
     # mesh.pipeline > 1: the step's micro-batches go through the pipeline together, one backward pass
     def train_fn(state: TrainState, batch):
         ls = state.loss_scale
         scaled_loss_fn = lambda p, b: scale_loss(loss_fn(p, b), ls)  # noqa: E731  (x1.0 without fp16)
-        with shd.activate(mesh, rules):
+        with shd.activate(mesh, rules), qwz_context():
             if run is not None:
                 scaled_loss, grads = pipeline.pipelined_grads(scaled_loss_fn, state.params, batch, plan.grad, run)
             else:
@@ -538,7 +549,7 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
         grad_out = (plan.grad, rep, rep, jax.tree.map(lambda _: rep, loss_scale), rep, rep)
 
     def eval_fn(params, batch):
-        with shd.activate(mesh, rules):
+        with shd.activate(mesh, rules), qwz_context():
             if run is not None:
                 return pipeline.pipelined_eval(loss_fn, params, batch, run, mesh.shape["data"])
             return loss_fn(params, batch)

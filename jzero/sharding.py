@@ -228,6 +228,37 @@ def constrain(x, names: Sequence[str | None]):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
 
 
+class _ConstrainTo:
+    """``constrain`` to fixed logical names plus ``extra`` trailing unsplit dims (qwZ's int8 blocks)."""
+
+    def __init__(self, names):
+        self.names = tuple(names)
+
+    def __call__(self, x, extra: int):
+        return constrain(x, self.names + (None,) * extra)
+
+
+def gather_param(w, names: Sequence[str | None], dtype):
+    """A weight cast to ``dtype`` in its compute layout: where ZeRO-3 gathers it (a no-op layout change below
+    stage 3). Under ZeRO++ qwZ (:mod:`jzero.quantized_gather` active) the gather moves int8 blocks instead."""
+    from jzero import quantized_gather as qwz
+
+    active, q = _ACTIVE.get(), qwz.settings()
+    if active is None or q is None or w.ndim == 0 or w.size < max(q[1], 1):
+        return constrain(w.astype(dtype), names)
+    mesh, rules = active
+    spec = zero_spec(logical_to_spec(names, rules), w.shape, names, mesh, q[1])
+    entries = list(spec) + [None] * (w.ndim - len(spec))
+    dims = [i for i, e in enumerate(entries) if "data" in _spec_axes(e)]
+    if not dims:   # stored whole (persistence threshold, nothing divides): there is no gather to quantize
+        return constrain(w.astype(dtype), names)
+    if math.prod(mesh.shape[a] for a in _spec_axes(entries[dims[0]]) if a != "data") > 1:
+        raise NotImplementedError(f"ZeRO++ qwZ on a dim split over {entries[dims[0]]} (tensor and data together) "
+                                  "is not implemented; use mesh.tensor=1")
+    local = w.shape[-1] // (mesh.shape["data"] if dims[0] == w.ndim - 1 else 1)
+    return qwz.quantized_gather(w, mesh, dims[0], dtype, qwz.block_for(local, q[0]), _ConstrainTo(names))
+
+
 def per_device_bytes(tree, device=None, memory_kind: str | None = None) -> int:
     """Bytes of ``tree``'s array shards that belong to ``device`` (default: the first addressable device);
     ``memory_kind`` ("device", "pinned_host") counts only arrays in that memory (None: all)."""
