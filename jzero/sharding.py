@@ -12,6 +12,9 @@ partitions (Levanter's two mappings; DeepSpeed's stages differ only in which tre
              inside the layer scan (``constrain`` on the param), so one layer is whole at a time.
 
 ``constrain(x, names)`` is the one place model code asks for a layout; it is a no-op outside an active plan.
+``gather_param(w, names, dtype)`` is where a weight meets its compute layout (ZeRO-3's gather); under ZeRO++ qwZ
+it gathers int8 blocks (jzero.quantized_gather). ZeRO++ hpZ (jzero.topology) only changes the data: the batch
+rule becomes ``("node", "data")`` while ZeRO's storage axis stays ``data`` (within the node).
 """
 
 from __future__ import annotations

@@ -74,3 +74,17 @@ def test_hpz_config_errors():
     with pytest.raises(ConfigError, match="ZeRO\\+\\+ with 1-bit optimizers"):
         jzero.initialize(load_config(base={}, overrides=ZERO3 + ["zero_optimization.zero_hpz_partition_size=4",
                                                                  "mesh.data=4", "mesh.pipeline=2"]))
+
+
+def test_hybrid_mesh_never_splits_a_node_across_processes():
+    """2 processes x 4 devices listed interleaved: create_hybrid_device_mesh groups each node inside a process."""
+    from types import SimpleNamespace
+
+    fake = [SimpleNamespace(id=i, process_index=i // 4, platform="cpu", device_kind="cpu", slice_index=None)
+            for i in range(8)]
+    interleaved = [fake[i] for i in (0, 4, 1, 5, 2, 6, 3, 7)]
+    ids = lambda a: [sorted(d.id for d in a[n].ravel()) for n in range(a.shape[0])]  # noqa: E731
+    assert ids(hybrid_device_array(interleaved, 2, 1, 4, 1)) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert ids(hybrid_device_array(interleaved, 4, 1, 2, 1)) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    with pytest.raises(ConfigError, match="a node must not span processes"):
+        hybrid_device_array(interleaved, 1, 1, 8, 1)
