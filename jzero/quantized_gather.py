@@ -14,7 +14,7 @@ element: 1 + 4 / block (block 256: 1.016, vs 2 for bf16 and 4 for fp32).
 
 The gradient is straight-through (the weight's gradient is the gathered weight's, as DeepSpeed's: qwZ changes
 what the forward reads, not what the optimizer updates): fp32 masters stay exact and the gradient reduction is
-ZeRO-3's. The block is the largest power of two <= ``block`` that divides the local shard of the last dim;
+ZeRO-3's. The block is the largest divisor <= ``block`` of the local shard's last dim;
 leaves below ``min_elements`` (the persistence threshold: replicated, never gathered) are not quantized.
 """
 
@@ -69,11 +69,8 @@ def block_dequantize(q: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.A
 
 
 def block_for(local_last: int, block: int) -> int:
-    """Largest power of two <= ``block`` dividing ``local_last`` (the last dim of one rank's shard)."""
-    b = 1 << int(math.log2(max(block, 1)))
-    while b > 1 and local_last % b:
-        b //= 2
-    return b
+    """Largest divisor of ``local_last`` (the last dim of one rank's shard) that is <= ``block``."""
+    return max(b for b in range(1, min(block, local_last) + 1) if local_last % b == 0)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))

@@ -31,7 +31,8 @@ def test_block_quantizer_matches_numpy_and_bounds_the_error():
     err = np.abs(back - x).reshape(3, 2, 256).max(-1)
     assert np.all(err <= scale_ref / 2 + 1e-7)        # round-to-nearest: at most half a step per block
     assert np.all(back[1, :256] == 0)
-    assert block_for(64, 256) == 64 and block_for(48, 256) == 16 and block_for(512, 256) == 256
+    assert block_for(64, 256) == 64 and block_for(48, 256) == 48 and block_for(512, 256) == 256
+    assert block_for(1000, 256) == 250 and block_for(7, 256) == 7
 
 
 @pytest.fixture(scope="module")
