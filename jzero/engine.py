@@ -509,7 +509,7 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
     def qwz_context():   # ZeRO++ qwZ: the traced weight gathers move int8 blocks
         if not cfg.zero_optimization.zero_quantized_weights:
             return contextlib.nullcontext()
-        return quantized_gather.active(min_elements=cfg.zero_optimization.stage3_param_persistence_threshold)
+        return quantized_gather.active(plan, abstract_params)
 
     # mesh.pipeline > 1: the step's micro-batches go through the pipeline together, one backward pass
     def train_fn(state: TrainState, batch):

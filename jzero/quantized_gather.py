@@ -14,8 +14,8 @@ element: 1 + 4 / block (block 256: 1.016, vs 2 for bf16 and 4 for fp32).
 
 The gradient is straight-through (the weight's gradient is the gathered weight's, as DeepSpeed's: qwZ changes
 what the forward reads, not what the optimizer updates): fp32 masters stay exact and the gradient reduction is
-ZeRO-3's. The block is the largest divisor <= ``block`` of the local shard's last dim;
-leaves below ``min_elements`` (the persistence threshold: replicated, never gathered) are not quantized.
+ZeRO-3's. The block is the largest divisor <= ``block`` of the local shard's last dim; leaves the plan keeps
+whole (the persistence threshold: never gathered) are not quantized (:func:`gathered_dims`).
 """
 
 from __future__ import annotations
@@ -32,21 +32,36 @@ from jax.sharding import PartitionSpec as P
 DEFAULT_BLOCK = 256
 AXIS = "data"   # ZeRO's axis (within the node under hpZ)
 
-_ACTIVE: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("jzero_qwz", default=None)
+_ACTIVE: contextvars.ContextVar[tuple[int, dict] | None] = contextvars.ContextVar("jzero_qwz", default=None)
+
+
+def gathered_dims(plan, abstract_params) -> dict:
+    """``(names, shape) -> dim`` split over ``data`` in ZeRO-3's storage layout for every leaf the plan shards,
+    as the model sees it: a scanned layer stack's leaf without its leading ``layers`` dim. Leaves the plan keeps
+    whole (the persistence threshold applies to the stacked leaf) are absent, so their use is never quantized."""
+    out = {}
+    for names, s, leaf in zip(jax.tree.leaves(plan.param_names, is_leaf=lambda x: isinstance(x, tuple)),
+                              jax.tree.leaves(plan.param_storage), jax.tree.leaves(abstract_params)):
+        entries = list(s.spec) + [None] * (len(names) - len(s.spec))
+        dims = [i for i, e in enumerate(entries) if e is not None and AXIS in (e if isinstance(e, tuple) else (e,))]
+        if dims:
+            drop = 1 if names and names[0] == "layers" else 0
+            out[(tuple(names[drop:]), tuple(leaf.shape[drop:]))] = dims[0] - drop
+    return out
 
 
 @contextlib.contextmanager
-def active(block: int = DEFAULT_BLOCK, min_elements: int = 0):
+def active(plan, abstract_params, block: int = DEFAULT_BLOCK):
     """Quantize the weight gathers traced inside this context (the engine's step under qwZ)."""
-    token = _ACTIVE.set((block, min_elements))
+    token = _ACTIVE.set((block, gathered_dims(plan, abstract_params)))
     try:
         yield
     finally:
         _ACTIVE.reset(token)
 
 
-def settings() -> tuple[int, int] | None:
-    """``(block, min_elements)`` while qwZ is active, else None."""
+def settings() -> tuple[int, dict] | None:
+    """``(block, gathered_dims)`` while qwZ is active, else None."""
     return _ACTIVE.get()
 
 

@@ -247,19 +247,17 @@ def gather_param(w, names: Sequence[str | None], dtype):
     from jzero import quantized_gather as qwz
 
     active, q = _ACTIVE.get(), qwz.settings()
-    if active is None or q is None or w.ndim == 0 or w.size < max(q[1], 1):
+    dim = q[1].get((tuple(names), tuple(w.shape))) if active is not None and q is not None else None
+    if dim is None:   # no qwZ, or a leaf ZeRO-3 keeps whole: there is no gather to quantize
         return constrain(w.astype(dtype), names)
     mesh, rules = active
-    spec = zero_spec(logical_to_spec(names, rules), w.shape, names, mesh, q[1])
-    entries = list(spec) + [None] * (w.ndim - len(spec))
-    dims = [i for i, e in enumerate(entries) if "data" in _spec_axes(e)]
-    if not dims:   # stored whole (persistence threshold, nothing divides): there is no gather to quantize
-        return constrain(w.astype(dtype), names)
-    if math.prod(mesh.shape[a] for a in _spec_axes(entries[dims[0]]) if a != "data") > 1:
-        raise NotImplementedError(f"ZeRO++ qwZ on a dim split over {entries[dims[0]]} (tensor and data together) "
-                                  "is not implemented; use mesh.tensor=1")
-    local = w.shape[-1] // (mesh.shape["data"] if dims[0] == w.ndim - 1 else 1)
-    return qwz.quantized_gather(w, mesh, dims[0], dtype, qwz.block_for(local, q[0]), _ConstrainTo(names))
+    spec = logical_to_spec(names, rules)
+    entry = spec[dim] if dim < len(spec) else None
+    if math.prod(mesh.shape[a] for a in _spec_axes(entry)) > 1:
+        raise NotImplementedError(f"ZeRO++ qwZ on a dim split over {entry} and data together is not implemented; "
+                                  "use mesh.tensor=1")
+    local = w.shape[-1] // (mesh.shape["data"] if dim == w.ndim - 1 else 1)
+    return qwz.quantized_gather(w, mesh, dim, dtype, qwz.block_for(local, q[0]), _ConstrainTo(names))
 
 
 def per_device_bytes(tree, device=None, memory_kind: str | None = None) -> int:
