@@ -73,3 +73,16 @@ def test_qwz_losses_beside_unquantized(runs):
     plain, qwz = runs["plain"][1], runs["qwz"][1]
     assert plain[0] != qwz[0]                                     # the forward really reads quantized weights
     assert np.max(np.abs(qwz - plain) / plain) <= 1e-3
+
+
+def test_gathered_dims_follow_the_plan_not_the_per_layer_size():
+    """The persistence threshold applies to the stacked leaf: a [4, 64, 128] stack (32768 elements, 8192 per layer)
+    stored split at threshold 10000 is quantized inside the scan; a [128] bias kept whole is not."""
+    from jzero import sharding as shd
+    from jzero.mesh import make_mesh
+    from jzero.quantized_gather import gathered_dims
+
+    params = {"w": jax.ShapeDtypeStruct((4, 64, 128), jnp.float32), "b": jax.ShapeDtypeStruct((128,), jnp.float32)}
+    names = {"w": ("layers", "embed", "mlp"), "b": ("mlp",)}
+    plan = shd.make_plan(params, names, make_mesh({"data": 8}), 3, threshold=10_000)
+    assert gathered_dims(plan, params) == {(("embed", "mlp"), (64, 128)): 1}
