@@ -500,16 +500,10 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
     skip_nonfinite = skips_nonfinite_steps(cfg.fp16, cfg.bf16)
 
     loss_fn = lambda p, b: task.loss(model.apply, p, b)  # noqa: E731
-    if hpz > 1:
-        from jzero.topology import hierarchical_value_and_grad
-    import contextlib
+    from jzero import quantized_gather, topology
 
-    from jzero import quantized_gather
-
-    def qwz_context():   # ZeRO++ qwZ: the traced weight gathers move int8 blocks
-        if not cfg.zero_optimization.zero_quantized_weights:
-            return contextlib.nullcontext()
-        return quantized_gather.active(plan, abstract_params)
+    qwz_context = lambda: quantized_gather.for_step(  # noqa: E731  (ZeRO++ qwZ: int8 weight gathers when on)
+        cfg.zero_optimization.zero_quantized_weights, plan, abstract_params)
 
     # mesh.pipeline > 1: the step's micro-batches go through the pipeline together, one backward pass
     def train_fn(state: TrainState, batch):
@@ -519,8 +513,8 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
             if run is not None:
                 scaled_loss, grads = pipeline.pipelined_grads(scaled_loss_fn, state.params, batch, plan.grad, run)
             else:
-                vg = (hierarchical_value_and_grad(scaled_loss_fn, mesh, flat_rules, plan.grad) if hpz > 1
-                      else None)
+                vg = (topology.hierarchical_value_and_grad(scaled_loss_fn, mesh, flat_rules, plan.grad)
+                      if hpz > 1 else None)
                 scaled_loss, grads = accumulate_grads(scaled_loss_fn, state.params, batch, plan.grad, accum_dtype,
                                                       value_and_grad=vg)
             grads = unscale_grads(grads, ls, jnp.float32) if cfg.fp16.enabled else grads

@@ -60,6 +60,11 @@ def active(plan, abstract_params, block: int = DEFAULT_BLOCK):
         _ACTIVE.reset(token)
 
 
+def for_step(enabled: bool, plan, abstract_params):
+    """:func:`active` when ``zero_quantized_weights`` is on, else a context that changes nothing."""
+    return active(plan, abstract_params) if enabled else contextlib.nullcontext()
+
+
 def settings() -> tuple[int, dict] | None:
     """``(block, gathered_dims)`` while qwZ is active, else None."""
     return _ACTIVE.get()
