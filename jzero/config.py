@@ -97,9 +97,20 @@ class ZeroConfig(_Section):
     overlap_comm: bool | None = None
     offload_optimizer: OffloadConfig = OffloadConfig()
     offload_param: OffloadConfig = OffloadConfig()
+    #: ZeRO++ hpZ: data-parallel ranks per "node" (DeepSpeed's secondary partition group). > 1 splits the data
+    #: axis into ``node`` (inter-node) x ``data`` (intra-node); ZeRO-3 shards within the node, replicates across.
+    zero_hpz_partition_size: int = Field(1, ge=1)
+    #: ZeRO++ qwZ: ZeRO-3's weight gathers move int8 blocks + one scale per block (jzero.quantized_gather).
+    zero_quantized_weights: bool = False
 
     @model_validator(mode="after")
     def _check(self):
+        if self.zero_hpz_partition_size > 1 and self.stage != 3:
+            raise ValueError(f"zero_hpz_partition_size={self.zero_hpz_partition_size} needs stage 3 (hpZ partitions "
+                             "ZeRO-3's parameters within a node, as DeepSpeed); set stage=3 or remove it")
+        if self.zero_quantized_weights and self.stage != 3:
+            raise ValueError("zero_quantized_weights=true needs stage 3 (qwZ quantizes ZeRO-3's weight gathers); "
+                             "set stage=3 or remove it")
         if not self.reduce_scatter and self.stage >= 2:
             raise ValueError("reduce_scatter=false with stage>=2: ZeRO-2/3 partitions gradients by a reduce-scatter; "
                              "use stage 1 for all-reduced gradients")
@@ -431,6 +442,13 @@ def validate(data: dict, source: str = "config") -> JzeroConfig:
 # --------------------------------------------------------------------------- resolution
 
 
+def check_hpz(hpz: int, data: int) -> None:
+    """``zero_hpz_partition_size`` must split the data-parallel ranks into whole nodes."""
+    if hpz > 1 and data % hpz:
+        raise ConfigError(f"zero_optimization.zero_hpz_partition_size={hpz} does not divide mesh.data={data}; "
+                          f"choose a partition size (ranks per node) that divides {data}")
+
+
 def resolve_mesh_shape(mesh: MeshConfig, n_devices: int) -> dict[str, int]:
     """Fill a -1 axis and check that data*tensor*pipeline equals the device count."""
     sizes = {"data": mesh.data, "tensor": mesh.tensor, "pipeline": mesh.pipeline}
@@ -485,6 +503,7 @@ def resolve_batch(cfg: JzeroConfig, dp: int) -> tuple[int, int, int]:
 def resolve(cfg: JzeroConfig, n_devices: int) -> JzeroConfig:
     """Return a copy with the mesh sizes and the batch triple filled in (what ``config.json`` records)."""
     sizes = resolve_mesh_shape(cfg.mesh, n_devices)
+    check_hpz(cfg.zero_optimization.zero_hpz_partition_size, sizes["data"])
     tbs, micro, gas = resolve_batch(cfg, sizes["data"])
     out = cfg.model_copy(deep=True)
     out.mesh = MeshConfig(**{**cfg.mesh.model_dump(), **sizes})

@@ -248,8 +248,11 @@ KEYS: dict[str, Key] = {
     "zero_optimization.enable_sanity_checks": _none("DeepSpeed's internal debugging checks"),
     "zero_optimization.save_muon_momentum_buffer_in_memory": _none("Muon with NVMe offload only"),
     "zero_optimization.leaf_module": _none("marks PyTorch leaf modules for ZeRO-3 hooks; jzero has no hooks"),
-    "zero_optimization.zero_hpz_partition_size": _unimpl("ZeRO++ hierarchical partitioning (hpZ)", default=1),
-    "zero_optimization.zero_quantized_weights": _unimpl("ZeRO++ quantized weight gathers (qwZ)", default=False),
+    "zero_optimization.zero_hpz_partition_size": _impl("ZeRO++ hpZ (stage 3): ranks per node; the data axis splits "
+                                                       "into node x data, ZeRO-3 shards within the node "
+                                                       "(jzero.topology)"),
+    "zero_optimization.zero_quantized_weights": _impl("ZeRO++ qwZ (stage 3): weight gathers move int8 blocks + "
+                                                      "fp32 scales (jzero.quantized_gather)"),
     "zero_optimization.zero_quantized_nontrainable_weights": _unimpl("ZeRO++ quantized frozen weights",
                                                                      default=False),
     "zero_optimization.zero_quantized_gradients": _unimpl("ZeRO++ quantized gradients (qgZ)", default=False),

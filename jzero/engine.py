@@ -85,6 +85,15 @@ def check_supported(cfg: JzeroConfig) -> None:
                             "device needs each layer's weights in its scan step, and jzero streams only the "
                             "optimizer state); use offload_optimizer, and activation_checkpointing.cpu_checkpointing "
                             "for activations"))
+    if z.zero_hpz_partition_size > 1 or z.zero_quantized_weights:
+        key = ("zero_optimization.zero_hpz_partition_size" if z.zero_hpz_partition_size > 1
+               else "zero_optimization.zero_quantized_weights")
+        if is_onebit(cfg.optimizer.type) or z.offload_optimizer.device != "none" or cfg.mesh.pipeline not in (1, -1):
+            unsupported.append((key, "ZeRO++ with 1-bit optimizers, optimizer offload or mesh.pipeline > 1 is not "
+                                "implemented; use plain ZeRO-3 with mesh.pipeline=1"))
+        if z.zero_quantized_weights and cfg.mesh.tensor not in (1, -1):
+            unsupported.append(("zero_optimization.zero_quantized_weights", "qwZ with mesh.tensor > 1 is not "
+                                "implemented (a dim split over tensor and data); set mesh.tensor=1"))
     if unsupported:
         key, why = unsupported[0]
         raise ConfigError(f"{key}: {why}")
@@ -195,17 +204,19 @@ def _ce_bwd(res, g):
 cross_entropy.defvjp(_ce_fwd, _ce_bwd)
 
 
-def accumulate_grads(loss_fn: Callable, params, batch_AxBx: Any, grad_shardings, accum_dtype=jnp.float32):
+def accumulate_grads(loss_fn: Callable, params, batch_AxBx: Any, grad_shardings, accum_dtype=jnp.float32,
+                     value_and_grad: Callable | None = None):
     """Mean loss and gradient over the leading micro-batch axis (``lax.scan``; one backward at a time).
 
     Each micro-batch gradient is put in ``grad_shardings`` right after its backward pass: replicated (all-reduce)
     for ZeRO 0/1, partitioned over ``data`` (reduce-scatter) for ZeRO 2/3, so the accumulator is partitioned too.
+    ``value_and_grad`` replaces ``jax.value_and_grad(loss_fn)`` (hpZ's node-first reduction, jzero.topology).
     """
     if grad_shardings is None:   # inside a shard_map (1-bit step): layouts are manual, nothing to constrain
         put = lambda g: g  # noqa: E731
     else:
         put = lambda g: jax.tree.map(jax.lax.with_sharding_constraint, g, grad_shardings)  # noqa: E731
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = value_and_grad or jax.value_and_grad(loss_fn)
     n_micro = jax.tree.leaves(batch_AxBx)[0].shape[0]
     if n_micro == 1:
         loss, grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch_AxBx))
@@ -423,7 +434,16 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
     run = pipeline.PipelineRun(spec) if spec is not None else None
     if run is not None:
         rules = pipeline.pipeline_rules(rules)   # the stacked 'layers' dim stored over the pipeline axis
-    mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
+    hpz = cfg.zero_optimization.zero_hpz_partition_size
+    flat_rules = rules
+    if hpz > 1:   # ZeRO++ hpZ: batch over node x data, ZeRO over data (within the node)
+        from jzero.topology import hierarchical_rules
+
+        rules = hierarchical_rules(rules)
+    mesh = mesh if mesh is not None else make_mesh(cfg.mesh, hpz=hpz)
+    if hpz > 1 and "node" not in mesh.axis_names:
+        raise ConfigError(f"zero_optimization.zero_hpz_partition_size={hpz}: the given mesh has no 'node' axis; "
+                          "build it with jzero.mesh.make_mesh(cfg.mesh, hpz=...) or leave mesh out")
     dtype = compute_dtype(cfg)
     if model is None:
         from models import build_model
@@ -480,16 +500,23 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
     skip_nonfinite = skips_nonfinite_steps(cfg.fp16, cfg.bf16)
 
     loss_fn = lambda p, b: task.loss(model.apply, p, b)  # noqa: E731
+    from jzero import quantized_gather, topology
+
+    qwz_context = lambda: quantized_gather.for_step(  # noqa: E731  (ZeRO++ qwZ: int8 weight gathers when on)
+        cfg.zero_optimization.zero_quantized_weights, plan, abstract_params)
 
     # mesh.pipeline > 1: the step's micro-batches go through the pipeline together, one backward pass
     def train_fn(state: TrainState, batch):
         ls = state.loss_scale
         scaled_loss_fn = lambda p, b: scale_loss(loss_fn(p, b), ls)  # noqa: E731  (x1.0 without fp16)
-        with shd.activate(mesh, rules):
+        with shd.activate(mesh, rules), qwz_context():
             if run is not None:
                 scaled_loss, grads = pipeline.pipelined_grads(scaled_loss_fn, state.params, batch, plan.grad, run)
             else:
-                scaled_loss, grads = accumulate_grads(scaled_loss_fn, state.params, batch, plan.grad, accum_dtype)
+                vg = (topology.hierarchical_value_and_grad(scaled_loss_fn, mesh, flat_rules, plan.grad)
+                      if hpz > 1 else None)
+                scaled_loss, grads = accumulate_grads(scaled_loss_fn, state.params, batch, plan.grad, accum_dtype,
+                                                      value_and_grad=vg)
             grads = unscale_grads(grads, ls, jnp.float32) if cfg.fp16.enabled else grads
             grad_norm = optax.tree.norm(grads)
             params, opt_state = apply_update(tx, state.params, state.opt_state, grads)
@@ -516,7 +543,7 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
         grad_out = (plan.grad, rep, rep, jax.tree.map(lambda _: rep, loss_scale), rep, rep)
 
     def eval_fn(params, batch):
-        with shd.activate(mesh, rules):
+        with shd.activate(mesh, rules), qwz_context():
             if run is not None:
                 return pipeline.pipelined_eval(loss_fn, params, batch, run, mesh.shape["data"])
             return loss_fn(params, batch)

@@ -17,14 +17,25 @@ from jzero.config import MeshConfig, resolve_mesh_shape
 AXES = ("pipeline", "data", "tensor")
 
 
-def make_mesh(mesh_cfg: MeshConfig | dict | None = None, devices=None) -> Mesh:
-    """Mesh over ``devices`` (default: all, across processes) with sizes from the config (-1 = the rest)."""
+def make_mesh(mesh_cfg: MeshConfig | dict | None = None, devices=None, hpz: int = 1) -> Mesh:
+    """Mesh over ``devices`` (default: all, across processes) with sizes from the config (-1 = the rest).
+
+    ``hpz`` > 1 (``zero_optimization.zero_hpz_partition_size``): the data axis is split into ``node`` x ``data``
+    with ``hpz`` data ranks per node (:mod:`jzero.topology`; nodes honour process/slice boundaries).
+    """
     if mesh_cfg is None:
         mesh_cfg = MeshConfig()
     elif isinstance(mesh_cfg, dict):
         mesh_cfg = MeshConfig(**mesh_cfg)
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_mesh_shape(mesh_cfg, len(devices))
+    if hpz > 1:
+        from jzero.config import check_hpz
+        from jzero.topology import HPZ_AXES, hybrid_device_array
+
+        check_hpz(hpz, sizes["data"])
+        arr = hybrid_device_array(devices, sizes["data"] // hpz, sizes["pipeline"], hpz, sizes["tensor"])
+        return Mesh(arr, HPZ_AXES, axis_types=(AxisType.Auto,) * len(HPZ_AXES))
     shape = tuple(sizes[a] for a in AXES)
     if devices == list(jax.devices()):
         return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES))

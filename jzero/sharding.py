@@ -12,6 +12,9 @@ partitions (Levanter's two mappings; DeepSpeed's stages differ only in which tre
              inside the layer scan (``constrain`` on the param), so one layer is whole at a time.
 
 ``constrain(x, names)`` is the one place model code asks for a layout; it is a no-op outside an active plan.
+``gather_param(w, names, dtype)`` is where a weight meets its compute layout (ZeRO-3's gather); under ZeRO++ qwZ
+it gathers int8 blocks (jzero.quantized_gather). ZeRO++ hpZ (jzero.topology) only changes the data: the batch
+rule becomes ``("node", "data")`` while ZeRO's storage axis stays ``data`` (within the node).
 """
 
 from __future__ import annotations
@@ -226,6 +229,35 @@ def constrain(x, names: Sequence[str | None]):
         return x
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
+
+
+class _ConstrainTo:
+    """``constrain`` to fixed logical names plus ``extra`` trailing unsplit dims (qwZ's int8 blocks)."""
+
+    def __init__(self, names):
+        self.names = tuple(names)
+
+    def __call__(self, x, extra: int):
+        return constrain(x, self.names + (None,) * extra)
+
+
+def gather_param(w, names: Sequence[str | None], dtype):
+    """A weight cast to ``dtype`` in its compute layout: where ZeRO-3 gathers it (a no-op layout change below
+    stage 3). Under ZeRO++ qwZ (:mod:`jzero.quantized_gather` active) the gather moves int8 blocks instead."""
+    from jzero import quantized_gather as qwz
+
+    active, q = _ACTIVE.get(), qwz.settings()
+    dim = q[1].get((tuple(names), tuple(w.shape))) if active is not None and q is not None else None
+    if dim is None:   # no qwZ, or a leaf ZeRO-3 keeps whole: there is no gather to quantize
+        return constrain(w.astype(dtype), names)
+    mesh, rules = active
+    spec = logical_to_spec(names, rules)
+    entry = spec[dim] if dim < len(spec) else None
+    if math.prod(mesh.shape[a] for a in _spec_axes(entry)) > 1:
+        raise NotImplementedError(f"ZeRO++ qwZ on a dim split over {entry} and data together is not implemented; "
+                                  "use mesh.tensor=1")
+    local = w.shape[-1] // (mesh.shape["data"] if dim == w.ndim - 1 else 1)
+    return qwz.quantized_gather(w, mesh, dim, dtype, qwz.block_for(local, q[0]), _ConstrainTo(names))
 
 
 def per_device_bytes(tree, device=None, memory_kind: str | None = None) -> int:

@@ -21,7 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jzero import kernels, pipeline
 from jzero.kernels import gelu_gemm as kernel_gg
 from jzero.kernels import layer_norm as kernel_ln
-from jzero.sharding import constrain
+from jzero.sharding import constrain, gather_param
 from models.kv_cache import attend_cached
 
 Dtype = Any
@@ -41,7 +41,7 @@ def param(mod: nn.Module, name: str, shape: Sequence[int], names: Sequence[str |
           dtype: Dtype, param_dtype: Dtype = jnp.float32) -> jax.Array:
     """Create/read a parameter with logical names; return it cast to ``dtype`` in its compute layout."""
     w = mod.param(name, nn.with_logical_partitioning(init, tuple(names)), tuple(shape), param_dtype)
-    return constrain(w.astype(dtype), names)
+    return gather_param(w, names, dtype)
 
 
 def embed_lookup(table_VxD: jax.Array, ids_BxT: jax.Array) -> jax.Array:

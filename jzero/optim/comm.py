@@ -217,6 +217,10 @@ def _type_bytes(type_text: str) -> float:
 
 
 def _group_size(line: str, n_devices: int) -> int:
+    if "replica_groups=mesh[" in line:   # jax 0.10's mesh form: parsed with the other forms in jzero.topology
+        from jzero.topology import replica_groups
+
+        return len(replica_groups(line, n_devices)[0])
     m = re.search(r"replica_groups=\{\{([0-9,]*)\}", line)
     if m:
         return len(m[1].split(","))
