@@ -149,7 +149,7 @@ def test_lamb_type_is_case_insensitive_and_builds():
 
 @pytest.mark.parametrize("optimizer, scheduler, clip, match", [
     (None, None, 0.0, r"optimizer: missing"),
-    ({"type": "SGD", "params": {}}, None, 0.0, r"optimizer.type='SGD'.*Adam, AdamW, Lamb, OneBitAdam, ZeroOneAdam, OneBitLamb \("),
+    ({"type": "SGD", "params": {}}, None, 0.0, r"optimizer.type='SGD'.*Adam, AdamW, Lamb, OneBitAdam, ZeroOneAdam, OneBitLamb, SignSGD \("),
     ({"type": "Adam", "params": {"lr": 0.1, "beta1": 0.9}}, None, 0.0, r"optimizer.params.beta1.*valid keys"),
     ({"type": "Adam", "params": {"amsgrad": True}}, None, 0.0, r"optimizer.params.amsgrad"),
     ({"type": "Adam", "params": {"max_grad_norm": 1.0}}, None, 0.0, r"optimizer.params.max_grad_norm.*gradient_clipping"),
