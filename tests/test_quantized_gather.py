@@ -5,12 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jzero
-from jzero.config import load_config
 from jzero.optim.comm import collective_ops
 from jzero.quantized_gather import block_dequantize, block_for, block_quantize
-from test_engine import batches
-from test_topology import ZERO3
+from test_topology import compile_and_train
 
 
 def numpy_block_quantize(x, block):
@@ -39,10 +36,8 @@ def test_block_quantizer_matches_numpy_and_bounds_the_error():
 def runs():
     out = {}
     for name, extra in [("plain", []), ("qwz", ["zero_optimization.zero_quantized_weights=true"])]:
-        eng = jzero.initialize(load_config(base={}, overrides=ZERO3 + extra))
-        hlo = eng.compile().as_text()
-        losses = [float(eng.train_step(b)["loss"]) for b in batches(eng.batch_shape(), 2)]
-        out[name] = (collective_ops(hlo), np.array(losses))
+        _, hlo, losses = compile_and_train(extra)
+        out[name] = (collective_ops(hlo), losses)
     return out
 
 

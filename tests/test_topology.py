@@ -14,15 +14,18 @@ from test_engine import BASE, batches
 ZERO3 = BASE + ["zero_optimization.stage=3", "train_batch_size=16"]
 
 
+def compile_and_train(extra, steps=2):
+    """ZeRO-3 + ``extra`` overrides: (engine, compiled step's HLO text, losses of ``steps`` steps)."""
+    eng = jzero.initialize(load_config(base={}, overrides=ZERO3 + extra))
+    hlo = eng.compile().as_text()
+    losses = [float(eng.train_step(b)["loss"]) for b in batches(eng.batch_shape(), steps)]
+    return eng, hlo, np.array(losses)
+
+
 @pytest.fixture(scope="module")
 def runs():
-    out = {}
-    for name, extra in [("flat", []), ("hpz", ["zero_optimization.zero_hpz_partition_size=4"])]:
-        eng = jzero.initialize(load_config(base={}, overrides=ZERO3 + extra))
-        hlo = eng.compile().as_text()
-        losses = [float(eng.train_step(b)["loss"]) for b in batches(eng.batch_shape(), 2)]
-        out[name] = (eng, hlo, np.array(losses))
-    return out
+    return {name: compile_and_train(extra)
+            for name, extra in [("flat", []), ("hpz", ["zero_optimization.zero_hpz_partition_size=4"])]}
 
 
 def test_hpz_same_losses_as_flat_zero3(runs):
