@@ -75,16 +75,18 @@ class TrainingGuard:
     def watch(self, engine, metrics: dict) -> dict:
         """``metrics`` plus the guard's two device scalars; call it after every train step (no host sync)."""
         loss = metrics["loss"]
-        if self._run is None:
+        if self._run is None:   # device constants placed once, not every step
             self._run = jax.device_put(np.int32(0), loss.sharding)
+            self._false = jax.device_put(np.bool_(False), loss.sharding)
+            self._zero = jax.device_put(np.float32(0), loss.sharding)
         stalled = getattr(getattr(engine.state, "loss_scale", None), "stalled_at_min_scale", None)
         if stalled is None:
-            stalled = jax.device_put(np.bool_(False), loss.sharding)
+            stalled = self._false
         if self.count_nonfinite:
             run, stalled = _count(self._run, loss, metrics.get("grad_norm", loss), stalled)
             self._run = run
         else:
-            run, stalled = _count(self._run, jnp.float32(0), jnp.float32(0), stalled)
+            run, stalled = _count(self._run, self._zero, self._zero, stalled)
         return {**metrics, RUN_KEY: run, STALLED_KEY: stalled}
 
     def check(self, step: int, m: dict) -> None:
