@@ -113,9 +113,11 @@ class Generator:
 
     def __init__(self, model: nn.Module, params, *, vocab_size: int | None = None, tensor: int = 1,
                  devices=None, rules: shd.LogicalRules = shd.DEFAULT_RULES, prompt_bucket: int = 16,
-                 unroll_layers: bool = False):
-        """``unroll_layers``: decode with one program per layer instead of the layer scan (the stacked params are
-        split into ``block_{i}``): no loop inside each decode step, for a longer compile."""
+                 unroll_layers: bool = True):
+        """``unroll_layers`` (default): decode with the layers unrolled instead of the layer scan (the stacked params
+        are split into ``block_{i}``): no loop inside each decode step, for a longer compile. On an H200 this is
+        1.7x (Llama-1B) and 1.05x (GPT-2 124M, batch 1) faster per token (BENCHMARKS.md, sessions 5-6);
+        ``False`` keeps the scan (GPT-2 at batch 32 is 1.1x faster scanned)."""
         params = nn.unbox(params)
         if unroll_layers and model.cfg.scan_layers:
             model = type(model)(replace(model.cfg, scan_layers=False))

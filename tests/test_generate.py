@@ -143,7 +143,7 @@ def test_weights_from_a_zero3_tensor_parallel_checkpoint(tmp_path, capsys):
     eng.save_checkpoint(tmp_path / "run" / "checkpoints")
     checkpoint.wait_until_finished(tmp_path / "run" / "checkpoints")
     want = jax.tree.map(np.asarray, jax.device_get(eng.state.params))
-    gen = Generator.from_checkpoint(tmp_path / "run", dtype="fp32", tensor=2)
+    gen = Generator.from_checkpoint(tmp_path / "run", dtype="fp32", tensor=2, unroll_layers=False)
     assert gen.vocab_size == 256 and isinstance(gen.model, Llama)
     got = jax.tree.map(np.asarray, jax.device_get(gen.params))
     assert jax.tree.all(jax.tree.map(np.array_equal, got, want))

@@ -38,6 +38,8 @@ def parse_args(argv):
     p.add_argument("--tensor", type=int, default=1, help="tensor-parallel size (devices the weights are split over)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="bf16")
     p.add_argument("--chunk", type=int, default=8, help="tokens decoded per program call (streaming granularity)")
+    p.add_argument("--scan-layers", action="store_true",
+                   help="decode with the layer scan instead of unrolled layers (faster compile, slower per token)")
     return p.parse_args(argv)
 
 
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
 
         from jzero.generation import Generator
 
-        kw = dict(tensor=args.tensor, dtype=args.dtype)
+        kw = dict(tensor=args.tensor, dtype=args.dtype, unroll_layers=not args.scan_layers)
         gen = (Generator.from_hf(args.hf, **kw) if args.hf else
                Generator.from_checkpoint(args.checkpoint, step=args.step, **kw))
         stops = default_stops(args, gen.vocab_size)
