@@ -76,3 +76,17 @@ def test_async_collectives_reads_pairs_and_the_compute_between():
     r = async_collectives(GPU_STYLE)
     assert r["async"] == [{"op": "all-gather", "overlapped": 2}, {"op": "all-reduce", "overlapped": 0}]
     assert r["sync"] == {"all-reduce": 1}
+
+
+def test_overlap_gpu_benchmark_worker_reads_a_real_compiled_step():
+    """benchmarks/overlap_gpu's worker on the 8 fake CPU devices: jzero's real ZeRO-3 step compiles and its schedule
+    is read (XLA:CPU: every collective synchronous, none async), so the GPU run has a working harness."""
+    import json
+
+    code = ("import sys; from benchmarks.overlap_gpu import main; "
+            "main(['--worker', '--variant', 'cpu', '--overrides', '[\"zero_optimization.stage=3\"]'])")
+    r = _probe((), code)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("ROW "))[4:])
+    assert row["devices"] == 8 and row["platform"] == "cpu" and row["async"] == 0
+    assert row["sync"].get("all-gather", 0) >= 1 and row["sync"].get("all-reduce", 0) >= 1   # ZeRO-3's gathers
