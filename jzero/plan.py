@@ -1,20 +1,23 @@
-"""Scaling predictor: a config's step time, tokens/s and efficiency on N nodes x G GPUs, per ZeRO stage / 1-bit.
+"""Scaling predictor: a config's step time, tokens/s and efficiency on N nodes x G GPUs, per candidate (ZeRO
+stages, ZeRO++ hpZ / qwZ / qgZ, 1-bit Adam).
 
-The model (one page, docs/plan.md): compile the config's train step on the local (fake) devices, read every
+The model (one page, docs/plan.md): compile each candidate's train step on the local (fake) devices, read every
 collective of the compiled HLO, attribute its bytes to the mesh axes its replica groups span, and scale them to
-the target data-parallel size with the ring conventions of :func:`jzero.optim.comm.collective_ops`:
+the target mesh with the ring conventions of :func:`jzero.optim.comm.collective_ops`:
 
     t(N) = t_compute + t_comm(N) - min(overlap * t_compute, t_comm(N))
     t_comm(N) = sum over collectives c: trips_c * (factor(kind_c, n_c) * S_c / bw(c) + alpha(c) * ceil(log2 n_c))
 
 S_c is the collective's full buffer (all-reduce / all-gather / all-to-all: result bytes; reduce-scatter: result x
 group), which does not depend on the data size for data-axis collectives (a ZeRO-3 layer gather is the whole layer
-at any N). n_c is the group at the target: the data axis grows to N / (tensor x pipeline), the other axes keep their
-size. bw(c) is NVLink when the group stays in one node and InfiniBand (per GPU) when it spans nodes; trips_c is the
-trip count of the while loops around it (a scanned layer's gather runs once per layer). t_compute is the measured
-single-GPU step (weak scaling: the per-GPU micro-batch stays, tokens/s = N x tokens per GPU step / t).
-Memory per device at N: XLA's temporaries at the compiled size plus every state leaf's bytes divided by its
-shard count at N (sharded over data: divided by the target data size).
+at any N). n_c is the group at the target (:func:`target_sizes`): without hpZ the data axis grows to
+N / (tensor x pipeline); with hpZ (a ``node`` axis) node = N / G and data = G / (tensor x pipeline), and a
+collective over ``node`` alone moves ZeRO storage sharded over ``data`` (hpZ's gradient shard), so its S_c scales
+by compiled data / target data. bw(c) is NVLink when the group stays in one node and InfiniBand (per GPU) when it
+spans nodes; trips_c is the trip count of the while loops around it (a scanned layer's gather runs once per
+layer). t_compute is the measured single-GPU step (weak scaling: the per-GPU micro-batch stays, tokens/s = N x
+tokens per GPU step / t). Memory per device at N: XLA's temporaries at the compiled size plus every state leaf's
+bytes divided by its shard count at N.
 """
 
 from __future__ import annotations
@@ -27,15 +30,53 @@ from typing import Any
 import numpy as np
 
 from jzero.optim.comm import _type_bytes
+from jzero.topology import NODE, replica_groups  # noqa: F401  (replica_groups: the one HLO group parser)
 
-#: The configurations the planner compares: name -> overrides on the user's config. Data, so that new ones (the
-#: hybrid-mesh hpZ / ZeRO++ qwZ / qgZ keys of the other half of issue 21) are one line each.
-CANDIDATES: dict[str, list[str]] = {
-    "zero0": ["zero_optimization.stage=0"],
-    "zero1": ["zero_optimization.stage=1"],
-    "zero2": ["zero_optimization.stage=2"],
-    "zero3": ["zero_optimization.stage=3"],
-    "onebit_adam": ["zero_optimization.stage=0", "optimizer.type=OneBitAdam"],
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One configuration the planner compares: overrides on the user's config, and the config key it needs.
+
+    ``{per_node}`` in an override is the compiled data ranks / 2, so hpZ compiles as 2 nodes (8 fake devices:
+    2 x 4) and is scaled to partition = GPUs per node at the target. A candidate whose key the schema lacks is
+    not built in this tree: the planner prints so and leaves it out of the table."""
+    overrides: tuple[str, ...]
+    needs: str | None = None
+
+    def built(self) -> bool:
+        from jzero.config import JzeroConfig
+
+        model = JzeroConfig
+        for part in self.needs.split(".") if self.needs else ():
+            field = getattr(model, "model_fields", {}).get(part)
+            if field is None:
+                return False
+            model = field.annotation
+        return True
+
+    def resolved(self, data_ranks: int) -> list[str]:
+        if any("{per_node}" in o for o in self.overrides) and (data_ranks < 2 or data_ranks % 2):
+            from jzero.errors import ConfigError
+
+            raise ConfigError(f"{self.needs}: compiling hpZ as 2 nodes needs an even number of data ranks on the "
+                              f"fake devices, got {data_ranks}; change --fake-devices or mesh.tensor/pipeline")
+        return [o.format(per_node=data_ranks // 2) for o in self.overrides]
+
+
+_Z3 = "zero_optimization.stage=3"
+#: The configurations the planner compares, as data: a new one (qgZ once its key exists) is one entry.
+CANDIDATES: dict[str, Candidate] = {
+    "zero0": Candidate(("zero_optimization.stage=0",)),
+    "zero1": Candidate(("zero_optimization.stage=1",)),
+    "zero2": Candidate(("zero_optimization.stage=2",)),
+    "zero3": Candidate((_Z3,)),
+    "hpz": Candidate((_Z3, "zero_optimization.zero_hpz_partition_size={per_node}"),
+                     "zero_optimization.zero_hpz_partition_size"),
+    "qwz": Candidate((_Z3, "zero_optimization.zero_quantized_weights=true"),
+                     "zero_optimization.zero_quantized_weights"),
+    "qgz": Candidate((_Z3, "zero_optimization.zero_quantized_gradients=true"),
+                     "zero_optimization.zero_quantized_gradients"),
+    "onebit_adam": Candidate(("zero_optimization.stage=0", "optimizer.type=OneBitAdam")),
 }
 
 #: Measured single-GPU step (ms) of the shipped configs at their own batch (BENCHMARKS.md, session 5, one H200).
@@ -68,25 +109,6 @@ class Links:
 
 
 # ------------------------------------------------------------------------------------------- HLO reading
-def replica_groups(line: str, n_devices: int) -> list[list[int]]:
-    """The device groups of one collective line: explicit ``{{0,1},{2,3}}`` or iota ``[G,S]<=[dims]T(perm)``."""
-    m = re.search(r"replica_groups=\{(\{[0-9,{} ]*\})\}", line)
-    if m:
-        return [[int(x) for x in g.split(",") if x.strip()] for g in re.findall(r"\{([0-9, ]*)\}", m[1])]
-    m = re.search(r"replica_groups=\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", line)
-    if m:
-        shape = [int(x) for x in m[1].split(",")]
-        dims = [int(x) for x in m[2].split(",")]
-        ids = np.arange(math.prod(dims)).reshape(dims)
-        if m[3]:
-            ids = ids.transpose([int(x) for x in m[3].split(",")])
-        return ids.reshape(shape[0], -1).tolist()
-    m = re.search(r"source_target_pairs=\{([0-9,{} ]*)\}", line)
-    if m:
-        return [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)\}", m[1])]
-    return [list(range(n_devices))]
-
-
 def _trips(hlo_text: str) -> dict[str, int]:
     """Computation name -> how many times it runs per step (while bodies x their known trip counts, nested)."""
     comps, current = {}, None
@@ -146,32 +168,69 @@ def collectives(hlo_text: str, mesh) -> list[Collective]:
 
 
 # ------------------------------------------------------------------------------------------------ model
-def bytes_per_device(cols: list[Collective], sizes: dict[str, int]) -> dict[str, float]:
-    """Bytes one device sends per step with the mesh axes at ``sizes``, per axis-set key ('data', 'tensor', ...)."""
+#: Mesh axes outermost first (jzero.topology.HPZ_AXES; without hpZ there is no ``node``): a group spans the
+#: devices of its outermost axis and every axis inside it.
+ORDER = (NODE, "pipeline", "data", "tensor")
+
+
+def target_sizes(compiled: dict[str, int], gpus: int, gpus_per_node: int) -> dict[str, int]:
+    """The mesh at ``gpus`` GPUs: tensor and pipeline as compiled; without a ``node`` axis data = gpus / (tensor x
+    pipeline); with one (hpZ, partition = GPUs per node) node = gpus / G (1 inside one node) and data = the rest."""
+    other = compiled.get("tensor", 1) * compiled.get("pipeline", 1)
+    if gpus % other:
+        raise ValueError(f"{gpus} GPUs do not divide into tensor x pipeline = {other}")
+    if NODE not in compiled:
+        return {**compiled, "data": gpus // other}
+    nodes = gpus // gpus_per_node if gpus > gpus_per_node else 1
+    if (gpus > gpus_per_node and gpus % gpus_per_node) or gpus % (nodes * other):
+        raise ValueError(f"hpZ: {gpus} GPUs are not whole nodes of {gpus_per_node} x tensor x pipeline = {other}")
+    return {**compiled, NODE: nodes, "data": gpus // nodes // other}
+
+
+def full_bytes_at(c: Collective, sizes: dict[str, int], compiled: dict[str, int] | None) -> float:
+    """S_c at the target: as compiled, except a collective over ``node`` but not ``data`` (hpZ's all-reduce of a
+    gradient shard stored over ``data``), whose buffer is 1/data of the leaf: x compiled data / target data."""
+    if compiled and NODE in c.axes and "data" not in c.axes and "data" in compiled:
+        return c.full_bytes * compiled["data"] / sizes["data"]
+    return c.full_bytes
+
+
+def _group(c: Collective, sizes: dict[str, int]) -> int:
+    return math.prod(sizes.get(a, 1) for a in c.axes) if c.axes else 1
+
+
+def bytes_per_device(cols: list[Collective], sizes: dict[str, int], compiled: dict[str, int] | None = None,
+                     trips: bool = True) -> dict[str, float]:
+    """Bytes one device sends per step with the mesh axes at ``sizes`` (``compiled``: the sizes the program was
+    compiled at, None when they are ``sizes``), per axis-set key ('data', 'node', 'data+tensor', ...).
+    ``trips=False`` counts a loop body once, as :func:`jzero.optim.comm.collective_bytes` does."""
     out: dict[str, float] = {}
     for c in cols:
-        n = math.prod(sizes.get(a, 1) for a in c.axes) if c.axes else 1
         key = "+".join(c.axes) or "none"
-        out[key] = out.get(key, 0.0) + c.trips * _FACTOR[c.op](max(n, 1)) * c.full_bytes
+        out[key] = out.get(key, 0.0) + ((c.trips if trips else 1) * _FACTOR[c.op](max(_group(c, sizes), 1))
+                                        * full_bytes_at(c, sizes, compiled))
     return out
 
 
-def comm_seconds(cols: list[Collective], sizes: dict[str, int], gpus_per_node: int, links: Links) -> float:
-    """t_comm at the target mesh ``sizes`` (axis order pipeline, data, tensor; tensor innermost)."""
-    order = ("pipeline", "data", "tensor")
+def crosses_nodes(c: Collective, sizes: dict[str, int], gpus_per_node: int) -> bool:
+    """Whether ``c``'s group spans more than one node: the devices of its outermost axis and those inside it."""
+    outer = min(ORDER.index(a) for a in c.axes)
+    return math.prod(sizes.get(a, 1) for a in ORDER[outer:]) > gpus_per_node
+
+
+def comm_seconds(cols: list[Collective], sizes: dict[str, int], gpus_per_node: int, links: Links,
+                 compiled: dict[str, int] | None = None) -> float:
+    """t_comm at the target mesh ``sizes`` (NVLink inside a node, InfiniBand across, :func:`crosses_nodes`)."""
     total = 0.0
     for c in cols:
-        if not c.axes:
-            continue
-        n = math.prod(sizes.get(a, 1) for a in c.axes)
+        n = _group(c, sizes)
         if n <= 1:
             continue
-        outer = min(order.index(a) for a in c.axes)   # a group spans the product of its axis and those inside it
-        span = math.prod(sizes.get(a, 1) for a in order[outer:])
-        cross = span > gpus_per_node
+        cross = crosses_nodes(c, sizes, gpus_per_node)
         bw = (links.ib_GBps if cross else links.nvlink_GBps) * 1e9
         alpha = links.ib_alpha if cross else links.nvlink_alpha
-        total += c.trips * (_FACTOR[c.op](n) * c.full_bytes / bw + alpha * math.ceil(math.log2(n)))
+        total += c.trips * (_FACTOR[c.op](n) * full_bytes_at(c, sizes, compiled) / bw
+                            + alpha * math.ceil(math.log2(n)))
     return total
 
 
@@ -203,19 +262,25 @@ def memory_bytes(prof: Profile, sizes: dict[str, int]) -> float:
     return total
 
 
-def profile(cfg, name: str, mesh=None) -> Profile:
-    """Compile ``cfg``'s train step on the local devices and keep its collectives, memory and state layout."""
-    import jax
-
+def compile_step(cfg, mesh=None):
+    """``(engine, compiled train step)`` of ``cfg`` on the local devices (1-bit: its compression stage)."""
     import jzero
     from jzero.optim.onebit import is_onebit
 
     engine = jzero.initialize(cfg, mesh=mesh)
-    rc, mesh = engine.config, engine.mesh
     lowered = engine.lower_train_step()
-    if is_onebit(rc.optimizer.type):   # the step holds warm-up and compression; plan the compression stage
+    if is_onebit(engine.config.optimizer.type):   # the step holds warm-up and compression; plan the compression
         lowered = _onebit_compressed(engine)
-    compiled = lowered.compile()
+    return engine, lowered.compile()
+
+
+def profile_of(engine, compiled, name: str) -> Profile:
+    """What the planner keeps of a compiled step: its collectives, temporaries and the state's layout."""
+    import jax
+
+    from jzero.optim.onebit import is_onebit
+
+    rc, mesh = engine.config, engine.mesh
     cols = collectives(compiled.as_text(), mesh)
     sizes = {a: int(s) for a, s in mesh.shape.items()}
     leaves = []
@@ -227,6 +292,11 @@ def profile(cfg, name: str, mesh=None) -> Profile:
         leaves.append((int(x.size * x.dtype.itemsize), axes, per_rank))
     tokens = rc.train_micro_batch_size_per_gpu * rc.gradient_accumulation_steps * rc.data.seq_len
     return Profile(name, cols, int(compiled.memory_analysis().temp_size_in_bytes), leaves, sizes, tokens)
+
+
+def profile(cfg, name: str, mesh=None) -> Profile:
+    """Compile ``cfg``'s train step on the local devices and keep its collectives, memory and state layout."""
+    return profile_of(*compile_step(cfg, mesh), name)
 
 
 def _onebit_compressed(engine):
@@ -246,20 +316,19 @@ def _onebit_compressed(engine):
 
 def predict(prof: Profile, gpus: int, gpus_per_node: int, t_compute: float, links: Links,
             overlap: float = 0.0) -> dict[str, Any]:
-    """Predicted step (s), tokens/s, weak-scaling efficiency and per-device memory of one candidate on ``gpus``."""
-    other = prof.compiled_sizes.get("tensor", 1) * prof.compiled_sizes.get("pipeline", 1)
-    if gpus % other:
-        raise ValueError(f"{gpus} GPUs do not divide into tensor x pipeline = {other}")
-    sizes = {**prof.compiled_sizes, "data": gpus // other}
-    t_comm = comm_seconds(prof.cols, sizes, gpus_per_node, links)
+    """Predicted step (s), tokens/s, weak-scaling efficiency, per-device memory and bytes of a candidate on ``gpus``."""
+    sizes = target_sizes(prof.compiled_sizes, gpus, gpus_per_node)
+    t_comm = comm_seconds(prof.cols, sizes, gpus_per_node, links, prof.compiled_sizes)
     t = step_seconds(t_compute, t_comm, overlap)
-    return {"gpus": gpus, "step_s": t, "comm_s": t_comm, "tokens_per_s": gpus * prof.tokens_per_gpu_step / t,
-            "efficiency": t_compute / t, "memory_bytes": memory_bytes(prof, sizes)}
+    return {"gpus": gpus, "sizes": sizes, "step_s": t, "comm_s": t_comm,
+            "tokens_per_s": gpus * prof.tokens_per_gpu_step / t, "efficiency": t_compute / t,
+            "memory_bytes": memory_bytes(prof, sizes),
+            "bytes": bytes_per_device(prof.cols, sizes, prof.compiled_sizes)}
 
 
 def gpu_counts(nodes: int, gpus_per_node: int) -> list[int]:
     """1, 2, 4, ... up to G on one node, then whole nodes 2, 4, ... up to ``nodes`` (and ``nodes`` itself)."""
-    counts = [g for g in (2 ** i for i in range(11)) if g <= gpus_per_node]
+    counts = [g for g in (2 ** i for i in range(11)) if g <= gpus_per_node] + [gpus_per_node]
     counts += [n * gpus_per_node for n in (2 ** i for i in range(1, 11)) if n <= nodes]
     if nodes * gpus_per_node not in counts:
         counts.append(nodes * gpus_per_node)
@@ -267,24 +336,37 @@ def gpu_counts(nodes: int, gpus_per_node: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------ output
-def batch_overrides(path, overrides: list[str], default: dict, n_devices: int) -> list[str]:
-    """The config's per-GPU micro-batch and accumulation, with train_batch_size set for ``n_devices`` data ranks
-    (a single-GPU config such as gpt2_124m.yaml names a global batch equal to its micro-batch)."""
+def _batch(path, overrides: list[str], default: dict) -> tuple[int, int, int]:
+    """(micro-batch per GPU, accumulation steps, tensor x pipeline) of the user's config."""
     from jzero.config import load_config
 
     raw = load_config(path, overrides, base=None if path else default)
     other = raw.mesh.tensor * raw.mesh.pipeline if raw.mesh.tensor > 0 and raw.mesh.pipeline > 0 else 1
-    micro = raw.train_micro_batch_size_per_gpu or raw.train_batch_size
-    accum = raw.gradient_accumulation_steps or 1
+    return raw.train_micro_batch_size_per_gpu or raw.train_batch_size, raw.gradient_accumulation_steps or 1, other
+
+
+def batch_overrides(path, overrides: list[str], default: dict, n_devices: int) -> list[str]:
+    """The config's per-GPU micro-batch and accumulation, with train_batch_size set for ``n_devices`` data ranks
+    (a single-GPU config such as gpt2_124m.yaml names a global batch equal to its micro-batch)."""
+    micro, accum, other = _batch(path, overrides, default)
     return list(overrides) + [f"train_batch_size={micro * accum * (n_devices // other)}",
                               f"train_micro_batch_size_per_gpu={micro}", f"gradient_accumulation_steps={accum}"]
 
 
+def candidate_overrides(path, overrides: list[str], default: dict, n_devices: int, cand: Candidate) -> list[str]:
+    """:func:`batch_overrides` + the candidate's overrides for the ``n_devices`` / (tensor x pipeline) data ranks."""
+    return batch_overrides(path, overrides, default, n_devices) + cand.resolved(n_devices // _batch(
+        path, overrides, default)[2])
+
+
 def describe(prof: Profile) -> str:
+    """One line: the collectives, bytes per device per step by axis (loop trips counted), and the loop-free total
+    (each loop body once: what :func:`jzero.optim.comm.collective_bytes` counts on the same program)."""
     per_axis = bytes_per_device(prof.cols, prof.compiled_sizes)
+    once = sum(bytes_per_device(prof.cols, prof.compiled_sizes, trips=False).values())
     parts = [f"{k} {v / 1e6:.2f} MB" for k, v in sorted(per_axis.items()) if v]
     return (f"{len(prof.cols)} collectives, per device per step {', '.join(parts) or 'none'} "
-            f"(mesh {prof.compiled_sizes})")
+            f"(loop bodies once: {once:,.0f} bytes; mesh {prof.compiled_sizes})")
 
 
 def table(profiles: dict[str, Profile], counts: list[int], gpus_per_node: int, t_compute: float, links: Links,

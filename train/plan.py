@@ -1,5 +1,6 @@
 """Scaling predictor: step time, tokens/s and efficiency of a config on 1..N x G GPUs for each candidate
-(ZeRO 0-3, 1-bit Adam), from the train step compiled on 8 fake CPU devices (jzero.plan, docs/plan.md).
+(ZeRO 0-3, ZeRO++ hpZ / qwZ / qgZ, 1-bit Adam), from the train step compiled on 8 fake CPU devices (jzero.plan,
+docs/plan.md).
 
     python -m train.plan --config configs/gpt2_124m.yaml --nodes 16 --gpus-per-node 8 \
         [--nvlink-GBps 450] [--ib-GBps 50] [--step-ms-1gpu MS] [--gpu-mem-GiB 80] [--overlap 0] [key=value ...]
@@ -57,11 +58,20 @@ def main(argv=None) -> int:
         links = plan.Links(nvlink_GBps=args.nvlink_GBps, ib_GBps=args.ib_GBps)
         profiles = {}
         for name in names:
-            cfg = load_config(args.config, plan.batch_overrides(args.config, args.overrides, DEFAULT_CONFIG,
-                                                                args.fake_devices) + plan.CANDIDATES[name],
-                              base=None if args.config else DEFAULT_CONFIG)
-            profiles[name] = plan.profile(cfg, name)
+            cand = plan.CANDIDATES[name]
+            if not cand.built():
+                print(f"{name}: not built in this tree ({cand.needs} is not a config key); left out of the table")
+                continue
+            try:
+                over = plan.candidate_overrides(args.config, args.overrides, DEFAULT_CONFIG, args.fake_devices, cand)
+                cfg = load_config(args.config, over, base=None if args.config else DEFAULT_CONFIG)
+                profiles[name] = plan.profile(cfg, name)
+            except ConfigError as exc:   # the candidate does not apply to this config (the engine says why)
+                print(f"{name}: skipped, {exc}", flush=True)
+                continue
             print(f"compiled {name}: " + plan.describe(profiles[name]), flush=True)
+        if not profiles:
+            raise ConfigError(f"--candidates: none of {names} compiled for this config")
         print(plan.table(profiles, plan.gpu_counts(args.nodes, args.gpus_per_node), args.gpus_per_node,
                          step_ms / 1e3, links, args.overlap, args.gpu_mem_GiB * 2 ** 30))
     except JzeroError as exc:
