@@ -36,6 +36,8 @@ MODEL = ["model.n_layer=4", "model.d_model=512", "model.n_head=8", "data.seq_len
 def worker(args) -> None:
     import jax
 
+    if args.topology:   # the flag is read from jax.config only (the environment variable is not picked up)
+        jax.config.update("jax_mock_gpu_topology", args.topology)
     import jzero
     from jzero.config import load_config
     from jzero.overlap import async_collectives
@@ -62,7 +64,8 @@ def worker(args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--topology", default="1x8x1", help="mock GPU topology: slices x hosts x devices per host")
+    p.add_argument("--topology", default="1x8x1",
+                   help="mock GPU topology: slices x hosts x devices per host ('' = the real devices)")
     p.add_argument("--hlo", help="folder to write each variant's compiled HLO text into")
     p.add_argument("--timeout", type=float, default=150.0, help="seconds per variant")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -78,10 +81,10 @@ def main(argv=None) -> int:
     rows = []
     for name, _, overrides in VARIANTS:
         cfg = load_config(overrides=MODEL + overrides)
-        env = {**os.environ, "XLA_FLAGS": " ".join(flags_for(cfg)), "JAX_MOCK_GPU_TOPOLOGY": args.topology,
+        env = {**os.environ, "XLA_FLAGS": " ".join(flags_for(cfg)),
                "PYTHONPATH": f"{Path(__file__).resolve().parents[1]}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         cmd = [sys.executable, "-m", "benchmarks.overlap_gpu", "--worker", "--variant", name,
-               "--overrides", json.dumps(overrides)] + (["--hlo", args.hlo] if args.hlo else [])
+               "--overrides", json.dumps(overrides), "--topology", args.topology] + (["--hlo", args.hlo] if args.hlo else [])
         try:
             r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
             got = [json.loads(ln[4:]) for ln in r.stdout.splitlines() if ln.startswith("ROW ")]
@@ -90,6 +93,9 @@ def main(argv=None) -> int:
         except subprocess.TimeoutExpired:
             rows.append({"variant": name, "error": f"timeout after {args.timeout:.0f} s"})
         print(json.dumps(rows[-1]), flush=True)
+        if "error" in rows[-1] and len(rows) == 1:
+            print("the first variant failed: the others would too; stopping", flush=True)
+            break
     print("\n| variant | devices (local) | async pairs | by kind | overlapping compute | median compute between "
           "| sync collectives |")
     print("|---|---|---|---|---|---|---|")

@@ -84,7 +84,7 @@ def test_overlap_gpu_benchmark_worker_reads_a_real_compiled_step():
     import json
 
     code = ("import sys; from benchmarks.overlap_gpu import main; "
-            "main(['--worker', '--variant', 'cpu', '--overrides', '[\"zero_optimization.stage=3\"]'])")
+            "main(['--worker', '--variant', 'cpu', '--overrides', '[\"zero_optimization.stage=3\"]', '--topology', ''])")
     r = _probe((), code)
     assert r.returncode == 0, r.stderr[-2000:]
     row = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("ROW "))[4:])
