@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from jzero.errors import CheckpointError
-from jzero.guard import state_is_finite
 from jzero.orbax_noise import drop_closed_loop_callbacks, first_line, quiet_absl, quiet_background_failures
 
 FORMAT = 1
@@ -175,6 +175,25 @@ def check_compatible(meta: dict, state, optimizer_type: str, where: str, prefix:
                               f"train state holds; it was written by a run with other features (see its meta config)")
     raise CheckpointError(f"{where} holds state leaf '{extra[0]}' ({len(extra)} extra) that this run's train state "
                           f"lacks; enable the same features as the run that wrote it")
+
+
+@jax.jit
+def _all_finite(leaves):
+    ok = [jnp.all(jnp.isfinite(x)) for x in leaves]
+    return jnp.all(jnp.stack(ok)) if ok else jnp.asarray(True)
+
+
+def state_is_finite(state) -> bool:
+    """Whether every floating leaf of ``state`` on the devices is finite (one compiled reduction, one host sync);
+    :func:`save` refuses to write a state for which it is false.
+
+    Typed PRNG keys are not floating and are skipped. Leaves in pinned host memory (optimizer offload's masters
+    and moments) are left out: a non-finite update of theirs reaches the device params, which are checked.
+    """
+    leaves = [x for x in jax.tree.leaves(state)
+              if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.inexact)
+              and getattr(x.sharding, "memory_kind", None) in (None, "device")]
+    return bool(jax.device_get(_all_finite(leaves))) if leaves else True
 
 
 # --------------------------------------------------------------------------- managers

@@ -316,6 +316,13 @@ def _fmt_loc(loc) -> str:
     return ".".join(str(p) for p in loc if not str(p).startswith("function-after"))
 
 
+def valid_keys() -> set[str]:
+    """Every dotted key jzero accepts: the pydantic schema's fields plus the DeepSpeed key table's."""
+    from jzero.ds_keys import KEYS, _schema_paths
+
+    return _schema_paths(JzeroConfig) | set(KEYS)
+
+
 def _raise_from_validation(err: ValidationError, source: str) -> None:
     e = err.errors()[0]
     key = _fmt_loc(e["loc"])
@@ -324,7 +331,7 @@ def _raise_from_validation(err: ValidationError, source: str) -> None:
         from jzero.ds_keys import closest_key
 
         parent = key.rsplit(".", 1)[0] if "." in key else "top level"
-        near = closest_key(key)
+        near = closest_key(key, valid_keys())
         fix = f"did you mean '{near}'?" if near else "remove or rename it"
         msg = f"unknown key '{key}' in {source}: not a DeepSpeed or jzero key under {parent}; {fix}"
     elif kind == "value_error":
@@ -428,7 +435,8 @@ def validate(data: dict, source: str = "config") -> JzeroConfig:
 
     try:
         data, no_effect = normalize(data)
-        data, filled = resolve_auto(data)
+        data, filled = resolve_auto(data, default_lr=OptimizerConfig().params["lr"],
+                                    default_steps=TrainConfig().steps)
     except ConfigError as exc:
         raise ConfigError(f"{exc} ({source})") from None
     try:
