@@ -24,6 +24,7 @@ from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
 from jzero import kernels
+from jzero.loss import cross_entropy
 
 F32 = jnp.float32
 _NEG = -1e30   # finite "minus infinity" for the running max (exp(-inf - -inf) would be nan)
@@ -120,11 +121,9 @@ def head_cross_entropy(h_BxTxD, w_VxD, labels_BxT):
     """Per-token cross-entropy (fp32) of ``logits = h @ w.T`` against ``labels``, logits never kept.
 
     ``h`` and ``w`` in the compute dtype (bf16); the rows may be sharded (data parallelism), ``w`` replicated.
-    Not differentiated (evaluation), it is :func:`jzero.engine.cross_entropy` (XLA): the kernel's gradient output
+    Not differentiated (evaluation), it is :func:`jzero.loss.cross_entropy` (XLA): the kernel's gradient output
     would be wasted work.
     """
-    from jzero.engine import cross_entropy
-
     return cross_entropy(jnp.einsum("btd,vd->btv", h_BxTxD, w_VxD), labels_BxT)
 
 
