@@ -32,7 +32,7 @@ from jzero.config import JzeroConfig, resolve
 from jzero.errors import CheckpointError, ConfigError
 from jzero.loss import cross_entropy, logsumexp_one_pass  # noqa: F401  (re-exported: their old home)
 from jzero.mesh import make_mesh
-from jzero.offload import OFFLOADABLE_OPTIMIZERS, OptimizerOffload
+from jzero.offload import OptimizerOffload, offloaded, unsupported as offload_unsupported
 from jzero.optim import build_optimizer
 from jzero.optim.onebit import OneBit, build_onebit, is_onebit
 from jzero.optim.schedules import build_schedule
@@ -65,17 +65,7 @@ def check_supported(cfg: JzeroConfig) -> None:
         if cfg.mesh.tensor not in (1, -1) or cfg.mesh.pipeline not in (1, -1):
             unsupported.append(("mesh", f"{cfg.optimizer.type} runs data parallel only; set mesh.tensor=1 "
                                 "mesh.pipeline=1"))
-    if z.offload_optimizer.device != "none":
-        key = "zero_optimization.offload_optimizer.device"
-        if z.stage == 0:
-            unsupported.append((key, "optimizer offload partitions like ZeRO (DeepSpeed: valid with stage 1, 2 and "
-                                "3); set zero_optimization.stage to 1, 2 or 3"))
-        if cfg.optimizer.type.lower() not in {o.lower() for o in OFFLOADABLE_OPTIMIZERS}:   # as DeepSpeed
-            unsupported.append((key, f"offloading {cfg.optimizer.type} is not implemented (the chunked host update "
-                                f"is exact only for element-wise optimizers: {', '.join(OFFLOADABLE_OPTIMIZERS)})"))
-        if cfg.mesh.pipeline not in (1, -1):
-            unsupported.append((key, "optimizer offload with mesh.pipeline > 1 is not implemented; set "
-                                "mesh.pipeline=1"))
+    unsupported += offload_unsupported(cfg)
     if z.offload_param.device != "none":
         unsupported.append(("zero_optimization.offload_param.device", "parameter offload is not implemented (the "
                             "device needs each layer's weights in its scan step, and jzero streams only the "
@@ -249,7 +239,7 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
     if model is None:
         model, model_config = _default_model(cfg, vocab_size)
     if tx is None:   # under offload, clipping is decided on the device over the global norm, not per chunk
-        tx, schedule = _build_tx(cfg, layout.mesh, clipping=not _offloaded(cfg))
+        tx, schedule = _build_tx(cfg, layout.mesh, clipping=not offloaded(cfg))
     task = task or lm_task(cfg.data.seq_len)
     seed_key = jax.random.key(cfg.train.seed)
     init = lambda k: model.init(k, *task.init_inputs())  # noqa: E731
@@ -332,15 +322,11 @@ def _plan(cfg: JzeroConfig, layout: Layout, boxed_params, abstract_params) -> sh
         raise ConfigError(f"mesh.tensor={layout.mesh.shape['tensor']}: {exc}") from None
 
 
-def _offloaded(cfg: JzeroConfig) -> bool:
-    return cfg.zero_optimization.offload_optimizer.device == "cpu"
-
-
 def _strategy(cfg: JzeroConfig, tx, plan: shd.ShardingPlan, mesh, abstract_params):
     """Where the optimizer state lives and how a step updates it: fp32 masters + moments in pinned host memory,
     streamed chunk by chunk (offload_optimizer); the 1-bit optimizers' per-rank buffers and manual step; or the
     ZeRO layout on the devices."""
-    if _offloaded(cfg):
+    if offloaded(cfg):
         oo = cfg.zero_optimization.offload_optimizer
         return OptimizerOffload.build(tx, plan, abstract_params, compute_dtype(cfg), ratio=oo.ratio,
                                       max_norm=cfg.gradient_clipping)

@@ -21,8 +21,8 @@ compute on ``pinned_host`` buffers on GPU except through experimental host-compu
 the arithmetic at HBM speed, and the price is the PCIe traffic of the state (24 bytes per parameter per step).
 
 Gradient clipping and fp16 overflow skipping need the *global* gradient, so they are decided on the device in
-the gradient program (:func:`offload_grads`, the grads piece of :func:`jzero.step.make_step`) and handed to every chunk as two scalars (a multiplier and an
-``ok`` flag). Only element-wise optimizers (Adam, AdamW) are exact chunk by chunk; others are refused.
+the gradient program (:func:`offload_grads`, the grads piece of :func:`jzero.step.make_step`) and handed to
+every chunk as two scalars (a multiplier and an ``ok`` flag). Only element-wise optimizers (Adam, AdamW) are exact chunk by chunk; others are refused.
 """
 
 from __future__ import annotations
@@ -43,6 +43,28 @@ from jzero.step import StepGrads, TrainState, make_step
 
 HOST = "pinned_host"
 OFFLOADABLE_OPTIMIZERS = ("Adam", "AdamW")
+
+
+def offloaded(cfg) -> bool:
+    """Does the (validated) config put the optimizer state in host memory?"""
+    return cfg.zero_optimization.offload_optimizer.device == "cpu"
+
+
+def unsupported(cfg) -> list[tuple[str, str]]:
+    """``[(key, why)]`` of the config's combinations optimizer offload does not run (empty when it is off)."""
+    out: list[tuple[str, str]] = []
+    if cfg.zero_optimization.offload_optimizer.device == "none":
+        return out
+    key = "zero_optimization.offload_optimizer.device"
+    if cfg.zero_optimization.stage == 0:
+        out.append((key, "optimizer offload partitions like ZeRO (DeepSpeed: valid with stage 1, 2 and "
+                    "3); set zero_optimization.stage to 1, 2 or 3"))
+    if cfg.optimizer.type.lower() not in {o.lower() for o in OFFLOADABLE_OPTIMIZERS}:   # as DeepSpeed
+        out.append((key, f"offloading {cfg.optimizer.type} is not implemented (the chunked host update "
+                    f"is exact only for element-wise optimizers: {', '.join(OFFLOADABLE_OPTIMIZERS)})"))
+    if cfg.mesh.pipeline not in (1, -1):
+        out.append((key, "optimizer offload with mesh.pipeline > 1 is not implemented; set mesh.pipeline=1"))
+    return out
 
 
 @struct.dataclass
