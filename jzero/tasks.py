@@ -76,7 +76,7 @@ def _use_fused_head(apply_fn: Callable) -> bool:
     cfg = getattr(module, "cfg", None)
     return (getattr(module, "fused_head", False) and cfg is not None
             and jnp.dtype(cfg.dtype) == jnp.dtype(jnp.bfloat16)
-            and kernels.enabled("cross_entropy") and kernel_ce.supported())
+            and kernels.use("cross_entropy", (kernels.LAYOUT_WHY, kernel_ce.supported)))
 
 
 # --------------------------------------------------------------------------- encoder tasks

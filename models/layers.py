@@ -98,7 +98,7 @@ class LayerNorm(nn.Module):
         scale = param(self, "scale", (d,), ("embed",), nn.initializers.ones, jnp.float32)
         bias = param(self, "bias", (d,), ("embed",), nn.initializers.zeros, jnp.float32)
         if _low_precision(self.dtype):   # GPU training path; fp32 keeps the plain formula (results unchanged)
-            if kernels.enabled("layer_norm") and kernel_ln.supported(RESIDUAL, d):
+            if kernels.use("layer_norm", (kernels.LAYOUT_WHY, lambda: kernel_ln.supported(RESIDUAL, d))):
                 return kernel_ln.layer_norm(x, scale, bias, self.eps, self.dtype, RESIDUAL)
             return layer_norm(x, scale, bias, self.eps, self.dtype)
         x32 = x.astype(jnp.float32)
@@ -396,8 +396,12 @@ class MLP(nn.Module):
         w2 = param(self, "proj_kernel", (self.d_ff, d), ("mlp", "embed"),
                    nn.initializers.normal(self.out_init_std), self.dtype)
         b2 = param(self, "proj_bias", (d,), ("embed",), nn.initializers.zeros, self.dtype)
-        if (self.fused and self.gelu_approximate and _low_precision(self.dtype) and kernels.enabled("gelu_gemm")
-                and kernel_gg.supported(SUBLAYER_INPUT, d, self.d_ff) and kernel_gg.available()):
+        if self.gelu_approximate and _low_precision(self.dtype) and kernels.use(
+                "gelu_gemm",
+                ("activation checkpointing is on (its saved pre/hidden are not remat-nameable)", self.fused),
+                (f"{kernels.LAYOUT_WHY}, or d_model={d} / d_ff={self.d_ff} not multiples of 8",
+                 lambda: kernel_gg.supported(SUBLAYER_INPUT, d, self.d_ff)),
+                ("its cuBLASLt library is not available (see the warning above)", kernel_gg.available)):
             return kernel_gg.mlp(x_BxTxD, w1, b1, w2, SUBLAYER_INPUT) + b2
         pre = jnp.einsum("btd,df->btf", x_BxTxD, w1) + b1
         if self.gelu_approximate and _low_precision(self.dtype):   # fp32 keeps jax's autodiff (unchanged)
