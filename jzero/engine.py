@@ -36,13 +36,10 @@ from jzero.offload import OptimizerOffload, offloaded, unsupported as offload_un
 from jzero.optim import build_optimizer
 from jzero.optim.onebit import OneBit, build_onebit, is_onebit
 from jzero.optim.schedules import build_schedule
-from jzero.precision import init_loss_scale, skips_nonfinite_steps
+from jzero.precision import dtype_from_name, init_loss_scale, skips_nonfinite_steps
 from jzero.step import (OnDevice, TrainState, accumulate_grads, apply_update,  # noqa: F401  (re-exported)
                         micro_batch_grads)
 from jzero.tasks import Task, lm_loss, lm_task  # noqa: F401  (re-exported: their old home)
-
-DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
-
 
 def compute_dtype(cfg: JzeroConfig):
     if cfg.bf16.enabled:
@@ -332,7 +329,7 @@ def _strategy(cfg: JzeroConfig, tx, plan: shd.ShardingPlan, mesh, abstract_param
                                       max_norm=cfg.gradient_clipping)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     if is_onebit(cfg.optimizer.type):
-        return OneBit.build(tx, abstract_opt, mesh, DTYPES[cfg.data_types.grad_accum_dtype or "fp32"],
+        return OneBit.build(tx, abstract_opt, mesh, dtype_from_name(cfg.data_types.grad_accum_dtype),
                             fp16=cfg.fp16.enabled)
     return OnDevice(tx, shd.opt_state_shardings(tx, abstract_opt, plan), fp16=cfg.fp16.enabled)
 
@@ -347,7 +344,7 @@ def _grads_of(cfg: JzeroConfig, layout: Layout, plan: shd.ShardingPlan) -> Calla
     if layout.hpz > 1:   # ZeRO++ hpZ: the gradient reduced within the node first
         value_and_grad = lambda f: topology.hierarchical_value_and_grad(  # noqa: E731
             f, layout.mesh, layout.flat_rules, plan.grad)
-    return micro_batch_grads(plan.grad, DTYPES[cfg.data_types.grad_accum_dtype or "fp32"], value_and_grad)
+    return micro_batch_grads(plan.grad, dtype_from_name(cfg.data_types.grad_accum_dtype), value_and_grad)
 
 
 def _step_context(cfg: JzeroConfig, layout: Layout, plan: shd.ShardingPlan, abstract_params) -> Callable:
