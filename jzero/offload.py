@@ -22,7 +22,8 @@ the arithmetic at HBM speed, and the price is the PCIe traffic of the state (24 
 
 Gradient clipping and fp16 overflow skipping need the *global* gradient, so they are decided on the device in
 the gradient program (:func:`offload_grads`, the grads piece of :func:`jzero.step.make_step`) and handed to
-every chunk as two scalars (a multiplier and an ``ok`` flag). Only element-wise optimizers (Adam, AdamW) are exact chunk by chunk; others are refused.
+every chunk as two scalars (a multiplier and an ``ok`` flag). Only element-wise optimizers (Adam, AdamW) are
+exact chunk by chunk; others are refused.
 """
 
 from __future__ import annotations

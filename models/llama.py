@@ -84,7 +84,7 @@ class Llama(nn.Module):
     """``tokens_BxT`` (int32) -> logits ``[B, T, vocab]`` in the compute dtype.
 
     Not fp32: with fp32 logits the head's two backward GEMMs take an fp32 cotangent and run as fp32/TF32 GEMMs,
-    measured 59 of 282 ms of a Llama-1B step (vocab 128256) on an H100; the cross-entropy upcasts per element.
+    a large share of a Llama-1B step (vocab 128256; BENCHMARKS.md, "Session 2"); the cross-entropy upcasts per element.
 
     With ``cache`` (a :class:`models.kv_cache.KVCache`) the tokens are the next ``T`` of each row and the result
     is ``(logits, advanced_cache)`` (``((hidden, head weight), cache)`` with ``head=False``).

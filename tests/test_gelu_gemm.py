@@ -156,7 +156,8 @@ def test_failed_build_warns_by_default_and_raises_when_requested(monkeypatch):
 
 
 def _fake_root(root, headers_at="include", libs_at="lib"):
-    for f in [f"{headers_at}/{h}" for h in build.HEADERS] + [f"{libs_at}/libcublasLt.so.13", f"{libs_at}/libcudart.so.13"]:
+    libs = [f"{libs_at}/libcublasLt.so.13", f"{libs_at}/libcudart.so.13"]
+    for f in [f"{headers_at}/{h}" for h in build.HEADERS] + libs:
         (root / f).parent.mkdir(parents=True, exist_ok=True)
         (root / f).write_text("")
 
