@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "initialize": ("jzero.engine", "initialize"),
     "Engine": ("jzero.engine", "Engine"),
-    "TrainState": ("jzero.engine", "TrainState"),
+    "TrainState": ("jzero.step", "TrainState"),
     "load_config": ("jzero.config", "load_config"),
     "make_mesh": ("jzero.mesh", "make_mesh"),
     "generate": ("jzero.generation", "generate"),

@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from jzero.errors import CheckpointError
-from jzero.guard import state_is_finite
 from jzero.orbax_noise import drop_closed_loop_callbacks, first_line, quiet_absl, quiet_background_failures
 
 FORMAT = 1
@@ -138,10 +138,15 @@ def make_meta(engine, step: int, data_state: dict | None) -> dict:
                    "zero_stage": cfg.zero_optimization.stage, "n_devices": int(engine.mesh.devices.size)},
         "state": describe(saveable(engine.state)),
         "data": data_state,
-        # optimizer offload: which (param path, layer) each host master chunk holds, so export can re-stack them
-        "offload": ({"chunks": [[c.path, c.layer] for c in engine.offload.chunks]}
-                    if getattr(engine, "offload", None) is not None else None),
+        # what the strategy needs to rebuild the fp32 weights (optimizer offload: which (param path, layer) each
+        # host master chunk holds, so read_params can re-stack them); None when state.params are those weights
+        "offload": _strategy_meta(engine),
     }
+
+
+def _strategy_meta(engine):
+    strategy = getattr(engine, "strategy", None)
+    return strategy.checkpoint_meta() if strategy is not None else None
 
 
 def check_compatible(meta: dict, state, optimizer_type: str, where: str, prefix: str = "") -> None:
@@ -175,6 +180,25 @@ def check_compatible(meta: dict, state, optimizer_type: str, where: str, prefix:
                               f"train state holds; it was written by a run with other features (see its meta config)")
     raise CheckpointError(f"{where} holds state leaf '{extra[0]}' ({len(extra)} extra) that this run's train state "
                           f"lacks; enable the same features as the run that wrote it")
+
+
+@jax.jit
+def _all_finite(leaves):
+    ok = [jnp.all(jnp.isfinite(x)) for x in leaves]
+    return jnp.all(jnp.stack(ok)) if ok else jnp.asarray(True)
+
+
+def state_is_finite(state) -> bool:
+    """Whether every floating leaf of ``state`` on the devices is finite (one compiled reduction, one host sync);
+    :func:`save` refuses to write a state for which it is false.
+
+    Typed PRNG keys are not floating and are skipped. Leaves in pinned host memory (optimizer offload's masters
+    and moments) are left out: a non-finite update of theirs reaches the device params, which are checked.
+    """
+    leaves = [x for x in jax.tree.leaves(state)
+              if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.inexact)
+              and getattr(x.sharding, "memory_kind", None) in (None, "device")]
+    return bool(jax.device_get(_all_finite(leaves))) if leaves else True
 
 
 # --------------------------------------------------------------------------- managers
@@ -371,12 +395,11 @@ def load(engine, directory, tag=None, data_iterator=None, load_module_only: bool
     if data_iterator is not None and meta.get("data") is None:
         raise CheckpointError(f"{where} holds no data iterator position (saved without data_iterator); "
                               f"load it without data_iterator and position the data yourself")
-    if load_module_only and getattr(engine, "offload", None) is not None:
-        # under optimizer offload the weights are the fp32 host masters: read the checkpoint's fp32 weights
-        # (its params, or its masters if it was offloaded too) and rebuild masters + device copies from them
-        from jzero import export
-
-        engine.set_params(export.load_params(directory, step)[1])
+    strategy = getattr(engine, "strategy", None)
+    if load_module_only and strategy is not None and not strategy.params_are_masters:
+        # the fp32 weights are not state.params (optimizer offload: host masters): read the checkpoint's fp32
+        # weights (its params, or its masters if it was offloaded too) and rebuild the engine's from them
+        engine.set_params(read_params(directory, step)[1])
         state = engine.state
     elif load_module_only:
         check_compatible(meta, engine.state, engine.config.optimizer.type, where, prefix="params.")
@@ -449,6 +472,70 @@ def _restore_item(directory, step: int, item: str, where: str):
     except Exception as exc:
         raise UnreadableCheckpointError(f"{where} is unreadable: its {item} item failed to load "
                                         f"({type(exc).__name__}: {first_line(exc)})") from None
+
+
+# --------------------------------------------------------------------------- the weights alone, on the host
+
+
+def location(directory) -> str:
+    """The absolute path a checkpoint directory is known by (in messages, and export's metadata)."""
+    return _key(directory)
+
+
+def read_params(directory, step: int | None = None) -> tuple[int, dict, dict]:
+    """``(step, params, meta)``: the checkpoint's fp32 weights as host numpy arrays (a nested dict), read alone:
+    no mesh, no optimizer state (except an offloaded run's masters, which are its weights)."""
+    step, meta = read_meta(directory, step)
+    where = f"checkpoint {_key(directory)}/{step}"
+    if meta.get("offload"):   # the fp32 masters are the host chunks in the optimizer state, not the device params
+        return step, _read_offloaded_masters(directory, step, meta, where), meta
+    shapes = {k.removeprefix("params."): v for k, v in meta["state"].items() if k.startswith("params.")}
+    if not shapes:
+        raise CheckpointError(f"{where} holds no params (state leaves: {list(meta['state'])[:3]}...)")
+    item = {"params": _nested({k: _struct(v) for k, v in shapes.items()})}
+    return step, _read_host(directory, step, item, where, "params")["params"], meta
+
+
+def _read_offloaded_masters(directory, step: int, meta: dict, where: str) -> dict:
+    """Params of a run saved under ``offload_optimizer``: its fp32 master chunks, re-stacked per leaf."""
+    from jzero.offload import restack_masters
+
+    chunks = meta["offload"]["chunks"]
+    keys = [f"opt_state.master.{i}" for i in range(len(chunks))]
+    missing = [k for k in keys if k not in meta["state"]]
+    if missing:
+        raise CheckpointError(f"{where}: its meta lists {len(chunks)} offloaded master chunks but the state has no "
+                              f"{missing[0]}; the checkpoint is inconsistent, export another step")
+    item = {"opt_state": {"master": [_struct(meta["state"][k]) for k in keys]}}
+    masters = _read_host(directory, step, item, where, "master weights")["opt_state"]["master"]
+    return _nested(restack_masters(chunks, masters))
+
+
+def _read_host(directory, step: int, item, where: str, what: str):
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    try:
+        return restore_partial(directory, step, item, restore_args)
+    except Exception as exc:
+        raise UnreadableCheckpointError(f"{where} is unreadable: its {what} failed to load ({type(exc).__name__}: "
+                                        f"{first_line(exc)}); export an earlier --step") from None
+
+
+def _struct(desc: str):
+    """ShapeDtypeStruct from a :func:`describe` entry like ``float32[2,64]``."""
+    dtype, dims = desc[:-1].split("[")
+    return jax.ShapeDtypeStruct(tuple(int(d) for d in dims.split(",") if d), np.dtype(dtype))
+
+
+def _nested(flat: dict) -> dict:
+    """``{'a.b': x}`` -> ``{'a': {'b': x}}``."""
+    out: dict = {}
+    for name, v in flat.items():
+        node = out
+        *parents, leaf = name.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
 
 
 def config_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:

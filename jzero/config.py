@@ -20,22 +20,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
 from jzero.errors import ConfigError
 from jzero.monitor import CometConfig, CSVMonitorConfig, TensorboardConfig, WandbConfig
 from jzero.precision import BF16Config, DataTypesConfig, FP16Config
 from jzero.remat import ActivationCheckpointingConfig
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from jzero.section import Section
 
 
 # --------------------------------------------------------------------------- DeepSpeed sections
 
 
-class OffloadConfig(_Section):
+class OffloadConfig(Section):
     """``zero_optimization.offload_optimizer`` / ``offload_param``: ``device`` is "none" or "cpu".
 
     ``ratio`` (DeepSpeed's partial offload, ZeRO-Offload++): the fraction of the parameters whose master weights
@@ -75,7 +72,7 @@ class OffloadConfig(_Section):
         return self
 
 
-class ZeroConfig(_Section):
+class ZeroConfig(Section):
     """``zero_optimization``: which trees are partitioned over the ``data`` axis.
 
     stage 0: nothing; 1: optimizer state; 2: + gradients (and the accumulation buffer); 3: + parameters.
@@ -119,12 +116,12 @@ class ZeroConfig(_Section):
         return self
 
 
-class OptimizerConfig(_Section):
+class OptimizerConfig(Section):
     type: str = "AdamW"
     params: dict[str, Any] = Field(default_factory=lambda: {"lr": 1e-3, "betas": [0.9, 0.95], "weight_decay": 0.1})
 
 
-class SchedulerConfig(_Section):
+class SchedulerConfig(Section):
     type: str
     params: dict[str, Any] = Field(default_factory=dict)
 
@@ -132,7 +129,7 @@ class SchedulerConfig(_Section):
 # --------------------------------------------------------------------------- jzero sections
 
 
-class MeshConfig(_Section):
+class MeshConfig(Section):
     """Mesh axis sizes; one may be -1 = all remaining devices. Their product must equal the device count."""
 
     data: int = -1
@@ -153,7 +150,7 @@ class MeshConfig(_Section):
         return self
 
 
-class PipelineConfig(_Section):
+class PipelineConfig(Section):
     """Pipeline parallelism over the ``pipeline`` mesh axis (stages = ``mesh.pipeline``).
 
     Micro-batches are ``gradient_accumulation_steps`` (DeepSpeed's meaning). ``circular`` with ``repeats`` R
@@ -165,7 +162,7 @@ class PipelineConfig(_Section):
     partition: Literal["uniform"] = "uniform"
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """A model family plus sizes, or a named preset (see ``models.PRESETS``); explicit sizes override the preset.
 
     Family-specific keys (an error when set for a family that has no such thing): ``n_kv_head``, ``rope_theta``,
@@ -192,7 +189,7 @@ class ModelConfig(_Section):
     dropout: float = Field(0.0, ge=0.0, le=0.0, description="dropout is not implemented; must be 0")
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     """``path``: a directory from ``python -m train.prepare_data`` (train.bin, val.bin, meta.json);
     null = the embedded default corpus (the Python standard library's own sources, byte-level)."""
 
@@ -202,7 +199,7 @@ class DataConfig(_Section):
     default_corpus_bytes: int = Field(8_000_000, gt=0)
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     steps: int = Field(300, gt=0)
     seed: int = 0
     output_dir: str = "runs/default"
@@ -215,7 +212,7 @@ class TrainConfig(_Section):
     max_nonfinite_steps: int = Field(10, gt=0)
 
 
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     """Checkpoints (see :mod:`jzero.checkpoint`): ``dir`` defaults to ``<train.output_dir>/checkpoints``;
     ``max_to_keep`` newest steps are kept (null = all); ``async_save`` writes in a background thread while
     training goes on (the main waits for it before exiting)."""
@@ -225,7 +222,7 @@ class CheckpointConfig(_Section):
     async_save: bool = True
 
 
-class FinetuneConfig(_Section):
+class FinetuneConfig(Section):
     """``python -m train.finetune``: labelled data, tokenisation, epochs, and the weights to start from.
 
     ``train_file``/``val_file``: JSONL (see :mod:`jzero.finetune_data`); null ``train_file`` = the embedded
@@ -262,7 +259,7 @@ class FinetuneConfig(_Section):
         return self
 
 
-class JzeroConfig(_Section):
+class JzeroConfig(Section):
     # DeepSpeed keys
     train_batch_size: int | None = Field(None, gt=0)
     train_micro_batch_size_per_gpu: int | None = Field(None, gt=0)
@@ -316,6 +313,13 @@ def _fmt_loc(loc) -> str:
     return ".".join(str(p) for p in loc if not str(p).startswith("function-after"))
 
 
+def valid_keys() -> set[str]:
+    """Every dotted key jzero accepts: the pydantic schema's fields plus the DeepSpeed key table's."""
+    from jzero.ds_keys import KEYS, _schema_paths
+
+    return _schema_paths(JzeroConfig) | set(KEYS)
+
+
 def _raise_from_validation(err: ValidationError, source: str) -> None:
     e = err.errors()[0]
     key = _fmt_loc(e["loc"])
@@ -324,7 +328,7 @@ def _raise_from_validation(err: ValidationError, source: str) -> None:
         from jzero.ds_keys import closest_key
 
         parent = key.rsplit(".", 1)[0] if "." in key else "top level"
-        near = closest_key(key)
+        near = closest_key(key, valid_keys())
         fix = f"did you mean '{near}'?" if near else "remove or rename it"
         msg = f"unknown key '{key}' in {source}: not a DeepSpeed or jzero key under {parent}; {fix}"
     elif kind == "value_error":
@@ -428,7 +432,8 @@ def validate(data: dict, source: str = "config") -> JzeroConfig:
 
     try:
         data, no_effect = normalize(data)
-        data, filled = resolve_auto(data)
+        data, filled = resolve_auto(data, default_lr=OptimizerConfig().params["lr"],
+                                    default_steps=TrainConfig().steps)
     except ConfigError as exc:
         raise ConfigError(f"{exc} ({source})") from None
     try:

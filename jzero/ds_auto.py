@@ -71,17 +71,17 @@ def _d_model(data: dict) -> int:
                       "model.d_model or model.preset, or numbers for the 'auto' keys")
 
 
-def _lr(data: dict):
+def _lr(data: dict, default_lr: float):
     if "optimizer" not in data:   # jzero's default optimizer section
-        from jzero.config import OptimizerConfig
-
-        return OptimizerConfig().params["lr"]
+        return default_lr
     lr = ((data.get("optimizer") or {}).get("params") or {}).get("lr", AUTO)
     return HF_DEFAULTS["learning_rate"] if lr == AUTO else lr
 
 
-def resolve_auto(data: dict) -> tuple[dict, list[tuple[str, Any]]]:
-    """Replace every ``"auto"`` by HF's value (see the module doc); returns the dict and ``[(key, value)]``."""
+def resolve_auto(data: dict, default_lr: float, default_steps: int) -> tuple[dict, list[tuple[str, Any]]]:
+    """Replace every ``"auto"`` by HF's value (see the module doc); returns the dict and ``[(key, value)]``.
+    ``default_lr`` / ``default_steps``: jzero's own defaults (``optimizer.params.lr``, ``train.steps``), for a
+    config without those sections (jzero.config passes them: this module sits below the schema)."""
     data = copy.deepcopy(data)
     filled: list[tuple[str, Any]] = []
 
@@ -110,13 +110,11 @@ def resolve_auto(data: dict) -> tuple[dict, list[tuple[str, Any]]]:
         if path == "scheduler.params.warmup_min_lr":
             return 0
         if path == "scheduler.params.warmup_max_lr":
-            return _lr(data)
+            return _lr(data, default_lr)
         if path == "scheduler.params.warmup_num_steps":
             return HF_DEFAULTS["warmup_steps"]
         if path == "scheduler.params.total_num_steps":
-            from jzero.config import TrainConfig
-
-            return int((data.get("train") or {}).get("steps", TrainConfig().steps))
+            return int((data.get("train") or {}).get("steps", default_steps))
         if path in ("fp16.enabled", "bf16.enabled"):
             return False
         d = _d_model(data)

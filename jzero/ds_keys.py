@@ -439,17 +439,10 @@ def _schema_paths(model_cls, prefix: str = "") -> set[str]:
     return out
 
 
-def valid_keys() -> set[str]:
-    """Every dotted key jzero accepts: the pydantic schema's fields plus the table's DeepSpeed keys."""
-    from jzero.config import JzeroConfig
-
-    return _schema_paths(JzeroConfig) | set(KEYS)
-
-
-def closest_key(key: str) -> str | None:
-    """The valid key closest to an unknown dotted ``key``: a near spelling under the same parent, else a key
-    of the same (or nearly the same) name elsewhere (``stage`` -> ``zero_optimization.stage``)."""
-    keys = valid_keys()
+def closest_key(key: str, keys: set[str]) -> str | None:
+    """The key of ``keys`` (every valid dotted key: :func:`jzero.config.valid_keys`) closest to an unknown dotted
+    ``key``: a near spelling under the same parent, else a key of the same (or nearly the same) name elsewhere
+    (``stage`` -> ``zero_optimization.stage``)."""
     parent, _, name = key.rpartition(".")
     siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
     match = difflib.get_close_matches(name, list(siblings), n=1, cutoff=0.75)

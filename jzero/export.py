@@ -23,21 +23,7 @@ import numpy as np
 
 from jzero import checkpoint
 from jzero.errors import CheckpointError, ConfigError
-
-DTYPES = ("fp32", "bf16", "fp16")
-
-
-def cast(x, dtype: str) -> np.ndarray:
-    """``x`` as a contiguous numpy array of ``dtype`` (fp32 | bf16 | fp16; bf16 via ml_dtypes)."""
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype '{dtype}' is not one of {list(DTYPES)}")
-    if dtype == "bf16":
-        import ml_dtypes
-
-        np_dtype = ml_dtypes.bfloat16
-    else:
-        np_dtype = {"fp32": np.float32, "fp16": np.float16}[dtype]
-    return np.ascontiguousarray(np.asarray(x).astype(np_dtype))
+from models.hf_files import DTYPES, cast  # noqa: F401  (re-exported: the export dtypes)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
@@ -67,58 +53,9 @@ def unflatten(flat: dict[str, np.ndarray]) -> dict:
 
 
 def load_params(directory, step: int | None = None) -> tuple[int, dict, dict]:
-    """``(step, params, meta)``: the checkpoint's params as host numpy arrays (fp32 masters), read alone."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    step, meta = checkpoint.read_meta(directory, step)
-    if meta.get("offload"):   # the fp32 masters are the host chunks in the optimizer state, not the device params
-        return step, _load_offloaded_masters(directory, step, meta), meta
-    shapes = {k.removeprefix("params."): v for k, v in meta["state"].items() if k.startswith("params.")}
-    if not shapes:
-        raise CheckpointError(f"checkpoint {directory}/{step} holds no params (state leaves: "
-                              f"{list(meta['state'])[:3]}...)")
-    item = {"params": unflatten({k: _struct(v) for k, v in shapes.items()})}
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    try:
-        restored = checkpoint.restore_partial(directory, step, item, restore_args)["params"]
-    except Exception as exc:
-        raise checkpoint.UnreadableCheckpointError(
-            f"checkpoint {checkpoint._key(directory)}/{step} is unreadable: its params failed to load "
-            f"({type(exc).__name__}: {checkpoint._first_line(exc)}); export an earlier --step") from None
-    return step, restored, meta
-
-
-def _load_offloaded_masters(directory, step: int, meta: dict) -> dict:
-    """Params of a run saved under ``offload_optimizer``: its fp32 master chunks, re-stacked per leaf."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    from jzero.offload import restack_masters
-
-    chunks = meta["offload"]["chunks"]
-    keys = [f"opt_state.master.{i}" for i in range(len(chunks))]
-    missing = [k for k in keys if k not in meta["state"]]
-    if missing:
-        raise CheckpointError(f"checkpoint {directory}/{step}: its meta lists {len(chunks)} offloaded master chunks "
-                              f"but the state has no {missing[0]}; the checkpoint is inconsistent, export another step")
-    item = {"opt_state": {"master": [_struct(meta["state"][k]) for k in keys]}}
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    try:
-        masters = checkpoint.restore_partial(directory, step, item, restore_args)["opt_state"]["master"]
-    except Exception as exc:
-        raise checkpoint.UnreadableCheckpointError(
-            f"checkpoint {checkpoint._key(directory)}/{step} is unreadable: its master weights failed to load "
-            f"({type(exc).__name__}: {checkpoint._first_line(exc)}); export an earlier --step") from None
-    return unflatten(restack_masters(chunks, masters))
-
-
-def _struct(desc: str):
-    """ShapeDtypeStruct from a :func:`jzero.checkpoint.describe` entry like ``float32[2,64]``."""
-    import jax
-
-    dtype, dims = desc[:-1].split("[")
-    return jax.ShapeDtypeStruct(tuple(int(d) for d in dims.split(",") if d), np.dtype(dtype))
+    """``(step, params, meta)``: the checkpoint's params as host numpy arrays (fp32 masters), read alone
+    (:func:`jzero.checkpoint.read_params`)."""
+    return checkpoint.read_params(directory, step)
 
 
 def export_safetensors(directory, out, dtype: str = "fp32", step: int | None = None) -> tuple[Path, int, int]:
@@ -131,7 +68,7 @@ def export_safetensors(directory, out, dtype: str = "fp32", step: int | None = N
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(flat, str(out), metadata={"format": "jzero", "step": str(step), "dtype": dtype,
                                          "model": json.dumps(meta.get("model", {})),
-                                         "source": str(checkpoint._key(directory))})
+                                         "source": checkpoint.location(directory)})
     return out, step, int(sum(v.size for v in flat.values()))
 
 

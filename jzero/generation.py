@@ -78,12 +78,10 @@ def _is_matrix(names: tuple) -> bool:
 def place_params(model: nn.Module, params, mesh: Mesh, dtype, rules: shd.LogicalRules = shd.DEFAULT_RULES):
     """``params`` (host or device arrays, the model's tree) on ``mesh`` in their compute layout, matrices in
     ``dtype``; a tree that does not match the model, or sizes ``tensor`` does not divide, are ConfigErrors."""
-    from jzero.engine import _names_tree
-
     cfg = model.cfg
     params = nn.unbox(params)   # Flax init's LogicallyPartitioned boxes, if any
     boxed = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 1), jnp.int32)), jax.random.key(0))["params"]
-    names = _names_tree(boxed)
+    names = shd.logical_names(boxed)
     abstract = nn.unbox(boxed)
     want = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
     have = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}

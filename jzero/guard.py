@@ -19,8 +19,8 @@ scalars to the metrics dict; the count itself is one tiny jitted op per step on 
   :class:`jzero.precision.LossScaleState` keeps the flag and the guard raises here.
 
 The error names the last checkpoint on disk: :func:`jzero.checkpoint.save` refuses to write a state holding
-inf/nan (:func:`state_is_finite`), so that checkpoint is a good one and rotation never deleted it for a
-diverged state.
+inf/nan (:func:`jzero.checkpoint.state_is_finite`), so that checkpoint is a good one and rotation never deleted it
+for a diverged state.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jzero import checkpoint
 from jzero.errors import TrainingError
 
 RUN_KEY = "guard_nonfinite_run"      # consecutive non-finite steps up to this one (device int32)
@@ -48,8 +49,6 @@ def _count(run, loss, grad_norm, stalled):
 
 def last_good_checkpoint(checkpoint_dir) -> str:
     """``'DIR/STEP'`` of the newest complete checkpoint, or a phrase saying there is none (for error messages)."""
-    from jzero import checkpoint
-
     if checkpoint_dir is None:
         return "none (no checkpoint directory)"
     try:
@@ -106,22 +105,3 @@ class TrainingGuard:
                 f"({run} consecutive non-finite steps >= train.max_nonfinite_steps={self.max_nonfinite}); "
                 f"last good checkpoint: {last_good_checkpoint(self.checkpoint_dir)}; restart (from it, if any) with "
                 "a lower optimizer.params.lr or a gradient_clipping")
-
-
-@jax.jit
-def _all_finite(leaves):
-    ok = [jnp.all(jnp.isfinite(x)) for x in leaves]
-    return jnp.all(jnp.stack(ok)) if ok else jnp.asarray(True)
-
-
-def state_is_finite(state) -> bool:
-    """Whether every floating leaf of ``state`` on the devices is finite (one compiled reduction, one host sync);
-    :func:`jzero.checkpoint.save` refuses to write a state for which it is false.
-
-    Typed PRNG keys are not floating and are skipped. Leaves in pinned host memory (optimizer offload's masters
-    and moments) are left out: a non-finite update of theirs reaches the device params, which are checked.
-    """
-    leaves = [x for x in jax.tree.leaves(state)
-              if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.inexact)
-              and getattr(x.sharding, "memory_kind", None) in (None, "device")]
-    return bool(jax.device_get(_all_finite(leaves))) if leaves else True

@@ -42,10 +42,6 @@ def make_mesh(mesh_cfg: MeshConfig | dict | None = None, devices=None, hpz: int 
     return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
-def axis_size(mesh: Mesh, name: str) -> int:
-    return int(mesh.shape.get(name, 1))
-
-
 def xla_flags_for(zero_cfg) -> list[str]:
     """XLA flags that carry DeepSpeed's bucket sizes: combine collectives up to that many bytes (GPU).
 

@@ -32,7 +32,9 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, TextIO
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import model_validator
+
+from jzero.section import Section
 
 TIMING_SUFFIX = "_time_s"
 
@@ -40,11 +42,9 @@ TIMING_SUFFIX = "_time_s"
 # ----------------------------------------------------------------------------------------------------------
 # DeepSpeed config sections (the lead's jzero.config imports these)
 # ----------------------------------------------------------------------------------------------------------
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
-class TensorboardConfig(_Section):
+class TensorboardConfig(Section):
     """DeepSpeed ``tensorboard`` section. Logs go to ``output_path/job_name`` (empty path = run output_dir)."""
 
     enabled: bool = False
@@ -52,7 +52,7 @@ class TensorboardConfig(_Section):
     job_name: str = "DeepSpeedJobName"
 
 
-class CSVMonitorConfig(_Section):
+class CSVMonitorConfig(Section):
     """DeepSpeed ``csv_monitor`` section: one CSV per metric under ``output_path/job_name``."""
 
     enabled: bool = False
@@ -60,7 +60,7 @@ class CSVMonitorConfig(_Section):
     job_name: str = "DeepSpeedJobName"
 
 
-class WandbConfig(_Section):
+class WandbConfig(Section):
     """DeepSpeed ``wandb`` section: accepted only when disabled; jzero has no W&B monitor."""
 
     enabled: bool = False
@@ -78,7 +78,7 @@ class WandbConfig(_Section):
         return self
 
 
-class CometConfig(_Section):
+class CometConfig(Section):
     """DeepSpeed ``comet`` section: accepted only when disabled; jzero has no Comet monitor."""
 
     enabled: bool = False

@@ -21,8 +21,9 @@ compute on ``pinned_host`` buffers on GPU except through experimental host-compu
 the arithmetic at HBM speed, and the price is the PCIe traffic of the state (24 bytes per parameter per step).
 
 Gradient clipping and fp16 overflow skipping need the *global* gradient, so they are decided on the device in
-the gradient program (:func:`make_grad_fn`) and handed to every chunk as two scalars (a multiplier and an
-``ok`` flag). Only element-wise optimizers (Adam, AdamW) are exact chunk by chunk; others are refused.
+the gradient program (:func:`offload_grads`, the grads piece of :func:`jzero.step.make_step`) and handed to
+every chunk as two scalars (a multiplier and an ``ok`` flag). Only element-wise optimizers (Adam, AdamW) are
+exact chunk by chunk; others are refused.
 """
 
 from __future__ import annotations
@@ -37,8 +38,34 @@ import optax
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jzero.optim import clip_coefficient, global_norm
+from jzero.precision import all_finite, scale_loss
+from jzero.step import StepGrads, TrainState, make_step
+
 HOST = "pinned_host"
 OFFLOADABLE_OPTIMIZERS = ("Adam", "AdamW")
+
+
+def offloaded(cfg) -> bool:
+    """Does the (validated) config put the optimizer state in host memory?"""
+    return cfg.zero_optimization.offload_optimizer.device == "cpu"
+
+
+def unsupported(cfg) -> list[tuple[str, str]]:
+    """``[(key, why)]`` of the config's combinations optimizer offload does not run (empty when it is off)."""
+    out: list[tuple[str, str]] = []
+    if cfg.zero_optimization.offload_optimizer.device == "none":
+        return out
+    key = "zero_optimization.offload_optimizer.device"
+    if cfg.zero_optimization.stage == 0:
+        out.append((key, "optimizer offload partitions like ZeRO (DeepSpeed: valid with stage 1, 2 and "
+                    "3); set zero_optimization.stage to 1, 2 or 3"))
+    if cfg.optimizer.type.lower() not in {o.lower() for o in OFFLOADABLE_OPTIMIZERS}:   # as DeepSpeed
+        out.append((key, f"offloading {cfg.optimizer.type} is not implemented (the chunked host update "
+                    f"is exact only for element-wise optimizers: {', '.join(OFFLOADABLE_OPTIMIZERS)})"))
+    if cfg.mesh.pipeline not in (1, -1):
+        out.append((key, "optimizer offload with mesh.pipeline > 1 is not implemented; set mesh.pipeline=1"))
+    return out
 
 
 @struct.dataclass
@@ -91,11 +118,12 @@ class OptimizerOffload:
     dtype: Any                     # device params' dtype (the compute dtype)
     leaf_shapes: list              # per leaf: the full shape
     where: list                    # per chunk: "pinned_host", or "device" for the part a ratio < 1 keeps
+    max_norm: float = 0.0          # gradient_clipping (applied through every chunk's multiplier; 0 = off)
     _fns: dict = field(default_factory=dict, repr=False)
     _layers: list = field(default_factory=list, repr=False)   # per chunk: its layer index, on the device once
 
     @classmethod
-    def build(cls, tx, plan, abstract_params, dtype, ratio: float = 1.0) -> "OptimizerOffload":
+    def build(cls, tx, plan, abstract_params, dtype, ratio: float = 1.0, max_norm: float = 0.0) -> "OptimizerOffload":
         chunks = plan_chunks(abstract_params, plan.param_names)
         dev = jax.tree.leaves(plan.param_storage)
         target = plan.zero if plan.zero_stage >= 1 else plan.param_compute
@@ -104,7 +132,8 @@ class OptimizerOffload:
         shapes = [x.shape for x in jax.tree.leaves(abstract_params)]
         sizes = [math.prod(shapes[c.leaf][0 if c.layer is None else 1:]) for c in chunks]
         return cls(tx=tx, chunks=chunks, treedef=jax.tree.structure(abstract_params), dev_shardings=dev,
-                   state_shardings=state, dtype=dtype, leaf_shapes=shapes, where=split_by_ratio(sizes, ratio))
+                   state_shardings=state, dtype=dtype, leaf_shapes=shapes, where=split_by_ratio(sizes, ratio),
+                   max_norm=max_norm)
 
     # ---- layouts
     def _inner_shardings(self, c: int, abstract_inner, where: str):
@@ -197,6 +226,48 @@ class OptimizerOffload:
                 g[ch.leaf] = None      # this leaf's gradient can be freed
         return jax.tree.unflatten(self.treedef, dev), OffloadedOptState(master=masters, inner=inners)
 
+    # ---- the strategy interface the engine calls (jzero.step.OnDevice is the on-device one)
+    offloaded = True
+    params_are_masters = False   # the device params are compute-dtype copies; the fp32 masters are host chunks
+
+    def train_fn(self, loss_fn: Callable, grads_of: Callable, schedule: Callable, *, skip_nonfinite: bool,
+                 context) -> Callable:
+        """The device half of a step: ``(state, batch) -> (grads, mult, ok, loss_scale, step, metrics)``;
+        :meth:`run` applies the update after it."""
+        step = make_step(offload_grads(loss_fn, grads_of, self.max_norm, skip_nonfinite), None, schedule,
+                         skip_nonfinite=skip_nonfinite, context=context, with_grads=True)
+
+        def device(state, batch):
+            new, metrics, (grads, mult, ok) = step(state, batch)
+            return grads, mult, ok, new.loss_scale, new.step, metrics
+
+        return device
+
+    def jit(self, train_fn: Callable, state_shardings, plan):
+        rep = plan.replicated
+        return jax.jit(train_fn, out_shardings=(plan.grad, rep, rep, state_shardings.loss_scale, rep, rep))
+
+    def run(self, compiled, state, batch):
+        """One step: the device program, then every chunk's update (no host synchronisation)."""
+        grads, mult, ok, loss_scale, step, metrics = compiled(state, batch)
+        params, opt_state = self.apply(state.params, grads, state.opt_state, mult, ok)
+        return TrainState(step=step, params=params, opt_state=opt_state, loss_scale=loss_scale), metrics
+
+    def masters(self, state, param_storage):
+        """The fp32 masters re-stacked and placed like the device params (``param_storage``)."""
+        return jax.tree.map(lambda x, s: jax.device_put(x, s), self.master_params(state.opt_state), param_storage)
+
+    def with_params(self, state, params_fp32):
+        """``state`` with masters and device copies rebuilt from fp32 ``params`` (moments start fresh, as
+        DeepSpeed's load_module_only)."""
+        dev, opt_state, _ = self.init(params_fp32)
+        return state.replace(params=dev, opt_state=opt_state)
+
+    def checkpoint_meta(self) -> dict:
+        """Which (param path, layer) each host master chunk holds: what :func:`restack_masters` needs to rebuild
+        the params from a checkpoint (export, load_module_only)."""
+        return {"chunks": [[c.path, c.layer] for c in self.chunks]}
+
     def master_params(self, state: OffloadedOptState):
         """The fp32 master weights as one params pytree of host numpy arrays (stacked leaves re-stacked)."""
         flat = restack_masters([[c.path, c.layer] for c in self.chunks], jax.device_get(list(state.master)))
@@ -204,34 +275,22 @@ class OptimizerOffload:
         return jax.tree.unflatten(self.treedef, [flat[path_of[i]] for i in range(len(self.leaf_shapes))])
 
 
-def make_grad_fn(loss_fn: Callable, schedule: Callable, mesh, rules, plan, accum_dtype, max_norm: float,
-                 skip_nonfinite: bool) -> Callable:
-    """The device half of an offloaded step: ``(state, batch) -> (grads, mult, ok, loss_scale, step, metrics)``.
-
-    ``grads`` stay in the params' (compute) dtype, still loss-scaled under fp16; ``mult`` = clip coefficient /
-    loss scale and ``ok`` (no inf/nan, or always true without fp16) are what every chunk update applies. The LR
-    count is the applied steps, ``step - skipped_steps`` (what the schedule's own count would be).
+def offload_grads(loss_fn: Callable, grads_of: Callable, max_norm: float, skip_nonfinite: bool) -> Callable:
+    """The grads piece of an offloaded step (:func:`jzero.step.make_step` with no update piece: the update is
+    :meth:`OptimizerOffload.apply`'s chunk programs after the device program). Its ``grads`` are
+    ``(grads, mult, ok)``: the gradient in the params' (compute) dtype, still loss-scaled under fp16;
+    ``mult`` = clip coefficient / loss scale and ``ok`` (no inf/nan, or always true without skipping), what every
+    chunk update applies: clipping and overflow need the global gradient, so they are decided here, once.
     """
-    from jzero import sharding as shd
-    from jzero.engine import accumulate_grads
-    from jzero.optim import clip_coefficient, global_norm
-    from jzero.precision import all_finite, scale_loss, update_loss_scale
-
-    def grad_fn(state, batch):
+    def grads_fn(state, batch) -> StepGrads:
         ls = state.loss_scale
-        scaled = lambda p, b: scale_loss(loss_fn(p, b), ls)  # noqa: E731
-        with shd.activate(mesh, rules):
-            scaled_loss, grads = accumulate_grads(scaled, state.params, batch, plan.grad, accum_dtype)
+        loss, grads = grads_of(lambda p, b: scale_loss(loss_fn(p, b), ls), state.params, batch)
         norm = global_norm(grads) / ls.scale
         ok = all_finite(grads) if skip_nonfinite else jnp.asarray(True)
         mult = clip_coefficient(norm, max_norm) / ls.scale
-        new_ls = update_loss_scale(ls, ok) if skip_nonfinite else ls
-        lr = jnp.asarray(schedule(state.step - ls.skipped_steps), jnp.float32)
-        metrics = {"loss": scaled_loss / ls.scale, "grad_norm": norm, "lr": lr, "loss_scale": ls.scale,
-                   "skipped_steps": new_ls.skipped_steps}
-        return grads, mult, ok, new_ls, state.step + 1, metrics
+        return StepGrads(loss=loss / ls.scale, grads=(grads, mult, ok), finite=ok, metrics={"grad_norm": norm})
 
-    return grad_fn
+    return grads_fn
 
 
 def split_by_ratio(sizes: list[int], ratio: float) -> list[str]:

@@ -82,31 +82,42 @@ def bubble_fraction(stages: int, micro_batches: int, repeats: int = 1) -> float:
     return (stages - 1) / (repeats * micro_batches + stages - 1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PipelineRun:
-    """The spec a traced step pipelines with, and (filled in while tracing) the block it pipelined."""
+    """The spec a traced step pipelines with (nothing in it changes while tracing)."""
 
     spec: PipelineSpec
+
+
+@dataclass
+class Traced:
+    """What one trace under :func:`activate` pipelined: the block (class, config) and its input's shapes. A fresh
+    record per :func:`activate`, so no long-lived object is written while tracing."""
+
     block_cls: Any = None
     block_cfg: Any = None
     x_aval: Any = None          # ShapeDtypeStructs of the stack's input (carry pytree), leaves [M, B, ...]
 
 
-_ACTIVE: contextvars.ContextVar[PipelineRun | None] = contextvars.ContextVar("jzero_pipeline", default=None)
+_ACTIVE: contextvars.ContextVar[tuple[PipelineRun, Traced] | None] = contextvars.ContextVar("jzero_pipeline",
+                                                                                           default=None)
 
 
 @contextlib.contextmanager
 def activate(run: PipelineRun):
-    """Make ``stack_blocks`` pipeline while tracing (the engine wraps its pipelined loss in this)."""
-    token = _ACTIVE.set(run)
+    """Make ``stack_blocks`` pipeline while tracing (the engine wraps its pipelined loss in this); yields the
+    :class:`Traced` record the trace fills in."""
+    seen = Traced()
+    token = _ACTIVE.set((run, seen))
     try:
-        yield run
+        yield seen
     finally:
         _ACTIVE.reset(token)
 
 
 def active() -> PipelineRun | None:
-    return _ACTIVE.get()
+    got = _ACTIVE.get()
+    return got[0] if got is not None else None
 
 
 # --------------------------------------------------------------------------- config checks and rules
@@ -392,13 +403,16 @@ def run_stack(block_cls, cfg, stack, x_Nx, run: PipelineRun):
     ``b*M + m`` is row b of micro-batch m (the engine flattens ``[M, B, ...]`` batches that way, so the ``data``
     sharding of B survives the reshapes without communication).
     """
-    run.block_cls, run.block_cfg = block_cls, cfg
     M = run.spec.micro_batches
     N = jax.tree.leaves(x_Nx)[0].shape[0]
     if N % M:
         raise ConfigError(f"{N} rows do not split into {M} pipeline micro-batches")
     x_MxBx = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((N // M, M) + x.shape[1:]), 0, 1), x_Nx)
-    run.x_aval = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), x_MxBx)
+    got = _ACTIVE.get()
+    if got is not None and got[0] is run:   # record what this trace pipelined (bubble_report times that block)
+        seen = got[1]
+        seen.block_cls, seen.block_cfg = block_cls, cfg
+        seen.x_aval = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), x_MxBx)
     policy = getattr(cfg, "remat_policy", None) if getattr(cfg, "remat", False) else None
     y_MxBx = pipeline_apply(block_layer_fn(block_cls, cfg), stack, x_MxBx, run.spec, policy)
     return jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1).reshape((N,) + y.shape[2:]), y_MxBx)
@@ -420,9 +434,9 @@ def pipelined_grads(loss_fn: Callable, params, batch_AxBx, grad_shardings, run: 
     M = jax.tree.leaves(batch_AxBx)[0].shape[0]
     if M != run.spec.micro_batches:
         raise ValueError(f"batch has {M} micro-batches, the pipeline was set up for {run.spec.micro_batches}")
-    with activate(run):
+    with activate(run) as seen:
         loss, grads = jax.value_and_grad(loss_fn)(params, flatten_micro_batches(batch_AxBx))
-    if run.block_cls is None:
+    if seen.block_cls is None:
         raise ConfigError(f"mesh.pipeline={run.spec.stages} but the model never called models.layers.stack_blocks, "
                           f"so there is no layer stack to pipeline; build the model's blocks with stack_blocks")
     return loss, jax.tree.map(jax.lax.with_sharding_constraint, grads, grad_shardings)
@@ -493,13 +507,24 @@ def bubble_report(engine, measure: bool = True, n: int = 3) -> dict:
            "micro_batches": spec.micro_batches, "repeats": spec.repeats, "iterations": spec.iterations,
            "bubble_theoretical": spec.bubble}
     if measure:
-        if run.block_cls is None:
-            engine.lower_train_step()                # tracing the step records the block and activations
-        policy = getattr(run.block_cfg, "remat_policy", None) if getattr(run.block_cfg, "remat", False) else None
-        x = _example_inputs(run.x_aval, engine.mesh, engine.plan.rules)
-        out.update(measure_bubble(block_layer_fn(run.block_cls, run.block_cfg), _stack_params(engine.state.params),
+        seen = _trace_stack(engine)
+        policy = getattr(seen.block_cfg, "remat_policy", None) if getattr(seen.block_cfg, "remat", False) else None
+        x = _example_inputs(seen.x_aval, engine.mesh, engine.plan.rules)
+        out.update(measure_bubble(block_layer_fn(seen.block_cls, seen.block_cfg), _stack_params(engine.state.params),
                                   x, spec, engine.mesh, engine.plan.rules, n=n, remat_policy=policy))
     return out
+
+
+def _trace_stack(engine) -> Traced:
+    """Trace (shapes only) the engine's loss on one train batch under its pipeline: which block it stacks and
+    the stack's input shapes."""
+    batch = engine.batch_spec()
+    loss = lambda p, b: engine.task.loss(engine.model.apply, p, flatten_micro_batches(b))  # noqa: E731
+    with shd.activate(engine.mesh, engine.plan.rules), activate(engine.pipeline) as seen:
+        jax.eval_shape(loss, engine.state.params, batch)
+    if seen.block_cls is None:
+        raise ConfigError("the model never called models.layers.stack_blocks, so there is no layer stack to time")
+    return seen
 
 
 def _example_inputs(x_aval, mesh, rules):

@@ -303,14 +303,14 @@ def _onebit_compressed(engine):
     """The 1-bit train step with the optimizer built for its compression stage only (``phase='compressed'``)."""
     import jax
 
-    from jzero.optim.onebit import build_onebit, onebit_state_specs, onebit_train_fn
+    from jzero.optim.onebit import OneBit, build_onebit
 
     rc = engine.config
     tx = build_onebit(rc.optimizer.type, rc.optimizer.params, engine.schedule, data_size=engine.mesh.shape["data"],
                       gradient_clipping=rc.gradient_clipping, phase="compressed")
-    specs = onebit_state_specs(engine.state.opt_state)
+    strategy = OneBit.build(tx, engine.state.opt_state, engine.mesh, jax.numpy.float32, fp16=False)
     loss_fn = lambda p, b: engine.task.loss(engine.model.apply, p, b)  # noqa: E731
-    fn = onebit_train_fn(loss_fn, tx, engine.schedule, engine.mesh, specs, jax.numpy.float32)
+    fn = strategy.train_fn(loss_fn, None, engine.schedule, skip_nonfinite=False, context=None)
     return jax.jit(fn).lower(engine.state, engine.batch_spec())
 
 

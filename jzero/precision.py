@@ -34,16 +34,15 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 from flax import struct
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from jzero.section import Section
+
 
 # --------------------------------------------------------------------------- config sections
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class FP16Config(_Section):
+class FP16Config(Section):
     """DeepSpeed's ``fp16`` section (``deepspeed/runtime/precision_config.py``), same keys and defaults.
 
     ``loss_scale`` 0 = dynamic scaling starting at ``2**initial_scale_power``; > 0 = that static scale.
@@ -83,7 +82,7 @@ class FP16Config(_Section):
         return v
 
 
-class BF16Config(_Section):
+class BF16Config(Section):
     """DeepSpeed's ``bf16`` section: bf16 compute, fp32 master weights and optimizer state.
 
     ``check_grad_overflow``: skip a step whose gradients are not finite (as the fp16 path does, with no scaling).
@@ -114,7 +113,7 @@ class BF16Config(_Section):
         return v
 
 
-class DataTypesConfig(_Section):
+class DataTypesConfig(Section):
     """DeepSpeed's ``data_types``: ``grad_accum_dtype`` is the micro-batch gradient accumulator's dtype
     (None = fp32)."""
 

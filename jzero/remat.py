@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import Callable, Literal
 
-import flax.linen as nn
 import jax
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -135,19 +134,3 @@ def remat_policy(cfg: ActivationCheckpointingConfig | dict, *, in_scan: bool = T
             offload_src="device", offload_dst="pinned_host") if policy == "offload_named" else None,
     }[policy]
     return (not in_scan), chosen
-
-
-def apply_remat(target, cfg: ActivationCheckpointingConfig | dict, *, in_scan: bool = True, **kwargs):
-    """``target`` (a Linen Module class or a function) rematerialized per ``cfg``; unchanged for policy 'none'.
-
-    A Module class goes through ``nn.remat`` (so it composes with ``nn.scan``); a function through
-    ``jax.checkpoint``. ``kwargs`` pass through (e.g. ``static_argnums``).
-    """
-    prevent_cse, policy = remat_policy(cfg, in_scan=in_scan)
-    if policy is None:
-        return target
-    if isinstance(target, type) and issubclass(target, nn.Module):
-        return nn.remat(target, policy=policy, prevent_cse=prevent_cse, **kwargs)
-    if callable(target):
-        return jax.checkpoint(target, policy=policy, prevent_cse=prevent_cse, **kwargs)
-    raise TypeError(f"apply_remat: expected a flax.linen Module class or a function, got {type(target).__name__}")

@@ -152,6 +152,21 @@ class ShardingPlan:
         return NamedSharding(self.mesh, P(*spec))
 
 
+def logical_names(boxed_params):
+    """Logical names of every param leaf, as tuples (from Flax's LogicallyPartitioned metadata of an abstract
+    ``model.init``); a leaf without names of its rank gets ``(None,) * ndim``."""
+    import flax.linen as nn
+
+    specs = nn.get_partition_spec(boxed_params)
+    shapes = nn.unbox(boxed_params)
+
+    def one(spec, leaf):
+        names = tuple(spec) if spec is not None else ()
+        return names if len(names) == len(leaf.shape) else (None,) * len(leaf.shape)
+
+    return jax.tree.map(one, specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
 def make_plan(abstract_params, param_names, mesh: Mesh, zero_stage: int, rules: LogicalRules = DEFAULT_RULES,
               threshold: int = 0) -> ShardingPlan:
     """Build the plan from abstract params (ShapeDtypeStructs) and their logical names (same tree)."""

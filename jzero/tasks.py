@@ -1,4 +1,5 @@
-"""Encoder tasks as :class:`jzero.engine.Task`s: masked-LM pretraining, sequence and token classification.
+"""Tasks: what a batch is and how a model turns it into a loss. :func:`lm_task` (causal LM, the engine's default)
+and the encoder tasks: masked-LM pretraining, sequence and token classification.
 
 Every batch is a dict of int32 arrays with a leading rows dim (the engine adds the micro-batch dim in front and
 puts rows over ``data``):
@@ -19,16 +20,66 @@ argmax labels the metrics (:mod:`jzero.metrics`) compare.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jzero.engine import Task
+from jzero import kernels
+from jzero.kernels import cross_entropy as kernel_ce
+from jzero.loss import cross_entropy
 
 IGNORE = -1   # the label of positions (or rows) that carry no loss
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a batch is and how a model turns it into a loss.
+
+    ``micro_batch(rows)`` gives the ShapeDtypeStruct pytree of one micro-batch with ``rows`` rows (every leaf's
+    leading dim is rows; the train step takes the same tree with an extra leading ``accum`` dim);
+    ``loss(apply_fn, params, micro_batch) -> scalar``; ``init_inputs()`` are the args ``model.init`` traces with.
+    """
+
+    micro_batch: Callable[[int], Any]
+    loss: Callable[..., jax.Array]
+    init_inputs: Callable[[], tuple]
+
+
+# --------------------------------------------------------------------------- causal LM
+
+
+def lm_task(seq_len: int) -> Task:
+    """Causal language modelling on int32 token rows of length ``seq_len + 1``."""
+    return Task(micro_batch=lambda rows: jax.ShapeDtypeStruct((rows, seq_len + 1), jnp.int32),
+                loss=lm_loss, init_inputs=lambda: (jnp.zeros((1, seq_len), jnp.int32),))
+
+
+def lm_loss(apply_fn: Callable, params, tokens_BxT1: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy (fp32) of ``tokens[:, :-1] -> tokens[:, 1:]``.
+
+    A bf16 model with a fused head (GPT-2, Llama: ``fused_head``) on the GPU applies its head inside
+    :func:`jzero.kernels.cross_entropy.head_cross_entropy` (Pallas; the logits are read once, never kept);
+    otherwise logits from the model, then :func:`jzero.loss.cross_entropy`.
+    """
+    inputs, labels = tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]
+    if _use_fused_head(apply_fn):
+        hidden, w_VxD = apply_fn({"params": params}, inputs, head=False)
+        return kernel_ce.head_cross_entropy(hidden, w_VxD, labels).mean()
+    return cross_entropy(apply_fn({"params": params}, inputs), labels).mean()
+
+
+def _use_fused_head(apply_fn: Callable) -> bool:
+    module = getattr(apply_fn, "__self__", None)
+    cfg = getattr(module, "cfg", None)
+    return (getattr(module, "fused_head", False) and cfg is not None
+            and jnp.dtype(cfg.dtype) == jnp.dtype(jnp.bfloat16)
+            and kernels.use("cross_entropy", (kernels.LAYOUT_WHY, kernel_ce.supported)))
+
+
+# --------------------------------------------------------------------------- encoder tasks
 
 
 @dataclass(frozen=True)

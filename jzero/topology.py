@@ -28,6 +28,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 
 from jzero.errors import ConfigError
+from jzero.optim import comm
+from jzero.optim.comm import replica_groups  # noqa: F401  (re-exported: parsed with the other HLO forms)
 from jzero.sharding import LogicalRules
 
 NODE = "node"
@@ -65,51 +67,12 @@ def hybrid_device_array(devices, nodes: int, pipeline: int, intra: int, tensor: 
 # --------------------------------------------------------------------------- HLO: which bytes cross nodes
 
 
-def replica_groups(line: str, n_devices: int) -> list[list[int]]:
-    """The replica groups of one HLO collective: explicit ``{{0,1},{2,3}}``, iota ``[G,S]<=[dims]T(perm)``, or
-    the mesh form ``replica_groups=mesh['axis_0'=2,'axis_1'=4], device_ids=([2,4]T(1,0)) {'axis_1'}``."""
-    m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\(\[([0-9,]+)\](?:T\(([0-9,]+)\))?\))?"
-                  r"\s*\{([^}]*)\}", line)
-    if m:
-        axes = re.findall(r"'([\w]+)'=([0-9]+)", m[1])
-        sizes = [int(v) for _, v in axes]
-        ids = np.arange(int(np.prod(sizes)))
-        if m[2]:
-            dims = [int(x) for x in m[2].split(",")]
-            ids = ids.reshape(dims)
-            if m[3]:
-                ids = ids.transpose([int(x) for x in m[3].split(",")])
-        ids = ids.reshape(sizes)
-        in_group = [i for i, (name, _) in enumerate(axes) if f"'{name}'" in m[4]]
-        rest = [i for i in range(len(axes)) if i not in in_group]
-        size = int(np.prod([sizes[i] for i in in_group]))
-        return ids.transpose(rest + in_group).reshape(-1, size).tolist()
-    m = re.search(r"replica_groups=\{((?:\{[0-9,]*\},?)*)\}", line)
-    if m:
-        groups = [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([0-9,]*)\}", m[1])]
-        return groups or [list(range(n_devices))]
-    m = re.search(r"replica_groups=\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", line)
-    if m:
-        shape = [int(x) for x in m[1].split(",")]
-        dims = [int(x) for x in m[2].split(",")]
-        ids = np.arange(int(np.prod(dims))).reshape(dims)
-        if m[3]:
-            ids = ids.transpose([int(x) for x in m[3].split(",")])
-        return ids.reshape(shape[0], -1).tolist()
-    m = re.search(r"source_target_pairs=\{((?:\{[0-9,]*\},?)*)\}", line)
-    if m:
-        return [[int(x) for x in g.split(",")] for g in re.findall(r"\{([0-9,]*)\}", m[1])]
-    return [list(range(n_devices))]
-
-
 def inter_node_bytes(hlo_text: str, devices_per_node: int) -> dict[str, int]:
     """Bytes one device sends per step in collectives whose groups span nodes, by op kind, plus 'total'.
 
     A node is ``devices_per_node`` consecutive partition ids (the mesh's device order, node outermost). Bytes
     follow :func:`jzero.optim.comm.collective_ops` (ring conventions); a collective within nodes counts 0.
     """
-    from jzero.optim import comm
-
     header = re.search(r"num_partitions=([0-9]+)", hlo_text)
     n_devices = int(header[1]) if header else 1
     groups_of = {}

@@ -14,8 +14,8 @@ have not yet been timed on a GPU:
 
 - ``--xla_gpu_dot_merger_threshold_mb=0`` (GPT-2): XLA merges the q/k/v projections (they share their input) into
   one [d, 3d] GEMM, then needs a copy per q/k/v to split its output for cuDNN attention, and a concatenate of
-  dq/dk/dv in the backward pass; unmerged, each projection writes its own array. GPT-2 124M, one H100:
-  36.28 -> 35.78 ms per step alone, 35.36 -> 34.94 ms on top of the other changes.
+  dq/dk/dv in the backward pass; unmerged, each projection writes its own array. Measured on GPT-2 124M:
+  BENCHMARKS.md, "History" and "Notes: predictions vs measurements" (dot merger off).
 """
 
 from __future__ import annotations

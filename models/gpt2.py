@@ -71,7 +71,7 @@ class GPT2(nn.Module):
     slots, and the result is ``(logits, advanced_cache)`` (or ``((hidden, wte), cache)`` with ``head=False``).
     """
 
-    fused_head = True   # __call__(..., head=False) gives (hidden, head weight [V, D]); see jzero.engine.lm_loss
+    fused_head = True   # __call__(..., head=False) gives (hidden, head weight [V, D]); see jzero.tasks.lm_loss
 
     cfg: GPT2Config
 

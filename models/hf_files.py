@@ -11,11 +11,27 @@ from pathlib import Path
 
 import numpy as np
 
-from jzero.errors import CheckpointError
+from jzero.errors import CheckpointError, ConfigError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+
+
+DTYPES = ("fp32", "bf16", "fp16")   # the dtypes weights are written in (jzero.export, models.hf_gpt2)
+
+
+def cast(x, dtype: str) -> np.ndarray:
+    """``x`` as a contiguous numpy array of ``dtype`` (fp32 | bf16 | fp16; bf16 via ml_dtypes)."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype '{dtype}' is not one of {list(DTYPES)}")
+    if dtype == "bf16":
+        import ml_dtypes
+
+        np_dtype = ml_dtypes.bfloat16
+    else:
+        np_dtype = {"fp32": np.float32, "fp16": np.float16}[dtype]
+    return np.ascontiguousarray(np.asarray(x).astype(np_dtype))
 
 
 def load_safetensors(path) -> dict[str, np.ndarray]:

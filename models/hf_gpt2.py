@@ -227,7 +227,7 @@ def save_hf_gpt2(params: dict, cfg: GPT2Config, path, vocab_size: int | None = N
     """Write ``config.json`` + ``model.safetensors`` that ``GPT2LMHeadModel.from_pretrained(path)`` loads."""
     from safetensors.numpy import save_file
 
-    from jzero.export import cast
+    from models.hf_files import cast
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -98,7 +98,7 @@ class LayerNorm(nn.Module):
         scale = param(self, "scale", (d,), ("embed",), nn.initializers.ones, jnp.float32)
         bias = param(self, "bias", (d,), ("embed",), nn.initializers.zeros, jnp.float32)
         if _low_precision(self.dtype):   # GPU training path; fp32 keeps the plain formula (results unchanged)
-            if kernels.enabled("layer_norm") and kernel_ln.supported(RESIDUAL, d):
+            if kernels.use("layer_norm", (kernels.LAYOUT_WHY, lambda: kernel_ln.supported(RESIDUAL, d))):
                 return kernel_ln.layer_norm(x, scale, bias, self.eps, self.dtype, RESIDUAL)
             return layer_norm(x, scale, bias, self.eps, self.dtype)
         x32 = x.astype(jnp.float32)
@@ -125,8 +125,9 @@ def layer_norm(x, scale, bias, eps: float, out_dtype):
 
     Used for bf16/fp16 compute (fp32 keeps the plain formula, so fp32 results are unchanged). The aim was to let
     the scale/bias gradients be plain column reductions instead of a materialised fp32 ``xhat * dy``; on the H100
-    XLA still recomputes the statistics in the backward pass (its Triton norm fusions have one output) and the
-    change measured only ~0.2 ms of a 36 ms GPT-2 124M step (BENCHMARKS.md). Numerically it is the same gradient.
+    XLA still recomputes the statistics in the backward pass (its Triton norm fusions have one output), so the
+    change measured little (BENCHMARKS.md, "Notes: predictions vs measurements", LayerNorm custom VJP).
+    Numerically it is the same gradient.
     """
     x32, mean, rstd = _ln_stats(x, eps)
     return ((x32 - mean) * rstd * scale + bias).astype(out_dtype)
@@ -156,7 +157,7 @@ def gelu_tanh(x):
 
     With autodiff the forward also writes ``tanh(...)`` for the backward pass (one more [B, T, d_ff] array out
     and back in); here the backward recomputes it from ``x`` in fp32 (closer to an fp32 reference than bf16
-    autodiff: 2.3e-3 vs 5.8e-3 relative error). GPT-2 124M on one H100: 36.28 -> 35.82 ms per step. The forward
+    autodiff: BENCHMARKS.md, "Notes: predictions vs measurements", with its step time on GPT-2 124M). The forward
     is jax.nn.gelu's own expression, yet XLA (jax 0.11.2) still does not fold it into a cuBLASLt GELU epilogue.
     """
     return jax.nn.gelu(x, approximate=True)
@@ -396,8 +397,12 @@ class MLP(nn.Module):
         w2 = param(self, "proj_kernel", (self.d_ff, d), ("mlp", "embed"),
                    nn.initializers.normal(self.out_init_std), self.dtype)
         b2 = param(self, "proj_bias", (d,), ("embed",), nn.initializers.zeros, self.dtype)
-        if (self.fused and self.gelu_approximate and _low_precision(self.dtype) and kernels.enabled("gelu_gemm")
-                and kernel_gg.supported(SUBLAYER_INPUT, d, self.d_ff) and kernel_gg.available()):
+        if self.gelu_approximate and _low_precision(self.dtype) and kernels.use(
+                "gelu_gemm",
+                ("activation checkpointing is on (its saved pre/hidden are not remat-nameable)", self.fused),
+                (f"{kernels.LAYOUT_WHY}, or d_model={d} / d_ff={self.d_ff} not multiples of 8",
+                 lambda: kernel_gg.supported(SUBLAYER_INPUT, d, self.d_ff)),
+                ("its cuBLASLt library is not available (see the warning above)", kernel_gg.available)):
             return kernel_gg.mlp(x_BxTxD, w1, b1, w2, SUBLAYER_INPUT) + b2
         pre = jnp.einsum("btd,df->btf", x_BxTxD, w1) + b1
         if self.gelu_approximate and _low_precision(self.dtype):   # fp32 keeps jax's autodiff (unchanged)

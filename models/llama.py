@@ -84,7 +84,7 @@ class Llama(nn.Module):
     """``tokens_BxT`` (int32) -> logits ``[B, T, vocab]`` in the compute dtype.
 
     Not fp32: with fp32 logits the head's two backward GEMMs take an fp32 cotangent and run as fp32/TF32 GEMMs,
-    measured 59 of 282 ms of a Llama-1B step (vocab 128256) on an H100; the cross-entropy upcasts per element.
+    a large share of a Llama-1B step (vocab 128256; BENCHMARKS.md, "Session 2"); the cross-entropy upcasts per element.
 
     With ``cache`` (a :class:`models.kv_cache.KVCache`) the tokens are the next ``T`` of each row and the result
     is ``(logits, advanced_cache)`` (``((hidden, head weight), cache)`` with ``head=False``).
@@ -92,7 +92,7 @@ class Llama(nn.Module):
 
     cfg: LlamaConfig
 
-    fused_head = True   # __call__(..., head=False) gives (hidden, head weight [V, D]); see jzero.engine.lm_loss
+    fused_head = True   # __call__(..., head=False) gives (hidden, head weight [V, D]); see jzero.tasks.lm_loss
 
     @nn.compact
     def __call__(self, tokens_BxT, head: bool = True, cache: KVCache | None = None):
@@ -113,7 +113,7 @@ class Llama(nn.Module):
         else:
             w_VxD = param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                           nn.initializers.normal(0.02), cfg.dtype).T
-        if not head:   # (hidden, head weight) for a loss that applies the head itself (jzero.engine.lm_loss)
+        if not head:   # (hidden, head weight) for a loss that applies the head itself (jzero.tasks.lm_loss)
             return (x, w_VxD) if cache is None else ((x, w_VxD), cache)
         logits = constrain(jnp.einsum("btd,vd->btv", x, w_VxD), ("batch", "length", "vocab"))
         return logits if cache is None else (logits, cache)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 from jzero.config import load_config, read_config_file, resolve
@@ -55,7 +56,10 @@ def test_big_recipes_initialise_with_tiny_model_overrides(path):
         over += ["train_batch_size=null", "gradient_accumulation_steps=1"]
     cfg = load_config(path, over)
     eng = jzero.initialize(cfg)
-    assert eng.mesh.shape == {k: v for k, v in eng.mesh.shape.items()}
+    asked = {a: n for a, n in (read_config_file(path).get("mesh") or {}).items() if a in ("tensor", "pipeline")}
+    want = {"tensor": 1, "pipeline": 1, **asked}
+    want["data"] = jax.device_count() // (want["tensor"] * want["pipeline"])   # data=-1: the remaining devices
+    assert {a: eng.mesh.shape[a] for a in want} == want
     assert eng.n_params() > 0
 
 

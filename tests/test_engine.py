@@ -8,23 +8,9 @@ import pytest
 
 import jzero
 from jzero.config import load_config
+from helpers import BASE, batches
 
 STEPS = 20
-BASE = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.d_ff=128",
-        "data.seq_len=32", "zero_optimization.stage3_param_persistence_threshold=0",
-        "optimizer.params.lr=3e-3", "gradient_clipping=1.0"]
-
-
-def batches(shape, steps, seed=0):
-    """Learnable token streams (arithmetic sequences mod 64) so the loss moves."""
-    rng = np.random.default_rng(seed)
-    A, B, T = shape
-    out = []
-    for _ in range(steps):
-        start = rng.integers(0, 64, size=(A, B, 1))
-        stride = rng.integers(1, 4, size=(A, B, 1))
-        out.append(((start + stride * np.arange(T)) % 64).astype(np.int32))
-    return out
 
 
 def train(overrides, data=None, steps=STEPS):

@@ -5,7 +5,7 @@ import pytest
 import jzero
 from jzero.config import load_config
 from jzero.errors import ConfigError
-from test_engine import BASE, batches
+from helpers import BASE, batches
 
 COMMON = ["train_batch_size=16", "gradient_clipping=0", "optimizer.params.weight_decay=0",
           "optimizer.params.lr=3e-3", "optimizer.params.betas=[0.9,0.999]"]

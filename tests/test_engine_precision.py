@@ -9,7 +9,7 @@ import pytest
 import jzero
 from jzero.config import load_config
 from jzero.engine import Task, lm_loss
-from test_engine import BASE, batches
+from helpers import BASE, batches
 
 
 def poisoned_task(seq_len):

@@ -155,18 +155,86 @@ def test_failed_build_warns_by_default_and_raises_when_requested(monkeypatch):
         gg.available()
 
 
-def test_build_finds_each_header_and_library_in_the_cuda_roots(monkeypatch, tmp_path):
-    """Headers split over two roots (as the nvidia-* wheels and a toolkit split them): one -I per directory."""
-    wheel, toolkit = tmp_path / "nvidia" / "cu13", tmp_path / "cuda"
-    for root, files in ((wheel, ["include/cublasLt.h", "lib/libcublasLt.so.13", "lib/libcudart.so.13"]),
-                        (toolkit, [f"include/{h}" for h in build.HEADERS if h != "cublasLt.h"])):
+def _fake_root(root, headers_at="include", libs_at="lib"):
+    libs = [f"{libs_at}/libcublasLt.so.13", f"{libs_at}/libcudart.so.13"]
+    for f in [f"{headers_at}/{h}" for h in build.HEADERS] + libs:
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / f).write_text("")
+
+
+def test_build_uses_one_cuda_root_whole(monkeypatch, tmp_path):
+    """The wheels split the headers over packages (one -I each); a partial root is never mixed with another."""
+    wheels = tmp_path / "site" / "nvidia"
+    for pkg, files in (("cublas", ["include/cublasLt.h", "lib/libcublasLt.so.13"]),
+                       ("cuda_runtime", [f"include/{h}" for h in build.HEADERS[1:]] + ["lib/libcudart.so.13"])):
         for f in files:
-            (root / f).parent.mkdir(parents=True, exist_ok=True)
-            (root / f).write_text("")
-    monkeypatch.setattr(build, "_cuda_roots", lambda: [str(wheel), str(toolkit)])
+            (wheels / pkg / f).parent.mkdir(parents=True, exist_ok=True)
+            (wheels / pkg / f).write_text("")
+    partial = tmp_path / "partial"
+    (partial / "include").mkdir(parents=True)
+    (partial / "include" / "cublasLt.h").write_text("")
+    monkeypatch.setattr(build, "_cuda_roots", lambda: [str(partial), str(wheels)])
+    root, _, _ = build.cuda_root()
     cmd = build.command("lt_gemm", "out.so")
-    assert f"-I{wheel / 'include'}" in cmd and f"-I{toolkit / 'include'}" in cmd
-    assert "-l:libcublasLt.so.13" in cmd and "-l:libcudart.so.13" in cmd and f"-Wl,-rpath,{wheel / 'lib'}" in cmd
+    assert root == str(wheels) and not any(str(partial) in a for a in cmd)
+    assert f"-I{wheels / 'cublas' / 'include'}" in cmd and f"-I{wheels / 'cuda_runtime' / 'include'}" in cmd
+    assert "-l:libcublasLt.so.13" in cmd and "-l:libcudart.so.13" in cmd
+    assert f"-Wl,-rpath,{wheels / 'cublas' / 'lib'}" in cmd
+    monkeypatch.setattr(build, "_cuda_roots", lambda: [str(partial)])
+    with pytest.raises(build.BuildError, match=r"partial \(the closest root\) lacks driver_types\.h"):
+        build.command("lt_gemm", "out.so")
+
+
+def test_build_finds_an_aarch64_toolkit(monkeypatch, tmp_path):
+    """A toolkit for Grace (sbsa) keeps its headers and libraries under targets/sbsa-linux."""
+    toolkit = tmp_path / "cuda-13.0"
+    _fake_root(toolkit, "targets/sbsa-linux/include", "targets/sbsa-linux/lib")
+    monkeypatch.setattr(build, "_cuda_roots", lambda: [str(toolkit)])
+    cmd = build.command("lt_gemm", "out.so")
+    assert f"-I{toolkit / 'targets' / 'sbsa-linux' / 'include'}" in cmd
+    assert f"-L{toolkit / 'targets' / 'sbsa-linux' / 'lib'}" in cmd
+
+
+def test_cache_key_follows_compiler_and_headers(monkeypatch, tmp_path):
+    src = tmp_path / "k.cc"
+    src.write_text("int f();")
+    inc = tmp_path / "include"
+    inc.mkdir()
+    (inc / "cublasLt.h").write_text("v1")
+    cmd = ["c++", f"-I{inc}", str(src)]
+    versions = {"c++": b"g++ 13.2"}
+    monkeypatch.setattr(build, "_compiler_id", lambda cxx: versions[cxx])
+    first = build.cache_key(src, cmd)
+    assert build.cache_key(src, cmd) == first
+    (inc / "cublasLt.h").write_text("v2")
+    second = build.cache_key(src, cmd)
+    versions["c++"] = b"g++ 14.1"
+    assert len({first, second, build.cache_key(src, cmd)}) == 3
+
+
+def test_failed_build_is_cached_and_a_hung_one_times_out(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setenv("JZERO_CACHE_DIR", str(tmp_path))
+    runs = []
+
+    def failing(name, out):
+        runs.append(out)
+        return [sys.executable, "-c", "import sys; sys.exit('k.cc:1: error: no')"]
+
+    monkeypatch.setattr(build, "command", failing)
+    with pytest.raises(build.BuildError, match=r"failed \(k\.cc:1: error: no\)"):
+        build.library("lt_gemm")
+    compiled = len(runs)
+    with pytest.raises(build.BuildError, match=r"k\.cc:1: error: no.*cached; delete .*\.failed to try again"):
+        build.library("lt_gemm")
+    assert len(runs) == compiled + 1   # only the digest probe: the compiler did not run again
+    monkeypatch.setenv("JZERO_CACHE_DIR", str(tmp_path / "slow"))
+    monkeypatch.setenv("JZERO_KERNEL_BUILD_TIMEOUT", "0.5")
+    monkeypatch.setattr(build, "command", lambda name, out: [sys.executable, "-c", "import time; time.sleep(30)"])
+    with pytest.raises(build.BuildError, match=r"timed out after 0\.5 s"):
+        build.library("lt_gemm")
+    assert not list((tmp_path / "slow").glob("*.failed"))   # a timeout is not cached (the machine may be busy)
 
 
 def test_library_is_built_once_and_a_failed_build_names_the_error(monkeypatch, tmp_path):

@@ -104,6 +104,23 @@ def test_jzero_kernels_switch(monkeypatch):
     assert kernels.enabled() == (jax.default_backend() == "gpu")
 
 
+def test_use_is_one_decision_that_logs_why_a_kernel_stands_aside(monkeypatch, caplog):
+    import logging
+
+    calls = []
+    later = lambda: calls.append(1) or True  # noqa: E731
+    monkeypatch.setenv("JZERO_KERNELS", "0")
+    with caplog.at_level(logging.INFO, logger="jzero.kernels"):
+        assert not kernels.use("layer_norm", ("never asked", later))      # off: no check runs, nothing logged
+        monkeypatch.setenv("JZERO_KERNELS", "layer_norm")
+        assert kernels.use("layer_norm", ("fine", True), ("fine too", later)) and calls == [1]
+        for _ in range(2):
+            assert not kernels.use("layer_norm", ("the test says no", False), ("never reached", later))
+    assert calls == [1]                                                   # a failed check stops the later ones
+    lines = [r.getMessage() for r in caplog.records if "stands aside" in r.getMessage()]
+    assert lines == ["jzero kernel layer_norm stands aside (XLA formula instead): the test says no"]   # once
+
+
 def test_kernels_stand_aside_inside_shard_map():
     """Inside a shard_map (1-bit optimizers, pipeline stages) both kernels defer to the XLA formulas."""
     from jax.sharding import PartitionSpec as P

@@ -10,7 +10,7 @@ from jzero import checkpoint, export
 from jzero.config import load_config
 from jzero.errors import ConfigError
 from jzero.offload import plan_chunks, restack_masters
-from test_engine import BASE, batches
+from helpers import BASE, batches
 
 OFFLOAD = ["zero_optimization.offload_optimizer.device=cpu"]
 FP32_SCAN = ["model.scan_layers=true", "zero_optimization.stage=2", "train_batch_size=16", "gradient_clipping=0.05"]

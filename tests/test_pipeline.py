@@ -25,7 +25,7 @@ from jzero import sharding as shd
 from jzero.config import load_config
 from jzero.errors import ConfigError
 from jzero.mesh import make_mesh
-from test_engine import batches
+from helpers import batches
 
 STEPS, LAYERS, ACCUM, LR = 10, 8, 4, 0.5
 BASE = ["model.preset=gpt2-tiny", f"model.n_layer={LAYERS}", "model.d_model=64", "model.n_head=4", "model.d_ff=128",

@@ -7,7 +7,7 @@ import pytest
 
 from jzero.optim.comm import collective_ops
 from jzero.quantized_gather import block_dequantize, block_for, block_quantize
-from test_topology import compile_and_train
+from helpers import compile_and_train
 
 
 def numpy_block_quantize(x, block):

@@ -15,7 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 from pydantic import ValidationError
 
 from jzero.errors import ConfigError
-from jzero.remat import ActivationCheckpointingConfig, apply_remat, as_config, remat_policy
+from jzero.remat import ActivationCheckpointingConfig, as_config, remat_policy
 
 D = 16
 
@@ -34,7 +34,10 @@ class Block(nn.Module):
 
 
 def scanned(cfg):
-    return nn.scan(apply_remat(Block, cfg), variable_axes={"params": 0}, split_rngs={"params": True}, length=2)()
+    """The block scanned twice, rematerialised per ``cfg`` as the models do (``nn.remat`` with remat_policy's)."""
+    prevent_cse, policy = remat_policy(cfg)
+    block = Block if policy is None else nn.remat(Block, policy=policy, prevent_cse=prevent_cse)
+    return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)()
 
 
 X = jax.random.normal(jax.random.key(1), (2, 8, D))
@@ -88,12 +91,13 @@ def test_remat_policy_mapping():
     assert remat_policy(ActivationCheckpointingConfig(policy="save_dots"), in_scan=False) == (True, cp.dots_saveable)
     assert remat_policy(ActivationCheckpointingConfig(policy="save_dots_no_batch"))[1] is \
         cp.dots_with_no_batch_dims_saveable
-    assert apply_remat(Block, ActivationCheckpointingConfig()) is Block  # 'none' leaves the block alone
 
     def f(w):
         return jnp.sum(jnp.sin(checkpoint_name(jnp.sin(w), "h")))
 
-    g = apply_remat(f, ActivationCheckpointingConfig(policy="save_named", save_names=["h"]), in_scan=False)
+    prevent_cse, policy = remat_policy(ActivationCheckpointingConfig(policy="save_named", save_names=["h"]),
+                                       in_scan=False)
+    g = jax.checkpoint(f, policy=policy, prevent_cse=prevent_cse)
     np.testing.assert_allclose(np.asarray(jax.grad(g)(jnp.arange(3.0))), np.asarray(jax.grad(f)(jnp.arange(3.0))))
 
 

@@ -9,17 +9,7 @@ from jzero.config import load_config
 from jzero.errors import ConfigError
 from jzero.mesh import make_mesh
 from jzero.topology import hybrid_device_array, inter_node_bytes, replica_groups
-from test_engine import BASE, batches
-
-ZERO3 = BASE + ["zero_optimization.stage=3", "train_batch_size=16"]
-
-
-def compile_and_train(extra, steps=2):
-    """ZeRO-3 + ``extra`` overrides: (engine, compiled step's HLO text, losses of ``steps`` steps)."""
-    eng = jzero.initialize(load_config(base={}, overrides=ZERO3 + extra))
-    hlo = eng.compile().as_text()
-    losses = [float(eng.train_step(b)["loss"]) for b in batches(eng.batch_shape(), steps)]
-    return eng, hlo, np.array(losses)
+from helpers import ZERO3, compile_and_train
 
 
 @pytest.fixture(scope="module")

@@ -8,22 +8,25 @@
 - :mod:`jzero.kernels.gelu_gemm`: GPT-2's MLP with bias + GELU and GELU's derivative in cuBLASLt GEMM epilogues
   (C++ XLA FFI handlers in ``csrc/``, built at first use by :mod:`jzero.kernels.build`).
 
-GPT-2 124M (b16 x 1024, bf16): 34.9 -> 33.4-33.6 ms per step on one H100 with the first two (session 3); on one
-H200, 32.64 (none) -> 30.94 (first two) -> 30.21 ms (all three) (BENCHMARKS.md, session 4).
+What they save on GPT-2 124M: BENCHMARKS.md, sessions 3 (H100) and 4 (H200).
 
-When they run: :func:`enabled` is True on a GPU backend. ``JZERO_KERNELS=0`` turns them off, ``=1`` forces them
+When they run: :func:`use` is the one decision each call site makes (``models.layers``, :mod:`jzero.tasks`).
+:func:`enabled` is True on a GPU backend. ``JZERO_KERNELS=0`` turns them off, ``=1`` forces them
 on (in Pallas interpret mode, or the XLA formulas of ``gelu_gemm``, off the GPU: how the CPU tests check their
 numbers), ``=layer_norm`` picks some.
 Under an active sharding plan the kernels run per shard through ``shard_map`` over the row (token) axes; a layout
 that splits the reduced axis (the hidden size for LayerNorm, the vocabulary for the loss), or a trace inside a
-``shard_map`` (1-bit optimizers, pipeline stages), falls back to the XLA formula.
+``shard_map`` (1-bit optimizers, pipeline stages), falls back to the XLA formula, and :func:`use` logs why (once
+per kernel and reason, logger ``jzero.kernels``, level INFO).
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import logging
 import os
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import jax
 from jax.sharding import PartitionSpec as P
@@ -64,6 +67,36 @@ def enabled(name: str | None = None) -> bool:
         raise ValueError(f"JZERO_KERNELS={flag!r}: unknown kernel(s) {sorted(unknown)}; use 0, 1 or a "
                          f"comma-separated subset of {', '.join(NAMES)}")
     return name is None or name in chosen
+
+
+Check = tuple[str, Union[bool, Callable[[], bool]]]
+#: the usual reason: the layout splits the reduced axis, or the op is traced inside a shard_map
+LAYOUT_WHY = ("the active sharding splits the axis it reduces (tensor parallelism), or it is traced inside a "
+              "shard_map (1-bit optimizers, pipeline stages)")
+log = logging.getLogger("jzero.kernels")
+
+
+def use(name: str, *checks: Check) -> bool:
+    """Run kernel ``name`` in the op being traced? The one decision of every call site.
+
+    False, silently, when the kernel is off (:func:`enabled`: ``JZERO_KERNELS``, the backend, :func:`suspended`).
+    Otherwise each check ``(why, ok)`` is tried in order, ``ok`` a bool or a callable taking no argument (called
+    only when the checks before it passed, so a C++ build goes last); the first that fails makes the kernel stand
+    aside for the XLA formula, and ``why`` is logged once per (kernel, reason): ``jzero kernel gelu_gemm stands
+    aside: activation checkpointing is on (...)``.
+    """
+    if not enabled(name):
+        return False
+    for why, ok in checks:
+        if not (ok() if callable(ok) else ok):
+            _stand_aside(name, why)
+            return False
+    return True
+
+
+@functools.cache
+def _stand_aside(name: str, why: str) -> None:
+    log.info("jzero kernel %s stands aside (XLA formula instead): %s", name, why)
 
 
 def requested(name: str) -> bool:

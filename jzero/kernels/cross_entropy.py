@@ -8,9 +8,8 @@ running max and sum of exp (fp32) -> ``lse``; pass 2 walks it again (the rows ju
 :func:`head_cross_entropy` puts the head's linear inside the custom VJP: ``logits = h @ w.T`` (XLA's GEMM), then
 the kernel; the backward is two GEMMs on the saved ``D`` with the per-token cotangent ``g`` applied to their
 small operands (``dh = g * (D @ w)``, ``dw = D.T @ (g * h)``), so no pass over the [M, V] array scales it. XLA's
-version for GPT-2 124M (bf16 logits [16384, 50304], 1.65 GB) is a logsumexp pass (0.96 ms on an H100) and a
-backward pass (1.21 ms); the kernel reads the logits once and writes ``D`` once: 1.68 ms (with ``exp``, whose
-libdevice form is ~10 instructions, it was 1.94 ms; the bytes alone would take ~1.2 ms).
+version is a logsumexp pass and a backward pass over the logits; the kernel reads them once and writes ``D``
+once (times on GPT-2 124M, and ``exp2`` against ``exp``: BENCHMARKS.md, "Session 3" (H100)).
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
 from jzero import kernels
+from jzero.loss import cross_entropy
 
 F32 = jnp.float32
 _NEG = -1e30   # finite "minus infinity" for the running max (exp(-inf - -inf) would be nan)
@@ -33,7 +33,7 @@ _LN2 = 0.6931471805599453
 
 def _kernel(logits_ref, labels_ref, loss_ref, d_ref, *, block_r, block_v):
     # log2 domain: exp2 lowers to one fast instruction (exp to libdevice's accurate expf, ~10), and the kernel is
-    # instruction-bound, not byte-bound, at 1.7 TB/s with exp (H100, GPT-2 124M logits)
+    # instruction-bound, not byte-bound, with exp (measured: BENCHMARKS.md, "Session 3" (H100))
     m, v = logits_ref.shape
     rows = pl.program_id(0) * block_r + jnp.arange(block_r)
     rmask = rows < m
@@ -120,11 +120,9 @@ def head_cross_entropy(h_BxTxD, w_VxD, labels_BxT):
     """Per-token cross-entropy (fp32) of ``logits = h @ w.T`` against ``labels``, logits never kept.
 
     ``h`` and ``w`` in the compute dtype (bf16); the rows may be sharded (data parallelism), ``w`` replicated.
-    Not differentiated (evaluation), it is :func:`jzero.engine.cross_entropy` (XLA): the kernel's gradient output
+    Not differentiated (evaluation), it is :func:`jzero.loss.cross_entropy` (XLA): the kernel's gradient output
     would be wasted work.
     """
-    from jzero.engine import cross_entropy
-
     return cross_entropy(jnp.einsum("btd,vd->btv", h_BxTxD, w_VxD), labels_BxT)
 
 

@@ -2,23 +2,23 @@
 
 XLA runs ``proj(gelu(x @ w1 + b1))`` with plain GEMMs and two element-wise passes over [tokens, d_ff] arrays:
 the forward's bias + GELU (reads the fc GEMM's output, writes the hidden) and the backward's GELU derivative +
-fc-bias gradient (reads the proj dX GEMM's output and the pre-activation, writes dpre). GPT-2 124M (b16 x 1024)
-on one H200: 0.97 + 1.24 ms of a 31 ms step. cuBLASLt does them in the GEMMs' epilogues:
+fc-bias gradient (reads the proj dX GEMM's output and the pre-activation, writes dpre). cuBLASLt does them in
+the GEMMs' epilogues:
 
-- forward, ``GELU_AUX_BIAS``: the fc GEMM writes ``hidden = gelu(x @ w1 + b1)`` and ``pre = x @ w1 + b1``
-  (0.147 ms a layer, against 0.105 for the plain GEMM plus 0.081 for XLA's pass);
+- forward, ``GELU_AUX_BIAS``: the fc GEMM writes ``hidden = gelu(x @ w1 + b1)`` and ``pre = x @ w1 + b1``;
 - backward, ``DGELU``: the proj layer's dX GEMM writes ``dpre = (dy @ w2.T) * gelu'(pre)``; the fc bias
-  gradient ``dpre.sum(0)`` stays an XLA reduction (DGELU_BGRAD, which also sums, measured 0.44 ms a layer).
+  gradient ``dpre.sum(0)`` stays an XLA reduction (DGELU_BGRAD, which also sums, measured slower).
 
 :func:`mlp` is ``gelu(x @ w1 + b1) @ w2`` (the proj bias stays outside, for XLA to fuse into the residual add)
-as one custom VJP whose other three GEMMs (dw2, dw1, dx) are XLA's. GPT-2 124M on one H200: 30.94 -> 30.21 ms
-per step (BENCHMARKS.md, session 4). The FFI handlers are C++ (``csrc/lt_gemm.cc``), built at first use by
-:mod:`jzero.kernels.build`. Off the GPU (``JZERO_KERNELS=1`` in the CPU tests) the two epilogue GEMMs are the
-XLA formulas below, with the epilogues' rounding (fp32 accumulation, each output rounded once), so the custom
-VJP itself is tested everywhere. Under an active plan the op runs per shard over the token axes
-(``shard_map``) with the weights whole; it stands aside (XLA formulas) where the hidden or model axis is split
-(tensor parallelism), inside a ``shard_map``, and under activation checkpointing (its saved ``pre``/``hidden``
-are not remat-nameable).
+as one custom VJP whose other three GEMMs (dw2, dw1, dx) are XLA's. Per-GEMM and per-step times on GPT-2 124M:
+BENCHMARKS.md, "Session 4" (H200). The FFI handlers are C++ (``csrc/lt_gemm.cc``), built at first use by
+:mod:`jzero.kernels.build`; each GEMM shape's cuBLASLt algorithm is chosen without timing (a recorded choice,
+else the heuristic's first: see ``csrc/lt_gemm.cc``), so every run and rank computes the same bits. Off the GPU
+(``JZERO_KERNELS=1`` in the CPU tests) the two epilogue GEMMs are the XLA formulas below, with the epilogues'
+rounding (fp32 accumulation, each output rounded once), so the custom VJP itself is tested everywhere. Under an
+active plan the op runs per shard over the token axes (``shard_map``) with the weights whole; it stands aside
+(XLA formulas) where the hidden or model axis is split (tensor parallelism), inside a ``shard_map``, and under
+activation checkpointing (its saved ``pre``/``hidden`` are not remat-nameable).
 """
 
 from __future__ import annotations
@@ -41,8 +41,13 @@ _C = float(np.sqrt(2.0 / np.pi))
 
 @functools.cache
 def _register() -> None:
+    import os
+
     from jzero.kernels import build
 
+    # the cuBLASLt algorithm of each GEMM shape is the one recorded here (JZERO_LT_AUTOTUNE=1 records the
+    # fastest), else the heuristic's first: never a timing per process, so runs and ranks compute the same bits
+    os.environ.setdefault("JZERO_LT_ALGOS", str(build.cache_dir() / "lt_gemm_algos.txt"))
     jax.devices()   # the GPU client first: it has loaded the libcublasLt the library links to
     lib = ctypes.CDLL(build.library("lt_gemm"))
     for target, symbol in (("jzero_gemm_bias_gelu", "JzeroGemmBiasGelu"), ("jzero_gemm_dgelu", "JzeroGemmDgelu")):
@@ -121,7 +126,8 @@ def bias_gelu_2d(x_MxK, w_KxN, b_N):
 def dgelu_2d(dy_MxK, w_NxK, pre_MxN):
     """``(dpre, db)``: ``dpre = (dy @ w.T) * gelu'(pre)`` [M, N] from the proj layer's dX GEMM with cuBLASLt's
     DGELU epilogue, and the fc bias gradient ``db = dpre.sum(0)`` [N] as XLA's reduction (cuBLASLt's
-    DGELU_BGRAD, which would do both, runs the sum as a separate kernel ten times slower: BENCHMARKS.md)."""
+    DGELU_BGRAD, which would do both, runs the sum as a separate kernel, much slower: BENCHMARKS.md,
+    "Session 4")."""
     _one_dtype("dgelu_2d", dy_MxK, w_NxK, pre_MxN)
     if kernels.interpret():
         return reference_dgelu(dy_MxK, w_NxK, pre_MxN)

@@ -4,9 +4,8 @@ Forward: a program normalises ``block_m`` rows (the whole hidden size in one til
 dtype and the fp32 row statistics (mean, rstd) that the backward reuses. Backward: a program walks
 ``n_inner`` row tiles, reads ``x`` and ``dy`` once, writes ``dx`` and one row of fp32 partial sums of
 ``dy * xhat`` and ``dy``; XLA then adds the [programs, d] partials (a ~1 MB array). XLA's own backward for GPT-2
-124M on the H100 is three kernels (a Triton ``dx`` fusion that recomputes the statistics, an fp32 ``xhat * dy``
-array, a column reduction): 2.5 ms of a 35 ms step for 25 LayerNorms whose bytes need ~0.8 ms; these kernels
-take ~1.2 ms backward and 0.5 ms forward (-1.25 ms per step measured).
+is three kernels (a Triton ``dx`` fusion that recomputes the statistics, an fp32 ``xhat * dy`` array, a column
+reduction), well above what its bytes need; times of both: BENCHMARKS.md, "Session 3" (H100).
 
 Math (per row, N = hidden size, g = dy * scale):
     dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  dscale = sum_rows(dy * xhat),  dbias = sum_rows(dy)

@@ -204,6 +204,43 @@ _OP_RE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<type>.+?)\s+(?P<op>"
 _ARRAY_RE = re.compile(r"\b(?P<dtype>[a-z]+[0-9]*(?:e[0-9]m[0-9]\w*)?)\[(?P<dims>[0-9,]*)\]")
 
 
+def replica_groups(line: str, n_devices: int) -> list[list[int]]:
+    """The replica groups of one HLO collective: explicit ``{{0,1},{2,3}}``, iota ``[G,S]<=[dims]T(perm)``, or
+    the mesh form ``replica_groups=mesh['axis_0'=2,'axis_1'=4], device_ids=([2,4]T(1,0)) {'axis_1'}``."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\(\[([0-9,]+)\](?:T\(([0-9,]+)\))?\))?"
+                  r"\s*\{([^}]*)\}", line)
+    if m:
+        axes = re.findall(r"'([\w]+)'=([0-9]+)", m[1])
+        sizes = [int(v) for _, v in axes]
+        ids = np.arange(int(np.prod(sizes)))
+        if m[2]:
+            dims = [int(x) for x in m[2].split(",")]
+            ids = ids.reshape(dims)
+            if m[3]:
+                ids = ids.transpose([int(x) for x in m[3].split(",")])
+        ids = ids.reshape(sizes)
+        in_group = [i for i, (name, _) in enumerate(axes) if f"'{name}'" in m[4]]
+        rest = [i for i in range(len(axes)) if i not in in_group]
+        size = int(np.prod([sizes[i] for i in in_group]))
+        return ids.transpose(rest + in_group).reshape(-1, size).tolist()
+    m = re.search(r"replica_groups=\{((?:\{[0-9,]*\},?)*)\}", line)
+    if m:
+        groups = [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([0-9,]*)\}", m[1])]
+        return groups or [list(range(n_devices))]
+    m = re.search(r"replica_groups=\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", line)
+    if m:
+        shape = [int(x) for x in m[1].split(",")]
+        dims = [int(x) for x in m[2].split(",")]
+        ids = np.arange(int(np.prod(dims))).reshape(dims)
+        if m[3]:
+            ids = ids.transpose([int(x) for x in m[3].split(",")])
+        return ids.reshape(shape[0], -1).tolist()
+    m = re.search(r"source_target_pairs=\{((?:\{[0-9,]*\},?)*)\}", line)
+    if m:
+        return [[int(x) for x in g.split(",")] for g in re.findall(r"\{([0-9,]*)\}", m[1])]
+    return [list(range(n_devices))]
+
+
 def _type_bytes(type_text: str) -> float:
     total = 0.0
     for m in _ARRAY_RE.finditer(type_text):
@@ -217,9 +254,7 @@ def _type_bytes(type_text: str) -> float:
 
 
 def _group_size(line: str, n_devices: int) -> int:
-    if "replica_groups=mesh[" in line:   # jax 0.10's mesh form: parsed with the other forms in jzero.topology
-        from jzero.topology import replica_groups
-
+    if "replica_groups=mesh[" in line:   # jax 0.10's mesh form: parsed with the other forms in replica_groups
         return len(replica_groups(line, n_devices)[0])
     m = re.search(r"replica_groups=\{\{([0-9,]*)\}", line)
     if m:

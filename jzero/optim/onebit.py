@@ -1,6 +1,7 @@
 """DeepSpeed's communication-compressed optimizers, OneBitAdam / ZeroOneAdam / OneBitLamb (and jzero's SignSGD,
 the same compressed all-reduce from the first step), from config, and
-what the engine needs to run them: the state's shardings and the params to differentiate at.
+what the engine needs to run them: the state's shardings, the params to differentiate at, and their step
+(:class:`OneBit`: :func:`jzero.step.make_step` with :func:`onebit_grads`, all inside one ``shard_map``).
 
 The transforms (onebit_adam.py, zero_one_adam.py, onebit_lamb.py) run their `update` inside a
 `jax.shard_map` that is manual over the data axis and take each rank's LOCAL gradients; they average
@@ -17,14 +18,17 @@ leading data dimension, sharded over data; everything else replicated).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jzero.errors import ConfigError
+from jzero.precision import all_finite, unscale_grads
+from jzero.step import OnDevice, StepGrads, TrainState, accumulate_grads, make_step, optax_update, scaled
 from jzero.optim.comm import local_row
 from jzero.optim.onebit_adam import OneBitAdamState, onebit_adam
 from jzero.optim.onebit_lamb import OneBitLambState, onebit_lamb
@@ -165,56 +169,55 @@ def local_params(params, opt_state, axis_name: str = "data"):
     return params
 
 
-def onebit_train_fn(loss_fn, tx, schedule, mesh, opt_specs, accum_dtype, *, fp16: bool = False,
-                    skip_nonfinite: bool = False):
-    """Train step for the 1-bit optimizers: manual over ``data`` (``shard_map``), so each rank differentiates at
-    its own rows (``gradient_accumulation_steps`` micro-batches scanned, as the other optimizers) and hands the
-    optimizer its LOCAL gradient; the optimizer averages exactly in warm-up and by the packed-bit compressed
-    all-reduce after ``freeze_step``. Metrics: the loss averaged over ranks, and ``grad_norm_local`` = the
-    root-mean-square over ranks of each rank's local gradient norm (the norm of the averaged gradient would need
-    the full all-reduce the compression exists to avoid).
+def onebit_grads(loss_fn, accum_dtype, *, fp16: bool = False, skip_nonfinite: bool = False):
+    """The grads piece of the 1-bit step, traced inside a ``shard_map`` manual over ``data``: each rank
+    differentiates at its own rows (``gradient_accumulation_steps`` micro-batches scanned, as the other
+    optimizers) and keeps its LOCAL gradient, which the optimizer averages exactly in warm-up and by the
+    packed-bit compressed all-reduce after ``freeze_step``. Its metrics: the loss averaged over ranks, and
+    ``grad_norm_local`` = the root-mean-square over ranks of each rank's local gradient norm (the norm of the
+    averaged gradient would need the full all-reduce the compression exists to avoid).
 
     ``fp16``: the loss is multiplied by the loss scale before the backward pass and the local gradients divided
     by it before the optimizer sees them (DeepSpeed's fp16 wrapper around its 1-bit optimizers).
-    ``skip_nonfinite`` (fp16, or bf16 with check_grad_overflow): a step where ANY rank's gradient is not finite
-    is skipped on every rank (a ``pmin`` of the flag over ``data``: the ranks' params, momenta and error buffers
-    must stay identical) and the loss scaler takes its overflow branch, as
-    :func:`jzero.precision.update_loss_scale`."""
-    from jzero.engine import TrainState, _lr_count, accumulate_grads
-    from jzero.precision import all_finite, scale_loss, select_tree, unscale_grads, update_loss_scale
-
-    batch_spec = P(None, "data")
-
-    def inner(step, params, opt_state, ls, batch):
-        p_local = local_params(params, opt_state)
-        scaled = (lambda p, b: scale_loss(loss_fn(p, b), ls)) if fp16 else loss_fn
-        loss, grads = accumulate_grads(scaled, p_local, batch, None, accum_dtype)
-        if fp16:
-            grads = unscale_grads(grads, ls, jnp.float32)
-            loss = loss / ls.scale
-        updates, new_opt = tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        if skip_nonfinite:
-            finite = jax.lax.pmin(all_finite(grads).astype(jnp.int32), "data") > 0
-            new_params, new_opt = select_tree(finite, (new_params, new_opt), (params, opt_state))
-        else:
-            finite = jnp.asarray(True)
-        norm2 = jax.lax.pmean(jnp.square(optax.tree.norm(grads)), "data")
-        return new_params, new_opt, jax.lax.pmean(loss, "data"), jnp.sqrt(norm2), finite
-
-    def train_fn(state: TrainState, batch):
+    ``skip_nonfinite``: the step is skipped on every rank when ANY rank's gradient is not finite (a ``pmin`` of
+    the flag over ``data``: the ranks' params, momenta and error buffers must stay identical)."""
+    def grads_fn(state, batch) -> StepGrads:
         ls = state.loss_scale
-        ls_specs = jax.tree.map(lambda _: P(), ls)
-        sm = jax.shard_map(inner, mesh=mesh, in_specs=(P(), P(), opt_specs, ls_specs, batch_spec),
-                           out_specs=(P(), opt_specs, P(), P(), P()), axis_names={"data"}, check_vma=True)
-        lr = jnp.asarray(schedule(_lr_count(state)), jnp.float32)
-        params, opt_state, loss, gnorm, finite = sm(state.step, state.params, state.opt_state, ls, batch)
-        new_ls = update_loss_scale(ls, finite) if skip_nonfinite else ls
-        metrics = {"loss": loss, "grad_norm_local": gnorm, "lr": lr, "loss_scale": ls.scale,
-                   "skipped_steps": new_ls.skipped_steps}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, loss_scale=new_ls), metrics
+        p_local = local_params(state.params, state.opt_state)
+        loss, grads = accumulate_grads(scaled(loss_fn, ls, fp16), p_local, batch, None, accum_dtype)
+        if fp16:
+            grads, loss = unscale_grads(grads, ls, jnp.float32), loss / ls.scale
+        finite = jax.lax.pmin(all_finite(grads).astype(jnp.int32), "data") > 0 if skip_nonfinite else None
+        norm2 = jax.lax.pmean(jnp.square(optax.tree.norm(grads)), "data")
+        return StepGrads(loss=jax.lax.pmean(loss, "data"), grads=grads, finite=finite,
+                         metrics={"grad_norm_local": jnp.sqrt(norm2)})
+    return grads_fn
 
-    return train_fn
+
+@dataclass
+class OneBit(OnDevice):
+    """The 1-bit optimizers' strategy: params replicated, per-rank error buffers over ``data``
+    (:func:`onebit_state_specs`), and the whole :func:`jzero.step.make_step` step inside one ``shard_map`` manual
+    over ``data`` (so the optimizer's compressed all-reduce runs on local gradients)."""
+
+    mesh: Any = None
+    opt_specs: Any = None
+    accum_dtype: Any = jnp.float32
+
+    @classmethod
+    def build(cls, tx, abstract_opt, mesh, accum_dtype, fp16: bool) -> "OneBit":
+        specs = onebit_state_specs(abstract_opt)
+        shardings = jax.tree.map(lambda sp: NamedSharding(mesh, sp), specs, is_leaf=lambda x: isinstance(x, P))
+        return cls(tx=tx, opt_shardings=shardings, fp16=fp16, mesh=mesh, opt_specs=specs, accum_dtype=accum_dtype)
+
+    def train_fn(self, loss_fn, grads_of, schedule, *, skip_nonfinite: bool, context):
+        """``grads_of`` is not used: the micro-batch scan runs per rank inside the map (no layouts to put)."""
+        step = make_step(onebit_grads(loss_fn, self.accum_dtype, fp16=self.fp16, skip_nonfinite=skip_nonfinite),
+                         optax_update(self.tx), schedule, skip_nonfinite=skip_nonfinite)
+
+        specs = TrainState(step=P(), params=P(), opt_state=self.opt_specs, loss_scale=P())   # P(): replicated
+        return jax.shard_map(step, mesh=self.mesh, in_specs=(specs, P(None, "data")), out_specs=(specs, P()),
+                             axis_names={"data"}, check_vma=True)
 
 
 def communication_report(optimizer_type: str, opt_params: Mapping[str, Any] | None, abstract_params, mesh,
