@@ -98,6 +98,9 @@ def check_supported(cfg: JzeroConfig) -> None:
         key, why = unsupported[0]
         raise ConfigError(f"{key}: {why}")
     pipeline.check_config(cfg)
+    from jzero.quantized_reduce import check_config as check_qgz
+
+    check_qgz(cfg)   # ZeRO++ qgZ's unsupported combinations
 
 
 # --------------------------------------------------------------------------- tasks
@@ -500,7 +503,7 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
     skip_nonfinite = skips_nonfinite_steps(cfg.fp16, cfg.bf16)
 
     loss_fn = lambda p, b: task.loss(model.apply, p, b)  # noqa: E731
-    from jzero import quantized_gather, topology
+    from jzero import quantized_gather, quantized_reduce, topology
 
     qwz_context = lambda: quantized_gather.for_step(  # noqa: E731  (ZeRO++ qwZ: int8 weight gathers when on)
         cfg.zero_optimization.zero_quantized_weights, plan, abstract_params)
@@ -515,6 +518,9 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
             else:
                 vg = (topology.hierarchical_value_and_grad(scaled_loss_fn, mesh, flat_rules, plan.grad)
                       if hpz > 1 else None)
+                if cfg.zero_optimization.zero_quantized_gradients:   # ZeRO++ qgZ (under hpZ: node, then across)
+                    vg = quantized_reduce.value_and_grad(scaled_loss_fn, mesh, rules, plan, abstract_params,
+                                                         cfg.zero_optimization.zero_quantized_weights)
                 scaled_loss, grads = accumulate_grads(scaled_loss_fn, state.params, batch, plan.grad, accum_dtype,
                                                       value_and_grad=vg)
             grads = unscale_grads(grads, ls, jnp.float32) if cfg.fp16.enabled else grads
