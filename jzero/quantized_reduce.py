@@ -160,13 +160,17 @@ def read_shape(names, shape) -> tuple[int, ...]:
 
 def gather(w: jax.Array, names, dtype, shape) -> jax.Array:
     """:func:`jzero.sharding.gather_param` inside the region: a leaf split over ``data`` (``w`` is this rank's
-    shard of a weight of ``shape``) is gathered by :func:`_gather`; a leaf the plan keeps whole is read as it is
-    (its gradient is the ``shard_map`` transpose's fp32 psum)."""
+    shard of a weight of ``shape``) is gathered by :func:`_gather`; a leaf the plan keeps whole is marked
+    varying over the batch axes (``pcast``), whose transpose is the fp32 psum of its gradient: over ``data``
+    first, then (hpZ) over ``node``, as DeepSpeed's hierarchical reduction. Marking it here, not where it meets
+    the rows, keeps every custom VJP downstream (embedding, fused head) type-consistent."""
     from jzero.sharding import constrain
 
     table = _ACTIVE.get()
     dim = table["dims"].get((tuple(names), tuple(shape)))
     if dim is None:
+        for axis in table["axes"]:   # (node, data): the backward psums over data, then over node; in fp32
+            w = jax.lax.pcast(w, (axis,), to="varying")
         return constrain(w.astype(dtype), names)
     return _gather(w, _Gather(dim, table["parts"], table["nodes"], jnp.dtype(dtype), table["weight_block"],
                               table["grad_block"], tuple(names)))
@@ -196,7 +200,7 @@ def value_and_grad(loss_fn, mesh, rules, plan, abstract_params, quantized_weight
     ranks = math.prod(mesh.shape[a] for a in axes)
     from jzero.quantized_gather import gathered_dims
 
-    table = {"dims": gathered_dims(plan, abstract_params), "parts": mesh.shape[AXIS],
+    table = {"axes": axes, "dims": gathered_dims(plan, abstract_params), "parts": mesh.shape[AXIS],
              "nodes": mesh.shape.get(NODE, 1), "weight_block": block if quantized_weights else None,
              "grad_block": block}
     specs = jax.tree.map(lambda s: _manual_spec(s.spec, axes), plan.grad)
