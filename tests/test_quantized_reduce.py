@@ -99,8 +99,10 @@ def test_hierarchical_reduce_is_numpy_two_level_and_identical_across_nodes():
 # --------------------------------------------------------------------------- the engine
 
 
-#: leaves below 2000 elements (norms, biases) stay whole: their gradient is the psum of the unquantized path
-WHOLE = ["zero_optimization.stage3_param_persistence_threshold=2000"]
+#: leaves below 17000 elements stay whole (their gradient is a fp32 psum): norms, biases, the attention output and
+#: the embeddings, whose read goes through a custom VJP (embed_lookup) and the tied head, as in the default run;
+#: the qkv (24576) and MLP (2 x 64 x 256) stacks are split
+WHOLE = ["zero_optimization.stage3_param_persistence_threshold=17000", "model.d_ff=256"]
 HPZ = ["zero_optimization.zero_hpz_partition_size=4"]
 
 
@@ -144,8 +146,8 @@ def test_qgz_moves_int8_gradient_blocks(runs):
     # ... plus one fp32 scale per block of 256 (every chunk here is a multiple); the whole leaves stay a fp32 psum
     assert qgz_[("all-to-all", "f32")] * 64 == qgz_[("all-to-all", "s8")]
     assert whole <= qgz_[("all-reduce", "f32")] <= whole + 64      # + the loss and norm scalars
-    moved = qgz_[("all-to-all", "s8")] + qgz_[("all-to-all", "f32")] + qgz_[("all-reduce", "f32")]
-    assert moved / grad_f32 <= 0.27                        # ~1/4 of fp32 (~1/2 of bf16) with scales and whole leaves
+    # the split leaves' gradient bytes with their scales: 0.254 of fp32 (0.51 of a bf16 reduction)
+    assert (qgz_[("all-to-all", "s8")] + qgz_[("all-to-all", "f32")]) / split <= 0.26
 
 
 def test_qgz_losses_beside_unquantized(runs):
@@ -205,7 +207,7 @@ def test_gradient_within_the_quantizers_bound_of_the_exact_mean(runs):
             _, bound = np_reduce_scatter([pick(x) for x in loc], dims[key], qgz.DEFAULT_BLOCK)
             err = np_chunks(np.abs(pick(g) - pick(exact)), dims[key], D)
             assert np.all(err <= bound + 1e-6), (nm, i, err.max(), bound.max())
-    assert n_quantized >= 4
+    assert n_quantized == 3 and ("vocab", "embed") not in {k[0] for k in dims}   # wte whole
 
 
 @pytest.mark.parametrize("extra,needle", [
