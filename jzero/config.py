@@ -99,6 +99,8 @@ class ZeroConfig(Section):
     zero_hpz_partition_size: int = Field(1, ge=1)
     #: ZeRO++ qwZ: ZeRO-3's weight gathers move int8 blocks + one scale per block (jzero.quantized_gather).
     zero_quantized_weights: bool = False
+    #: ZeRO++ qgZ: ZeRO-3's gradient reduce-scatter moves int8 blocks + fp32 scales (jzero.quantized_reduce).
+    zero_quantized_gradients: bool = False
 
     @model_validator(mode="after")
     def _check(self):
@@ -108,6 +110,9 @@ class ZeroConfig(Section):
         if self.zero_quantized_weights and self.stage != 3:
             raise ValueError("zero_quantized_weights=true needs stage 3 (qwZ quantizes ZeRO-3's weight gathers); "
                              "set stage=3 or remove it")
+        if self.zero_quantized_gradients and self.stage != 3:
+            raise ValueError("zero_quantized_gradients=true needs stage 3 (qgZ quantizes the reduce-scatter of the "
+                             "gradient of ZeRO-3's gathered weights); set stage=3 or remove it")
         if not self.reduce_scatter and self.stage >= 2:
             raise ValueError("reduce_scatter=false with stage>=2: ZeRO-2/3 partitions gradients by a reduce-scatter; "
                              "use stage 1 for all-reduced gradients")

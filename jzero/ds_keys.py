@@ -255,7 +255,9 @@ KEYS: dict[str, Key] = {
                                                       "fp32 scales (jzero.quantized_gather)"),
     "zero_optimization.zero_quantized_nontrainable_weights": _unimpl("ZeRO++ quantized frozen weights",
                                                                      default=False),
-    "zero_optimization.zero_quantized_gradients": _unimpl("ZeRO++ quantized gradients (qgZ)", default=False),
+    "zero_optimization.zero_quantized_gradients": _impl("ZeRO++ qgZ (stage 3): the gradient reduce-scatter is an "
+                                                        "all-to-all of int8 blocks + fp32 scales "
+                                                        "(jzero.quantized_reduce)"),
     "zero_optimization.zeropp_loco_param": _unimpl("LoCo-ZeRO++", default=None),
     "zero_optimization.mics_shard_size": _unimpl("MiCS sharding groups", default=-1),
     "zero_optimization.mics_hierarchical_params_gather": _unimpl("MiCS hierarchical gathers", default=False),

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jzero import pipeline, quantized_gather, topology
+from jzero import pipeline, quantized_gather, quantized_reduce, topology
 from jzero import sharding as shd
 from jzero.config import JzeroConfig, resolve
 from jzero.errors import CheckpointError, ConfigError
@@ -81,6 +81,7 @@ def check_supported(cfg: JzeroConfig) -> None:
         key, why = unsupported[0]
         raise ConfigError(f"{key}: {why}")
     pipeline.check_config(cfg)
+    quantized_reduce.check_config(cfg)   # ZeRO++ qgZ's unsupported combinations
 
 
 # --------------------------------------------------------------------------- the engine
@@ -256,7 +257,7 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
 
     loss_fn = lambda p, b: task.loss(model.apply, p, b)  # noqa: E731
     context = _step_context(cfg, layout, plan, abstract_params)
-    train_fn = strategy.train_fn(loss_fn, _grads_of(cfg, layout, plan), schedule, context=context,
+    train_fn = strategy.train_fn(loss_fn, _grads_of(cfg, layout, plan, abstract_params), schedule, context=context,
                                  skip_nonfinite=skips_nonfinite_steps(cfg.fp16, cfg.bf16))
 
     def eval_fn(params, batch):
@@ -334,16 +335,20 @@ def _strategy(cfg: JzeroConfig, tx, plan: shd.ShardingPlan, mesh, abstract_param
     return OnDevice(tx, shd.opt_state_shardings(tx, abstract_opt, plan), fp16=cfg.fp16.enabled)
 
 
-def _grads_of(cfg: JzeroConfig, layout: Layout, plan: shd.ShardingPlan) -> Callable:
+def _grads_of(cfg: JzeroConfig, layout: Layout, plan: shd.ShardingPlan, abstract_params) -> Callable:
     """The step's gradient path, ``(loss_fn, params, batch) -> (loss, grads)``: the pipeline's one forward and
     backward over all micro-batches, or the micro-batch scan. ``value_and_grad`` is the scan's one slot for
-    another gradient path (``loss_fn -> value_and_grad fn``; None = ``jax.value_and_grad``): hpZ fills it."""
+    another gradient path (``loss_fn -> value_and_grad fn``; None = ``jax.value_and_grad``): hpZ and qgZ fill it."""
     if layout.run is not None:
         return lambda f, p, b: pipeline.pipelined_grads(f, p, b, plan.grad, layout.run)
     value_and_grad = None
     if layout.hpz > 1:   # ZeRO++ hpZ: the gradient reduced within the node first
         value_and_grad = lambda f: topology.hierarchical_value_and_grad(  # noqa: E731
             f, layout.mesh, layout.flat_rules, plan.grad)
+    z = cfg.zero_optimization
+    if z.zero_quantized_gradients:   # ZeRO++ qgZ: int8 gradient reduce-scatter (under hpZ: in the node, then across)
+        value_and_grad = lambda f: quantized_reduce.value_and_grad(  # noqa: E731
+            f, layout.mesh, layout.rules, plan, abstract_params, z.zero_quantized_weights)
     return micro_batch_grads(plan.grad, dtype_from_name(cfg.data_types.grad_accum_dtype), value_and_grad)
 
 

@@ -256,10 +256,23 @@ class _ConstrainTo:
         return constrain(x, self.names + (None,) * extra)
 
 
-def gather_param(w, names: Sequence[str | None], dtype):
+def param_shape(names: Sequence[str | None], shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape a model reads its weight of ``shape`` with: ``shape``, except inside ZeRO++ qgZ's manual region
+    (:mod:`jzero.quantized_reduce`), where a leaf ZeRO-3 splits over ``data`` is this rank's shard."""
+    from jzero import quantized_reduce as qgz
+
+    return qgz.read_shape(names, shape) if qgz.settings() is not None else tuple(shape)
+
+
+def gather_param(w, names: Sequence[str | None], dtype, shape: Sequence[int] | None = None):
     """A weight cast to ``dtype`` in its compute layout: where ZeRO-3 gathers it (a no-op layout change below
-    stage 3). Under ZeRO++ qwZ (:mod:`jzero.quantized_gather` active) the gather moves int8 blocks instead."""
+    stage 3). Under ZeRO++ qwZ (:mod:`jzero.quantized_gather` active) the gather moves int8 blocks instead; inside
+    ZeRO++ qgZ's manual region (:mod:`jzero.quantized_reduce`) it is an explicit gather whose VJP is qgZ's."""
     from jzero import quantized_gather as qwz
+    from jzero import quantized_reduce as qgz
+
+    if qgz.settings() is not None:   # w may be one rank's shard there: ``shape`` is the weight's
+        return qgz.gather(w, names, dtype, tuple(shape) if shape is not None else w.shape)
 
     active, q = _ACTIVE.get(), qwz.settings()
     dim = q[1].get((tuple(names), tuple(w.shape))) if active is not None and q is not None else None

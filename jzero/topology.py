@@ -67,11 +67,12 @@ def hybrid_device_array(devices, nodes: int, pipeline: int, intra: int, tensor: 
 # --------------------------------------------------------------------------- HLO: which bytes cross nodes
 
 
-def inter_node_bytes(hlo_text: str, devices_per_node: int) -> dict[str, int]:
-    """Bytes one device sends per step in collectives whose groups span nodes, by op kind, plus 'total'.
+def inter_node_bytes(hlo_text: str, devices_per_node: int, per_step: bool = False) -> dict[str, int]:
+    """Bytes one device sends in collectives whose groups span nodes, by op kind, plus 'total'.
 
     A node is ``devices_per_node`` consecutive partition ids (the mesh's device order, node outermost). Bytes
     follow :func:`jzero.optim.comm.collective_ops` (ring conventions); a collective within nodes counts 0.
+    ``per_step``: an op inside a loop body (a scanned layer's) counts once per trip; else once per HLO op.
     """
     header = re.search(r"num_partitions=([0-9]+)", hlo_text)
     n_devices = int(header[1]) if header else 1
@@ -94,7 +95,7 @@ def inter_node_bytes(hlo_text: str, devices_per_node: int) -> dict[str, int]:
         else:
             groups = replica_groups(line, n_devices)
         if any(len({d // devices_per_node for d in g}) > 1 for g in groups):
-            out[op["op"]] += op["bytes_sent"]
+            out[op["op"]] += op["bytes_sent"] * (op["trips"] if per_step else 1)
     out["total"] = sum(out[k] for k in comm._COLLECTIVES)
     return out
 

@@ -21,7 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jzero import kernels, pipeline
 from jzero.kernels import gelu_gemm as kernel_gg
 from jzero.kernels import layer_norm as kernel_ln
-from jzero.sharding import constrain, gather_param
+from jzero.sharding import constrain, gather_param, param_shape
 from models.kv_cache import attend_cached
 
 Dtype = Any
@@ -40,8 +40,8 @@ SUBLAYER_INPUT = ("batch", "length", "embed")
 def param(mod: nn.Module, name: str, shape: Sequence[int], names: Sequence[str | None], init: Callable,
           dtype: Dtype, param_dtype: Dtype = jnp.float32) -> jax.Array:
     """Create/read a parameter with logical names; return it cast to ``dtype`` in its compute layout."""
-    w = mod.param(name, nn.with_logical_partitioning(init, tuple(names)), tuple(shape), param_dtype)
-    return gather_param(w, names, dtype)
+    w = mod.param(name, nn.with_logical_partitioning(init, tuple(names)), param_shape(names, shape), param_dtype)
+    return gather_param(w, names, dtype, shape)   # param_shape: one rank's shard under ZeRO++ qgZ
 
 
 def embed_lookup(table_VxD: jax.Array, ids_BxT: jax.Array) -> jax.Array:

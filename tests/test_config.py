@@ -210,9 +210,11 @@ def test_the_main_prints_the_start_line(tmp_path, capsys):
     ({"gradient_clip": 1.0}, "did you mean 'gradient_clipping'?"),
     ({"stage": 2}, "did you mean 'zero_optimization.stage'?"),
     ({"fp16": {"loss_scale_windows": 10}}, "did you mean 'fp16.loss_scale_window'?"),
-    ({"zero_optimization": {"zero_quantized_gradients": True}}, "ZeRO++ quantized gradients (qgZ) is not "
-                                                                "implemented in jzero; remove it or set DeepSpeed's "
-                                                                "default False"),
+    ({"zero_optimization": {"zero_quantized_nontrainable_weights": True}}, "ZeRO++ quantized frozen weights is "
+                                                                            "not implemented in jzero; remove it or "
+                                                                            "set DeepSpeed's default False"),
+    ({"zero_optimization": {"zero_quantized_gradients": True, "stage": 2}}, "zero_quantized_gradients=true needs "
+                                                                            "stage 3"),
     ({"zero_optimization": {"zero_quantized_weights": True, "stage": 2}}, "zero_quantized_weights=true needs stage 3"),
     ({"zero_optimization": {"zero_hpz_partition_size": 4, "stage": 1}}, "zero_hpz_partition_size=4 needs stage 3"),
     ({"sparse_attention": {"mode": "fixed"}}, "block-sparse attention"),

@@ -265,9 +265,42 @@ def _group_size(line: str, n_devices: int) -> int:
     return n_devices  # replica_groups={} means all devices
 
 
+def loop_trips(hlo_text: str) -> dict[str, int]:
+    """Computation name -> how many times one run of the program executes it: the product of the
+    ``known_trip_count`` of every ``while`` whose body encloses it (1 outside loops; a loop of unknown trip count
+    counts 1). A scanned layer's collective is one HLO op executed n_layer times: multiply by this."""
+    calls: dict[str, list[tuple[str, int]]] = {}
+    comp, entry = None, None
+    for line in hlo_text.splitlines():
+        head = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if head:
+            comp = head[2]
+            entry = comp if head[1] else entry
+            calls.setdefault(comp, [])
+            continue
+        if comp is None:
+            continue
+        trips = re.search(r'known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"([0-9]+)"', line)
+        for kind, name in re.findall(r"\b(body|condition|calls|to_apply|branch_computations)=\{?%?([\w.\-]+)", line):
+            calls[comp].append((name, int(trips[1]) if kind == "body" and trips else 1))
+        for names in re.findall(r"branch_computations=\{([^}]*)\}", line):
+            calls[comp] += [(n.strip().lstrip("%"), 1) for n in names.split(",")[1:]]
+    out: dict[str, int] = {}
+
+    def visit(name: str, mult: int) -> None:
+        out[name] = out.get(name, 0) + mult
+        for child, k in calls.get(name, []):
+            visit(child, mult * k)
+
+    if entry is not None:
+        visit(entry, 1)
+    return out
+
+
 def collective_ops(hlo_text: str) -> list[dict]:
     """Every collective in compiled HLO text (`jitted.lower(...).compile().as_text()`), one dict each:
-    op (kind), result_bytes (sum over a tuple result), group (ranks taking part), dtypes, bytes_sent.
+    op (kind), result_bytes (sum over a tuple result), group (ranks taking part), dtypes, bytes_sent, and
+    trips: how many times a step executes it (:func:`loop_trips`; the byte fields count one execution).
 
     bytes_sent is what one device sends under the usual algorithms (NCCL-tests' bus conventions):
     all-reduce 2(n-1)/n * B (ring = reduce-scatter + all-gather); all-gather (n-1)/n * result;
@@ -280,8 +313,13 @@ def collective_ops(hlo_text: str) -> list[dict]:
     # an async `-done` names its `-start`, which carries the replica groups
     start_groups = {m[1]: _group_size(m[0], n_devices)
                     for m in re.finditer(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?-start\(.*$", hlo_text, re.M)}
-    ops = []
+    trips = loop_trips(hlo_text)
+    ops, comp = [], None
     for line in hlo_text.splitlines():
+        head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if head:
+            comp = head[1]
+            continue
         m = _OP_RE.match(line)
         if not m:
             continue
@@ -297,7 +335,8 @@ def collective_ops(hlo_text: str) -> list[dict]:
         factor = {"all-reduce": 2 * (n - 1) / n, "all-gather": (n - 1) / n, "all-to-all": (n - 1) / n,
                   "reduce-scatter": float(n - 1), "collective-permute": 1.0}[op]
         ops.append({"op": op, "result_bytes": int(result), "group": n, "bytes_sent": int(round(factor * result)),
-                    "dtypes": sorted({a["dtype"] for a in _ARRAY_RE.finditer(type_text)})})
+                    "dtypes": sorted({a["dtype"] for a in _ARRAY_RE.finditer(type_text)}),
+                    "trips": trips.get(comp, 1)})
     return ops
 
 
