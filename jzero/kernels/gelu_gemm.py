@@ -12,8 +12,8 @@ the GEMMs' epilogues:
 :func:`mlp` is ``gelu(x @ w1 + b1) @ w2`` (the proj bias stays outside, for XLA to fuse into the residual add)
 as one custom VJP whose other three GEMMs (dw2, dw1, dx) are XLA's. Per-GEMM and per-step times on GPT-2 124M:
 BENCHMARKS.md, "Session 4" (H200). The FFI handlers are C++ (``csrc/lt_gemm.cc``), built at first use by
-:mod:`jzero.kernels.build`; each GEMM shape's cuBLASLt algorithm is chosen without timing (a recorded choice,
-else the heuristic's first: see ``csrc/lt_gemm.cc``), so every run and rank computes the same bits. Off the GPU
+:mod:`jzero.kernels.build`; each GEMM shape's cuBLASLt algorithm is the fastest heuristic candidate, timed once
+per process (``csrc/lt_gemm.cc``). Off the GPU
 (``JZERO_KERNELS=1`` in the CPU tests) the two epilogue GEMMs are the XLA formulas below, with the epilogues'
 rounding (fp32 accumulation, each output rounded once), so the custom VJP itself is tested everywhere. Under an
 active plan the op runs per shard over the token axes (``shard_map``) with the weights whole; it stands aside
@@ -41,13 +41,8 @@ _C = float(np.sqrt(2.0 / np.pi))
 
 @functools.cache
 def _register() -> None:
-    import os
-
     from jzero.kernels import build
 
-    # the cuBLASLt algorithm of each GEMM shape is the one recorded here (JZERO_LT_AUTOTUNE=1 records the
-    # fastest), else the heuristic's first: never a timing per process, so runs and ranks compute the same bits
-    os.environ.setdefault("JZERO_LT_ALGOS", str(build.cache_dir() / "lt_gemm_algos.txt"))
     jax.devices()   # the GPU client first: it has loaded the libcublasLt the library links to
     lib = ctypes.CDLL(build.library("lt_gemm"))
     for target, symbol in (("jzero_gemm_bias_gelu", "JzeroGemmBiasGelu"), ("jzero_gemm_dgelu", "JzeroGemmDgelu")):

@@ -11,14 +11,8 @@
 // row-major C[M, N] = A[M, K] @ B[K, N] is computed as the column-major C^T[N, M] = B^T[N, K] @ A^T[K, M]: the
 // weight is cuBLASLt's A and the activations its B, and its per-row bias / aux run over our N.
 // GELU is the tanh approximation (cuBLASLt's only one), which is GPT-2's. Each handler's last result is a
-// workspace buffer for cuBLASLt.
-//
-// The algorithm for each (epilogue, shape, dtype) is chosen once per process, without timing, so that every run
-// and every rank computes the same bits: the candidate index recorded for it in the file $JZERO_LT_ALGOS (lines
-// "<cublasLt version> <epilogue> <trans_a> <m> <n> <k> <dtype> <workspace> <index>"), else the heuristic's first
-// candidate. JZERO_LT_AUTOTUNE=1 times the heuristic's candidates on the first call's operands instead and
-// appends the fastest to $JZERO_LT_ALGOS: run it once, in one process (a timing differs between ranks), then
-// every later run and rank reads the same choice. JZERO_LT_VERBOSE=1 prints the candidates and the choice.
+// workspace buffer for cuBLASLt. The algorithm for each (epilogue, shape, dtype) is chosen once, by timing
+// cuBLASLt's heuristic candidates on the first call's operands, and cached.
 
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
@@ -26,9 +20,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
 #include <map>
-#include <sstream>
 #include <mutex>
 #include <string>
 #include <tuple>
@@ -87,43 +79,13 @@ struct Descriptors {
 
 constexpr int kCandidates = 16;
 
-// The persisted-choice line prefix of one problem (everything but the index).
-std::string ChoiceKey(const Key& key) {
-  std::ostringstream out;
-  out << cublasLtGetVersion() << ' ' << std::get<0>(key) << ' ' << std::get<1>(key) << ' ' << std::get<2>(key)
-      << ' ' << std::get<3>(key) << ' ' << std::get<4>(key) << ' ' << std::get<5>(key) << ' ' << std::get<6>(key);
-  return out.str();
-}
-
-// The index $JZERO_LT_ALGOS records for this problem, or -1 (no file, no line). The last matching line wins.
-int PersistedChoice(const std::string& key) {
-  const char* path = std::getenv("JZERO_LT_ALGOS");
-  if (path == nullptr || *path == '\0') return -1;
-  std::ifstream in(path);
-  std::string line;
-  int found = -1;
-  while (std::getline(in, line)) {
-    size_t cut = line.rfind(' ');
-    if (cut != std::string::npos && line.compare(0, cut, key) == 0 && cut == key.size()) {
-      found = std::atoi(line.c_str() + cut + 1);
-    }
-  }
-  return found;
-}
-
-void PersistChoice(const std::string& key, int index) {
-  const char* path = std::getenv("JZERO_LT_ALGOS");
-  if (path == nullptr || *path == '\0') return;
-  std::ofstream out(path, std::ios::app);   // one short line per problem: appends do not interleave
-  out << key << ' ' << index << '\n';
-}
-
 // Time each candidate algorithm of the heuristic on the real operands (once per shape; the call's own
-// result is written again afterwards) and pick the fastest (JZERO_LT_AUTOTUNE=1 only: the heuristic's first
-// choice for the epilogue GEMMs measured slower than XLA's GEMM + element-wise pass on the H100).
+// result is written again afterwards) and pick the fastest: the heuristic's first choice for the epilogue
+// GEMMs measured slower than XLA's GEMM + element-wise pass. JZERO_LT_VERBOSE=1 prints the candidates.
 ffi::Error Autotune(cublasLtHandle_t handle, cudaStream_t stream, const Descriptors& desc,
                     const cublasLtMatmulHeuristicResult_t* results, int found, const void* a, const void* b,
-                    void* d, void* workspace, size_t workspace_bytes, const Problem& p, int* best) {
+                    void* d, void* workspace, size_t workspace_bytes, const Problem& p,
+                    cublasLtMatmulAlgo_t* best) {
   const float alpha = 1.0f, beta = 0.0f;
   const bool verbose = std::getenv("JZERO_LT_VERBOSE") != nullptr;
   cudaEvent_t start, stop;
@@ -153,7 +115,7 @@ ffi::Error Autotune(cublasLtHandle_t handle, cudaStream_t stream, const Descript
     }
     if (best_ms < 0 || ms < best_ms) {
       best_ms = ms;
-      *best = i;
+      *best = results[i].algo;
     }
   }
   cudaEventDestroy(start);
@@ -218,20 +180,9 @@ ffi::Error Run(cudaStream_t stream, const Problem& p, const void* a, const void*
                                     std::to_string(p.m) + " n=" + std::to_string(p.n) + " k=" +
                                     std::to_string(p.k) + "; run with JZERO_KERNELS=layer_norm,cross_entropy");
       }
-      const std::string choice_key = ChoiceKey(key);
-      int index = PersistedChoice(choice_key);
-      const char* tune = std::getenv("JZERO_LT_AUTOTUNE");
-      if (index < 0 && tune != nullptr && std::string(tune) == "1") {
-        ffi::Error err = Autotune(handle, stream, desc, results, found, a, b, d, workspace, workspace_bytes, p,
-                                  &index);
-        if (err.failure()) return err;
-        PersistChoice(choice_key, index);
-      }
-      if (index < 0 || index >= found || results[index].state != CUBLAS_STATUS_SUCCESS) index = 0;
-      if (std::getenv("JZERO_LT_VERBOSE") != nullptr) {
-        std::fprintf(stderr, "jzero lt_gemm %s: candidate %d of %d\n", choice_key.c_str(), index, found);
-      }
-      algo = results[index].algo;
+      ffi::Error err = Autotune(handle, stream, desc, results, found, a, b, d, workspace, workspace_bytes, p,
+                                &algo);
+      if (err.failure()) return err;
       algo_cache.emplace(key, algo);
     }
   }
