@@ -34,7 +34,7 @@ from jzero.loss import cross_entropy, logsumexp_one_pass  # noqa: F401  (re-expo
 from jzero.mesh import make_mesh
 from jzero.offload import OptimizerOffload, offloaded, unsupported as offload_unsupported
 from jzero.optim import build_optimizer
-from jzero.optim.onebit import OneBit, build_onebit, is_onebit
+from jzero.optim.onebit import OneBit, build_onebit, is_onebit, unsupported as onebit_unsupported
 from jzero.optim.schedules import build_schedule
 from jzero.precision import dtype_from_name, init_loss_scale, skips_nonfinite_steps
 from jzero.step import (OnDevice, TrainState, accumulate_grads, apply_update,  # noqa: F401  (re-exported)
@@ -55,14 +55,7 @@ def check_supported(cfg: JzeroConfig) -> None:
     unsupported = []
     if cfg.data_types.grad_accum_dtype == "fp16" and not cfg.fp16.enabled:
         unsupported.append(("data_types.grad_accum_dtype", "fp16 accumulation needs fp16.enabled; use fp32 or bf16"))
-    if is_onebit(cfg.optimizer.type):
-        if z.stage >= 1:
-            unsupported.append(("zero_optimization.stage", f"{cfg.optimizer.type} needs every rank's whole momentum "
-                                "(as DeepSpeed, it refuses ZeRO); use zero_optimization.stage=0"))
-        if cfg.mesh.tensor not in (1, -1) or cfg.mesh.pipeline not in (1, -1):
-            unsupported.append(("mesh", f"{cfg.optimizer.type} runs data parallel only; set mesh.tensor=1 "
-                                "mesh.pipeline=1"))
-    unsupported += offload_unsupported(cfg)
+    unsupported += onebit_unsupported(cfg) + offload_unsupported(cfg)
     if z.offload_param.device != "none":
         unsupported.append(("zero_optimization.offload_param.device", "parameter offload is not implemented (the "
                             "device needs each layer's weights in its scan step, and jzero streams only the "

@@ -32,7 +32,6 @@ this is int8, the precision of qwZ.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import math
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from jzero import sharding as shd
 from jzero.errors import ConfigError
 from jzero.quantized_gather import block_dequantize, block_for, block_quantize
 
@@ -114,7 +114,6 @@ class _Gather:
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _gather(w_local: jax.Array, how: _Gather) -> jax.Array:
-    from jzero.sharding import constrain
 
     if how.weight_block is None:
         full = jax.lax.all_gather(w_local.astype(how.dtype), AXIS, axis=how.dim, tiled=True)
@@ -126,7 +125,7 @@ def _gather(w_local: jax.Array, how: _Gather) -> jax.Array:
         full = from_chunks(block_dequantize(q, scale, how.dtype).reshape(how.parts, -1), how.dim, w_local.shape)
     if how.nodes > 1:   # hpZ: mark it per node, so the cotangent reaches _gather_bwd unsummed over nodes (else
         full = jax.lax.pcast(full, (NODE,), to="varying")   # the implicit pvary's transpose psums it in fp32)
-    return constrain(full, how.names)
+    return shd.constrain(full, how.names)
 
 
 def _gather_fwd(w_local, how):
@@ -164,14 +163,13 @@ def gather(w: jax.Array, names, dtype, shape) -> jax.Array:
     varying over the batch axes (``pcast``), whose transpose is the fp32 psum of its gradient: over ``data``
     first, then (hpZ) over ``node``, as DeepSpeed's hierarchical reduction. Marking it here, not where it meets
     the rows, keeps every custom VJP downstream (embedding, fused head) type-consistent."""
-    from jzero.sharding import constrain
 
     table = _ACTIVE.get()
     dim = table["dims"].get((tuple(names), tuple(shape)))
     if dim is None:
         for axis in table["axes"]:   # (node, data): the backward psums over data, then over node; in fp32
             w = jax.lax.pcast(w, (axis,), to="varying")
-        return constrain(w.astype(dtype), names)
+        return shd.constrain(w.astype(dtype), names)
     return _gather(w, _Gather(dim, table["parts"], table["nodes"], jnp.dtype(dtype), table["weight_block"],
                               table["grad_block"], tuple(names)))
 
@@ -208,11 +206,9 @@ def value_and_grad(loss_fn, mesh, rules, plan, abstract_params, quantized_weight
     row = axes if len(axes) > 1 else axes[0]
 
     def body(params, rows):
-        from jzero import sharding as shd
-
         token = _ACTIVE.set(table)
-        try:
-            with shd.activate(jax.sharding.get_abstract_mesh(), inner_rules):   # the mesh with data manual
+        try:   # the mesh with data manual; the model's weight reads become this module's gathers
+            with shd.activate(jax.sharding.get_abstract_mesh(), inner_rules), shd.override_gather(gather, read_shape):
                 loss, grads = jax.value_and_grad(lambda p: loss_fn(p, rows) / ranks)(params)
         finally:
             _ACTIVE.reset(token)

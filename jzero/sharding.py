@@ -256,23 +256,38 @@ class _ConstrainTo:
         return constrain(x, self.names + (None,) * extra)
 
 
-def param_shape(names: Sequence[str | None], shape: Sequence[int]) -> tuple[int, ...]:
-    """The shape a model reads its weight of ``shape`` with: ``shape``, except inside ZeRO++ qgZ's manual region
-    (:mod:`jzero.quantized_reduce`), where a leaf ZeRO-3 splits over ``data`` is this rank's shard."""
-    from jzero import quantized_reduce as qgz
+#: ``(gather_fn, shape_fn)`` that replace :func:`gather_param` / :func:`param_shape` inside a manual region that
+#: does its own gathers (ZeRO++ qgZ, :mod:`jzero.quantized_reduce`, sets it; this module imports none of them)
+_GATHER_OVERRIDE: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("jzero_gather_override", default=None)
 
-    return qgz.read_shape(names, shape) if qgz.settings() is not None else tuple(shape)
+
+@contextlib.contextmanager
+def override_gather(gather_fn, shape_fn):
+    """Inside: ``gather_param(w, names, dtype, shape)`` is ``gather_fn(w, names, dtype, shape)`` and
+    ``param_shape(names, shape)`` is ``shape_fn(names, shape)``."""
+    token = _GATHER_OVERRIDE.set((gather_fn, shape_fn))
+    try:
+        yield
+    finally:
+        _GATHER_OVERRIDE.reset(token)
+
+
+def param_shape(names: Sequence[str | None], shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape a model reads its weight of ``shape`` with: ``shape``, except inside an :func:`override_gather`
+    region (ZeRO++ qgZ's, where a leaf ZeRO-3 splits over ``data`` is this rank's shard)."""
+    override = _GATHER_OVERRIDE.get()
+    return override[1](names, shape) if override is not None else tuple(shape)
 
 
 def gather_param(w, names: Sequence[str | None], dtype, shape: Sequence[int] | None = None):
     """A weight cast to ``dtype`` in its compute layout: where ZeRO-3 gathers it (a no-op layout change below
     stage 3). Under ZeRO++ qwZ (:mod:`jzero.quantized_gather` active) the gather moves int8 blocks instead; inside
-    ZeRO++ qgZ's manual region (:mod:`jzero.quantized_reduce`) it is an explicit gather whose VJP is qgZ's."""
+    an :func:`override_gather` region (ZeRO++ qgZ's manual region) it is that region's gather."""
     from jzero import quantized_gather as qwz
-    from jzero import quantized_reduce as qgz
 
-    if qgz.settings() is not None:   # w may be one rank's shard there: ``shape`` is the weight's
-        return qgz.gather(w, names, dtype, tuple(shape) if shape is not None else w.shape)
+    override = _GATHER_OVERRIDE.get()
+    if override is not None:   # w may be one rank's shard there: ``shape`` is the weight's
+        return override[0](w, names, dtype, tuple(shape) if shape is not None else w.shape)
 
     active, q = _ACTIVE.get(), qwz.settings()
     dim = q[1].get((tuple(names), tuple(w.shape))) if active is not None and q is not None else None

@@ -2,7 +2,6 @@
 the outputs at real tokens; the encoder tasks' losses and MLM corruption do what they say."""
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +12,7 @@ from jzero.errors import ConfigError
 from jzero.tasks import IGNORE, masked_cross_entropy, mlm_corrupt
 from models import build_model
 from models.bert import Bert, BertConfig
-from test_llama import random_params
+from helpers import random_params
 
 CFG = dict(vocab_size=64, n_layer=2, n_head=4, d_model=32, d_ff=48, max_len=16, norm_eps=1e-12, num_labels=5,
            attention="xla")

@@ -7,48 +7,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jzero.optim.comm import FlatLayout, collective_bytes, collective_ops, compressed_allreduce, padded_size
+from helpers import numpy_compressed_allreduce
 
 N = 8
-
-
-def numpy_compressed_allreduce(xs, worker_errors, server_errors, segments=None):
-    """Reference: per rank lists in, (avg, new worker errors, new server errors) out; float32 throughout.
-
-    Worker r compresses x_r + e_r per segment (scale = ||.||/sqrt(numel), sign(0) = +1); server r averages
-    chunk r of every worker's compressed values, adds its error, compresses again; everyone gets all chunks.
-    """
-    n, size = len(xs), xs[0].size
-    segments = list(segments or [size])
-    offsets = np.cumsum([0] + segments)
-
-    def compress(v, sizes):
-        out, off = np.empty_like(v), 0
-        for s in sizes:
-            seg = v[off:off + s]
-            scale = np.float32(np.sqrt(np.sum(seg * seg, dtype=np.float32)) / np.sqrt(s))
-            out[off:off + s] = scale * np.where(seg >= 0, np.float32(1), np.float32(-1))
-            off += s
-        return out
-
-    compressed, new_we = [], []
-    for x, e in zip(xs, worker_errors):
-        v = (x + e).astype(np.float32)
-        c = compress(v, segments)
-        compressed.append(c)
-        new_we.append(v - c)
-
-    chunk_sizes = [s // n for s in segments]
-    server_out, new_se = [], []
-    for r in range(n):
-        idx = np.concatenate([np.arange(o + r * c, o + (r + 1) * c) for o, c in zip(offsets, chunk_sizes)])
-        y = (np.mean([c[idx] for c in compressed], axis=0, dtype=np.float32) + server_errors[r]).astype(np.float32)
-        cy = compress(y, chunk_sizes)
-        server_out.append((idx, cy))
-        new_se.append(y - cy)
-    avg = np.empty(size, np.float32)
-    for idx, cy in server_out:
-        avg[idx] = cy
-    return avg, new_we, new_se
 
 
 def assert_close(actual, desired, msg=""):

@@ -12,7 +12,7 @@ from jzero import finetune_data as fd
 from jzero.config import load_config
 from jzero.errors import CheckpointError, DataError
 from jzero.tasks import IGNORE, classification_task
-from test_pretrain import assert_config_round_trip
+from helpers import assert_config_round_trip
 from train.finetune import DEFAULT_CONFIG, load_pretrained, main
 
 SMALL = ["steps_per_print=1000", "scheduler.params.warmup_num_steps=4", "finetune.epochs=2", "train_batch_size=16"]

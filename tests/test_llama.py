@@ -13,21 +13,10 @@ from jzero.errors import ConfigError
 from models import build_model
 from models.layers import rope
 from models.llama import Llama, LlamaConfig
+from helpers import random_params
 
 CFG = LlamaConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=48, max_len=16,
                   rope_theta=500.0, norm_eps=1e-5, attention="xla")
-
-
-def random_params(model, *inputs, seed=0, std=0.3):
-    """Init's tree with larger random values (norm scales near 1), so every part of the math moves the output."""
-    shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))["params"])
-    rng = np.random.default_rng(seed)
-
-    def one(path, s):
-        mean = 1.0 if str(getattr(path[-1], "key", "")) == "scale" else 0.0
-        return rng.normal(mean, std, s.shape).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(one, shapes)
 
 
 def rms(x, scale, eps):

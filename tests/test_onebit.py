@@ -13,93 +13,8 @@ from jzero.optim.onebit import build_onebit, local_params, onebit_state_specs
 from jzero.optim.onebit_adam import onebit_adam
 from jzero.optim.onebit_lamb import onebit_lamb
 from jzero.optim.zero_one_adam import zero_one_adam
-from test_comm import numpy_compressed_allreduce
-
-N = 8
-PARAMS = _PARAMS = {"b": np.linspace(-0.5, 0.5, 6).astype(np.float32),
-          "w": np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)}
-
-
-def _mesh(n):
-    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:n])
-
-
-def _stepper(tx, params, n):
-    """jit(shard_map) of one engine-like step with given per-rank grads [n, ...]; also returns every rank's
-    local params (what each rank's model is) as [n, ...]."""
-    state = tx.init(params)
-    rep = jax.tree.map(lambda _: P(), params)
-    per_rank = jax.tree.map(lambda _: P("data"), params)
-    specs = onebit_state_specs(state)
-
-    def body(p, s, g):
-        updates, s = tx.update(jax.tree.map(lambda x: x[0], g), s, p)
-        p = optax.apply_updates(p, updates)
-        return p, s, jax.tree.map(lambda x: x[None], local_params(p, s))
-
-    step = jax.jit(jax.shard_map(body, mesh=_mesh(n), in_specs=(rep, specs, per_rank),
-                                 out_specs=(rep, specs, per_rank), axis_names={"data"}))
-    return step, state
-
-
-def _run(tx, grads_seq, n=N, params=PARAMS, history=False):
-    """Steps through grads_seq; returns params, state and each rank's local params (after every step if
-    history, else after the last)."""
-    step, state = _stepper(tx, params, n)
-    p, seen = params, []
-    for g in grads_seq:
-        p, state, p_local = step(p, state, g)
-        seen.append(({k: np.asarray(v) for k, v in p.items()}, {k: np.asarray(v) for k, v in p_local.items()}))
-    return (seen, state) if history else (p, state, seen[-1][1])
-
-
-def _grads(steps, n=N, seed=0):
-    rng = np.random.default_rng(seed)
-    # a shared signal plus per-rank noise, as data-parallel gradients look
-    return [{k: (rng.standard_normal(v.shape) + 0.5 * rng.standard_normal((n,) + v.shape)).astype(np.float32)
-             for k, v in PARAMS.items()} for _ in range(steps)]
-
-
-# ----------------------------------------------------------------------------- NumPy references
-def _flat(tree, n, fused):
-    leaves = [np.ravel(x).astype(np.float32) for x in jax.tree.leaves(tree)]
-    if fused:
-        flat = np.concatenate(leaves)
-        return np.pad(flat, (0, padded_size(flat.size, n) - flat.size)), [padded_size(flat.size, n)]
-    parts = [np.pad(x, (0, padded_size(x.size, n) - x.size)) for x in leaves]
-    return np.concatenate(parts), [x.size for x in parts]
-
-
-def _unflat(flat, like, n, fused):
-    out, off = {}, 0
-    for k in sorted(like):
-        size = like[k].size
-        out[k] = flat[off:off + size].reshape(like[k].shape)
-        off += size if fused else padded_size(size, n)
-    return out
-
-
-def _clip(tree, max_norm):
-    """DeepSpeed's gradient_clipping on a dict of arrays (0 = off)."""
-    if not max_norm:
-        return tree
-    norm = np.sqrt(sum(np.sum(x.astype(np.float64) ** 2) for x in tree.values()))
-    return {k: x * np.float32(min(1.0, max_norm / (norm + 1e-6))) for k, x in tree.items()}
-
-
-class _Car:
-    """The NumPy compressed all-reduce with its per-rank error buffers, over dicts of per-rank trees."""
-
-    def __init__(self, like, n, fused=False):
-        self.like, self.n, self.fused = like, n, fused
-        size = _flat(like, n, fused)[0].size
-        self.we, self.se = [np.zeros(size, np.float32)] * n, [np.zeros(size // n, np.float32)] * n
-
-    def __call__(self, trees):
-        flats = [_flat(t, self.n, self.fused) for t in trees]
-        avg, self.we, self.se = numpy_compressed_allreduce([f for f, _ in flats], self.we, self.se, flats[0][1])
-        return _unflat(avg, self.like, self.n, self.fused)
-
+from helpers import BIG, N, PARAMS, _PARAMS, _Car, _clip, _close, _compiled_update_hlo, _fp32_allreduce_hlo, _grads, \
+    _mesh, _run
 
 def ref_onebit_adam(grads_seq, lr, b1, b2, eps, wd, freeze_step, clip=0.0, n=N):
     p = {k: v.copy() for k, v in PARAMS.items()}
@@ -292,11 +207,6 @@ def ref_onebit_lamb(grads_seq, lr, b1, b2, eps, wd, freeze_step, max_coeff, min_
     return p
 
 
-def _close(actual, desired, tol=2e-5):
-    for k in desired:
-        np.testing.assert_allclose(np.asarray(actual[k]), desired[k], rtol=tol, atol=tol, err_msg=k)
-
-
 # --------------------------------------------------------------------------------------- tests
 def test_onebit_adam_matches_numpy_reference_across_freeze():
     hp = dict(b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.01)
@@ -395,24 +305,6 @@ def test_one_rank_is_plain_optax(name):
         u, s = ref.update({k: v[0] for k, v in g.items()}, s, q)
         q = optax.apply_updates(q, u)
     _close(p, {k: np.asarray(v) for k, v in q.items()}, tol=1e-6)
-
-
-def _compiled_update_hlo(tx, params):
-    step, state = _stepper(tx, params, N)
-    grads = jax.tree.map(lambda x: np.zeros((N,) + x.shape, np.float32), params)
-    return step.lower(params, state, grads).compile().as_text()
-
-
-def _fp32_allreduce_hlo(params):
-    def body(g):
-        return jax.lax.pmean(jax.tree.map(lambda x: x[0], g), "data")
-    f = jax.jit(jax.shard_map(body, mesh=_mesh(N), in_specs=(jax.tree.map(lambda _: P("data"), params),),
-                              out_specs=jax.tree.map(lambda _: P(), params), axis_names={"data"}))
-    return f.lower(jax.tree.map(lambda x: np.zeros((N,) + x.shape, np.float32), params)).compile().as_text()
-
-
-BIG = {"w1": np.zeros((64, 256), np.float32), "b1": np.zeros((256,), np.float32),
-       "w2": np.zeros((256, 64), np.float32)}
 
 
 @pytest.mark.parametrize("build", [lambda: onebit_adam(1e-3, data_size=N, freeze_step=10, phase="compressed"),

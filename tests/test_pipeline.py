@@ -26,6 +26,7 @@ from jzero.config import load_config
 from jzero.errors import ConfigError
 from jzero.mesh import make_mesh
 from helpers import batches
+from train.bubble import bubble_report
 
 STEPS, LAYERS, ACCUM, LR = 10, 8, 4, 0.5
 BASE = ["model.preset=gpt2-tiny", f"model.n_layer={LAYERS}", "model.d_model=64", "model.n_head=4", "model.d_ff=128",
@@ -305,11 +306,11 @@ def test_bubble_report(piped):
     eng = run["engine"]
     S, R = eng.config.mesh.pipeline, eng.config.pipeline.repeats
     if name == "d2p4-circular-zero2-remat":
-        assert pp.bubble_report(eng, measure=False) == {
+        assert bubble_report(eng, measure=False) == {
             "schedule": "circular", "partition": "uniform", "stages": 4, "micro_batches": ACCUM, "repeats": 2,
             "iterations": 2 * ACCUM + 3, "bubble_theoretical": 3 / (2 * ACCUM + 3)}
     elif name == "d4p2-gpipe-zero1-remat":
-        report = pp.bubble_report(eng, measure=True, n=1)
+        report = bubble_report(eng, measure=True, n=1)
         print(f"{name}: bubble theoretical {report['bubble_theoretical']:.3f}, measured {report['bubble_measured']:.3f}")
         assert report["bubble_theoretical"] == (S - 1) / (R * ACCUM + S - 1) == 1 / 5
         assert report["stack_time_pipelined_s"] > 0 and report["stack_time_stage_work_s"] > 0

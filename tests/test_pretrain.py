@@ -5,6 +5,7 @@ import pytest
 
 from train.prepare_data import main as prepare_main
 from train.pretrain import main
+from helpers import assert_config_round_trip
 
 TINY = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.d_ff=64", "data.seq_len=16",
         "train_batch_size=8", "data.default_corpus_bytes=200000", "train.eval_interval=2", "train.eval_batches=1",
@@ -37,16 +38,6 @@ def test_run_writes_config_metrics_and_summary(tmp_path):
     prof = s["flops_profile"]
     assert prof["device_step_s"] == s["device_step_s"] and set(prof["host_split"]) == set(phases)
     assert_config_round_trip(out / "config.json")
-
-
-def assert_config_round_trip(path):
-    """A run's own config.json loads back with --config and resolves to itself."""
-    from jzero.config import load_config, resolve, to_dict
-    from jzero.engine import check_supported
-
-    again = resolve(load_config(path), 8)
-    check_supported(again)
-    assert to_dict(again) == json.loads(path.read_text()) and again.start_notes() == []
 
 
 def _tiny_data(tmp_path, n_bytes):

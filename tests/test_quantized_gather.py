@@ -7,14 +7,7 @@ import pytest
 
 from jzero.optim.comm import collective_ops
 from jzero.quantized_gather import block_dequantize, block_for, block_quantize
-from helpers import compile_and_train
-
-
-def numpy_block_quantize(x, block):
-    xb = x.astype(np.float32).reshape(x.shape[:-1] + (x.shape[-1] // block, block))
-    scale = np.abs(xb).max(-1) / np.float32(127.0)
-    q = np.clip(np.round(xb / np.where(scale > 0, scale, 1)[..., None]), -127, 127).astype(np.int8)
-    return q, scale
+from helpers import compile_and_train, numpy_block_quantize
 
 
 def test_block_quantizer_matches_numpy_and_bounds_the_error():

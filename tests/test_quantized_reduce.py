@@ -7,16 +7,13 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
-import jzero
 from jzero import quantized_reduce as qgz
 from jzero.config import load_config
 from jzero.errors import ConfigError
 from jzero.optim.comm import collective_ops
 from jzero.quantized_gather import block_for, gathered_dims
 from jzero.topology import inter_node_bytes
-from test_engine import batches
-from test_quantized_gather import numpy_block_quantize
-from test_topology import ZERO3, compile_and_train
+from helpers import ZERO3, batches, compile_and_train, numpy_block_quantize
 
 QGZ = "zero_optimization.zero_quantized_gradients=true"
 

@@ -10,7 +10,7 @@ from jzero.errors import ConfigError
 from jzero.optim.comm import collective_bytes, collective_ops
 from jzero.optim.onebit import build_onebit, communication_report
 from jzero.optim.signsgd import signsgd
-from test_onebit import BIG, N, PARAMS, _Car, _clip, _close, _compiled_update_hlo, _fp32_allreduce_hlo, _grads, \
+from helpers import BIG, N, PARAMS, _Car, _clip, _close, _compiled_update_hlo, _fp32_allreduce_hlo, _grads, \
     _mesh, _run
 
 

@@ -285,8 +285,8 @@ def run(cfg, resume: bool = False) -> dict:
         }
         if comm is not None:
             summary["communication"] = comm
-        if engine.pipeline is not None:   # schedule, theoretical and measured bubble (jzero.pipeline.bubble_report)
-            from jzero.pipeline import bubble_report
+        if engine.pipeline is not None:   # schedule, theoretical and measured bubble (train.bubble.bubble_report)
+            from train.bubble import bubble_report
 
             summary["pipeline"] = bubble_report(engine)
         monitor.summary(summary)

@@ -74,6 +74,19 @@ def is_onebit(optimizer_type: str) -> bool:
     return optimizer_type.lower() in ONEBIT_TYPES
 
 
+def unsupported(cfg) -> list[tuple[str, str]]:
+    """``[(key, why)]`` of the config's combinations the 1-bit optimizers do not run (empty for other optimizers)."""
+    if not is_onebit(cfg.optimizer.type):
+        return []
+    out: list[tuple[str, str]] = []
+    if cfg.zero_optimization.stage >= 1:
+        out.append(("zero_optimization.stage", f"{cfg.optimizer.type} needs every rank's whole momentum "
+                    "(as DeepSpeed, it refuses ZeRO); use zero_optimization.stage=0"))
+    if cfg.mesh.tensor not in (1, -1) or cfg.mesh.pipeline not in (1, -1):
+        out.append(("mesh", f"{cfg.optimizer.type} runs data parallel only; set mesh.tensor=1 mesh.pipeline=1"))
+    return out
+
+
 def build_onebit(optimizer_type: str, params: Mapping[str, Any] | None, schedule=None, *, data_size: int,
                  gradient_clipping: float = 0.0, axis_name: str = "data",
                  phase: str = "auto") -> optax.GradientTransformation:
