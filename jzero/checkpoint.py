@@ -345,7 +345,7 @@ def read_params(directory, step: int | None = None) -> tuple[int, dict, dict]:
     shapes = {k.removeprefix("params."): v for k, v in meta["state"].items() if k.startswith("params.")}
     if not shapes:
         raise CheckpointError(f"{where} holds no params (state leaves: {list(meta['state'])[:3]}...)")
-    item = {"params": _nested({k: _struct(v) for k, v in shapes.items()})}
+    item = {"params": unflatten({k: _struct(v) for k, v in shapes.items()})}
     return step, _read_host(directory, step, item, where, "params")["params"], meta
 
 
@@ -361,7 +361,7 @@ def _read_offloaded_masters(directory, step: int, meta: dict, where: str) -> dic
                               f"{missing[0]}; the checkpoint is inconsistent, export another step")
     item = {"opt_state": {"master": [_struct(meta["state"][k]) for k in keys]}}
     masters = _read_host(directory, step, item, where, "master weights")["opt_state"]["master"]
-    return _nested(restack_masters(chunks, masters))
+    return unflatten(restack_masters(chunks, masters))
 
 
 def _read_host(directory, step: int, item, where: str, what: str):
@@ -379,8 +379,8 @@ def _struct(desc: str):
     return jax.ShapeDtypeStruct(tuple(int(d) for d in dims.split(",") if d), np.dtype(dtype))
 
 
-def _nested(flat: dict) -> dict:
-    """``{'a.b': x}`` -> ``{'a': {'b': x}}``."""
+def unflatten(flat: dict) -> dict:
+    """``{'a.b': x}`` -> ``{'a': {'b': x}}`` (dotted leaf names back into a nested tree)."""
     out: dict = {}
     for name, v in flat.items():
         node = out

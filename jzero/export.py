@@ -40,18 +40,6 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
     return out
 
 
-def unflatten(flat: dict[str, np.ndarray]) -> dict:
-    """Inverse of :func:`flatten`."""
-    out: dict = {}
-    for name, v in flat.items():
-        node = out
-        *parents, leaf = name.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
-
-
 def load_params(directory, step: int | None = None) -> tuple[int, dict, dict]:
     """``(step, params, meta)``: the checkpoint's params as host numpy arrays (fp32 masters), read alone
     (:func:`jzero.checkpoint.read_params`)."""
@@ -89,7 +77,7 @@ def load_safetensors(path) -> tuple[dict, dict]:
     if metadata.get("format") != "jzero":
         raise CheckpointError(f"{path} is not a jzero export (metadata format={metadata.get('format')!r}); "
                               f"for Hugging Face GPT-2 files use models.hf_gpt2.load_hf_gpt2")
-    return unflatten(flat), metadata
+    return checkpoint.unflatten(flat), metadata
 
 
 def model_config_from_meta(meta: dict):
