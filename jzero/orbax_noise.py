@@ -33,10 +33,16 @@ def quiet_absl():
 
 
 class _OrbaxBackgroundErrors(logging.Filter):
-    """Drop orbax's ERROR records: the background failure they report is re-raised once as a one-line error."""
+    """Drop orbax's ERROR records: the background failure they report is re-raised once as a one-line error.
+    Also asyncio's "Task exception was never retrieved" for orbax's own write tasks, logged whenever the garbage
+    collector happens to reach them (the same failure again, at a time that differs from run to run)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+        if record.levelno < logging.ERROR:
+            return True
+        if "orbax" in record.pathname:
+            return False
+        return not (record.name == "asyncio" and "orbax" in record.getMessage())
 
 
 _ORBAX_FILTER = _OrbaxBackgroundErrors()
@@ -45,9 +51,10 @@ _ORBAX_FILTER = _OrbaxBackgroundErrors()
 def quiet_background_failures() -> None:
     """Before async saves run: orbax's background error logs and tensorstore's late callbacks stay quiet (the
     error surfaces through ``jzero.checkpoint._wait``). Idempotent."""
-    logger = logging.getLogger("absl")   # orbax logs through absl: the records start at this logger
-    if _ORBAX_FILTER not in logger.filters:
-        logger.addFilter(_ORBAX_FILTER)
+    for name in ("absl", "asyncio"):   # orbax logs through absl; asyncio reports its failed, unawaited tasks
+        logger = logging.getLogger(name)
+        if _ORBAX_FILTER not in logger.filters:
+            logger.addFilter(_ORBAX_FILTER)
     drop_closed_loop_callbacks()
 
 
