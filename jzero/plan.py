@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from jzero.optim.comm import _type_bytes
+from jzero.optim.comm import _type_bytes, loop_trips
 from jzero.topology import NODE, replica_groups  # noqa: F401  (replica_groups: the one HLO group parser)
 
 
@@ -109,34 +109,6 @@ class Links:
 
 
 # ------------------------------------------------------------------------------------------- HLO reading
-def _trips(hlo_text: str) -> dict[str, int]:
-    """Computation name -> how many times it runs per step (while bodies x their known trip counts, nested)."""
-    comps, current = {}, None
-    for line in hlo_text.splitlines():
-        m = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
-        if m and not line.startswith(" "):
-            current = m[1]
-            comps[current] = {"entry": line.startswith("ENTRY"), "whiles": []}
-            continue
-        if current and " while(" in line:
-            body = re.search(r"body=%?([\w.\-]+)", line)
-            n = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-            if body:
-                comps[current]["whiles"].append((body[1], int(n[1]) if n else 1))
-    trips = {name: 1 for name in comps}
-    order = [n for n, c in comps.items() if c["entry"]]
-    seen = set()
-    while order:
-        name = order.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        for body, n in comps.get(name, {}).get("whiles", ()):
-            trips[body] = trips[name] * n
-            order.append(body)
-    return trips
-
-
 def collectives(hlo_text: str, mesh) -> list[Collective]:
     """Every collective of a compiled SPMD program, attributed to the axes of ``mesh`` its groups span.
 
@@ -145,7 +117,7 @@ def collectives(hlo_text: str, mesh) -> list[Collective]:
     group. Async pairs count once (the ``-start``, which carries the groups)."""
     shape, names = mesh.devices.shape, mesh.axis_names
     n_devices = int(np.prod(shape))
-    trips = _trips(hlo_text)
+    trips = loop_trips(hlo_text)   # computation -> executions per step (a scanned layer: n_layer)
     out, current = [], None
     for line in hlo_text.splitlines():
         head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
