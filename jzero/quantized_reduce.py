@@ -142,11 +142,6 @@ def _gather_bwd(how, res, g):
 _gather.defvjp(_gather_fwd, _gather_bwd)
 
 
-def settings() -> dict | None:
-    """The active qgZ table (inside :func:`value_and_grad`'s ``shard_map``), else None."""
-    return _ACTIVE.get()
-
-
 def read_shape(names, shape) -> tuple[int, ...]:
     """The shape the model reads a weight with inside the region: one rank's shard for a leaf split over ``data``
     (``shape`` divided on ZeRO's dim), else ``shape`` (leaves the plan keeps whole)."""
