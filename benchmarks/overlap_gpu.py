@@ -4,7 +4,8 @@ One GPU cannot run an 8-way collective, but XLA:GPU can *compile* for a multi-ho
 (``jax_mock_gpu_topology`` = "slices x hosts x devices-per-host"; this process is host 0 and owns the real GPU). The
 program it compiles is the one an 8-GPU run would get, scheduled by XLA:GPU's latency-hiding scheduler, so its text
 says which collectives are asynchronous (``X-start`` ... ``X-done``) and how much compute lies between each pair
-(:func:`jzero.overlap.async_collectives`). Nothing is executed after compilation except jzero.initialize's own init.
+(:func:`jzero.overlap.async_collectives`). Nothing is executed: the engine is abstract (``initialize(abstract=True)``;
+running its init on a mock cluster would wait for the 7 processes that do not exist).
 
     python -m benchmarks.overlap_gpu                  # on the GPU; one subprocess per (overlap_comm, mesh) variant
 
@@ -34,7 +35,11 @@ MODEL = ["model.n_layer=4", "model.d_model=512", "model.n_head=8", "data.seq_len
 
 
 def worker(args) -> None:
+    import faulthandler
+
     import jax
+
+    faulthandler.dump_traceback_later(max(args.timeout - 10, 5), exit=True)   # where a slow variant is, if it is
 
     if args.topology:   # the flag is read from jax.config only (the environment variable is not picked up)
         jax.config.update("jax_mock_gpu_topology", args.topology)
@@ -46,7 +51,7 @@ def worker(args) -> None:
     row = {"variant": args.variant, "devices": jax.device_count(), "local": jax.local_device_count(),
            "processes": jax.process_count(), "platform": jax.devices()[0].platform,
            "xla_flags": os.environ.get("XLA_FLAGS", "")}
-    engine = jzero.initialize(cfg)
+    engine = jzero.initialize(cfg, abstract=True)
     txt = engine.lower_train_step().compile().as_text()
     if args.hlo:
         Path(args.hlo).mkdir(parents=True, exist_ok=True)
@@ -84,11 +89,11 @@ def main(argv=None) -> int:
         env = {**os.environ, "XLA_FLAGS": " ".join(flags_for(cfg)),
                "PYTHONPATH": f"{Path(__file__).resolve().parents[1]}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         cmd = [sys.executable, "-m", "benchmarks.overlap_gpu", "--worker", "--variant", name,
-               "--overrides", json.dumps(overrides), "--topology", args.topology] + (["--hlo", args.hlo] if args.hlo else [])
+               "--overrides", json.dumps(overrides), "--topology", args.topology, "--timeout", str(args.timeout)] + (["--hlo", args.hlo] if args.hlo else [])
         try:
             r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
             got = [json.loads(ln[4:]) for ln in r.stdout.splitlines() if ln.startswith("ROW ")]
-            err = next((ln for ln in reversed(r.stderr.strip().splitlines()) if ln.strip()), "")[:300]
+            err = " | ".join(ln.strip() for ln in r.stderr.strip().splitlines()[-12:])[-1200:]
             rows.append(got[0] if got else {"variant": name, "error": f"exit {r.returncode}: {err}"})
         except subprocess.TimeoutExpired:
             rows.append({"variant": name, "error": f"timeout after {args.timeout:.0f} s"})

@@ -218,11 +218,13 @@ class Engine:
 def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config: Any = None,
                mesh: jax.sharding.Mesh | None = None, vocab_size: int | None = None,
                tx: optax.GradientTransformation | None = None, schedule: Callable | None = None,
-               rules: shd.LogicalRules | None = None, task: Task | None = None) -> Engine:
+               rules: shd.LogicalRules | None = None, task: Task | None = None, abstract: bool = False) -> Engine:
     """Build mesh, model, optimizer and the sharded train state; jit the steps (compiled on first use).
 
     ``model`` defaults to the config's ``model`` section; ``vocab_size`` is the data's vocabulary (default 256);
     ``task`` defaults to causal LM on ``data.seq_len`` tokens (pass another for BERT heads and the like).
+    ``abstract=True`` runs nothing and allocates nothing: the state is ShapeDtypeStructs with their shardings, for
+    lowering and compiling the step on a topology this process cannot run (a mock GPU cluster, plan's fake one).
     """
     cfg = resolve(config, mesh.devices.size if mesh is not None else jax.device_count())
     check_supported(cfg)
@@ -237,16 +239,18 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
     boxed = jax.eval_shape(init, seed_key)["params"]
     abstract_params = nn.unbox(boxed)
     plan = _plan(cfg, layout, boxed, abstract_params)
-    params = jax.jit(lambda k: nn.unbox(init(k))["params"], out_shardings=plan.param_storage)(seed_key)
-
     strategy = _strategy(cfg, tx, plan, layout.mesh, abstract_params)
-    params, opt_state, opt_shardings = strategy.init(params)
-    rep = plan.replicated
-    loss_scale = jax.device_put(init_loss_scale(cfg.fp16), rep)
-    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params, opt_state=opt_state,
-                       loss_scale=loss_scale)
-    state_shardings = TrainState(step=rep, params=plan.param_storage, opt_state=opt_shardings,
-                                 loss_scale=jax.tree.map(lambda _: rep, loss_scale))
+    if abstract:
+        state, state_shardings = _abstract_state(cfg, plan, strategy, abstract_params)
+    else:
+        params = jax.jit(lambda k: nn.unbox(init(k))["params"], out_shardings=plan.param_storage)(seed_key)
+        params, opt_state, opt_shardings = strategy.init(params)
+        rep = plan.replicated
+        loss_scale = jax.device_put(init_loss_scale(cfg.fp16), rep)
+        state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params, opt_state=opt_state,
+                           loss_scale=loss_scale)
+        state_shardings = TrainState(step=rep, params=plan.param_storage, opt_state=opt_shardings,
+                                     loss_scale=jax.tree.map(lambda _: rep, loss_scale))
 
     loss_fn = lambda p, b: task.loss(model.apply, p, b)  # noqa: E731
     context = _step_context(cfg, layout, plan, abstract_params)
@@ -261,8 +265,24 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
 
     return Engine(config=cfg, mesh=layout.mesh, model=model, model_config=model_config, tx=tx, schedule=schedule,
                   plan=plan, state=state, state_shardings=state_shardings, task=task,
-                  _train=strategy.jit(train_fn, state_shardings, plan), _eval=jax.jit(eval_fn, out_shardings=rep),
+                  _train=strategy.jit(train_fn, state_shardings, plan),
+                  _eval=jax.jit(eval_fn, out_shardings=plan.replicated),
                   pipeline=layout.run, strategy=strategy)
+
+
+def _abstract_state(cfg: JzeroConfig, plan, strategy, abstract_params) -> tuple[TrainState, TrainState]:
+    """(state as ShapeDtypeStructs with shardings, its shardings): ``initialize(abstract=True)``."""
+    if strategy.offloaded:
+        raise ConfigError("initialize(abstract=True): optimizer offload keeps its state in host memory, which an "
+                          "abstract engine does not model; compile with offload_optimizer off")
+    rep = plan.replicated
+    loss_scale = jax.eval_shape(lambda: init_loss_scale(cfg.fp16))
+    shardings = TrainState(step=rep, params=plan.param_storage, opt_state=strategy.opt_shardings,
+                           loss_scale=jax.tree.map(lambda _: rep, loss_scale))
+    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                        opt_state=jax.eval_shape(strategy.tx.init, abstract_params), loss_scale=loss_scale)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+    return state, shardings
 
 
 @dataclass(frozen=True)

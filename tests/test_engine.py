@@ -8,6 +8,7 @@ import pytest
 
 import jzero
 from jzero.config import load_config
+from jzero.errors import ConfigError
 from helpers import BASE, batches
 
 STEPS = 20
@@ -94,3 +95,23 @@ def test_cross_entropy_matches_optax_value_and_gradient():
     g16 = jax.grad(lambda x: cross_entropy(x, labels).mean())(logits.astype(jnp.bfloat16))
     assert g16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(g16, np.float32), jax.grad(ref)(logits), atol=2e-3)
+
+
+@pytest.mark.parametrize("overrides", [["zero_optimization.stage=3"], ["zero_optimization.stage=1", "mesh.tensor=2"],
+                                       ["optimizer.type=OneBitAdam", "zero_optimization.stage=0"]])
+def test_abstract_engine_lowers_the_same_program(overrides):
+    """initialize(abstract=True) allocates nothing, and its step lowers to the very program of the real engine."""
+    cfg = load_config(base={}, overrides=BASE + ["train_batch_size=16"] + overrides)
+    real, abstract = jzero.initialize(cfg), jzero.initialize(cfg, abstract=True)
+    leaves = jax.tree.leaves(abstract.state)
+    assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+    assert [(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(real.state)] == \
+        [(x.shape, x.dtype, x.sharding) for x in leaves]
+    assert abstract.lower_train_step().as_text() == real.lower_train_step().as_text()
+
+
+def test_abstract_engine_refuses_offload():
+    cfg = load_config(base={}, overrides=BASE + ["train_batch_size=16", "zero_optimization.stage=2",
+                                                 "zero_optimization.offload_optimizer.device=cpu"])
+    with pytest.raises(ConfigError, match=r"abstract=True\): optimizer offload"):
+        jzero.initialize(cfg, abstract=True)

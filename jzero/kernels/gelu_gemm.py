@@ -12,8 +12,11 @@ the GEMMs' epilogues:
 :func:`mlp` is ``gelu(x @ w1 + b1) @ w2`` (the proj bias stays outside, for XLA to fuse into the residual add)
 as one custom VJP whose other three GEMMs (dw2, dw1, dx) are XLA's. Per-GEMM and per-step times on GPT-2 124M:
 BENCHMARKS.md, "Session 4" (H200). The FFI handlers are C++ (``csrc/lt_gemm.cc``), built at first use by
-:mod:`jzero.kernels.build`; each GEMM shape's cuBLASLt algorithm is the fastest heuristic candidate, timed once
-per process (``csrc/lt_gemm.cc``). Off the GPU
+:mod:`jzero.kernels.build`. Each GEMM shape's cuBLASLt algorithm is chosen without timing, so every run and
+rank computes the same bits: the one recorded for this GPU and cuBLASLt version in ``csrc/lt_gemm_algos.txt``
+(shipped, measured on an H200) or in ``$JZERO_LT_ALGOS`` (default ``<cache>/lt_gemm_algos.txt``), else cuBLASLt's
+heuristic first candidate. ``JZERO_LT_AUTOTUNE=1`` times the candidates of unrecorded shapes instead and appends
+the fastest to ``$JZERO_LT_ALGOS``: do that once in one process, then every run reads it. Off the GPU
 (``JZERO_KERNELS=1`` in the CPU tests) the two epilogue GEMMs are the XLA formulas below, with the epilogues'
 rounding (fp32 accumulation, each output rounded once), so the custom VJP itself is tested everywhere. Under an
 active plan the op runs per shard over the token axes (``shard_map``) with the weights whole; it stands aside
@@ -25,6 +28,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -39,12 +44,37 @@ WORKSPACE_BYTES = 32 << 20
 _C = float(np.sqrt(2.0 / np.pi))
 
 
+#: cuBLASLt algorithm choices shipped with jzero (lines "<key> <candidate index>", see csrc/lt_gemm.cc)
+SHIPPED_ALGOS = pathlib.Path(__file__).parent / "csrc" / "lt_gemm_algos.txt"
+
+
+def algo_settings(environ=None) -> tuple[str, bool, bool]:
+    """(record file, autotune, verbose) from ``JZERO_LT_ALGOS`` / ``JZERO_LT_AUTOTUNE`` / ``JZERO_LT_VERBOSE``."""
+    from jzero.kernels import build
+
+    env = os.environ if environ is None else environ
+    tune = env.get("JZERO_LT_AUTOTUNE", "0")
+    if tune not in ("0", "1"):
+        raise ValueError(f"JZERO_LT_AUTOTUNE={tune!r}: use 1 (time unrecorded GEMM shapes and record the fastest) "
+                         f"or 0 (recorded choice, else cuBLASLt's first candidate)")
+    record = env.get("JZERO_LT_ALGOS") or str(build.cache_dir() / "lt_gemm_algos.txt")
+    return record, tune == "1", env.get("JZERO_LT_VERBOSE", "0") not in ("", "0")
+
+
 @functools.cache
 def _register() -> None:
     from jzero.kernels import build
 
+    record, tune, verbose = algo_settings()
     jax.devices()   # the GPU client first: it has loaded the libcublasLt the library links to
     lib = ctypes.CDLL(build.library("lt_gemm"))
+    lib.JzeroLtLoad.argtypes, lib.JzeroLtLoad.restype = [ctypes.c_char_p], ctypes.c_int
+    lib.JzeroLtSetup.argtypes, lib.JzeroLtSetup.restype = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int], None
+    for path in (SHIPPED_ALGOS, record):   # a later line wins: the user's record over the shipped one
+        lib.JzeroLtLoad(str(path).encode())
+    if tune:
+        pathlib.Path(record).parent.mkdir(parents=True, exist_ok=True)
+    lib.JzeroLtSetup(record.encode(), int(tune), int(verbose))
     for target, symbol in (("jzero_gemm_bias_gelu", "JzeroGemmBiasGelu"), ("jzero_gemm_dgelu", "JzeroGemmDgelu")):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="CUDA")
 

@@ -11,8 +11,15 @@
 // row-major C[M, N] = A[M, K] @ B[K, N] is computed as the column-major C^T[N, M] = B^T[N, K] @ A^T[K, M]: the
 // weight is cuBLASLt's A and the activations its B, and its per-row bias / aux run over our N.
 // GELU is the tanh approximation (cuBLASLt's only one), which is GPT-2's. Each handler's last result is a
-// workspace buffer for cuBLASLt. The algorithm for each (epilogue, shape, dtype) is chosen once, by timing
-// cuBLASLt's heuristic candidates on the first call's operands, and cached.
+// workspace buffer for cuBLASLt.
+//
+// The algorithm for each (GPU, cuBLASLt version, epilogue, shape, dtype, workspace) is chosen without timing, so
+// that every run and every rank computes the same bits: the candidate index a choice file records for it (lines
+// "<key> <index>", loaded by JzeroLtLoad; a later line wins), else the heuristic's first candidate. With
+// autotuning on (JzeroLtSetup; jzero's JZERO_LT_AUTOTUNE=1) an unrecorded problem times the heuristic's
+// candidates on its first call's operands instead and appends the fastest to the record file: run that once, in
+// one process (timings differ between ranks), then every later run and rank reads the same choice. The handlers
+// read no environment and use C stdio only (the iostream version of this file crashed inside an XLA step).
 
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
@@ -22,6 +29,7 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <cstring>
 #include <string>
 #include <tuple>
 
@@ -60,8 +68,47 @@ struct Problem {
 
 using Key = std::tuple<int, bool, int64_t, int64_t, int64_t, int, size_t>;
 
-std::mutex cache_mutex;
+std::mutex cache_mutex;   // guards everything below
 std::map<Key, cublasLtMatmulAlgo_t> algo_cache;
+std::map<std::string, int> recorded;   // choice-file key -> heuristic candidate index
+std::string record_path;               // where autotuned choices are appended ("" = nowhere)
+bool autotune = false, verbose = false;
+std::map<int, std::string> device_names;   // CUDA device ordinal -> "<name>_sm<count>", spaces as '_'
+
+// "<device> <cublasLt version> <epilogue> <trans_a> <m> <n> <k> <dtype> <workspace>": no spaces inside a field.
+std::string ChoiceKey(const Key& key) {
+  int dev = 0;
+  cudaGetDevice(&dev);
+  auto it = device_names.find(dev);
+  if (it == device_names.end()) {
+    cudaDeviceProp prop;
+    std::string name = "unknown";
+    if (cudaGetDeviceProperties(&prop, dev) == cudaSuccess) {
+      name = std::string(prop.name) + "_sm" + std::to_string(prop.multiProcessorCount);
+      for (char& c : name) if (c == ' ') c = '_';
+    }
+    it = device_names.emplace(dev, name).first;
+  }
+  char buf[512];
+  std::snprintf(buf, sizeof(buf), "%s %zu %d %d %lld %lld %lld %d %zu", it->second.c_str(),
+                static_cast<size_t>(cublasLtGetVersion()), std::get<0>(key), std::get<1>(key) ? 1 : 0,
+                static_cast<long long>(std::get<2>(key)), static_cast<long long>(std::get<3>(key)),
+                static_cast<long long>(std::get<4>(key)), std::get<5>(key), std::get<6>(key));
+  return buf;
+}
+
+void Record(const std::string& key, int index) {
+  recorded[key] = index;
+  if (record_path.empty()) return;
+  FILE* f = std::fopen(record_path.c_str(), "a");   // one short line per problem: appends do not interleave
+  if (f == nullptr) {
+    std::fprintf(stderr, "jzero lt_gemm: cannot append to %s; the choice holds for this process only\n",
+                 record_path.c_str());
+    return;
+  }
+  std::fprintf(f, "%s %d\n", key.c_str(), index);
+  std::fclose(f);
+}
 
 // RAII for the per-call descriptors (creating them is host-only and takes microseconds).
 struct Descriptors {
@@ -80,14 +127,11 @@ struct Descriptors {
 constexpr int kCandidates = 16;
 
 // Time each candidate algorithm of the heuristic on the real operands (once per shape; the call's own
-// result is written again afterwards) and pick the fastest: the heuristic's first choice for the epilogue
-// GEMMs measured slower than XLA's GEMM + element-wise pass. JZERO_LT_VERBOSE=1 prints the candidates.
+// result is written again afterwards) and pick the fastest (autotuning only).
 ffi::Error Autotune(cublasLtHandle_t handle, cudaStream_t stream, const Descriptors& desc,
                     const cublasLtMatmulHeuristicResult_t* results, int found, const void* a, const void* b,
-                    void* d, void* workspace, size_t workspace_bytes, const Problem& p,
-                    cublasLtMatmulAlgo_t* best) {
+                    void* d, void* workspace, size_t workspace_bytes, const Problem& p, int* best) {
   const float alpha = 1.0f, beta = 0.0f;
-  const bool verbose = std::getenv("JZERO_LT_VERBOSE") != nullptr;
   cudaEvent_t start, stop;
   if (cudaEventCreate(&start) != cudaSuccess || cudaEventCreate(&stop) != cudaSuccess) {
     return ffi::Error::Internal("jzero lt_gemm: cudaEventCreate failed");
@@ -115,7 +159,7 @@ ffi::Error Autotune(cublasLtHandle_t handle, cudaStream_t stream, const Descript
     }
     if (best_ms < 0 || ms < best_ms) {
       best_ms = ms;
-      *best = results[i].algo;
+      *best = i;
     }
   }
   cudaEventDestroy(start);
@@ -180,9 +224,23 @@ ffi::Error Run(cudaStream_t stream, const Problem& p, const void* a, const void*
                                     std::to_string(p.m) + " n=" + std::to_string(p.n) + " k=" +
                                     std::to_string(p.k) + "; run with JZERO_KERNELS=layer_norm,cross_entropy");
       }
-      ffi::Error err = Autotune(handle, stream, desc, results, found, a, b, d, workspace, workspace_bytes, p,
-                                &algo);
-      if (err.failure()) return err;
+      const std::string choice = ChoiceKey(key);
+      auto rec = recorded.find(choice);
+      int index = rec == recorded.end() ? -1 : rec->second;
+      const char* how = "recorded";
+      if (index < 0 && autotune) {
+        ffi::Error err = Autotune(handle, stream, desc, results, found, a, b, d, workspace, workspace_bytes, p,
+                                  &index);
+        if (err.failure()) return err;
+        Record(choice, index);
+        how = "autotuned";
+      }
+      if (index < 0 || index >= found || results[index].state != CUBLAS_STATUS_SUCCESS) {
+        index = 0;
+        how = "heuristic";
+      }
+      if (verbose) std::fprintf(stderr, "jzero lt_gemm %s: candidate %d of %d (%s)\n", choice.c_str(), index, found, how);
+      algo = results[index].algo;
       algo_cache.emplace(key, algo);
     }
   }
@@ -238,6 +296,36 @@ ffi::Error GemmDgelu(cudaStream_t stream, ffi::AnyBuffer dy, ffi::AnyBuffer w, f
 }
 
 }  // namespace
+
+// Loads the choices a file records ("<key> <index>" lines, "#" comments; a missing file is no choices). Returns
+// how many.
+extern "C" int JzeroLtLoad(const char* path) {
+  FILE* f = std::fopen(path, "r");
+  if (f == nullptr) return 0;
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  char line[600];
+  int n = 0;
+  while (std::fgets(line, sizeof(line), f) != nullptr) {
+    size_t len = std::strlen(line);
+    while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r')) line[--len] = '\0';
+    char* cut = std::strrchr(line, ' ');
+    if (line[0] == '#' || cut == nullptr || cut == line) continue;
+    *cut = '\0';
+    recorded[line] = std::atoi(cut + 1);
+    ++n;
+  }
+  std::fclose(f);
+  return n;
+}
+
+// Where autotuned choices are appended ("" = nowhere), whether unrecorded problems are autotuned, and whether to
+// print each problem's choice to stderr.
+extern "C" void JzeroLtSetup(const char* path, int tune, int print) {
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  record_path = path == nullptr ? "" : path;
+  autotune = tune != 0;
+  verbose = print != 0;
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JzeroGemmDgelu, GemmDgelu,
                               ffi::Ffi::Bind()
