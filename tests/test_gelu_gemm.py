@@ -257,3 +257,25 @@ def test_library_is_built_once_and_a_failed_build_names_the_error(monkeypatch, t
                                                              "import sys; sys.exit('x.cc:3: error: bad thing')"])
     with pytest.raises(build.BuildError, match=r"failed \(x\.cc:3: error: bad thing\).*JZERO_KERNELS="):
         build.library("lt_gemm")
+
+
+def test_algo_settings_read_the_environment(monkeypatch, tmp_path):
+    """Where choices are recorded, and whether unrecorded GEMM shapes are timed; a bad value is a one-line error."""
+    monkeypatch.setenv("JZERO_CACHE_DIR", str(tmp_path))
+    assert gg.algo_settings({}) == (str(tmp_path / "lt_gemm_algos.txt"), False, False)
+    assert gg.algo_settings({"JZERO_LT_ALGOS": "/x/a.txt", "JZERO_LT_AUTOTUNE": "1", "JZERO_LT_VERBOSE": "1"}) == \
+        ("/x/a.txt", True, True)
+    with pytest.raises(ValueError, match=r"JZERO_LT_AUTOTUNE='yes': use 1 .* or 0"):
+        gg.algo_settings({"JZERO_LT_AUTOTUNE": "yes"})
+
+
+def test_shipped_algo_choices_are_well_formed():
+    """Every line of csrc/lt_gemm_algos.txt is one problem the handler can look up: 9 key fields + an index."""
+    lines = [ln.split() for ln in gg.SHIPPED_ALGOS.read_text().splitlines() if ln and not ln.startswith("#")]
+    assert lines, "the shipped file records no choice"
+    keys = set()
+    for f in lines:
+        assert len(f) == 10 and f[0].endswith(tuple(f"_sm{n}" for n in range(1, 1000))), f
+        assert all(x.isdigit() for x in f[1:]), f
+        keys.add(tuple(f[:9]))
+    assert len(keys) == len(lines), "a problem is recorded twice"
