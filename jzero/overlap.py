@@ -10,7 +10,8 @@ the knobs are XLA flags, read once when the backend starts (:mod:`jzero.xla_flag
                          iterations, so layer i+1's gather is issued while layer i computes (DeepSpeed's stage-3
                          prefetch); the loop double-buffered so that a prefetch has a buffer to land in; with
                          tensor parallelism, XLA's collective matmul (windowed einsum: the all-gather / reduce-
-                         scatter of a TP matmul split into steps overlapped with the partial matmuls).
+                         scatter of a TP matmul split into steps overlapped with the partial matmuls; XLA finds
+                         those only under ``mesh.sequence_parallel``: plain TP's matmul + all-reduce has none).
 ``overlap_comm: false``  every collective synchronous and the latency-hiding scheduler off: communication never
                          overlaps compute, as DeepSpeed's overlap_comm=false (useful to measure what overlap buys).
 unset                    XLA's own defaults (on GPU they already make collectives async under the latency-hiding
@@ -20,7 +21,9 @@ unset                    XLA's own defaults (on GPU they already make collective
 XLA:CPU has no asynchronous collectives: its compiled HLO holds only synchronous ``all-gather`` / ``all-reduce``
 ops with or without these flags (measured on jax 0.10.2; tests/test_overlap.py), so on CPU the key changes the
 flags handed to XLA and nothing in the program. :func:`async_collectives` is what to run on a GPU program's text
-(``jitted.lower(...).compile().as_text()``) to see the effect.
+(``jitted.lower(...).compile().as_text()``) to see the effect; ``python -m benchmarks.overlap_gpu`` does it for an
+8-GPU program compiled on one GPU (a 4-layer GPT-2, ZeRO-3, H200, BENCHMARKS.md session 7): unset 8 async pairs,
+true 19 (every one with compute scheduled inside it; the layer loop's gathers double-buffered), false 0.
 """
 
 from __future__ import annotations
