@@ -121,7 +121,8 @@ def test_tiny_gpt_xla_flops_within_10pct_of_analytic(capsys):
 
 def test_profile_format_and_numbers():
     prof = FlopsProfile(tokens_per_step=1000, flops_per_token=1e9, n_devices=4, xla_flops_per_device=2.6e11,
-                        xla_while_loops=1, jaxpr_flops=9.9e11, compile_time_s=12.0, step_time_s=0.5,
+                        xla_while_loops=1, xla_library_calls=7, jaxpr_flops=9.9e11, compile_time_s=12.0,
+                        step_time_s=0.5, window_steps=(11, 20),
                         device_step_s=0.49, host_time_s=0.004,
                         host_split={"data_wait_s": 0.002, "place_time_s": 0.001, "dispatch_time_s": 0.0005,
                                     "log_time_s": 0.0005}, queue_wait_s=0.45, peak_flops_per_device=989e12)
@@ -131,8 +132,8 @@ def test_profile_format_and_numbers():
     text = prof.format()
     assert "analytic 6N+12LTd : 1.00 TFLOP (1.00 GFLOP per token)" in text
     assert "XLA cost analysis : 1.04 TFLOP (260.00 GFLOP per device), XLA / analytic = 1.040" in text
-    assert "while loop" in text
-    assert ("compile 12.0 s (once) | loop step 500.0 ms | device step 490.0 ms (synchronised) | "
+    assert "1 while loop(s) whose bodies XLA counts once and its 7 library calls" in text and "reads low" in text
+    assert ("compile 12.0 s (once) | loop step 500.0 ms (steps 11-20) | device step 490.0 ms (synchronised) | "
             "host overhead 4.0 ms per step") in text
     assert ("host overhead     : data wait 2.0 ms | place 1.0 ms | dispatch 0.5 ms | log 0.5 ms "
             "(+ 450.0 ms waiting for the device)") in text

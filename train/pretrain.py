@@ -98,24 +98,35 @@ def _resume(engine, ckpt_dir: Path, batches, out: Path, pi: int) -> int:
     return start
 
 
-def _flops_profile(engine, tokens_per_step, flops_per_token, peak, rc, window, device_step_s):
-    """DeepSpeed's flops profiler, once: XLA-counted and jaxpr-counted FLOPs of the compiled step next to the
-    analytic 6N + 12LTd, and the step time split (jzero.step_timer): loop step, synchronised device step and the
-    host's overhead per step; printed by process 0."""
+def _static_profile(engine, tokens_per_step, flops_per_token, peak, rc):
+    """DeepSpeed's flops profiler, the part known before the first step: XLA-counted and jaxpr-counted FLOPs of the
+    compiled step next to the analytic 6N + 12LTd (counted here, so the tracing is no window's host time)."""
     import jax
 
     from jzero import flops
-    from jzero.step_timer import PHASES
 
     compiled = engine.compile()
-    prof = flops.FlopsProfile(
+    return flops.FlopsProfile(
         tokens_per_step=tokens_per_step, flops_per_token=flops_per_token, n_devices=jax.device_count(),
         xla_flops_per_device=flops.xla_flops(compiled), xla_while_loops=flops.hlo_while_loops(compiled),
+        xla_library_calls=flops.hlo_library_calls(compiled),
         jaxpr_flops=flops.jaxpr_matmul_flops(engine._train, engine.state, engine.batch_spec()),
-        compile_time_s=engine.compile_seconds, step_time_s=window["step_time_s"], device_step_s=device_step_s,
-        host_time_s=window["host_time_s"], host_split={k: window[k] for k in PHASES},
-        queue_wait_s=window["queue_wait_s"],
-        peak_flops_per_device=peak, dtype="bfloat16" if rc.bf16.enabled else "float32")
+        compile_time_s=engine.compile_seconds, peak_flops_per_device=peak,
+        dtype="bfloat16" if rc.bf16.enabled else "float32")
+
+
+def _flops_profile(static, window, steps, device_step_s):
+    """The profile with one logged window's time split (jzero.step_timer): loop step, synchronised device step and
+    the host's overhead per step, for steps ``steps`` = (first, last); printed once by process 0."""
+    import dataclasses
+
+    import jax
+
+    from jzero.step_timer import PHASES
+
+    prof = dataclasses.replace(static, step_time_s=window["step_time_s"], device_step_s=device_step_s,
+                               host_time_s=window["host_time_s"], host_split={k: window[k] for k in PHASES},
+                               queue_wait_s=window["queue_wait_s"], window_steps=steps)
     if jax.process_index() == 0:
         print(prof.format(), flush=True)
     return prof
@@ -196,6 +207,7 @@ def run(cfg, resume: bool = False) -> dict:
     if rc.train.eval_interval:   # a val split too short for one eval batch fails now, not after training
         next(iter(eval_batches(data_dir / "val.bin", rc.data.seq_len, eval_rows, 1, pi, pc)))
 
+    static = _static_profile(engine, tokens_per_step, flops_per_token, peak, rc)
     rates, host, losses, last_eval, profile = [], [], [], None, None
     timer, pending, last_logged = StepTimer(), None, start
     probe_steps = set(range(start + 2, start + 2 + N_PROBES))   # after the first (warm-up) dispatch
@@ -209,16 +221,16 @@ def run(cfg, resume: bool = False) -> dict:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}   # the one host sync per log
         guard.check(step, m)   # diverged / fp16 scale stuck at its minimum: one line, exit 2
         window = timer.window(step - last_logged)
-        last_logged = step
+        first, last_logged = last_logged + 1, step
         with timer.phase("log_time_s"):
             tps = tokens_per_step / window["step_time_s"]
             rates.append(tps)
             host.append((window["host_time_s"], window["queue_wait_s"]))
             m.update(window, tokens_per_s=tps,
                      mfu=flops.mfu(tps, flops_per_token, jax.device_count(), peak) if peak else None)
-            if profile is None and (step >= start + 2 + N_PROBES or step == rc.train.steps):   # once
-                profile = _flops_profile(engine, tokens_per_step, flops_per_token, peak, rc, window,
-                                         timer.device_step_s)
+            # once, from the first window clear of the warm-up and probe steps (else the last window)
+            if profile is None and (first >= start + 2 + N_PROBES or step == rc.train.steps):
+                profile = _flops_profile(static, window, (first, step), timer.device_step_s)
             monitor.log(step, m)
             losses.append(m["loss"])
 
