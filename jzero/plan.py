@@ -235,11 +235,12 @@ def memory_bytes(prof: Profile, sizes: dict[str, int]) -> float:
 
 
 def compile_step(cfg, mesh=None):
-    """``(engine, compiled train step)`` of ``cfg`` on the local devices (1-bit: its compression stage)."""
+    """``(engine, compiled train step)`` of ``cfg`` on the local devices (1-bit: its compression stage). The engine
+    is abstract: nothing is allocated, so a model too big for this host's memory plans as well as a small one."""
     import jzero
     from jzero.optim.onebit import is_onebit
 
-    engine = jzero.initialize(cfg, mesh=mesh)
+    engine = jzero.initialize(cfg, mesh=mesh, abstract=True)
     lowered = engine.lower_train_step()
     if is_onebit(engine.config.optimizer.type):   # the step holds warm-up and compression; plan the compression
         lowered = _onebit_compressed(engine)
