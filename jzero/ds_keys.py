@@ -174,10 +174,13 @@ KEYS: dict[str, Key] = {
     "zero_optimization.allgather_bucket_size": Key(XLA, "--xla_gpu_all_gather_combine_threshold_bytes = elements "
                                                    "x 4 (jzero.mesh.xla_flags_for)", by_schema=True),
     "zero_optimization.overlap_comm": Key(XLA, "true: latency-hiding scheduler, collectives pipelined across the "
-                                          "layer scan, collective matmul under tensor parallelism; false: "
+                                          "layer scan, collective matmul under tensor parallelism with "
+                                          "`mesh.sequence_parallel` (XLA's windowed einsum; plain TP's matmul + "
+                                          "all-reduce has nothing for it to rewrite); false: "
                                           "--xla_gpu_disable_async_collectives=ALLCOLLECTIVES; unset: XLA's "
                                           "defaults (jzero.overlap; GPU flags, XLA:CPU has no async "
-                                          "collectives)", by_schema=True),
+                                          "collectives). XLA:GPU schedule for 8 GPUs: BENCHMARKS.md, session 7",
+                                          by_schema=True),
     "zero_optimization.contiguous_gradients": _none(f"copies gradients into one PyTorch buffer; {_XLA_PLANS}"),
     "zero_optimization.use_multi_rank_bucket_allreduce": _none(_XLA_SCHEDULES),
     "zero_optimization.load_from_fp32_weights": _unimpl("restoring fp32 masters from the 16-bit weights",
