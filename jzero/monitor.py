@@ -18,7 +18,7 @@ DeepSpeed resolves an empty ``output_path`` against the launch directory; jzero 
 
 Console: when the stream is a TTY a rich progress bar shows step, loss, tokens/s and ETA. Otherwise the
 monitor prints one plain line every ``steps_per_print`` steps:
-``step 10/100 | loss 3.21 | lr 1.0e-03 | 12,345 tok/s | mfu 12.3% | mem 1.2 GiB``.
+``step 10/100 | loss 3.21 | lr 1.0e-03 | 12,345 tok/s | mfu 12.3% | mem 1.2 GiB (peak 4.5 GiB)``.
 ``wall_clock_breakdown`` (DeepSpeed's key) adds the timing metrics (keys ending in ``_time_s``, e.g.
 ``step_time_s``, ``data_time_s``) to those prints and to the TensorBoard/CSV monitors; metrics.jsonl always
 has them.
@@ -163,8 +163,9 @@ def format_train_line(step: int, total_steps: int, m: Mapping[str, Any], *, timi
         parts.append(f"{round(m['tokens_per_s']):,} tok/s")
     if _is_number(m.get("mfu")):
         parts.append(f"mfu {100 * m['mfu']:.1f}%")
-    if _is_number(m.get("memory_bytes")):
-        parts.append(f"mem {human_bytes(m['memory_bytes'])}")
+    if _is_number(m.get("memory_bytes")):   # in use now; the peak (the step's temporaries included) beside it
+        peak = f" (peak {human_bytes(m['peak_memory_bytes'])})" if _is_number(m.get("peak_memory_bytes")) else ""
+        parts.append(f"mem {human_bytes(m['memory_bytes'])}{peak}")
     shown = {"step_time_s", "host_time_s"}   # always: a host-bound loop shows as host close to step
     if _is_number(m.get("step_time_s")):
         parts.append(f"step {1000 * m['step_time_s']:.1f} ms")
@@ -373,7 +374,7 @@ class Monitor:
         if self.device is not None and "memory_bytes" not in m:
             mem = device_memory_bytes(self.device)
             if mem is not None:
-                m["memory_bytes"] = mem["bytes_in_use"]
+                m["memory_bytes"], m["peak_memory_bytes"] = mem["bytes_in_use"], mem["peak_bytes_in_use"]
         step = int(step)
         self._write_json({"step": step, **m})
         self._scalars("Train", step, m)

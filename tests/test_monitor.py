@@ -69,11 +69,11 @@ def test_quiet_mode_prints_one_line_per_steps_per_print(tmp_path, capsys):
     mon = Monitor(tmp_path, 25, steps_per_print=10, is_writer=True)  # capsys stdout is not a TTY
     for i in range(1, 26):
         mon.log(i, {"loss": 3.0 + 1 / i, "lr": 1e-3, "tokens_per_s": 12345.4, "mfu": 0.123,
-                    "memory_bytes": 1.2 * 2**30})
+                    "memory_bytes": 1.2 * 2**30, **({"peak_memory_bytes": 4.5 * 2**30} if i == 20 else {})})
     mon.close()
     assert capsys.readouterr().out.splitlines() == [
         "step 10/25 | loss 3.1 | lr 1.0e-03 | 12,345 tok/s | mfu 12.3% | mem 1.2 GiB",
-        "step 20/25 | loss 3.05 | lr 1.0e-03 | 12,345 tok/s | mfu 12.3% | mem 1.2 GiB",
+        "step 20/25 | loss 3.05 | lr 1.0e-03 | 12,345 tok/s | mfu 12.3% | mem 1.2 GiB (peak 4.5 GiB)",
     ]
 
 
