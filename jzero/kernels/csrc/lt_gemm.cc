@@ -19,7 +19,8 @@
 // autotuning on (JzeroLtSetup; jzero's JZERO_LT_AUTOTUNE=1) an unrecorded problem times the heuristic's
 // candidates on its first call's operands instead and appends the fastest to the record file: run that once, in
 // one process (timings differ between ranks), then every later run and rank reads the same choice. The handlers
-// read no environment and use C stdio only (the iostream version of this file crashed inside an XLA step).
+// read no environment and use C stdio only: an earlier version that called getenv in the handler and used
+// iostreams segfaulted inside an XLA step (which of the two was not isolated; BENCHMARKS.md, sessions 6-7).
 
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
