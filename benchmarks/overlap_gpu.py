@@ -65,7 +65,6 @@ def worker(args) -> None:
         kinds[p["op"]] = kinds.get(p["op"], 0) + 1
     row |= {"async": len(over), "async_kinds": kinds, "overlapping": sum(o > 0 for o in over),
             "median_between": over[len(over) // 2] if over else 0, "sync": res["sync"],
-            "windowed_einsum": txt.count("windowed_dot_general") + txt.count("collective-permute-start"),
             "collective_permutes": txt.count("collective-permute-start(") + txt.count("collective-permute(")}
     print("ROW " + json.dumps(row), flush=True)
 

@@ -249,8 +249,7 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
         loss_scale = jax.device_put(init_loss_scale(cfg.fp16), rep)
         state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params, opt_state=opt_state,
                            loss_scale=loss_scale)
-        state_shardings = TrainState(step=rep, params=plan.param_storage, opt_state=opt_shardings,
-                                     loss_scale=jax.tree.map(lambda _: rep, loss_scale))
+        state_shardings = _state_shardings(plan, opt_shardings, loss_scale)
 
     loss_fn = lambda p, b: task.loss(model.apply, p, b)  # noqa: E731
     context = _step_context(cfg, layout, plan, abstract_params)
@@ -270,15 +269,20 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
                   pipeline=layout.run, strategy=strategy)
 
 
+def _state_shardings(plan, opt_shardings, loss_scale) -> TrainState:
+    """Where each part of the train state lives: params per the plan, scalars replicated."""
+    rep = plan.replicated
+    return TrainState(step=rep, params=plan.param_storage, opt_state=opt_shardings,
+                      loss_scale=jax.tree.map(lambda _: rep, loss_scale))
+
+
 def _abstract_state(cfg: JzeroConfig, plan, strategy, abstract_params) -> tuple[TrainState, TrainState]:
     """(state as ShapeDtypeStructs with shardings, its shardings): ``initialize(abstract=True)``."""
     if strategy.offloaded:
         raise ConfigError("initialize(abstract=True): optimizer offload keeps its state in host memory, which an "
                           "abstract engine does not model; compile with offload_optimizer off")
-    rep = plan.replicated
     loss_scale = jax.eval_shape(lambda: init_loss_scale(cfg.fp16))
-    shardings = TrainState(step=rep, params=plan.param_storage, opt_state=strategy.opt_shardings,
-                           loss_scale=jax.tree.map(lambda _: rep, loss_scale))
+    shardings = _state_shardings(plan, strategy.opt_shardings, loss_scale)
     shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
                         opt_state=jax.eval_shape(strategy.tx.init, abstract_params), loss_scale=loss_scale)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
