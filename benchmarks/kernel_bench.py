@@ -2,6 +2,7 @@
 
     python -m benchmarks.kernel_bench                 # table: op, impl, config, ms (fwd+bwd), max |diff| vs XLA
     python -m benchmarks.kernel_bench --sweep         # also try block sizes / warps
+    python -m benchmarks.kernel_bench --ops rms_norm,swiglu --d-model 2048 --d-ff 8192   # Llama-1B's shapes
 
 Each row times ``jax.value_and_grad`` of the op (forward + backward, what a train step runs) as the median of
 ``--iters`` calls after a warm-up, synchronised with ``block_until_ready``.
@@ -82,6 +83,52 @@ def layer_norm_rows(m: int, n: int, iters: int, sweep: bool):
     return [("layer_norm", "xla", "", ms, 0.0)] + _kernel_rows("layer_norm", K, names, configs, run, ref)
 
 
+def rms_norm_rows(m: int, n: int, iters: int, sweep: bool):
+    from jzero.kernels import layer_norm as K
+
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = (jax.random.normal(k[0], (1, m, n)) * 2).astype(jnp.bfloat16)
+    s = 1 + 0.1 * jax.random.normal(k[1], (n,))
+    dy = jax.random.normal(k[2], (1, m, n)).astype(jnp.bfloat16)
+
+    def xla_rms(x, s):
+        x32 = x.astype(jnp.float32)
+        return (x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + 1e-5) * s).astype(jnp.bfloat16)
+
+    def grad_of(fn):
+        return jax.jit(jax.value_and_grad(lambda x, s: jnp.vdot(fn(x, s).astype(jnp.float32),
+                                                                 dy.astype(jnp.float32)), argnums=(0, 1)))
+
+    ms, ref = _time(grad_of(xla_rms), x, s, iters=iters)
+    names = ("RMS_BLOCK_M", "RMS_BWD_INNER", "RMS_NUM_WARPS")
+    configs = [tuple(getattr(K, n) for n in names)]
+    if sweep:
+        configs += [(4, 8, 4), (2, 32, 4), (1, 32, 4), (2, 16, 2), (1, 16, 2), (4, 16, 4)]
+    kernel = lambda x, s: K.rms_norm(x, s, 1e-5, jnp.bfloat16, ("batch", "length", "embed"))  # noqa: E731
+    run = lambda: _time(grad_of(kernel), x, s, iters=iters)  # noqa: E731
+    return [("rms_norm", "xla", "", ms, 0.0)] + _kernel_rows("rms_norm", K, names, configs, run, ref)
+
+
+def swiglu_rows(m: int, f: int, iters: int, sweep: bool):
+    from jzero.kernels import swiglu as K
+
+    k = jax.random.split(jax.random.PRNGKey(2), 3)
+    g, u, dh = (jax.random.normal(kk, (1, m, f)).astype(jnp.bfloat16) for kk in k)
+
+    def grad_of(fn):
+        return jax.jit(jax.value_and_grad(lambda g, u: jnp.vdot(fn(g, u).astype(jnp.float32),
+                                                                 dh.astype(jnp.float32)), argnums=(0, 1)))
+
+    ms, ref = _time(grad_of(lambda g, u: jax.nn.silu(g) * u), g, u, iters=iters)
+    names = ("BLOCK_M", "BLOCK_F", "NUM_WARPS")
+    configs = [tuple(getattr(K, n) for n in names)]
+    if sweep:
+        configs += [(8, 1024, 4), (16, 512, 4), (4, 2048, 8), (16, 256, 4), (8, 256, 2)]
+    run = lambda: _time(grad_of(lambda g, u: K.swiglu(g, u, ("batch", "length", "mlp"))), g, u,  # noqa: E731
+                        iters=iters)
+    return [("swiglu", "xla", "", ms, 0.0)] + _kernel_rows("swiglu", K, names, configs, run, ref)
+
+
 def cross_entropy_rows(m: int, d: int, v: int, iters: int, sweep: bool):
     from jzero.engine import cross_entropy
     from jzero.kernels import cross_entropy as K
@@ -112,11 +159,25 @@ def main(argv=None):
     ap.add_argument("--d-model", type=int, default=768)
     ap.add_argument("--vocab", type=int, default=50304)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--d-ff", type=int, default=8192)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--ops", default="layer_norm,cross_entropy",
+                    help="comma-separated: layer_norm, rms_norm, swiglu, cross_entropy")
     args = ap.parse_args(argv)
     print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}")
-    rows = layer_norm_rows(args.tokens, args.d_model, args.iters, args.sweep)
-    rows += cross_entropy_rows(args.tokens, args.d_model, args.vocab, args.iters, args.sweep)
+    ops = {o.strip() for o in args.ops.split(",") if o.strip()}
+    unknown = ops - {"layer_norm", "rms_norm", "swiglu", "cross_entropy"}
+    if unknown:
+        raise SystemExit(f"--ops: unknown {sorted(unknown)}; choose from layer_norm, rms_norm, swiglu, cross_entropy")
+    rows = []
+    if "layer_norm" in ops:
+        rows += layer_norm_rows(args.tokens, args.d_model, args.iters, args.sweep)
+    if "rms_norm" in ops:
+        rows += rms_norm_rows(args.tokens, args.d_model, args.iters, args.sweep)
+    if "swiglu" in ops:
+        rows += swiglu_rows(args.tokens, args.d_ff, args.iters, args.sweep)
+    if "cross_entropy" in ops:
+        rows += cross_entropy_rows(args.tokens, args.d_model, args.vocab, args.iters, args.sweep)
     print("| op | impl | config | ms (fwd+bwd) | max rel diff vs xla |")
     print("|---|---|---|---|---|")
     for op, impl, conf, ms, diff in rows:

@@ -21,6 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jzero import kernels, pipeline
 from jzero.kernels import gelu_gemm as kernel_gg
 from jzero.kernels import layer_norm as kernel_ln
+from jzero.kernels import swiglu as kernel_sw
 from jzero.sharding import constrain, gather_param, param_shape
 from models.kv_cache import attend_cached
 
@@ -176,7 +177,11 @@ gelu_tanh.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32, output in the compute dtype."""
+    """RMSNorm computed in fp32, output in the compute dtype.
+
+    bf16/fp16 on a GPU: the Pallas kernels of :mod:`jzero.kernels.layer_norm` (``rms_norm``), per shard of the
+    residual layout; elsewhere XLA's autodiff of the formula below.
+    """
 
     dtype: Dtype = jnp.float32
     eps: float = 1e-6
@@ -185,6 +190,9 @@ class RMSNorm(nn.Module):
     def __call__(self, x):
         d = x.shape[-1]
         scale = param(self, "scale", (d,), ("embed",), nn.initializers.ones, jnp.float32)
+        if _low_precision(self.dtype) and kernels.use(
+                "rms_norm", (kernels.LAYOUT_WHY, lambda: kernel_ln.supported(RESIDUAL, d))):
+            return kernel_ln.rms_norm(x, scale, self.eps, self.dtype, RESIDUAL)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps) * scale
         return y.astype(self.dtype)
@@ -414,7 +422,10 @@ class MLP(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """Llama MLP: ``down(silu(gate(x)) * up(x))``, no biases; gate/up column-parallel, down row-parallel."""
+    """Llama MLP: ``down(silu(gate(x)) * up(x))``, no biases; gate/up column-parallel, down row-parallel.
+
+    bf16/fp16 on a GPU: the backward of ``silu(gate) * up`` is :func:`jzero.kernels.swiglu.swiglu`'s one kernel.
+    """
 
     d_ff: int
     dtype: Dtype
@@ -429,7 +440,13 @@ class SwiGLU(nn.Module):
         w_up = param(self, "up_kernel", (d, self.d_ff), ("embed", "mlp"), init, self.dtype)
         gate = jnp.einsum("btd,df->btf", x_BxTxD, w_gate)
         up = jnp.einsum("btd,df->btf", x_BxTxD, w_up)
-        hdn = checkpoint_name(constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp")), "mlp_hidden")
+        hidden_names = ("batch", "length", "mlp")
+        if _low_precision(self.dtype) and kernels.use(
+                "swiglu", ("it is traced inside a shard_map (1-bit optimizers, pipeline stages)", kernel_sw.supported)):
+            hdn = kernel_sw.swiglu(gate, up, hidden_names)
+        else:
+            hdn = jax.nn.silu(gate) * up
+        hdn = checkpoint_name(constrain(hdn, hidden_names), "mlp_hidden")
         w_down = param(self, "down_kernel", (self.d_ff, d), ("mlp", "embed"),
                        nn.initializers.normal(self.out_init_std), self.dtype)
         return jnp.einsum("btf,fd->btd", hdn, w_down)
