@@ -25,8 +25,16 @@ def _is_key(x) -> bool:
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def _without_copies(state):
+    """``state`` without ``TrainState.compute`` (the weights' compute-dtype copies: never saved, remade from the
+    fp32 masters on restore, so a checkpoint is the same whatever the strategy kept)."""
+    return state.replace(compute=None) if getattr(state, "compute", None) is not None else state
+
+
 def saveable(state):
-    """``state`` with typed PRNG key arrays replaced by their raw ``uint32`` key data (what orbax can write)."""
+    """``state`` with typed PRNG key arrays replaced by their raw ``uint32`` key data (what orbax can write), and
+    without the compute-dtype weight copies."""
+    state = _without_copies(state)
     return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
 
 
@@ -41,7 +49,8 @@ def restore_target(state):
 
 
 def _unsaveable(restored, like):
-    """Re-wrap key data into typed keys wherever ``like`` holds typed keys."""
+    """Re-wrap key data into typed keys wherever ``like`` holds typed keys (``like`` without its weight copies)."""
+    like = _without_copies(like)
     return jax.tree.map(lambda r, x: jax.random.wrap_key_data(r, impl=jax.random.key_impl(x)) if _is_key(x) else r,
                         restored, like)
 

@@ -16,6 +16,7 @@ given explicit in/out shardings and donates the state, so XLA inserts ZeRO's col
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -38,7 +39,7 @@ from jzero.optim.onebit import OneBit, build_onebit, is_onebit, unsupported as o
 from jzero.optim.schedules import build_schedule
 from jzero.precision import dtype_from_name, init_loss_scale, skips_nonfinite_steps
 from jzero.step import (OnDevice, TrainState, accumulate_grads, apply_update,  # noqa: F401  (re-exported)
-                        micro_batch_grads)
+                        compute_copies, copy_shardings, micro_batch_grads, weight_matrices)
 from jzero.tasks import Task, lm_loss, lm_task  # noqa: F401  (re-exported: their old home)
 
 def compute_dtype(cfg: JzeroConfig):
@@ -229,6 +230,7 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
     cfg = resolve(config, mesh.devices.size if mesh is not None else jax.device_count())
     check_supported(cfg)
     layout = _layout(cfg, mesh, rules)
+    own_model = model is None
     if model is None:
         model, model_config = _default_model(cfg, vocab_size)
     if tx is None:   # under offload, clipping is decided on the device over the global norm, not per chunk
@@ -239,7 +241,8 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
     boxed = jax.eval_shape(init, seed_key)["params"]
     abstract_params = nn.unbox(boxed)
     plan = _plan(cfg, layout, boxed, abstract_params)
-    strategy = _strategy(cfg, tx, plan, layout.mesh, abstract_params)
+    copies = (_copy_dtype(cfg, layout, own_model), weight_matrices(shd.logical_names(boxed)))
+    strategy = _strategy(cfg, tx, plan, layout.mesh, abstract_params, copies)
     if abstract:
         state, state_shardings = _abstract_state(cfg, plan, strategy, abstract_params)
     else:
@@ -248,8 +251,8 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
         rep = plan.replicated
         loss_scale = jax.device_put(init_loss_scale(cfg.fp16), rep)
         state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params, opt_state=opt_state,
-                           loss_scale=loss_scale)
-        state_shardings = _state_shardings(plan, opt_shardings, loss_scale)
+                           loss_scale=loss_scale, compute=strategy.copies(params) if not strategy.offloaded else None)
+        state_shardings = _state_shardings(plan, opt_shardings, loss_scale, state.compute)
 
     loss_fn = lambda p, b: task.loss(model.apply, p, b)  # noqa: E731
     context = _step_context(cfg, layout, plan, abstract_params)
@@ -269,11 +272,13 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
                   pipeline=layout.run, strategy=strategy)
 
 
-def _state_shardings(plan, opt_shardings, loss_scale) -> TrainState:
-    """Where each part of the train state lives: params per the plan, scalars replicated."""
+def _state_shardings(plan, opt_shardings, loss_scale, compute=None) -> TrainState:
+    """Where each part of the train state lives: params (and their compute copies) per the plan, scalars
+    replicated."""
     rep = plan.replicated
     return TrainState(step=rep, params=plan.param_storage, opt_state=opt_shardings,
-                      loss_scale=jax.tree.map(lambda _: rep, loss_scale))
+                      loss_scale=jax.tree.map(lambda _: rep, loss_scale),
+                      compute=None if compute is None else copy_shardings(plan.param_storage, compute))
 
 
 def _abstract_state(cfg: JzeroConfig, plan, strategy, abstract_params) -> tuple[TrainState, TrainState]:
@@ -282,9 +287,13 @@ def _abstract_state(cfg: JzeroConfig, plan, strategy, abstract_params) -> tuple[
         raise ConfigError("initialize(abstract=True): optimizer offload keeps its state in host memory, which an "
                           "abstract engine does not model; compile with offload_optimizer off")
     loss_scale = jax.eval_shape(lambda: init_loss_scale(cfg.fp16))
-    shardings = _state_shardings(plan, strategy.opt_shardings, loss_scale)
+    compute = (None if strategy.copy_dtype is None
+               else jax.eval_shape(lambda p: compute_copies(p, strategy.copy_dtype, strategy.copy_matrices),
+                                   abstract_params))
+    shardings = _state_shardings(plan, strategy.opt_shardings, loss_scale, compute)
     shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-                        opt_state=jax.eval_shape(strategy.tx.init, abstract_params), loss_scale=loss_scale)
+                        opt_state=jax.eval_shape(strategy.tx.init, abstract_params), loss_scale=loss_scale,
+                        compute=compute)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
     return state, shardings
 
@@ -337,10 +346,29 @@ def _plan(cfg: JzeroConfig, layout: Layout, boxed_params, abstract_params) -> sh
         raise ConfigError(f"mesh.tensor={layout.mesh.shape['tensor']}: {exc}") from None
 
 
-def _strategy(cfg: JzeroConfig, tx, plan: shd.ShardingPlan, mesh, abstract_params):
+def _copy_dtype(cfg: JzeroConfig, layout: Layout, own_model: bool):
+    """The dtype of the weight copies the on-device step keeps (:func:`jzero.step.compute_copies`), or None.
+
+    Kept under bf16/fp16 for jzero's own models (``models/``: every weight matrix is cast to the compute dtype at
+    its use, so reading a copy is the same number; a model passed in may use a matrix in fp32). Not kept, so the
+    model casts the masters as before, where the gradient path is not the plain micro-batch scan: the pipeline,
+    and ZeRO++ hpZ/qgZ/qwZ, whose manual regions and quantized gathers take the fp32 masters themselves; nor
+    with ``JZERO_WEIGHT_COPIES=0`` in the environment (to measure what they save).
+    """
+    z = cfg.zero_optimization
+    dtype = compute_dtype(cfg)
+    if os.environ.get("JZERO_WEIGHT_COPIES", "").strip() == "0":   # the A/B switch (docs/cluster.md)
+        return None
+    if (not own_model or dtype == jnp.float32 or layout.run is not None or layout.hpz > 1
+            or z.zero_quantized_gradients or z.zero_quantized_weights):
+        return None
+    return dtype
+
+
+def _strategy(cfg: JzeroConfig, tx, plan: shd.ShardingPlan, mesh, abstract_params, copies=(None, None)):
     """Where the optimizer state lives and how a step updates it: fp32 masters + moments in pinned host memory,
     streamed chunk by chunk (offload_optimizer); the 1-bit optimizers' per-rank buffers and manual step; or the
-    ZeRO layout on the devices."""
+    ZeRO layout on the devices (``copies``: the dtype and leaves of its compute-dtype weight copies)."""
     if offloaded(cfg):
         oo = cfg.zero_optimization.offload_optimizer
         return OptimizerOffload.build(tx, plan, abstract_params, compute_dtype(cfg), ratio=oo.ratio,
@@ -349,7 +377,8 @@ def _strategy(cfg: JzeroConfig, tx, plan: shd.ShardingPlan, mesh, abstract_param
     if is_onebit(cfg.optimizer.type):
         return OneBit.build(tx, abstract_opt, mesh, dtype_from_name(cfg.data_types.grad_accum_dtype),
                             fp16=cfg.fp16.enabled)
-    return OnDevice(tx, shd.opt_state_shardings(tx, abstract_opt, plan), fp16=cfg.fp16.enabled)
+    return OnDevice(tx, shd.opt_state_shardings(tx, abstract_opt, plan), fp16=cfg.fp16.enabled,
+                    copy_dtype=copies[0], copy_matrices=copies[1] if copies[0] is not None else None)
 
 
 def _grads_of(cfg: JzeroConfig, layout: Layout, plan: shd.ShardingPlan, abstract_params) -> Callable:

@@ -20,6 +20,7 @@ optimizer state and LR untouched, as DeepSpeed), the loss scaler's update, the L
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -37,6 +38,9 @@ class TrainState:
     params: Any              # fp32 master params, in the plan's storage layout
     opt_state: Any           # optax state, param-shaped leaves in the ZeRO layout for stage >= 1
     loss_scale: LossScaleState   # fp16 dynamic/static loss scaler (static 1.0 without fp16); skipped_steps
+    #: compute-dtype (bf16/fp16) copies of the weight matrices, made from the masters by the update that wrote them
+    #: (:func:`compute_copies`; None where the strategy keeps none). Never checkpointed: rebuilt on restore.
+    compute: Any = None
 
 
 @struct.dataclass
@@ -123,6 +127,62 @@ def loss_grads(loss_fn: Callable, grads_of: Callable, *, fp16: bool, check_finit
     return grads_fn
 
 
+# --------------------------------------------------------------------------- compute-dtype weight copies
+
+
+def compute_copies(params, dtype, matrices):
+    """``dtype`` copies of the fp32 weight matrices (``matrices``: a bool per leaf, :func:`weight_matrices`), None
+    for the rest (norm scales, biases: the model uses those in fp32 or casts them itself; they are small).
+
+    Why: the model casts every weight to the compute dtype at its use, so without copies each step starts with a
+    pass reading 4 and writing 2 bytes per parameter (Llama-1B: 2.4 ms of a 237 ms H200 step, BENCHMARKS.md
+    "Session 8"). Made inside the step by the update that wrote the masters, the copy is 2 more bytes written in
+    the same fused pass, and the next step's casts vanish (the model's ``astype`` of a bf16 copy to bf16 is no op).
+    """
+    return jax.tree.map(lambda p, m: p.astype(dtype) if m else None, params, matrices)
+
+
+def weight_matrices(logical_names):
+    """A bool per param leaf: is it a weight matrix (two or more dims besides the stacked ``layers``/``stage``
+    ones)? ``logical_names``: the leaves' logical axis-name tuples (:func:`jzero.sharding.logical_names`)."""
+    from jzero.sharding import NO_ZERO_DIMS
+
+    return jax.tree.map(lambda names: sum(n not in NO_ZERO_DIMS for n in names) >= 2, logical_names,
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _is_none(x) -> bool:
+    return x is None
+
+
+def with_copies(params, copies):
+    """``params`` with each weight that has a copy replaced by it, still differentiated as the fp32 master
+    (:func:`_from_copy`): the forward reads the copy, the gradient is the master's, fp32 as before."""
+    return jax.tree.map(lambda c, p: p if c is None else _from_copy(p, c), copies, params, is_leaf=_is_none)
+
+
+def copy_shardings(param_storage, copies):
+    """The copies' layout: each where its master is (ZeRO-3: partitioned over ``data``, gathered in bf16)."""
+    return jax.tree.map(lambda c, s: None if c is None else s, copies, param_storage, is_leaf=_is_none)
+
+
+@jax.custom_vjp
+def _from_copy(master, copy):
+    return copy
+
+
+def _from_copy_fwd(master, copy):
+    return copy, None
+
+
+def _from_copy_bwd(_, g):
+    # the same cotangent the cast ``master.astype(copy.dtype)`` has: g converted back to the master's fp32
+    return g.astype(jnp.float32), None
+
+
+_from_copy.defvjp(_from_copy_fwd, _from_copy_bwd)
+
+
 # --------------------------------------------------------------------------- updates and the step
 
 
@@ -169,7 +229,7 @@ def make_step(grads_fn: Callable, update_fn: Callable | None, schedule: Callable
             ls = update_loss_scale(ls, out.finite)
         metrics = {"loss": out.loss, **out.metrics, "lr": lr, "loss_scale": state.loss_scale.scale,
                    "skipped_steps": ls.skipped_steps}
-        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, loss_scale=ls)
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, loss_scale=ls)
         return (new, metrics, out.grads) if with_grads else (new, metrics)
     return train_fn
 
@@ -190,6 +250,10 @@ class OnDevice:
     tx: optax.GradientTransformation
     opt_shardings: Any
     fp16: bool = False
+    #: keep :func:`compute_copies` of the weights in this dtype in ``TrainState.compute`` (None: the model casts the
+    #: masters each step). The engine sets it for its own models in bf16/fp16 (:func:`jzero.engine._copy_dtype`).
+    copy_dtype: Any = None
+    copy_matrices: Any = None    # which leaves get a copy (:func:`weight_matrices`), with ``copy_dtype``
 
     offloaded = False
     params_are_masters = True    # state.params are the fp32 weights themselves
@@ -200,8 +264,28 @@ class OnDevice:
 
     def train_fn(self, loss_fn: Callable, grads_of: Callable, schedule: Callable, *, skip_nonfinite: bool,
                  context) -> Callable:
-        grads_fn = loss_grads(loss_fn, grads_of, fp16=self.fp16, check_finite=skip_nonfinite)
-        return make_step(grads_fn, optax_update(self.tx), schedule, skip_nonfinite=skip_nonfinite, context=context)
+        def build(fn):
+            grads_fn = loss_grads(fn, grads_of, fp16=self.fp16, check_finite=skip_nonfinite)
+            return make_step(grads_fn, optax_update(self.tx), schedule, skip_nonfinite=skip_nonfinite,
+                             context=context)
+
+        if self.copy_dtype is None:
+            return build(loss_fn)
+
+        def step(state: TrainState, batch):
+            new, metrics = build(lambda p, b: loss_fn(with_copies(p, state.compute), b))(state, batch)
+            return new.replace(compute=compute_copies(new.params, self.copy_dtype, self.copy_matrices)), metrics
+        return step
+
+    def copies(self, params):
+        """The weight copies ``TrainState.compute`` holds for these masters (None without ``copy_dtype``)."""
+        if self.copy_dtype is None:
+            return None
+        return jax.jit(functools.partial(compute_copies, dtype=self.copy_dtype, matrices=self.copy_matrices))(params)
+
+    def refresh(self, state: TrainState) -> TrainState:
+        """``state`` with its weight copies remade from its masters (after a restore, which saves none)."""
+        return state.replace(compute=self.copies(state.params))
 
     def jit(self, train_fn: Callable, state_shardings, plan):
         """The whole step as one program; the state is donated (XLA reuses its buffers)."""
@@ -214,7 +298,8 @@ class OnDevice:
         return state.params
 
     def with_params(self, state, params_fp32):
-        return state.replace(params=jax.tree.map(lambda x, c: x.astype(c.dtype), params_fp32, state.params))
+        params = jax.tree.map(lambda x, c: x.astype(c.dtype), params_fp32, state.params)
+        return state.replace(params=params, compute=self.copies(params))
 
     def checkpoint_meta(self) -> dict | None:
         return None

@@ -50,7 +50,7 @@ class Block(nn.Module):
         ``(x, (k_new, v_new))``."""
         cfg = self.cfg
         out_std = 0.02 / math.sqrt(2 * cfg.n_layer)
-        h = LayerNorm(cfg.dtype, name="ln_1")(x_BxTxD)
+        x, h = LayerNorm(cfg.dtype, name="ln_1")(x_BxTxD, with_sum=True)   # (x, norm(x)): LayerNorm.__call__
         # each sub-layer's output is reduced into the residual layout here (tensor parallelism's all-reduce,
         # or reduce-scatter under sequence parallelism)
         attn = MultiHeadAttention(cfg.n_head, cfg.dtype, cfg.attention, out_std, name="attn")
@@ -58,8 +58,7 @@ class Block(nn.Module):
             a, new_kv = attn(h), None
         else:
             a, new_kv = attn(h, kv, ctx)
-        x = x_BxTxD + constrain(a, RESIDUAL)
-        h = LayerNorm(cfg.dtype, name="ln_2")(x)
+        x, h = LayerNorm(cfg.dtype, name="ln_2")(x, constrain(a, RESIDUAL))
         x = x + constrain(MLP(cfg.d_ff, cfg.dtype, out_std, fused=not cfg.remat, name="mlp")(h), RESIDUAL)
         return constrain(x, RESIDUAL), new_kv
 

@@ -94,19 +94,40 @@ class LayerNorm(nn.Module):
     eps: float = 1e-5
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, delta=None, with_sum: bool = False):
+        """``norm(x)``. A pre-norm block calls it with the residual stream instead:
+
+            x, h = norm(x, with_sum=True)     # (x, norm(x)): a block's input and its first sub-layer's input
+            x, h = norm(x, delta)             # (x + delta, norm(x + delta)): a sub-layer's output added
+
+        the same numbers as ``x = x + delta; h = norm(x)``. With the GPU kernels the add and, in the backward, the
+        skip path's gradient are folded into the norm's own pass (:func:`jzero.kernels.layer_norm.residual_norm`).
+        """
         d = x.shape[-1]
         scale = param(self, "scale", (d,), ("embed",), nn.initializers.ones, jnp.float32)
         bias = param(self, "bias", (d,), ("embed",), nn.initializers.zeros, jnp.float32)
+        fused = delta is not None or with_sum
         if _low_precision(self.dtype):   # GPU training path; fp32 keeps the plain formula (results unchanged)
             if kernels.use("layer_norm", (kernels.LAYOUT_WHY, lambda: kernel_ln.supported(RESIDUAL, d))):
-                return kernel_ln.layer_norm(x, scale, bias, self.eps, self.dtype, RESIDUAL)
-            return layer_norm(x, scale, bias, self.eps, self.dtype)
-        x32 = x.astype(jnp.float32)
+                if fused and kernels.enabled("residual_norm"):
+                    return kernel_ln.residual_norm(x, _like(delta, x), scale, bias, self.eps, self.dtype, RESIDUAL,
+                                                   False)
+                s = x if delta is None else x + delta
+                y = kernel_ln.layer_norm(s, scale, bias, self.eps, self.dtype, RESIDUAL)
+                return (s, y) if fused else y
+            s = x if delta is None else x + delta
+            y = layer_norm(s, scale, bias, self.eps, self.dtype)
+            return (s, y) if fused else y
+        s = x if delta is None else x + delta
+        x32 = s.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
-        return y.astype(self.dtype)
+        y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias).astype(self.dtype)
+        return (s, y) if fused else y
+
+
+def _like(delta, x):
+    return None if delta is None else delta.astype(x.dtype)
 
 
 def _low_precision(dtype) -> bool:
@@ -187,15 +208,23 @@ class RMSNorm(nn.Module):
     eps: float = 1e-6
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, delta=None, with_sum: bool = False):
+        """``norm(x)``, or with ``delta`` / ``with_sum`` the residual stream's sum too (as :class:`LayerNorm`)."""
         d = x.shape[-1]
         scale = param(self, "scale", (d,), ("embed",), nn.initializers.ones, jnp.float32)
+        fused = delta is not None or with_sum
         if _low_precision(self.dtype) and kernels.use(
                 "rms_norm", (kernels.LAYOUT_WHY, lambda: kernel_ln.supported(RESIDUAL, d))):
-            return kernel_ln.rms_norm(x, scale, self.eps, self.dtype, RESIDUAL)
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps) * scale
-        return y.astype(self.dtype)
+            if fused and kernels.enabled("residual_norm"):
+                return kernel_ln.residual_norm(x, _like(delta, x), scale, jnp.zeros_like(scale), self.eps, self.dtype,
+                                               RESIDUAL, True)
+            s = x if delta is None else x + delta
+            y = kernel_ln.rms_norm(s, scale, self.eps, self.dtype, RESIDUAL)
+            return (s, y) if fused else y
+        s = x if delta is None else x + delta
+        x32 = s.astype(jnp.float32)
+        y = (x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps) * scale).astype(self.dtype)
+        return (s, y) if fused else y
 
 
 def causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, impl: str) -> jax.Array:

@@ -67,15 +67,15 @@ class LlamaBlock(nn.Module):
         ``(x, (k_new, v_new))``."""
         cfg = self.cfg
         out_std = 0.02 / (2 * cfg.n_layer) ** 0.5
-        h = RMSNorm(cfg.dtype, cfg.norm_eps, name="attn_norm")(x_BxTxD)
+        # (x, norm(x)): the block input and its norm in one op (models.layers.LayerNorm.__call__)
+        x, h = RMSNorm(cfg.dtype, cfg.norm_eps, name="attn_norm")(x_BxTxD, with_sum=True)
         attn = Attention(cfg.n_head, cfg.n_kv_head, cfg.dtype, cfg.attention, out_std, causal=True,
                          rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, name="attn")
         if kv is None:
             a, new_kv = attn(h), None
         else:
             a, new_kv = attn(h, kv=kv, ctx=ctx)
-        x = x_BxTxD + constrain(a, RESIDUAL)
-        h = RMSNorm(cfg.dtype, cfg.norm_eps, name="mlp_norm")(x)
+        x, h = RMSNorm(cfg.dtype, cfg.norm_eps, name="mlp_norm")(x, constrain(a, RESIDUAL))
         x = x + constrain(SwiGLU(cfg.d_ff, cfg.dtype, out_std, name="mlp")(h), RESIDUAL)
         return constrain(x, RESIDUAL), new_kv
 

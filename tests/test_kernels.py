@@ -10,6 +10,7 @@ from jax.sharding import Mesh
 from jzero import kernels, sharding
 from jzero.kernels import cross_entropy as kce
 from jzero.kernels import layer_norm as kln
+from jzero.kernels import swiglu as ksw
 from models.layers import layer_norm as xla_layer_norm
 
 NAMES = ("batch", "length", "embed")
@@ -18,6 +19,12 @@ NAMES = ("batch", "length", "embed")
 def _rel(a, b):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+
+
+def _fro(a, b):
+    """Relative Frobenius error of ``a`` against the reference ``b``."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-30))
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +152,119 @@ def test_head_cross_entropy_undifferentiated_equals_the_kernel_forward():
     plain = kce.head_cross_entropy(h, w, labels)                       # eval: XLA formula
     fwd, _ = jax.vjp(lambda h: kce.head_cross_entropy(h, w, labels), h)   # train: the kernel's loss
     np.testing.assert_allclose(np.asarray(plain), np.asarray(fwd), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- Llama's kernels: RMSNorm, SwiGLU
+# References are jax.vjp of the models.layers formulas in fp32 on the same (rounded) inputs; bf16 results are
+# judged by relative Frobenius error (bf16 keeps ~3 significant digits), fp32 ones tightly.
+TOL = {jnp.dtype(jnp.bfloat16): 1e-2, jnp.dtype(jnp.float32): 1e-5}
+
+
+def _rms_ref(x, scale, eps):
+    x32 = x.astype(jnp.float32)
+    return x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps) * scale
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape", [(3, 11, 96), (2, 16, 64)], ids=["33rows_d96", "32rows_d64"])
+def test_rms_norm_kernel_matches_the_fp32_formula(shape, dtype):
+    """33 rows: a ragged last forward tile (RMS_BLOCK_M=2) and a ragged backward program (2 x 16 = 32 rows);
+    d=96: a hidden size padded to the 128-wide tile. 32 rows, d=64: every tile full."""
+    assert kln.RMS_BLOCK_M * kln.RMS_BWD_INNER == 32
+    k = jax.random.split(jax.random.PRNGKey(6), 3)
+    x = (jax.random.normal(k[0], shape) * 2 + 0.5).astype(dtype)
+    scale = 1 + 0.1 * jax.random.normal(k[1], shape[-1:])
+    dy = jax.random.normal(k[2], shape).astype(dtype)
+    eps = 1e-6
+
+    y, vjp = jax.vjp(lambda x, s: kln.rms_norm(x, s, eps, dtype, NAMES), x, scale)
+    dx, dscale = vjp(dy)
+    y_ref, vjp_ref = jax.vjp(lambda x, s: _rms_ref(x, s, eps), x.astype(jnp.float32), scale)
+    dx_ref, dscale_ref = vjp_ref(dy.astype(jnp.float32))
+
+    assert (y.dtype, dx.dtype, dscale.dtype) == (jnp.dtype(dtype), jnp.dtype(dtype), jnp.dtype(jnp.float32))
+    assert y.shape == dx.shape == shape and dscale.shape == shape[-1:]
+    for got, ref in ((y, y_ref), (dx, dx_ref), (dscale, dscale_ref)):   # dscale: fp32 sums, so tight
+        assert _fro(got, ref) < TOL[got.dtype]
+
+
+def _swiglu_ref(g, u):
+    return jax.nn.silu(g) * u
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape", [(2, 13, 700), (2, 8, 1024)], ids=["26rows_f700", "16rows_f1024"])
+def test_swiglu_kernel_matches_the_fp32_formula(shape, dtype):
+    """[2, 13, 700]: 26 rows (BLOCK_M=8) and d_ff 700 (BLOCK_F=512) leave ragged tiles on both axes (masked
+    loads and stores); [2, 8, 1024]: every tile full."""
+    k = jax.random.split(jax.random.PRNGKey(7), 3)
+    gate = (2 * jax.random.normal(k[0], shape)).astype(dtype)
+    up = jax.random.normal(k[1], shape).astype(dtype)
+    dh = jax.random.normal(k[2], shape).astype(dtype)
+
+    h, vjp = jax.vjp(lambda g, u: ksw.swiglu(g, u, ("batch", "length", "mlp")), gate, up)
+    dg, du = vjp(dh)
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    h_ref, vjp_ref = jax.vjp(_swiglu_ref, f32(gate), f32(up))
+    dg_ref, du_ref = vjp_ref(f32(dh))
+
+    assert h.dtype == dg.dtype == du.dtype == jnp.dtype(dtype)
+    for got, ref in ((h, h_ref), (dg, dg_ref), (du, du_ref)):
+        assert got.shape == shape
+        assert _fro(got, ref.astype(dtype)) < TOL[got.dtype]
+    # fp32 math and one rounding: the bf16 gradients are the fp32 ones rounded (0 here on CPU), where XLA's own
+    # bf16 autodiff of the formula is ~4e-3 off
+    for got, ref in ((dg, dg_ref), (du, du_ref)):
+        assert _fro(got, ref.astype(dtype)) < 1e-3
+
+
+def test_jzero_kernels_takes_the_llama_kernel_names(monkeypatch):
+    assert set(kernels.NAMES) == {"layer_norm", "rms_norm", "residual_norm", "cross_entropy", "gelu_gemm", "swiglu"}
+    monkeypatch.setenv("JZERO_KERNELS", "rms_norm, swiglu")
+    assert kernels.enabled("rms_norm") and kernels.enabled("swiglu")
+    assert not kernels.enabled("layer_norm") and not kernels.enabled("cross_entropy")
+    assert kernels.requested("swiglu") and not kernels.requested("gelu_gemm")
+    monkeypatch.setenv("JZERO_KERNELS", "swiglu,rmsnorm,geglu")
+    with pytest.raises(ValueError, match=r"unknown kernel\(s\) \['geglu', 'rmsnorm'\]"):
+        kernels.enabled("swiglu")
+
+
+def _res_norm_ref(x, r, scale, bias, eps, rms):
+    """``(x + r, norm(x + r))`` in fp32, the sum rounded to x's dtype first (what the unfused model computes)."""
+    s = (x if r is None else (x + r)).astype(jnp.float32)
+    if rms:
+        return s, s * jax.lax.rsqrt(jnp.square(s).mean(-1, keepdims=True) + eps) * scale
+    mean = s.mean(-1, keepdims=True)
+    return s, (s - mean) * jax.lax.rsqrt(jnp.square(s - mean).mean(-1, keepdims=True) + eps) * scale + bias
+
+
+@pytest.mark.parametrize("rms", [True, False], ids=["rms", "layer"])
+@pytest.mark.parametrize("with_r", [True, False], ids=["x_plus_r", "x_only"])
+def test_residual_norm_kernel_matches_add_then_norm(rms, with_r):
+    """``residual_norm``: the forward's sum and norm, and the backward's ``dx = ds + norm'(dy)`` (the skip
+    path's gradient added in the kernel), against the fp32 formula of ``s = x + r; y = norm(s)``; 33 rows and
+    d=96 leave ragged tiles (both kernels' row tiles, a padded column tile)."""
+    shape, eps = (3, 11, 96), 1e-5
+    k = jax.random.split(jax.random.PRNGKey(8), 6)
+    x = (jax.random.normal(k[0], shape) + 0.3).astype(jnp.bfloat16)
+    r = jax.random.normal(k[1], shape).astype(jnp.bfloat16) if with_r else None
+    scale = 1 + 0.1 * jax.random.normal(k[2], shape[-1:])
+    bias = jnp.zeros(shape[-1:]) if rms else 0.1 * jax.random.normal(k[3], shape[-1:])
+    ds, dy = (jax.random.normal(k[i], shape).astype(jnp.bfloat16) for i in (4, 5))
+
+    f = lambda x, r, sc, b: kln.residual_norm(x, r, sc, b, eps, jnp.bfloat16, NAMES, rms)  # noqa: E731
+    (s, y), vjp = jax.vjp(f, x, r, scale, bias)
+    dx, dr, dscale, dbias = vjp((ds, dy))
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    ref = lambda x, r, sc, b: _res_norm_ref(x, r, sc, b, eps, rms)  # noqa: E731
+    (s_ref, y_ref), vjp_ref = jax.vjp(ref, x, r, scale, bias)   # the bf16 sum, then fp32
+    dx_ref, dr_ref, dscale_ref, dbias_ref = vjp_ref((f32(ds), f32(dy)))
+
+    assert s.dtype == y.dtype == dx.dtype == jnp.bfloat16
+    assert np.array_equal(np.asarray(f32(s)), np.asarray(s_ref)), "the sum is x + r in bf16"
+    for got, want in ((y, y_ref), (dx, dx_ref), (dscale, dscale_ref)) + ((() if rms else ((dbias, dbias_ref),))):
+        assert _fro(got, want) < TOL[got.dtype], _fro(got, want)
+    if with_r:
+        assert dr is not None and np.array_equal(np.asarray(dr), np.asarray(dx)), "r's gradient is s's, as x's"
+    else:
+        assert dr is None

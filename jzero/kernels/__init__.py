@@ -3,6 +3,7 @@
 - :mod:`jzero.kernels.layer_norm`: LayerNorm (and RMSNorm, ``rms_norm``) whose backward reads ``x`` and ``dy``
   once and writes ``dx`` plus per-block partial scale/bias gradients (XLA: three kernels and a recomputed fp32
   ``xhat * dy``).
+  ``residual_norm`` is those norms with the residual stream's add (and its skip gradient) in the same pass.
 - :mod:`jzero.kernels.swiglu`: the backward of Llama's ``silu(gate) * up``, both gradients from one read.
 - :mod:`jzero.kernels.cross_entropy`: the LM head's cross-entropy reading the logits once from HBM (the second
   pass over a row hits L2) and writing ``softmax - onehot`` in the forward, with the head's linear inside the
@@ -37,7 +38,7 @@ from jzero import sharding as _sharding
 
 
 #: the kernels, by the names JZERO_KERNELS takes
-NAMES = ("layer_norm", "rms_norm", "cross_entropy", "gelu_gemm", "swiglu")
+NAMES = ("layer_norm", "rms_norm", "residual_norm", "cross_entropy", "gelu_gemm", "swiglu")
 
 
 _SUSPENDED: contextvars.ContextVar[bool] = contextvars.ContextVar("jzero_kernels_suspended", default=False)

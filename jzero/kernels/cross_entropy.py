@@ -31,11 +31,22 @@ _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
 
-def _kernel(logits_ref, labels_ref, loss_ref, d_ref, *, block_r, block_v):
+def _kernel(logits_ref, labels_ref, loss_ref, d_ref, *, block_r, block_v, n_outer):
     # log2 domain: exp2 lowers to one fast instruction (exp to libdevice's accurate expf, ~10), and the kernel is
     # instruction-bound, not byte-bound, with exp (measured: BENCHMARKS.md, "Session 3" (H100))
+    # Program p takes row blocks p, p + G, p + 2G, ... (G programs, n_outer blocks each): with G near the SM count
+    # only G rows are in flight, so each row's second pass finds it in L2 even at vocab 128256 (256 KB a row)
+    pid, n_programs = pl.program_id(0), pl.num_programs(0)   # read outside the loop (interpret mode needs it)
+
+    @pl.loop(0, n_outer)
+    def _(i):
+        _rows(logits_ref, labels_ref, loss_ref, d_ref, (i * n_programs + pid) * block_r, block_r=block_r,
+              block_v=block_v)
+
+
+def _rows(logits_ref, labels_ref, loss_ref, d_ref, first, *, block_r, block_v):
     m, v = logits_ref.shape
-    rows = pl.program_id(0) * block_r + jnp.arange(block_r)
+    rows = first + jnp.arange(block_r)
     rmask = rows < m
     labels = plgpu.load(labels_ref.at[rows], mask=rmask, other=0)
     n_chunks = pl.cdiv(v, block_v)
@@ -71,16 +82,21 @@ def _kernel(logits_ref, labels_ref, loss_ref, d_ref, *, block_r, block_v):
 BLOCK_R = 1
 BLOCK_V = 4096
 NUM_WARPS = 8
+#: programs launched (each walks its share of the row blocks); 0: one program per row block
+PROGRAMS = 0
 
 
 def loss_and_grad_2d(logits_MxV, labels_M, block_r: int | None = None, block_v: int | None = None,
-                     num_warps: int | None = None):
+                     num_warps: int | None = None, programs: int | None = None):
     """``(loss [M] fp32, softmax - onehot [M, V] in the logits' dtype)`` in one read of the logits."""
     block_r, block_v, num_warps = block_r or BLOCK_R, block_v or BLOCK_V, num_warps or NUM_WARPS
+    programs = PROGRAMS if programs is None else programs
     m, v = logits_MxV.shape
-    kernel = functools.partial(_kernel, block_r=block_r, block_v=block_v)
+    blocks = pl.cdiv(m, block_r)
+    grid = min(programs, blocks) if programs else blocks
+    kernel = functools.partial(_kernel, block_r=block_r, block_v=block_v, n_outer=pl.cdiv(blocks, grid))
     return pl.pallas_call(
-        kernel, grid=(pl.cdiv(m, block_r),), name="jzero_cross_entropy", interpret=kernels.interpret(),
+        kernel, grid=(grid,), name="jzero_cross_entropy", interpret=kernels.interpret(),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps),
         out_shape=(jax.ShapeDtypeStruct((m,), F32), jax.ShapeDtypeStruct((m, v), logits_MxV.dtype)),
     )(logits_MxV, labels_M.astype(jnp.int32))
