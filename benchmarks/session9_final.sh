@@ -10,13 +10,12 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -c "import jax, flax, optax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__)"
 timeout 150 python3 -m benchmarks.kernel_bench --ops cross_entropy --tokens 16384 --d-model 2048 --vocab 128256 \
   --iters 20 --sweep > $OUT/ce-llama.txt 2>&1; tail -12 $OUT/ce-llama.txt
-best=$(python3 - <<'PY'
-import math, re
-rows = [l.split("|") for l in open("/tmp/out/ce-llama.txt" if False else __import__("os").environ["OUT"] + "/ce-llama.txt") if l.startswith("| head+cross_entropy | pallas")]
+best=$(python3 -c '
+import math, sys
+rows = [l.split("|") for l in open(sys.argv[1]) if l.startswith("| head+cross_entropy | pallas")]
 ok = [(float(r[4]), r[3].strip()) for r in rows if "FAILED" not in r[3] and not math.isnan(float(r[4]))]
 print(" ".join(f"--kernel-tile cross_entropy.{kv}" for kv in min(ok)[1].split()) if ok else "")
-PY
-)
+' $OUT/ce-llama.txt)
 echo "fastest cross-entropy tiles at Llama's head: ${best:-none}"
 row() { name=$1; shift; timeout 300 python3 -m benchmarks.bench --name "$name" --json "$OUT/rows.jsonl" "$@" > "$OUT/$name.log" 2>&1 || tail -3 "$OUT/$name.log"; tail -1 "$OUT/$name.log"; }
 row llama-main-bytes --config configs/llama_1b.yaml --steps 5 --main

@@ -166,8 +166,10 @@ class Engine:
 
     # ---- measurements
     def memory_per_device(self) -> dict[str, int]:
-        """Bytes of params and optimizer state held by the first local device (from the real shards)."""
+        """Bytes of params (the fp32 masters), their bf16/fp16 copies (``TrainState.compute``) and optimizer state
+        held by the first local device (from the real shards), and what the state keeps in host memory."""
         return {"params": shd.per_device_bytes(self.state.params, memory_kind="device"),
+                "weight_copies": shd.per_device_bytes(self.state.compute, memory_kind="device"),
                 "opt_state": shd.per_device_bytes(self.state.opt_state, memory_kind="device"),
                 "host": shd.per_device_bytes(self.state, memory_kind="pinned_host")}
 

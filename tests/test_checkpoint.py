@@ -379,3 +379,26 @@ def test_asyncio_reports_of_orbax_write_tasks_are_dropped_and_others_kept():
                 "write_fragment() defined at .../orbax/checkpoint/_src/serialization/serialization.py:188>")
     assert not all(x.filter(orbax) for x in f)
     assert all(x.filter(rec("Task exception was never retrieved\nfuture: <Task finished coro=<mine()>")) for x in f)
+
+
+def test_bf16_weight_copies_are_not_saved_and_are_remade_on_restore(tmp_path):
+    """The bf16 weight copies (TrainState.compute) stay out of the checkpoint and are remade from the restored
+    fp32 masters: the resumed run continues with the same losses, bit for bit."""
+    over = ["zero_optimization.stage=1", "bf16.enabled=true"]
+    eng = engine(over)
+    data = batches(SAVE_AT + MORE, seed=3)
+    for b in data[:SAVE_AT]:
+        eng.train_step(b)
+    assert eng.state.compute is not None
+    eng.save_checkpoint(tmp_path)
+    checkpoint.wait_until_finished(tmp_path)
+    after = [float(eng.train_step(b)["loss"]) for b in data[SAVE_AT:]]
+    _, meta = checkpoint.read_meta(tmp_path, None)
+    assert meta["state"] and not any(k.startswith("compute") for k in meta["state"])
+    fresh = engine(over)
+    fresh.load_checkpoint(tmp_path)
+    for c, p in zip(jax.tree.leaves(fresh.state.compute),
+                    [p for p, m in zip(jax.tree.leaves(fresh.state.params),
+                                       jax.tree.leaves(fresh.strategy.copy_matrices)) if m]):
+        assert np.array_equal(np.asarray(c, np.float32), np.asarray(p.astype(c.dtype), np.float32))
+    assert [float(fresh.train_step(b)["loss"]) for b in data[SAVE_AT:]] == after

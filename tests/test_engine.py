@@ -115,3 +115,46 @@ def test_abstract_engine_refuses_offload():
                                                  "zero_optimization.offload_optimizer.device=cpu"])
     with pytest.raises(ConfigError, match=r"abstract=True\): optimizer offload"):
         jzero.initialize(cfg, abstract=True)
+
+
+def test_bf16_engine_keeps_weight_copies_and_trains_as_the_casting_step(monkeypatch):
+    """Under bf16 the state holds a bf16 copy of each weight matrix (TrainState.compute), equal to the masters
+    cast after every step, and the losses are those of the step that casts the masters itself
+    (JZERO_WEIGHT_COPIES=0): the same first step bit for bit, then equal to fp32 rounding of the update."""
+    over = ["bf16.enabled=true", "train_batch_size=16"]
+    data = batches((1, 16, 33), 4)
+    eng, losses = train(over, data, steps=4)
+    assert eng.strategy.copy_dtype == jax.numpy.bfloat16
+    flat_p = jax.tree.leaves(eng.state.params)
+    flat_m = jax.tree.leaves(eng.strategy.copy_matrices)
+    copies = jax.tree.leaves(eng.state.compute)
+    assert len(copies) == sum(flat_m) > 0 and all(c.dtype == jax.numpy.bfloat16 for c in copies)
+    for c, p in zip(copies, [p for p, m in zip(flat_p, flat_m) if m]):
+        assert c.sharding == p.sharding
+        assert np.array_equal(np.asarray(c, np.float32), np.asarray(p.astype(jax.numpy.bfloat16), np.float32))
+    monkeypatch.setenv("JZERO_WEIGHT_COPIES", "0")
+    plain, ref = train(over, data, steps=4)
+    assert plain.strategy.copy_dtype is None and plain.state.compute is None
+    assert losses[0] == ref[0]
+    assert np.max(np.abs(losses - ref) / np.abs(ref)) <= 1e-5, (losses, ref)
+
+
+def test_weight_copies_only_where_the_plain_gradient_path_runs(monkeypatch):
+    """Copies under bf16/fp16 for jzero's own models; none in fp32, for a model passed in, under the pipeline
+    or ZeRO++ hpZ (their manual regions take the fp32 masters), or with JZERO_WEIGHT_COPIES=0."""
+    from jzero import engine as E
+    from jzero.config import resolve
+
+    def dtype(over, own=True):
+        cfg = resolve(load_config(base={}, overrides=BASE + ["train_batch_size=16"] + over), 8)
+        return E._copy_dtype(cfg, E._layout(cfg, None, None), own)
+
+    assert dtype(["bf16.enabled=true"]) == jax.numpy.bfloat16
+    assert dtype(["fp16.enabled=true"]) == jax.numpy.float16
+    assert dtype([]) is None
+    assert dtype(["bf16.enabled=true"], own=False) is None
+    assert dtype(["bf16.enabled=true", "mesh.data=4", "mesh.pipeline=2"]) is None
+    hpz = ["zero_optimization.stage=3", "zero_optimization.zero_hpz_partition_size=2"]
+    assert dtype(["bf16.enabled=true"] + hpz) is None
+    monkeypatch.setenv("JZERO_WEIGHT_COPIES", "0")
+    assert dtype(["bf16.enabled=true"]) is None

@@ -268,3 +268,16 @@ def test_residual_norm_kernel_matches_add_then_norm(rms, with_r):
         assert dr is not None and np.array_equal(np.asarray(dr), np.asarray(dx)), "r's gradient is s's, as x's"
     else:
         assert dr is None
+
+
+def test_cross_entropy_persistent_grid_is_the_same_kernel_work():
+    """PROGRAMS > 0: each program walks row blocks p, p+G, ...; every grid size (one that leaves the last
+    program's blocks past the rows, one larger than the rows) gives the bits of one program per block."""
+    k = jax.random.split(jax.random.PRNGKey(9), 2)
+    x = (3 * jax.random.normal(k[0], (37, 300))).astype(jnp.bfloat16)
+    labels = jax.random.randint(k[1], (37,), 0, 300)
+    loss0, d0 = kce.loss_and_grad_2d(x, labels, block_v=128, programs=0)
+    for block_r, programs in ((1, 5), (1, 37), (1, 100), (4, 3)):
+        loss, d = kce.loss_and_grad_2d(x, labels, block_r=block_r, block_v=128, programs=programs)
+        assert np.array_equal(np.asarray(loss), np.asarray(loss0)), (block_r, programs)
+        assert np.array_equal(np.asarray(d, np.float32), np.asarray(d0, np.float32)), (block_r, programs)

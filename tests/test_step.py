@@ -82,3 +82,36 @@ def test_on_device_strategy_round_trips_fp32_weights():
     new = strategy.with_params(state, jnp.asarray(W0 * 2))
     np.testing.assert_array_equal(strategy.masters(new, None), W0 * 2)
     assert strategy.checkpoint_meta() is None and strategy.params_are_masters
+
+
+def test_weight_copies_are_the_matrices_cast_and_keep_the_masters_gradient():
+    """compute_copies: a bf16 copy of each weight matrix (two dims besides the stacked 'layers'), None for norm
+    scales and biases, stacked or not; with_copies: the forward reads the copy, the gradient is the fp32
+    master's, bit for bit the gradient of casting the master in the forward (what the model did before)."""
+    from jzero.step import compute_copies, weight_matrices, with_copies
+
+    names = {"w": ("embed", "mlp"), "stacked_w": ("layers", "embed", "mlp"), "scale": ("embed",),
+             "stacked_scale": ("layers", "embed")}
+    mask = weight_matrices(names)
+    assert mask == {"w": True, "stacked_w": True, "scale": False, "stacked_scale": False}
+    k = jax.random.split(jax.random.PRNGKey(0), 5)
+    params = {"w": jax.random.normal(k[0], (8, 4)), "stacked_w": jax.random.normal(k[1], (2, 8, 4)),
+              "scale": 1 + jax.random.normal(k[2], (8,)), "stacked_scale": jax.random.normal(k[3], (2, 8))}
+    copies = compute_copies(params, jnp.bfloat16, mask)
+    assert copies["scale"] is None and copies["stacked_scale"] is None
+    for name in ("w", "stacked_w"):
+        assert copies[name].dtype == jnp.bfloat16
+        assert np.array_equal(np.asarray(copies[name]), np.asarray(params[name].astype(jnp.bfloat16)))
+    x = jax.random.normal(k[4], (3, 8))
+
+    def loss(p):   # as a model does: weights cast to bf16 at use, the scales used in fp32
+        h = (x * p["scale"] * p["stacked_scale"][0]).astype(jnp.bfloat16)
+        y = h @ p["w"].astype(jnp.bfloat16) + (h @ p["stacked_w"][1].astype(jnp.bfloat16))
+        return jnp.sum(jnp.square(y.astype(jnp.float32)))
+
+    g_cast = jax.jit(jax.grad(loss))(params)
+    g_copy = jax.jit(jax.grad(lambda p: loss(with_copies(p, copies))))(params)
+    assert jax.tree.map(lambda g: g.dtype, g_copy) == jax.tree.map(lambda g: g.dtype, params)
+    for name in params:
+        assert np.array_equal(np.asarray(g_copy[name]), np.asarray(g_cast[name])), name
+    assert float(jax.jit(lambda p: loss(with_copies(p, copies)))(params)) == float(jax.jit(loss)(params))
