@@ -146,7 +146,8 @@ KEYS: dict[str, Key] = {
                                                  "(jzero.optim.schedules)"),
     "scheduler.params": _impl("DeepSpeed's parameters of that schedule (jzero.optim.schedules)"),
     # ---- fp16 / bf16 / data_types (precision_config.py)
-    "fp16.enabled": _impl("fp16 compute, fp32 masters, dynamic loss scaling (jzero.precision)"),
+    "fp16.enabled": _impl("fp16 compute, fp32 masters (+ fp16 copies of the weight matrices, jzero.step), dynamic "
+                          "loss scaling (jzero.precision)"),
     "fp16.loss_scale": _impl("0 = dynamic, > 0 = static scale"),
     "fp16.initial_scale_power": _impl("initial dynamic scale 2**power"),
     "fp16.loss_scale_window": _impl("clean steps before the scale doubles"),
@@ -156,7 +157,8 @@ KEYS: dict[str, Key] = {
     "fp16.auto_cast": _none("casts a PyTorch module's floating inputs to fp16; jzero's inputs are integer tokens "
                             "and with fp16.enabled the model already computes in fp16"),
     "fp16.fp16_master_weights_and_grads": _schema_refuses("fp16 master weights (jzero keeps fp32 masters)"),
-    "bf16.enabled": _impl("bf16 compute, fp32 masters and optimizer state"),
+    "bf16.enabled": _impl("bf16 compute, fp32 masters and optimizer state (+ bf16 copies of the weight matrices, "
+                          "jzero.step)"),
     "bf16.check_grad_overflow": _impl("skip a step whose gradients are not finite"),
     "bf16.immediate_grad_update": _schema_refuses("a PyTorch backward-hook timing detail"),
     "bf16.bf16_master_weights_and_grads": _schema_refuses("bf16 master weights"),

@@ -244,7 +244,8 @@ class OnDevice:
     Every strategy gives the engine the same calls: ``init`` (optimizer state from fp32 params), ``train_fn`` (its
     step from :func:`make_step`), ``jit``, ``run`` (one compiled step), ``masters`` / ``with_params`` (the fp32
     weights out and in) and ``checkpoint_meta`` (what a checkpoint must record to rebuild those weights);
-    :class:`jzero.offload.OptimizerOffload` is the host-memory one.
+    :class:`jzero.offload.OptimizerOffload` is the host-memory one. This one also keeps the weights' compute-dtype
+    copies (``copy_dtype``): ``copies`` makes them, ``refresh`` remakes them after a restore.
     """
 
     tx: optax.GradientTransformation
