@@ -281,3 +281,25 @@ def test_cross_entropy_persistent_grid_is_the_same_kernel_work():
         loss, d = kce.loss_and_grad_2d(x, labels, block_r=block_r, block_v=128, programs=programs)
         assert np.array_equal(np.asarray(loss), np.asarray(loss0)), (block_r, programs)
         assert np.array_equal(np.asarray(d, np.float32), np.asarray(d0, np.float32)), (block_r, programs)
+
+
+def test_residual_norm_per_shard_on_8_devices_equals_one_device(ln_inputs):
+    """Under a data=8 plan residual_norm runs per shard (both kernels, the scale/bias partial sums psum'd)."""
+    x, scale, bias, dy = ln_inputs
+    x8 = jnp.concatenate([x[:, :32], x[:, :32]], 0)
+    r8 = jnp.roll(x8, 1, axis=-1)
+    dy8 = jnp.concatenate([dy[:, :32], dy[:, :32]], 0)
+
+    def step(x, r, s, b):
+        h, y = kln.residual_norm(x, r, s, b, 1e-5, jnp.bfloat16, NAMES, False)
+        return jnp.vdot(y.astype(jnp.float32), dy8.astype(jnp.float32)) + jnp.sum(h.astype(jnp.float32) ** 2)
+
+    grad = jax.value_and_grad(step, argnums=(0, 1, 2, 3))
+    v1, g1 = jax.jit(grad)(x8, r8, scale, bias)
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(8, 1, 1), ("data", "tensor", "pipeline"),
+                axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    with sharding.activate(mesh):
+        v8, g8 = jax.jit(grad)(x8, r8, scale, bias)
+    assert abs(float(v8) - float(v1)) < 1e-4 * abs(float(v1))
+    for a, b in zip(g8, g1):
+        assert _rel(a, b) < 1e-5
