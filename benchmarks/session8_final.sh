@@ -3,13 +3,8 @@
 # for GPT-2 124M and Llama-1B the training main on the byte corpus and the torch.compile peer (../shared/peers,
 # copied unchanged into .diag/peers), all in this one call; Llama's step alone last. Rows: $OUT/rows.jsonl.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -c "import jax, flax, optax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__)"
-nvidia-smi --query-gpu=name,clocks.sm,driver_version --format=csv,noheader
+source benchmarks/gpu_env.sh
 [ -z "${NO_SWEEP:-}" ] && timeout 120 python3 -m benchmarks.kernel_bench --ops rms_norm,swiglu --d-model 2048 --d-ff 8192 --sweep 2>&1 | tail -19
-row() { name=$1; shift; timeout 300 python3 -m benchmarks.bench --name "$name" --json "$OUT/rows.jsonl" "$@" > "$OUT/$name.log" 2>&1 || tail -3 "$OUT/$name.log"; tail -1 "$OUT/$name.log"; }
 for model in ${MODELS:-gpt2 llama}; do
   if [ $model = gpt2 ]; then
     row gpt2-main-bytes --config configs/gpt2_124m.yaml --steps 10 --main

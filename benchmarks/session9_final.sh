@@ -4,10 +4,7 @@
 # the byte corpus as shipped and with the sweep's fastest tiles, its torch.compile peer, the GPT-2 main and its
 # peer (peers: .diag/peers, unchanged copies of ../shared/peers). Rows: $OUT/rows.jsonl.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -c "import jax, flax, optax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__)"
+source benchmarks/gpu_env.sh
 timeout 150 python3 -m benchmarks.kernel_bench --ops cross_entropy --tokens 16384 --d-model 2048 --vocab 128256 \
   --iters 20 --sweep > $OUT/ce-llama.txt 2>&1; tail -12 $OUT/ce-llama.txt
 best=$(python3 -c '
@@ -17,7 +14,6 @@ ok = [(float(r[4]), r[3].strip()) for r in rows if "FAILED" not in r[3] and not 
 print(" ".join(f"--kernel-tile cross_entropy.{kv}" for kv in min(ok)[1].split()) if ok else "")
 ' $OUT/ce-llama.txt)
 echo "fastest cross-entropy tiles at Llama's head: ${best:-none}"
-row() { name=$1; shift; timeout 300 python3 -m benchmarks.bench --name "$name" --json "$OUT/rows.jsonl" "$@" > "$OUT/$name.log" 2>&1 || tail -3 "$OUT/$name.log"; tail -1 "$OUT/$name.log"; }
 row llama-main-bytes --config configs/llama_1b.yaml --steps 5 --main
 [ -n "$best" ] && row llama-main-bytes-ce-best --config configs/llama_1b.yaml --steps 5 --main $best
 (cd .diag/peers && timeout 240 python3 llama_torch.py --mode compile) 2>&1 | tail -1

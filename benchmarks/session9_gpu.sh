@@ -5,13 +5,8 @@
 # JZERO_WEIGHT_COPIES=0 (the model casts the fp32 masters each step) and JZERO_KERNELS without residual_norm
 # (the residual add and its skip gradient as XLA passes). Rows: $OUT/rows.jsonl; logs: $OUT/<row>.log.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -c "import jax, flax, optax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__)"
-nvidia-smi --query-gpu=name,clocks.sm,driver_version --format=csv,noheader
+source benchmarks/gpu_env.sh
 NO_RES=layer_norm,rms_norm,cross_entropy,gelu_gemm,swiglu
-row() { name=$1; shift; timeout 300 python3 -m benchmarks.bench --name "$name" --json "$OUT/rows.jsonl" "$@" > "$OUT/$name.log" 2>&1 || tail -3 "$OUT/$name.log"; tail -1 "$OUT/$name.log"; }
 for model in ${MODELS:-gpt2 llama}; do
   if [ $model = gpt2 ]; then cfg=configs/gpt2_124m.yaml; peer=gpt_torch.py; n=10; else cfg=configs/llama_1b.yaml; peer=llama_torch.py; n=5; fi
   [ -z "${NO_MAIN:-}" ] && row $model-main-bytes --config $cfg --steps $n --main
