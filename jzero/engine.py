@@ -359,7 +359,10 @@ def _copy_dtype(cfg: JzeroConfig, layout: Layout, own_model: bool):
     """
     z = cfg.zero_optimization
     dtype = compute_dtype(cfg)
-    if os.environ.get("JZERO_WEIGHT_COPIES", "").strip() == "0":   # the A/B switch (docs/cluster.md)
+    flag = os.environ.get("JZERO_WEIGHT_COPIES", "").strip()   # the A/B switch (docs/cluster.md)
+    if flag not in ("", "0", "1"):
+        raise ConfigError(f"JZERO_WEIGHT_COPIES={flag!r}: use 0 (no weight copies) or 1 / unset (the default)")
+    if flag == "0":
         return None
     if (not own_model or dtype == jnp.float32 or layout.run is not None or layout.hpz > 1
             or z.zero_quantized_gradients or z.zero_quantized_weights):

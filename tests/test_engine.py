@@ -158,3 +158,6 @@ def test_weight_copies_only_where_the_plain_gradient_path_runs(monkeypatch):
     assert dtype(["bf16.enabled=true"] + hpz) is None
     monkeypatch.setenv("JZERO_WEIGHT_COPIES", "0")
     assert dtype(["bf16.enabled=true"]) is None
+    monkeypatch.setenv("JZERO_WEIGHT_COPIES", "off")
+    with pytest.raises(ConfigError, match="JZERO_WEIGHT_COPIES='off': use 0"):
+        dtype(["bf16.enabled=true"])
