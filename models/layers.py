@@ -107,22 +107,20 @@ class LayerNorm(nn.Module):
         scale = param(self, "scale", (d,), ("embed",), nn.initializers.ones, jnp.float32)
         bias = param(self, "bias", (d,), ("embed",), nn.initializers.zeros, jnp.float32)
         fused = delta is not None or with_sum
-        if _low_precision(self.dtype):   # GPU training path; fp32 keeps the plain formula (results unchanged)
-            if kernels.use("layer_norm", (kernels.LAYOUT_WHY, lambda: kernel_ln.supported(RESIDUAL, d))):
-                if fused and kernels.enabled("residual_norm"):
-                    return kernel_ln.residual_norm(x, _like(delta, x), scale, bias, self.eps, self.dtype, RESIDUAL,
-                                                   False)
-                s = x if delta is None else x + delta
-                y = kernel_ln.layer_norm(s, scale, bias, self.eps, self.dtype, RESIDUAL)
-                return (s, y) if fused else y
-            s = x if delta is None else x + delta
-            y = layer_norm(s, scale, bias, self.eps, self.dtype)
-            return (s, y) if fused else y
+        low = _low_precision(self.dtype)   # GPU training path; fp32 keeps the plain formula (results unchanged)
+        kernel = low and kernels.use("layer_norm", (kernels.LAYOUT_WHY, lambda: kernel_ln.supported(RESIDUAL, d)))
+        if kernel and fused and kernels.enabled("residual_norm"):
+            return kernel_ln.residual_norm(x, _like(delta, x), scale, bias, self.eps, self.dtype, RESIDUAL, False)
         s = x if delta is None else x + delta
-        x32 = s.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias).astype(self.dtype)
+        if kernel:
+            y = kernel_ln.layer_norm(s, scale, bias, self.eps, self.dtype, RESIDUAL)
+        elif low:
+            y = layer_norm(s, scale, bias, self.eps, self.dtype)
+        else:
+            x32 = s.astype(jnp.float32)
+            mean = x32.mean(-1, keepdims=True)
+            var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+            y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias).astype(self.dtype)
         return (s, y) if fused else y
 
 
@@ -213,17 +211,17 @@ class RMSNorm(nn.Module):
         d = x.shape[-1]
         scale = param(self, "scale", (d,), ("embed",), nn.initializers.ones, jnp.float32)
         fused = delta is not None or with_sum
-        if _low_precision(self.dtype) and kernels.use(
-                "rms_norm", (kernels.LAYOUT_WHY, lambda: kernel_ln.supported(RESIDUAL, d))):
-            if fused and kernels.enabled("residual_norm"):
-                return kernel_ln.residual_norm(x, _like(delta, x), scale, jnp.zeros_like(scale), self.eps, self.dtype,
-                                               RESIDUAL, True)
-            s = x if delta is None else x + delta
-            y = kernel_ln.rms_norm(s, scale, self.eps, self.dtype, RESIDUAL)
-            return (s, y) if fused else y
+        kernel = _low_precision(self.dtype) and kernels.use(
+            "rms_norm", (kernels.LAYOUT_WHY, lambda: kernel_ln.supported(RESIDUAL, d)))
+        if kernel and fused and kernels.enabled("residual_norm"):
+            return kernel_ln.residual_norm(x, _like(delta, x), scale, jnp.zeros_like(scale), self.eps, self.dtype,
+                                           RESIDUAL, True)
         s = x if delta is None else x + delta
-        x32 = s.astype(jnp.float32)
-        y = (x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps) * scale).astype(self.dtype)
+        if kernel:
+            y = kernel_ln.rms_norm(s, scale, self.eps, self.dtype, RESIDUAL)
+        else:
+            x32 = s.astype(jnp.float32)
+            y = (x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps) * scale).astype(self.dtype)
         return (s, y) if fused else y
 
 
