@@ -267,7 +267,7 @@ def load(engine, directory, tag=None, data_iterator=None, load_module_only: bool
     client = _restore_item(directory, step, "client", where)
     if data_iterator is not None:
         data_iterator.set_state(meta["data"])
-    if hasattr(strategy, "refresh"):   # the compute-dtype weight copies, remade from the restored masters
+    if strategy is not None:   # the compute-dtype weight copies, remade from the restored masters
         state = strategy.refresh(state)
     engine.state = state
     return client

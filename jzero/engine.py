@@ -253,7 +253,7 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
         rep = plan.replicated
         loss_scale = jax.device_put(init_loss_scale(cfg.fp16), rep)
         state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params, opt_state=opt_state,
-                           loss_scale=loss_scale, compute=strategy.copies(params) if not strategy.offloaded else None)
+                           loss_scale=loss_scale, compute=strategy.copies(params))
         state_shardings = _state_shardings(plan, opt_shardings, loss_scale, state.compute)
 
     loss_fn = lambda p, b: task.loss(model.apply, p, b)  # noqa: E731

@@ -263,6 +263,14 @@ class OptimizerOffload:
         dev, opt_state, _ = self.init(params_fp32)
         return state.replace(params=dev, opt_state=opt_state)
 
+    def copies(self, params):
+        """No separate weight copies: the device params are already the compute-dtype copies."""
+        return None
+
+    def refresh(self, state):
+        """``state`` as restored (nothing is derived from the masters outside the optimizer state)."""
+        return state
+
     def checkpoint_meta(self) -> dict:
         """Which (param path, layer) each host master chunk holds: what :func:`restack_masters` needs to rebuild
         the params from a checkpoint (export, load_module_only)."""

@@ -280,9 +280,11 @@ class OnDevice:
 
     def copies(self, params):
         """The weight copies ``TrainState.compute`` holds for these masters (None without ``copy_dtype``)."""
-        if self.copy_dtype is None:
-            return None
-        return jax.jit(functools.partial(compute_copies, dtype=self.copy_dtype, matrices=self.copy_matrices))(params)
+        return None if self.copy_dtype is None else self._copy_fn(params)
+
+    @functools.cached_property
+    def _copy_fn(self):   # one jitted program for init, set_params and every restore (compiled once per shape)
+        return jax.jit(functools.partial(compute_copies, dtype=self.copy_dtype, matrices=self.copy_matrices))
 
     def refresh(self, state: TrainState) -> TrainState:
         """``state`` with its weight copies remade from its masters (after a restore, which saves none)."""

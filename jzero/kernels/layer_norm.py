@@ -144,15 +144,15 @@ def backward_2d(x_MxN, dy_MxN, scale_N, mean_M, rstd_M, block_m: int | None = No
     block_m, n_inner, num_warps = block_m or BLOCK_M, n_inner or BWD_INNER, num_warps or NUM_WARPS
     m, n = x_MxN.shape
     programs = pl.cdiv(m, block_m * n_inner)
-    acc = dres_MxN is not None
-    kernel = functools.partial(_bwd_kernel, block_m=block_m, block_n=_pow2(n), n_inner=n_inner, rms=rms, skip=acc)
-    name = ("jzero_add_" if acc else "jzero_") + ("rms_norm_bwd" if rms else "layer_norm_bwd")
+    skip = dres_MxN is not None
+    kernel = functools.partial(_bwd_kernel, block_m=block_m, block_n=_pow2(n), n_inner=n_inner, rms=rms, skip=skip)
+    name = ("jzero_add_" if skip else "jzero_") + ("rms_norm_bwd" if rms else "layer_norm_bwd")
     dx, ds, db = pl.pallas_call(
         kernel, grid=(programs,), name=name, interpret=kernels.interpret(),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps),
         out_shape=(jax.ShapeDtypeStruct((m, n), x_MxN.dtype), jax.ShapeDtypeStruct((programs * n,), F32),
                    jax.ShapeDtypeStruct((programs * n,), F32)),
-    )(*((x_MxN, dy_MxN, dres_MxN) if acc else (x_MxN, dy_MxN)), scale_N, mean_M, rstd_M)
+    )(*((x_MxN, dy_MxN, dres_MxN) if skip else (x_MxN, dy_MxN)), scale_N, mean_M, rstd_M)
     return dx, ds.reshape(programs, n).sum(0), db.reshape(programs, n).sum(0)
 
 
