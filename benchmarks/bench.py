@@ -172,6 +172,9 @@ def main(argv=None) -> int:
         from jzero import xla_flags
 
         xla_flags.apply(cfg)   # before the backend starts (jzero.initialize)
+        from jzero import compile_cache
+
+        compile_cache.apply(cfg)   # as the mains do (train.compile_cache_dir)
         name = args.name or args.config or "default"
         if args.main:
             if args.profile or args.hlo or args.token_range:

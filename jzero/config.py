@@ -215,6 +215,9 @@ class TrainConfig(Section):
     #: stop (one line naming the last good checkpoint) after this many consecutive steps with a non-finite loss
     #: or gradient norm (jzero.guard); dynamic fp16 scaling stops instead when its scale is stuck at the minimum
     max_nonfinite_steps: int = Field(10, gt=0)
+    #: JAX's persistent compilation cache (jzero.compile_cache): a restart loads the compiled step (same kernels,
+    #: same speed, no compile) instead of compiling and autotuning again; null = no cache
+    compile_cache_dir: str | None = None
 
 
 class CheckpointConfig(Section):

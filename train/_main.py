@@ -12,7 +12,7 @@ def run_main(args, default_config: dict, run: Callable) -> int:
     (process 0; :mod:`jzero.rundir`: a second run into it fails at once); a JzeroError prints one line, exit 2."""
     import contextlib
 
-    from jzero import rundir, xla_flags
+    from jzero import compile_cache, rundir, xla_flags
     from jzero.config import load_config
     from jzero.distributed import maybe_initialize_from_args
     from jzero.errors import JzeroError
@@ -21,6 +21,7 @@ def run_main(args, default_config: dict, run: Callable) -> int:
         cfg = load_config(args.config, args.overrides, base=None if args.config else default_config)
         xla_flags.apply(cfg)   # measured GPU flags + DeepSpeed bucket sizes as XLA combine thresholds, pre-backend
         maybe_initialize_from_args(args)
+        compile_cache.apply(cfg)   # before the first compile: a restart loads the step XLA compiled and autotuned
         print_start_notes(cfg)
         import jax
 
