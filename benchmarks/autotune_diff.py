@@ -14,19 +14,32 @@ import sys
 
 
 def entries(text: str) -> dict[str, str]:
-    """``results { ... }`` blocks keyed by their ``hlo`` (and device), valued by the chosen result with the
-    measured times stripped (``run_time`` / ``duration`` sub-messages and ``seconds``/``nanos`` fields)."""
+    """The dump's entries keyed by what they tune, valued by the chosen config with measured times stripped.
+
+    Two formats: jax 0.11's ``entries { key { target { device, hlo_fingerprint } ... } value { optimal_config
+    ... } }`` and the older ``results { device hlo result { ... run_time { ... } } }``."""
     out: dict[str, str] = {}
-    blocks = re.split(r"(?m)^results\s*\{", text)[1:]
-    for b in blocks:
+    new = re.split(r"(?m)^entries\s*\{", text)[1:]
+    for b in new:
+        fp = re.search(r'hlo_fingerprint:\s*"(\w+)"', b)
+        dev = re.search(r'device:\s*"([^"]*)"', b)
+        value = b[b.index("value {"):] if "value {" in b else b
+        key = (dev.group(1) if dev else "") + "|" + (fp.group(1) if fp else b[:200])
+        out[key] = _strip(value)
+    for b in re.split(r"(?m)^results\s*\{", text)[1:]:
         hlo = re.search(r'(?m)^\s*hlo:\s*"((?:[^"\\]|\\.)*)"', b)
         dev = re.search(r'(?m)^\s*device:\s*"((?:[^"\\]|\\.)*)"', b)
         key = (dev.group(1) if dev else "") + "|" + (hlo.group(1) if hlo else b[:200])
-        kept = [ln.strip() for ln in b.splitlines()
-                if not re.match(r"\s*(seconds|nanos|hlo|device):", ln) and ln.strip() not in ("", "}")
-                and not re.match(r"\s*run_time\s*\{", ln)]
-        out[key] = " ".join(kept)
+        out[key] = _strip(b)
     return out
+
+
+def _strip(block: str) -> str:
+    """One line of the block without braces, keys, devices and measured times."""
+    kept = [ln.strip() for ln in block.splitlines()
+            if not re.match(r"\s*(seconds|nanos|hlo|device|hlo_fingerprint):", ln) and ln.strip() not in ("", "}")
+            and not re.match(r"\s*run_time\s*\{", ln)]
+    return " ".join(kept)
 
 
 def main(paths: list[str]) -> None:

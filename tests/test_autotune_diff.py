@@ -39,3 +39,48 @@ def test_times_ignored_choices_compared(tmp_path, capsys):
     assert out[0].endswith("2 entries, 2 shared with " + paths[0] + ", 0 choices differ")
     assert out[1].endswith("0 choices differ")
     assert out[2].endswith("1 choices differ")
+
+
+NEW = '''entries {
+  key {
+    target {
+      device: "699b92c0fb30cb16"
+      hlo_fingerprint: "01ee"
+    }
+    environment {
+      codegen_version: "fe90"
+    }
+  }
+  value {
+    optimal_config {
+      backend: CUBLASLT_FISSION
+      backend_config {
+        gemm {
+          algorithm: 7
+        }
+      }
+    }
+  }
+}
+entries {
+  key {
+    target {
+      device: "699b92c0fb30cb16"
+      hlo_fingerprint: "05ff"
+    }
+  }
+  value {
+    optimal_config {
+      backend: NATIVE_EMITTER
+    }
+  }
+}
+'''
+
+
+def test_jax_011_entries_format():
+    a = entries(NEW)
+    assert sorted(a) == ["699b92c0fb30cb16|01ee", "699b92c0fb30cb16|05ff"]
+    assert "algorithm: 7" in a["699b92c0fb30cb16|01ee"]
+    b = entries(NEW.replace("algorithm: 7", "algorithm: 3"))
+    assert [k for k in a if a[k] != b[k]] == ["699b92c0fb30cb16|01ee"]
