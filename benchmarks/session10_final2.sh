@@ -7,8 +7,9 @@ set -u
 source benchmarks/gpu_env.sh
 peer() { (cd .diag/peers && timeout 220 python3 $1 --mode compile) > "$OUT/peer_$1.log" 2>&1; tail -1 "$OUT/peer_$1.log"; }
 row llama-main-c1 --config configs/llama_1b.yaml --steps 5 --main
-peer llama_torch.py
 row llama-main-c2 --config configs/llama_1b.yaml --steps 5 --main
+grep -h "^step 20/20" "$OUT"/llama-main-c[12].log   # the same losses: the loaded executable computes the same
+peer llama_torch.py
 row llama-main-c3 --config configs/llama_1b.yaml --steps 5 --main
 du -sh ~/.cache/jzero/jax_cache; ls ~/.cache/jzero/jax_cache | head -5
 if [ $SECONDS -lt ${BUDGET_S:-380} ]; then
