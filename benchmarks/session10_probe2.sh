@@ -3,8 +3,8 @@
 # in one call, session 9) XLA's compile-time autotuning? Three Llama-1B mains each dump their autotune choices;
 # benchmarks/autotune_diff counts the choices that differ; then two more mains load the fastest and the slowest
 # run's choices: if those reproduce their runs' step times, the choice is the cause. Then, as time allows, GPT-2's
-# step profiled for idle gaps (benchmarks/trace_top.py), shipped and with JZERO_LT_GRAPH=1 (the GELU-GEMM FFI
-# handlers inside XLA's CUDA graphs). Output: $OUT/rows.jsonl, $OUT/at_*.textproto, $OUT/top.txt, $OUT/logs.txt.
+# step profiled for idle gaps between kernels (benchmarks/trace_top.py; a row with the GELU-GEMM FFI handlers marked
+# command-buffer compatible followed here, skipped for time and dropped after: BENCHMARKS.md "Session 10"). Output: $OUT/rows.jsonl, $OUT/at_*.textproto, $OUT/top.txt, $OUT/logs.txt.
 set -u
 source benchmarks/gpu_env.sh
 main() {  # main NAME XLA_FLAG
@@ -40,4 +40,3 @@ prof() {
   echo "$name: HLO lines naming command_buffer: $(grep -c command_buffer /tmp/hlo_$name.txt 2>/dev/null)"
 }
 prof gpt2-shipped
-JZERO_LT_GRAPH=1 prof gpt2-ffi-graph
