@@ -6,8 +6,10 @@ differently: on one H100, 6 and 9 of the Llama-1B step's 100 autotuned choices d
 runs, and each run's choices reproduced its own step time when loaded back (BENCHMARKS.md, "Session 10"). With a
 cache directory, a restart (a resumed job, the next sweep point with the same shapes) loads the executable the
 first run compiled: the same kernels, so the same step time, and no compile (XLA's per-fusion autotune cache goes
-in a subdirectory, so a changed program reuses the fusions it shares). Off by default (``null``); the GPU configs
-in ``configs/`` turn it on.
+in a subdirectory, so a changed program reuses the fusions it shares). Off by default (``null``): the cached
+executable has been loaded on CPU (tests/test_compile_cache.py) but not yet on a GPU, where the step holds
+jzero's FFI and Pallas kernels and cuDNN attention; loading one run's autotune choices there did reproduce its step
+time and halve the compile.
 
     compile_cache.apply(cfg)    # before the first jit compile (the mains call it next to xla_flags.apply)
 
