@@ -4,7 +4,8 @@
 # benchmarks/autotune_diff counts the choices that differ; then two more mains load the fastest and the slowest
 # run's choices: if those reproduce their runs' step times, the choice is the cause. Then, as time allows, GPT-2's
 # step profiled for idle gaps between kernels (benchmarks/trace_top.py; a row with the GELU-GEMM FFI handlers marked
-# command-buffer compatible followed here, skipped for time and dropped after: BENCHMARKS.md "Session 10"). Output: $OUT/rows.jsonl, $OUT/at_*.textproto, $OUT/top.txt, $OUT/logs.txt.
+# command-buffer compatible followed here, skipped for time and dropped after: BENCHMARKS.md "Session 10").
+# Output: $OUT/rows.jsonl, $OUT/at_*.textproto, $OUT/top.txt, $OUT/logs.txt.
 set -u
 source benchmarks/gpu_env.sh
 main() {  # main NAME XLA_FLAG
