@@ -143,12 +143,11 @@ def cross_entropy_rows(m: int, d: int, v: int, iters: int, sweep: bool):
 
     ms, ref = _time(grad_of(lambda h, w: cross_entropy(jnp.einsum("btd,vd->btv", h, w), labels)), h, w,
                     iters=iters)
-    names = ("BLOCK_R", "BLOCK_V", "NUM_WARPS", "PROGRAMS", "WHOLE_ROW_MAX", "WHOLE_ROW_WARPS")
+    names = ("BLOCK_R", "BLOCK_V", "NUM_WARPS", "PROGRAMS")
     configs = [tuple(getattr(K, n) for n in names)]
-    if sweep:   # the chunked walk (WHOLE_ROW_MAX 0), then the whole row in registers (session 11)
-        whole = 1 << (v - 1).bit_length()
-        configs += [(1, 4096, 8, 0, 0, 16), (1, 4096, 8, 264, 0, 16)]
-        configs += [(r, 4096, 8, 0, whole, w) for r, w in ((1, 8), (1, 16), (1, 32), (2, 16), (2, 32))]
+    if sweep:
+        configs += [(1, 4096, 8, 132), (1, 4096, 8, 264), (1, 4096, 16, 132), (1, 4096, 16, 264),
+                    (1, 8192, 16, 132), (1, 4096, 32, 132), (1, 2048, 8, 528), (1, 4096, 4, 264)]
     run = lambda: _time(grad_of(lambda h, w: K.head_cross_entropy(h, w, labels)), h, w, iters=iters)  # noqa: E731
     return [("head+cross_entropy", "xla", "", ms, 0.0)] + _kernel_rows("head+cross_entropy", K, names, configs,
                                                                         run, ref)

@@ -303,27 +303,3 @@ def test_residual_norm_per_shard_on_8_devices_equals_one_device(ln_inputs):
     assert abs(float(v8) - float(v1)) < 1e-4 * abs(float(v1))
     for a, b in zip(g8, g1):
         assert _rel(a, b) < 1e-5
-
-
-@pytest.mark.parametrize("block_r", [1, 4])
-def test_cross_entropy_whole_row_equals_the_chunked_walk(monkeypatch, block_r):
-    """WHOLE_ROW_MAX >= the padded vocabulary: one load a row (512 lanes for vocab 300, ragged rows 37) gives the
-    loss and ``softmax - onehot`` of the two-pass walk and of the fp32 formula."""
-    k = jax.random.split(jax.random.PRNGKey(11), 2)
-    x = (3 * jax.random.normal(k[0], (37, 300))).astype(jnp.bfloat16)
-    labels = jax.random.randint(k[1], (37,), 0, 300)
-    loss0, d0 = kce.loss_and_grad_2d(x, labels, block_r=block_r, block_v=128)
-    monkeypatch.setattr(kce, "WHOLE_ROW_MAX", 512)
-    loss, d = kce.loss_and_grad_2d(x, labels, block_r=block_r)
-    np.testing.assert_allclose(np.asarray(loss), np.asarray(loss0), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(d, np.float32), np.asarray(d0, np.float32), atol=1e-2)
-    x32 = np.asarray(x, np.float32)
-    ref = np.asarray(optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(x32), labels))
-    np.testing.assert_allclose(np.asarray(loss), ref, rtol=1e-5, atol=1e-5)
-    p = np.exp(x32 - x32.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    p[np.arange(37), np.asarray(labels)] -= 1.0
-    np.testing.assert_allclose(np.asarray(d, np.float32), p, atol=8e-3)
-    monkeypatch.setattr(kce, "WHOLE_ROW_MAX", 256)   # 512 > 256: the chunked walk again, bit for bit
-    loss2, d2 = kce.loss_and_grad_2d(x, labels, block_r=block_r, block_v=128)
-    assert np.array_equal(np.asarray(loss2), np.asarray(loss0))

@@ -1,9 +1,7 @@
 """The LM head's cross-entropy with one HBM read of the logits: a Pallas (Triton) kernel and a fused custom VJP.
 
-Kernel (one program per ``block_r`` rows): a row whose padded vocabulary is <= ``WHOLE_ROW_MAX`` is loaded once
-into registers and gives ``softmax - onehot`` from that load (one exp2 an element); a longer one is walked twice:
-pass 1 in ``block_v`` chunks keeping a running max and sum of exp (fp32) -> ``lse``, pass 2 again (the rows just
-read are still in L2) writing
+Kernel (one program per ``block_r`` rows): pass 1 walks the row's vocabulary in ``block_v`` chunks keeping a
+running max and sum of exp (fp32) -> ``lse``; pass 2 walks it again (the rows just read are still in L2) and writes
 ``softmax - onehot`` in the logits' dtype; the label's logit is one gathered load per row. Out: per-row loss
 ``lse - logit[label]`` (fp32) and that unscaled gradient ``D`` [M, V]. The math is in the log2 domain (``exp2``).
 
@@ -52,9 +50,6 @@ def _rows(logits_ref, labels_ref, loss_ref, d_ref, first, *, block_r, block_v):
     rmask = rows < m
     labels = plgpu.load(labels_ref.at[rows], mask=rmask, other=0)
     n_chunks = pl.cdiv(v, block_v)
-    if n_chunks == 1:   # the whole row in registers: one load, one exp2 per element
-        _whole_rows(logits_ref, loss_ref, d_ref, rows, rmask, labels, block_v=block_v)
-        return
 
     def chunk(k):
         cols = k * block_v + jnp.arange(block_v)
@@ -84,29 +79,9 @@ def _rows(logits_ref, labels_ref, loss_ref, d_ref, first, *, block_r, block_v):
     plgpu.store(loss_ref.at[rows], (lse2 - picked * _LOG2E) * _LN2, mask=rmask)
 
 
-def _whole_rows(logits_ref, loss_ref, d_ref, rows, rmask, labels, *, block_v):
-    v = logits_ref.shape[1]
-    cols = jnp.arange(block_v)
-    mask = rmask[:, None] & (cols < v)[None, :]
-    x = plgpu.load(logits_ref.at[rows[:, None], cols[None, :]], mask=mask, other=float("-inf"),
-                   eviction_policy="evict_first").astype(F32) * _LOG2E
-    hit = cols[None, :] == labels[:, None]
-    picked = jnp.where(hit, x, 0.0).sum(axis=1)   # before exp2, so x and e need not both stay live
-    mx = x.max(axis=1)
-    e = jnp.exp2(x - mx[:, None])
-    inv = 1.0 / e.sum(axis=1)
-    d = e * inv[:, None] - jnp.where(hit, 1.0, 0.0)
-    plgpu.store(d_ref.at[rows[:, None], cols[None, :]], d.astype(d_ref.dtype), mask=mask)
-    plgpu.store(loss_ref.at[rows], (mx - jnp.log2(inv) - picked) * _LN2, mask=rmask)
-
-
 BLOCK_R = 1
 BLOCK_V = 4096
 NUM_WARPS = 8
-#: vocabularies up to this (padded to a power of two) take the whole row in one load (``_whole_rows``), with
-#: WHOLE_ROW_WARPS warps; 0: chunks of BLOCK_V (a vocabulary within one chunk is still loaded once)
-WHOLE_ROW_MAX = 0
-WHOLE_ROW_WARPS = 16
 #: programs launched (each walks its share of the row blocks); 0: one program per row block
 PROGRAMS = 0
 
@@ -114,12 +89,9 @@ PROGRAMS = 0
 def loss_and_grad_2d(logits_MxV, labels_M, block_r: int | None = None, block_v: int | None = None,
                      num_warps: int | None = None, programs: int | None = None):
     """``(loss [M] fp32, softmax - onehot [M, V] in the logits' dtype)`` in one read of the logits."""
-    m, v = logits_MxV.shape
-    whole = pl.next_power_of_2(v)
-    if block_v is None and WHOLE_ROW_MAX and whole <= WHOLE_ROW_MAX:
-        block_v, num_warps = whole, num_warps or WHOLE_ROW_WARPS
     block_r, block_v, num_warps = block_r or BLOCK_R, block_v or BLOCK_V, num_warps or NUM_WARPS
     programs = PROGRAMS if programs is None else programs
+    m, v = logits_MxV.shape
     blocks = pl.cdiv(m, block_r)
     grid = min(programs, blocks) if programs else blocks
     kernel = functools.partial(_kernel, block_r=block_r, block_v=block_v, n_outer=pl.cdiv(blocks, grid))
