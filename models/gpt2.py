@@ -53,12 +53,14 @@ class Block(nn.Module):
         x, h = LayerNorm(cfg.dtype, name="ln_1")(x_BxTxD, with_sum=True)   # (x, norm(x)): LayerNorm.__call__
         # each sub-layer's output is reduced into the residual layout here (tensor parallelism's all-reduce,
         # or reduce-scatter under sequence parallelism)
-        attn = MultiHeadAttention(cfg.n_head, cfg.dtype, cfg.attention, out_std, name="attn")
+        # training: the attention's output bias is added inside ln_2's kernel (and its gradient summed there)
+        attn = MultiHeadAttention(cfg.n_head, cfg.dtype, cfg.attention, out_std, defer_out_bias=kv is None,
+                                  name="attn")
         if kv is None:
-            a, new_kv = attn(h), None
+            (a, a_bias), new_kv = attn(h), None
         else:
-            a, new_kv = attn(h, kv, ctx)
-        x, h = LayerNorm(cfg.dtype, name="ln_2")(x, constrain(a, RESIDUAL))
+            (a, new_kv), a_bias = attn(h, kv, ctx), None
+        x, h = LayerNorm(cfg.dtype, name="ln_2")(x, constrain(a, RESIDUAL), delta_bias=a_bias)
         x = x + constrain(MLP(cfg.d_ff, cfg.dtype, out_std, fused=not cfg.remat, name="mlp")(h), RESIDUAL)
         return constrain(x, RESIDUAL), new_kv
 

@@ -94,15 +94,19 @@ class LayerNorm(nn.Module):
     eps: float = 1e-5
 
     @nn.compact
-    def __call__(self, x, delta=None, with_sum: bool = False):
+    def __call__(self, x, delta=None, with_sum: bool = False, delta_bias=None):
         """``norm(x)``. A pre-norm block calls it with the residual stream instead:
 
             x, h = norm(x, with_sum=True)     # (x, norm(x)): a block's input and its first sub-layer's input
             x, h = norm(x, delta)             # (x + delta, norm(x + delta)): a sub-layer's output added
+            x, h = norm(x, delta, delta_bias=b)   # the sub-layer's output bias [d] not yet added to delta
 
-        the same numbers as ``x = x + delta; h = norm(x)``. With the GPU kernels the add and, in the backward, the
-        skip path's gradient are folded into the norm's own pass (:func:`jzero.kernels.layer_norm.residual_norm`).
+        the same numbers as ``x = x + (delta + b); h = norm(x)`` (to rounding: the kernel rounds the sum once).
+        With the GPU kernels the adds and, in the backward, the skip path's gradient and the bias gradient are
+        folded into the norm's own pass (:func:`jzero.kernels.layer_norm.residual_norm`).
         """
+        if delta_bias is not None and delta is None:
+            raise ValueError("LayerNorm: delta_bias is the bias of delta; pass delta too")
         d = x.shape[-1]
         scale = param(self, "scale", (d,), ("embed",), nn.initializers.ones, jnp.float32)
         bias = param(self, "bias", (d,), ("embed",), nn.initializers.zeros, jnp.float32)
@@ -110,7 +114,12 @@ class LayerNorm(nn.Module):
         low = _low_precision(self.dtype)   # GPU training path; fp32 keeps the plain formula (results unchanged)
         kernel = low and kernels.use("layer_norm", (kernels.LAYOUT_WHY, lambda: kernel_ln.supported(RESIDUAL, d)))
         if kernel and fused and kernels.enabled("residual_norm"):
-            return kernel_ln.residual_norm(x, _like(delta, x), scale, bias, self.eps, self.dtype, RESIDUAL, False)
+            if delta_bias is not None and not kernel_ln.RESIDUAL_BIAS:
+                delta, delta_bias = delta + delta_bias.astype(delta.dtype), None
+            return kernel_ln.residual_norm(x, _like(delta, x), scale, bias, delta_bias, self.eps, self.dtype,
+                                           RESIDUAL, False)
+        if delta_bias is not None:
+            delta = delta + delta_bias.astype(delta.dtype)
         s = x if delta is None else x + delta
         if kernel:
             y = kernel_ln.layer_norm(s, scale, bias, self.eps, self.dtype, RESIDUAL)
@@ -214,8 +223,8 @@ class RMSNorm(nn.Module):
         kernel = _low_precision(self.dtype) and kernels.use(
             "rms_norm", (kernels.LAYOUT_WHY, lambda: kernel_ln.supported(RESIDUAL, d)))
         if kernel and fused and kernels.enabled("residual_norm"):
-            return kernel_ln.residual_norm(x, _like(delta, x), scale, jnp.zeros_like(scale), self.eps, self.dtype,
-                                           RESIDUAL, True)
+            return kernel_ln.residual_norm(x, _like(delta, x), scale, jnp.zeros_like(scale), None, self.eps,
+                                           self.dtype, RESIDUAL, True)
         s = x if delta is None else x + delta
         if kernel:
             y = kernel_ln.rms_norm(s, scale, self.eps, self.dtype, RESIDUAL)
@@ -372,6 +381,9 @@ class MultiHeadAttention(nn.Module):
     dtype: Dtype
     attention: str
     out_init_std: float
+    #: return ``(out without its bias, bias [d])`` for the caller to add (the GPT-2 block adds it inside the next
+    #: norm's kernel: ``LayerNorm(x, out, delta_bias=bias)``); training path only
+    defer_out_bias: bool = False
 
     @nn.compact
     def __call__(self, x_BxTxD, kv=None, ctx=None):
@@ -407,7 +419,8 @@ class MultiHeadAttention(nn.Module):
         o = causal_attention(project(0, b_qkv[0]), project(1), project(2), attention_impl(self.attention))
         o = checkpoint_name(constrain(o, ("batch", "length", "heads", "kv")), "attn_out")
         b_out = b_o + jnp.einsum("nh,nhd->d", b_qkv[2], w_o)
-        return jnp.einsum("btnh,nhd->btd", o, w_o) + b_out
+        out = jnp.einsum("btnh,nhd->btd", o, w_o)
+        return (out, b_out) if self.defer_out_bias else out + b_out
 
 
 class MLP(nn.Module):

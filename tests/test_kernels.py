@@ -252,7 +252,7 @@ def test_residual_norm_kernel_matches_add_then_norm(rms, with_r):
     bias = jnp.zeros(shape[-1:]) if rms else 0.1 * jax.random.normal(k[3], shape[-1:])
     ds, dy = (jax.random.normal(k[i], shape).astype(jnp.bfloat16) for i in (4, 5))
 
-    f = lambda x, r, sc, b: kln.residual_norm(x, r, sc, b, eps, jnp.bfloat16, NAMES, rms)  # noqa: E731
+    f = lambda x, r, sc, b: kln.residual_norm(x, r, sc, b, None, eps, jnp.bfloat16, NAMES, rms)  # noqa: E731
     (s, y), vjp = jax.vjp(f, x, r, scale, bias)
     dx, dr, dscale, dbias = vjp((ds, dy))
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
@@ -290,16 +290,51 @@ def test_residual_norm_per_shard_on_8_devices_equals_one_device(ln_inputs):
     r8 = jnp.roll(x8, 1, axis=-1)
     dy8 = jnp.concatenate([dy[:, :32], dy[:, :32]], 0)
 
-    def step(x, r, s, b):
-        h, y = kln.residual_norm(x, r, s, b, 1e-5, jnp.bfloat16, NAMES, False)
+    rb8 = 0.1 * jnp.arange(x8.shape[-1], dtype=jnp.float32).astype(jnp.bfloat16)
+
+    def step(x, r, s, b, rb):
+        h, y = kln.residual_norm(x, r, s, b, rb, 1e-5, jnp.bfloat16, NAMES, False)
         return jnp.vdot(y.astype(jnp.float32), dy8.astype(jnp.float32)) + jnp.sum(h.astype(jnp.float32) ** 2)
 
-    grad = jax.value_and_grad(step, argnums=(0, 1, 2, 3))
-    v1, g1 = jax.jit(grad)(x8, r8, scale, bias)
+    grad = jax.value_and_grad(step, argnums=(0, 1, 2, 3, 4))
+    v1, g1 = jax.jit(grad)(x8, r8, scale, bias, rb8)
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(8, 1, 1), ("data", "tensor", "pipeline"),
                 axis_types=(jax.sharding.AxisType.Auto,) * 3)
     with sharding.activate(mesh):
-        v8, g8 = jax.jit(grad)(x8, r8, scale, bias)
+        v8, g8 = jax.jit(grad)(x8, r8, scale, bias, rb8)
     assert abs(float(v8) - float(v1)) < 1e-4 * abs(float(v1))
     for a, b in zip(g8, g1):
         assert _rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("rms", [True, False], ids=["rms", "layer"])
+def test_residual_norm_with_the_sublayer_bias_matches_the_formula(rms):
+    """``rbias``: ``s = x + (r + rb)`` summed in fp32 and rounded once, then the norm; rb's gradient is the column
+    sum of dx (from the backward kernel's partial sums), r's is dx; against the fp32 formula and a bias-free call
+    with the bias already added. 33 rows, d=96: ragged tiles."""
+    shape, eps = (3, 11, 96), 1e-5
+    k = jax.random.split(jax.random.PRNGKey(12), 7)
+    x = (jax.random.normal(k[0], shape) + 0.3).astype(jnp.bfloat16)
+    r = jax.random.normal(k[1], shape).astype(jnp.bfloat16)
+    rb = (0.5 * jax.random.normal(k[6], shape[-1:])).astype(jnp.bfloat16)
+    scale = 1 + 0.1 * jax.random.normal(k[2], shape[-1:])
+    bias = jnp.zeros(shape[-1:]) if rms else 0.1 * jax.random.normal(k[3], shape[-1:])
+    ds, dy = (jax.random.normal(k[i], shape).astype(jnp.bfloat16) for i in (4, 5))
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+
+    f = lambda x, r, rb: kln.residual_norm(x, r, scale, bias, rb, eps, jnp.bfloat16, NAMES, rms)  # noqa: E731
+    (s, y), vjp = jax.vjp(f, x, r, rb)
+    dx, dr, drb = vjp((ds, dy))
+    assert s.dtype == y.dtype == dx.dtype == dr.dtype == drb.dtype == jnp.bfloat16
+
+    s_want = (f32(x) + (f32(r) + f32(rb))).astype(jnp.bfloat16)
+    assert np.array_equal(np.asarray(f32(s)), np.asarray(f32(s_want))), "s = x + (r + rb), rounded once"
+    ref = lambda x, r, rb: _res_norm_ref(x + r + rb, None, scale, bias, eps, rms)  # noqa: E731
+    (_, y_ref), vjp_ref = jax.vjp(ref, f32(x), f32(r), f32(rb))
+    dx_ref, dr_ref, drb_ref = vjp_ref((f32(ds), f32(dy)))
+    for got, want in ((y, y_ref), (dx, dx_ref), (dr, dr_ref), (drb, drb_ref)):
+        assert _fro(got, want) < TOL[got.dtype], _fro(got, want)
+    np.testing.assert_allclose(np.asarray(f32(drb)), np.asarray(f32(dx)).reshape(-1, 96).sum(0), rtol=1e-2,
+                               atol=1e-2)
+    with pytest.raises(ValueError, match="rbias needs r"):
+        kln.residual_norm(x, None, scale, bias, rb, eps, jnp.bfloat16, NAMES, rms)

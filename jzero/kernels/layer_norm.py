@@ -41,8 +41,10 @@ def _tile(ref, rows, cols, mask, other=0.0):
     return plgpu.load(ref.at[rows[:, None], cols[None, :]], mask=mask, other=other).astype(F32)
 
 
-def _fwd_kernel(*refs, eps, block_m, block_n, rms, add):
-    if add:   # the residual sum first: s = x + r rounded to x's dtype (stored), then the norm of that s
+def _fwd_kernel(*refs, eps, block_m, block_n, rms, add, rbias=False):
+    if add and rbias:   # s = x + (r + rb): the sub-layer's output bias rb [N] added here too
+        x_ref, r_ref, rb_ref, scale_ref, bias_ref, y_ref, s_ref, mean_ref, rstd_ref = refs
+    elif add:   # the residual sum first: s = x + r rounded to x's dtype (stored), then the norm of that s
         x_ref, r_ref, scale_ref, bias_ref, y_ref, s_ref, mean_ref, rstd_ref = refs
     else:
         x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref = refs
@@ -53,7 +55,10 @@ def _fwd_kernel(*refs, eps, block_m, block_n, rms, add):
     mask = rmask[:, None] & cmask[None, :]
     x = _tile(x_ref, rows, cols, mask)
     if add:
-        x = (x + _tile(r_ref, rows, cols, mask)).astype(s_ref.dtype)
+        r = _tile(r_ref, rows, cols, mask)
+        if rbias:
+            r = r + plgpu.load(rb_ref.at[cols], mask=cmask, other=0.0).astype(F32)[None, :]
+        x = (x + r).astype(s_ref.dtype)
         plgpu.store(s_ref.at[rows[:, None], cols[None, :]], x, mask=mask)
         x = x.astype(F32)
     mean = jnp.zeros((block_m,), F32) if rms else x.sum(axis=1) / n
@@ -68,7 +73,9 @@ def _fwd_kernel(*refs, eps, block_m, block_n, rms, add):
     plgpu.store(rstd_ref.at[rows], rstd, mask=rmask)
 
 
-def _bwd_kernel(*refs, block_m, block_n, n_inner, rms, skip):
+def _bwd_kernel(*refs, block_m, block_n, n_inner, rms, skip, dx_sum=False):
+    if dx_sum:   # one more output: partial column sums of dx (the gradient of a bias added into x)
+        refs, dxsum_ref = refs[:-1], refs[-1]
     if skip:   # dx also takes the gradient reaching x by the other path (the residual stream's skip), added here
         x_ref, dy_ref, dres_ref, scale_ref, mean_ref, rstd_ref, dx_ref, dscale_ref, dbias_ref = refs
     else:
@@ -96,21 +103,29 @@ def _bwd_kernel(*refs, block_m, block_n, n_inner, rms, skip):
         dx = dx * rstd[:, None]
         if skip:
             dx = dx + _tile(dres_ref, rows, cols, mask)
-        plgpu.store(dx_ref.at[rows[:, None], cols[None, :]], dx.astype(dx_ref.dtype), mask=mask)
-        ds, db = acc
-        return ds + (dy * xhat).sum(axis=0), db + dy.sum(axis=0)
+        dx = dx.astype(dx_ref.dtype)
+        plgpu.store(dx_ref.at[rows[:, None], cols[None, :]], dx, mask=mask)
+        out = (acc[0] + (dy * xhat).sum(axis=0), acc[1] + dy.sum(axis=0))
+        if dx_sum:   # the rounded dx, as XLA's reduction of the stored dx would sum
+            out += (acc[2] + jnp.where(mask, dx.astype(F32), 0.0).sum(axis=0),)
+        return out
 
     zero = jnp.zeros((block_n,), F32)
-    ds, db = jax.lax.fori_loop(0, n_inner, body, (zero, zero))
+    acc = jax.lax.fori_loop(0, n_inner, body, (zero,) * 3 if dx_sum else (zero, zero))
     at = pl.program_id(0) * n + cols
-    plgpu.store(dscale_ref.at[at], ds, mask=cmask)
-    plgpu.store(dbias_ref.at[at], db, mask=cmask)
+    plgpu.store(dscale_ref.at[at], acc[0], mask=cmask)
+    plgpu.store(dbias_ref.at[at], acc[1], mask=cmask)
+    if dx_sum:
+        plgpu.store(dxsum_ref.at[at], acc[2], mask=cmask)
 
 
 #: rows per program tile; programs of the backward walk ``BWD_INNER`` tiles each (fewer partial rows to add)
 BLOCK_M = 4
 BWD_INNER = 8
 NUM_WARPS = 4
+#: 1: a sub-layer's output bias handed to models.layers.LayerNorm (``delta_bias``) is added in residual_norm's
+#: kernels; 0: XLA adds it to the sub-layer output first (the A/B switch of BENCHMARKS.md, "Session 11")
+RESIDUAL_BIAS = 1
 #: the same for RMSNorm (chosen at Llama-1B's [16384, 2048]: BENCHMARKS.md, "Session 8")
 RMS_BLOCK_M = 2
 RMS_BWD_INNER = 16
@@ -118,14 +133,19 @@ RMS_NUM_WARPS = 4
 
 
 def forward_2d(x_MxN, scale_N, bias_N, eps: float, out_dtype, block_m: int | None = None,
-               num_warps: int | None = None, rms: bool = False, residual_MxN=None):
+               num_warps: int | None = None, rms: bool = False, residual_MxN=None, residual_bias_N=None):
     """``(y [M, N] out_dtype, mean [M] fp32, rstd [M] fp32)``; tiles default to the module's constants.
     ``rms``: RMSNorm (the mean output is zeros, ``bias_N`` is not read). ``residual_MxN``: normalise
-    ``s = x + residual`` (in x's dtype) and return ``(y, mean, rstd, s)``."""
+    ``s = x + residual`` (in x's dtype) and return ``(y, mean, rstd, s)``; with ``residual_bias_N`` too,
+    ``s = x + (residual + residual_bias)`` (fp32, rounded once)."""
     block_m, num_warps = block_m or BLOCK_M, num_warps or NUM_WARPS
     m, n = x_MxN.shape
     add = residual_MxN is not None
-    kernel = functools.partial(_fwd_kernel, eps=eps, block_m=block_m, block_n=_pow2(n), rms=rms, add=add)
+    rbias = residual_bias_N is not None
+    if rbias and not add:
+        raise ValueError("forward_2d: residual_bias_N needs residual_MxN (the bias belongs to the residual)")
+    kernel = functools.partial(_fwd_kernel, eps=eps, block_m=block_m, block_n=_pow2(n), rms=rms, add=add,
+                               rbias=rbias)
     name = ("jzero_add_" if add else "jzero_") + ("rms_norm_fwd" if rms else "layer_norm_fwd")
     stats = (jax.ShapeDtypeStruct((m,), F32), jax.ShapeDtypeStruct((m,), F32))
     y = jax.ShapeDtypeStruct((m, n), out_dtype)
@@ -133,27 +153,29 @@ def forward_2d(x_MxN, scale_N, bias_N, eps: float, out_dtype, block_m: int | Non
         kernel, grid=(pl.cdiv(m, block_m),), name=name, interpret=kernels.interpret(),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps),
         out_shape=(y, jax.ShapeDtypeStruct((m, n), x_MxN.dtype)) + stats if add else (y,) + stats,
-    )(*((x_MxN, residual_MxN) if add else (x_MxN,)), scale_N, bias_N)
+    )(*((x_MxN, residual_MxN) if add else (x_MxN,)), *((residual_bias_N,) if rbias else ()), scale_N, bias_N)
     return (out[0], out[2], out[3], out[1]) if add else out
 
 
 def backward_2d(x_MxN, dy_MxN, scale_N, mean_M, rstd_M, block_m: int | None = None, n_inner: int | None = None,
-                num_warps: int | None = None, rms: bool = False, dres_MxN=None):
+                num_warps: int | None = None, rms: bool = False, dres_MxN=None, dx_sum: bool = False):
     """``(dx [M, N] x.dtype, dscale [N] fp32, dbias [N] fp32)`` of the rows given (``rms``: RMSNorm's dx).
-    ``dres_MxN``: a gradient reaching ``x`` by another path, added into ``dx`` in the same pass."""
+    ``dres_MxN``: a gradient reaching ``x`` by another path, added into ``dx`` in the same pass. ``dx_sum``: one
+    more result, ``dx.sum(0)`` [N] fp32 (the gradient of a bias that was added into ``x``), from the same pass."""
     block_m, n_inner, num_warps = block_m or BLOCK_M, n_inner or BWD_INNER, num_warps or NUM_WARPS
     m, n = x_MxN.shape
     programs = pl.cdiv(m, block_m * n_inner)
     skip = dres_MxN is not None
-    kernel = functools.partial(_bwd_kernel, block_m=block_m, block_n=_pow2(n), n_inner=n_inner, rms=rms, skip=skip)
+    kernel = functools.partial(_bwd_kernel, block_m=block_m, block_n=_pow2(n), n_inner=n_inner, rms=rms, skip=skip,
+                               dx_sum=dx_sum)
     name = ("jzero_add_" if skip else "jzero_") + ("rms_norm_bwd" if rms else "layer_norm_bwd")
-    dx, ds, db = pl.pallas_call(
+    partial = jax.ShapeDtypeStruct((programs * n,), F32)
+    out = pl.pallas_call(
         kernel, grid=(programs,), name=name, interpret=kernels.interpret(),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps),
-        out_shape=(jax.ShapeDtypeStruct((m, n), x_MxN.dtype), jax.ShapeDtypeStruct((programs * n,), F32),
-                   jax.ShapeDtypeStruct((programs * n,), F32)),
+        out_shape=(jax.ShapeDtypeStruct((m, n), x_MxN.dtype), partial, partial) + ((partial,) if dx_sum else ()),
     )(*((x_MxN, dy_MxN, dres_MxN) if skip else (x_MxN, dy_MxN)), scale_N, mean_M, rstd_M)
-    return dx, ds.reshape(programs, n).sum(0), db.reshape(programs, n).sum(0)
+    return (out[0],) + tuple(p.reshape(programs, n).sum(0) for p in out[1:])
 
 
 # --------------------------------------------------------------------------- differentiable op over [..., N]
@@ -249,8 +271,8 @@ rms_norm.defvjp(_rms_fwd, _rms_bwd)
 # --------------------------------------------------------------------------- the norm with the residual stream
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def residual_norm(x, r, scale, bias, eps: float, out_dtype, names: tuple, rms: bool):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def residual_norm(x, r, scale, bias, rbias, eps: float, out_dtype, names: tuple, rms: bool):
     """``(s, norm(s))`` with ``s = x + r`` (``r`` None: ``s = x``), LayerNorm (``rms=False``) or RMSNorm.
 
     A pre-norm block adds each sub-layer's output into the residual stream and normalises the sum for the next
@@ -258,53 +280,67 @@ def residual_norm(x, r, scale, bias, eps: float, out_dtype, names: tuple, rms: b
     norm (2); in the backward the norm's dx (3) and the add of the skip's gradient (3). Here the forward reads x and
     r and writes s and y (4), the backward reads s, dy and the skip's gradient ds and writes ``dx = ds + norm'``
     (4): 3 of 11 passes fewer with ``r``, 2 without (the norm at a block's input, whose skip gradient it adds).
-    ``bias`` is not read under ``rms`` (pass zeros).
+    ``bias`` is not read under ``rms`` (pass zeros). ``rbias`` [N] (or None; needs ``r``): the sub-layer's output
+    bias, ``s = x + (r + rbias)``: its add (2 passes) and its gradient's reduction (1) move into these passes.
     """
-    return _res_fwd(x, r, scale, bias, eps, out_dtype, names, rms)[0]
+    return _res_fwd(x, r, scale, bias, rbias, eps, out_dtype, names, rms)[0]
 
 
-def _res_fwd(x, r, scale, bias, eps, out_dtype, names, rms):
+def _marker(a):
+    """A zero-size array of ``a``'s dtype (None for None): tells the backward which inputs were given, and the
+    dtype of their cotangent."""
+    return None if a is None else jnp.zeros((0,), a.dtype)
+
+
+def _res_fwd(x, r, scale, bias, rbias, eps, out_dtype, names, rms):
     tiles = dict(block_m=RMS_BLOCK_M, num_warps=RMS_NUM_WARPS) if rms else {}
-    add = r is not None
+    add, has_rb = r is not None, rbias is not None
+    if has_rb and not add:
+        raise ValueError("residual_norm: rbias needs r (the bias belongs to the sub-layer output r)")
+    given = (x,) + ((r,) if add else ()) + ((rbias,) if has_rb else ())
 
     def make(axes):
-        def run(x, *rest):
-            r, (scale, bias) = (rest[0], rest[1:]) if add else (None, rest)
+        def run(*args):
+            x, r, rb = args[0], (args[1] if add else None), (args[2] if has_rb else None)
+            scale, bias = args[-2:]
             out = forward_2d(_flat(x), scale.astype(F32), bias.astype(F32), eps, out_dtype, rms=rms,
-                             residual_MxN=None if r is None else _flat(r), **tiles)
+                             residual_MxN=None if r is None else _flat(r),
+                             residual_bias_N=None if rb is None else rb.astype(F32), **tiles)
             lead = x.shape[:-1]
             s = out[3].reshape(x.shape) if add else x
             return out[0].reshape(x.shape), s, out[1].reshape(lead), out[2].reshape(lead)
         return run
 
     rows = kernels.rows_of
-    fn = kernels.per_shard(make, names, in_specs=lambda sp: ((sp, sp) if add else (sp,)) + (P(), P()),
+    fn = kernels.per_shard(make, names,
+                           in_specs=lambda sp: (sp,) + ((sp,) if add else ()) + ((P(),) if has_rb else ()) + (P(), P()),
                            out_specs=lambda sp: (sp, sp, rows(sp), rows(sp)))
-    y, s, mean, rstd = fn(*((x, r) if add else (x,)), scale, bias)
-    # the residuals' length says whether r was given (a bool is no JAX type)
-    return (s, y), (s, scale, mean, rstd) + ((None,) if add else ())
+    y, s, mean, rstd = fn(*given, scale, bias)
+    return (s, y), (s, scale, mean, rstd, _marker(r), _marker(rbias))
 
 
 def _res_bwd(eps, out_dtype, names, rms, res, cts):
-    s, scale, mean, rstd = res[:4]
-    add = len(res) == 5
+    s, scale, mean, rstd, r_mark, rb_mark = res
+    add, has_rb = r_mark is not None, rb_mark is not None
     ds, dy = cts
     tiles = dict(block_m=RMS_BLOCK_M, n_inner=RMS_BWD_INNER, num_warps=RMS_NUM_WARPS) if rms else {}
 
     def make(axes):
         def run(s, dy, ds, scale, mean, rstd):
-            dx, dsc, db = backward_2d(_flat(s), _flat(dy), scale.astype(F32), mean.reshape(-1), rstd.reshape(-1),
-                                      rms=rms, dres_MxN=_flat(ds), **tiles)
+            out = backward_2d(_flat(s), _flat(dy), scale.astype(F32), mean.reshape(-1), rstd.reshape(-1),
+                              rms=rms, dres_MxN=_flat(ds), dx_sum=has_rb, **tiles)
+            sums = out[1:]
             if axes:
-                dsc, db = jax.lax.psum((dsc, db), axes)
-            return dx.reshape(s.shape), dsc, db
+                sums = jax.lax.psum(sums, axes)
+            return (out[0].reshape(s.shape),) + tuple(sums)
         return run
 
     rows = kernels.rows_of
     fn = kernels.per_shard(make, names, in_specs=lambda sp: (sp, sp, sp, P(), rows(sp), rows(sp)),
-                           out_specs=lambda sp: (sp, P(), P()))
-    dx, dsc, db = fn(s, dy, ds.astype(s.dtype), scale, mean, rstd)
-    return dx, (dx if add else None), dsc.astype(scale.dtype), db.astype(scale.dtype)
+                           out_specs=lambda sp: (sp, P(), P()) + ((P(),) if has_rb else ()))
+    dx, dsc, db, *drb = fn(s, dy, ds.astype(s.dtype), scale, mean, rstd)
+    d_rbias = drb[0].astype(rb_mark.dtype) if has_rb else None
+    return dx, (dx.astype(r_mark.dtype) if add else None), dsc.astype(scale.dtype), db.astype(scale.dtype), d_rbias
 
 
 residual_norm.defvjp(_res_fwd, _res_bwd)
