@@ -34,11 +34,10 @@ def one_run(reps: int) -> dict:
     b1 = (0.5 * jax.random.normal(ks[2], (f,))).astype(jnp.bfloat16)
     w2 = (0.02 * jax.random.normal(ks[3], (f, d))).astype(jnp.bfloat16)
     dy = jax.random.normal(ks[4], (m, d), jnp.bfloat16)
-    b2 = jnp.zeros((d,), jnp.bfloat16)
 
     @jax.jit
     def step(x, w1, b1, w2, dy):
-        y, vjp = jax.vjp(lambda *a: gg.mlp(*a, ("batch", "embed")), x, w1, b1, w2, b2)
+        y, vjp = jax.vjp(lambda *a: gg.mlp(*a, ("batch", "embed")), x, w1, b1, w2)
         return (y, *vjp(dy))
 
     out = jax.block_until_ready(step(x, w1, b1, w2, dy))

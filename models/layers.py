@@ -451,7 +451,7 @@ class MLP(nn.Module):
                 (f"{kernels.LAYOUT_WHY}, or d_model={d} / d_ff={self.d_ff} not multiples of 8",
                  lambda: kernel_gg.supported(SUBLAYER_INPUT, d, self.d_ff)),
                 ("its cuBLASLt library is not available (see the warning above)", kernel_gg.available)):
-            return kernel_gg.mlp(x_BxTxD, w1, b1, w2, b2, SUBLAYER_INPUT)
+            return kernel_gg.mlp(x_BxTxD, w1, b1, w2, SUBLAYER_INPUT) + b2
         pre = jnp.einsum("btd,df->btf", x_BxTxD, w1) + b1
         if self.gelu_approximate and _low_precision(self.dtype):   # fp32 keeps jax's autodiff (unchanged)
             hdn = gelu_tanh(pre)

@@ -6,14 +6,13 @@ fc-bias gradient (reads the proj dX GEMM's output and the pre-activation, writes
 the GEMMs' epilogues:
 
 - forward, ``GELU_AUX_BIAS``: the fc GEMM writes ``hidden = gelu(x @ w1 + b1)`` and ``pre = x @ w1 + b1``;
-- backward, ``DGELU``: the proj layer's dX GEMM writes ``dpre = (dy @ w2.T) * gelu'(pre)`` (DGELU_BGRAD, which
-  also sums the fc bias gradient over the output's rows, runs that sum as a separate slow kernel);
-- backward, ``BGRADB`` (``WGRAD_BGRAD``): each weight-gradient GEMM (``dw1 = x.T @ dpre``, ``dw2 = hidden.T @
-  dy``) also sums its layer's bias gradient (``dpre.sum(0)``, ``dy.sum(0)``) over the token axis it already
-  reduces, instead of XLA reading the [tokens, d_ff] and [tokens, d] arrays again (BENCHMARKS.md, "Session 11").
+- backward, ``DGELU``: the proj layer's dX GEMM writes ``dpre = (dy @ w2.T) * gelu'(pre)``; the fc bias
+  gradient ``dpre.sum(0)`` stays an XLA reduction (DGELU_BGRAD, which also sums, measured slower; so did BGRADB
+  on the weight-gradient GEMMs, which sums over the tokens: the MLP's fwd+bwd 1.26 vs 1.08 ms and the GPT-2 main
+  +1.0 ms on an H200, BENCHMARKS.md "Session 11").
 
-:func:`mlp` is ``gelu(x @ w1 + b1) @ w2 + b2`` as one custom VJP (the forward's ``+ b2`` is XLA's, fused into
-the residual add after it) whose dX GEMM is XLA's. Per-GEMM and per-step times on GPT-2 124M:
+:func:`mlp` is ``gelu(x @ w1 + b1) @ w2`` (the proj bias stays outside, for XLA to fuse into the residual add)
+as one custom VJP whose other three GEMMs (dw2, dw1, dx) are XLA's. Per-GEMM and per-step times on GPT-2 124M:
 BENCHMARKS.md, "Session 4" (H200). The FFI handlers are C++ (``csrc/lt_gemm.cc``), built at first use by
 :mod:`jzero.kernels.build`. Each GEMM shape's cuBLASLt algorithm is chosen without timing, so every run and
 rank computes the same bits: the one recorded for this GPU and cuBLASLt version in ``csrc/lt_gemm_algos.txt``
@@ -78,8 +77,7 @@ def _register() -> None:
     if tune:
         pathlib.Path(record).parent.mkdir(parents=True, exist_ok=True)
     lib.JzeroLtSetup(record.encode(), int(tune), int(verbose))
-    for target, symbol in (("jzero_gemm_bias_gelu", "JzeroGemmBiasGelu"), ("jzero_gemm_dgelu", "JzeroGemmDgelu"),
-                           ("jzero_gemm_wgrad_bgrad", "JzeroGemmWgradBgrad")):
+    for target, symbol in (("jzero_gemm_bias_gelu", "JzeroGemmBiasGelu"), ("jzero_gemm_dgelu", "JzeroGemmDgelu")):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="CUDA")
 
 
@@ -124,14 +122,9 @@ def reference_bias_gelu(x_MxK, w_KxN, b_N):
 
 
 def reference_dgelu(dy_MxK, w_NxK, pre_MxN):
-    """XLA formula of :func:`dgelu_2d` (fp32 product rounded once)."""
-    return (jnp.dot(dy_MxK, w_NxK.T, preferred_element_type=F32)
-            * gelu_tanh_grad(pre_MxN.astype(F32))).astype(dy_MxK.dtype)
-
-
-def reference_wgrad_bgrad(x_MxK, dy_MxN):
-    """XLA formula of :func:`wgrad_bgrad_2d`: ``(x.T @ dy, dy.sum(0))``, fp32 sums each rounded once."""
-    return jnp.dot(x_MxK.T, dy_MxN, preferred_element_type=F32).astype(dy_MxN.dtype), _bias_grad(dy_MxN)
+    """XLA formula of :func:`dgelu_2d` (fp32 product rounded once; the bias gradient sums the rounded dpre)."""
+    dpre = (jnp.dot(dy_MxK, w_NxK.T, preferred_element_type=F32) * gelu_tanh_grad(pre_MxN.astype(F32))).astype(dy_MxK.dtype)
+    return dpre, _bias_grad(dpre)
 
 
 def _bias_grad(dpre_MxN):
@@ -158,9 +151,10 @@ def bias_gelu_2d(x_MxK, w_KxN, b_N):
 
 
 def dgelu_2d(dy_MxK, w_NxK, pre_MxN):
-    """``dpre = (dy @ w.T) * gelu'(pre)`` [M, N]: the proj layer's dX GEMM with cuBLASLt's DGELU epilogue (not
-    DGELU_BGRAD: its bias-gradient sum is a separate kernel, much slower, BENCHMARKS.md "Session 4"; the fc bias
-    gradient comes from :func:`wgrad_bgrad_2d`)."""
+    """``(dpre, db)``: ``dpre = (dy @ w.T) * gelu'(pre)`` [M, N] from the proj layer's dX GEMM with cuBLASLt's
+    DGELU epilogue, and the fc bias gradient ``db = dpre.sum(0)`` [N] as XLA's reduction (cuBLASLt's
+    DGELU_BGRAD, which would do both, runs the sum as a separate kernel, much slower: BENCHMARKS.md,
+    "Session 4")."""
     _one_dtype("dgelu_2d", dy_MxK, w_NxK, pre_MxN)
     if kernels.interpret():
         return reference_dgelu(dy_MxK, w_NxK, pre_MxN)
@@ -168,28 +162,7 @@ def dgelu_2d(dy_MxK, w_NxK, pre_MxN):
     dpre, _ = jax.ffi.ffi_call("jzero_gemm_dgelu",
                                (jax.ShapeDtypeStruct((dy_MxK.shape[0], w_NxK.shape[0]), dy_MxK.dtype),
                                 _workspace()))(dy_MxK, w_NxK, pre_MxN)
-    return dpre
-
-
-#: 1: the weight-gradient GEMMs sum the bias gradients (cuBLASLt BGRADB); 0: XLA's GEMM + a reduction
-WGRAD_BGRAD = 1
-
-
-def wgrad_bgrad_2d(x_MxK, dy_MxN):
-    """``(dw [K, N], db [N])`` = ``(x.T @ dy, dy.sum(0))``: a layer's weight gradient and its bias gradient from
-    one cuBLASLt GEMM (BGRADB epilogue: the sum runs over the GEMM's reduction axis, the tokens). The handler
-    writes ``dw`` transposed ([N, K], cuBLASLt's layout for this epilogue); the transpose back is a weight-sized
-    copy. ``WGRAD_BGRAD = 0``: XLA's GEMM and reduction."""
-    _one_dtype("wgrad_bgrad_2d", x_MxK, dy_MxN)
-    if kernels.interpret() or not WGRAD_BGRAD:
-        return reference_wgrad_bgrad(x_MxK, dy_MxN)
-    _register()
-    dt = x_MxK.dtype
-    dw_t, db, _ = jax.ffi.ffi_call(
-        "jzero_gemm_wgrad_bgrad",
-        (jax.ShapeDtypeStruct((dy_MxN.shape[1], x_MxK.shape[1]), dt), jax.ShapeDtypeStruct((dy_MxN.shape[1],), dt),
-         _workspace()))(x_MxK, dy_MxN)
-    return dw_t.T, db
+    return dpre, _bias_grad(dpre)
 
 
 # --------------------------------------------------------------------------- the differentiable MLP
@@ -211,13 +184,13 @@ def _fwd_local(_axes):
 def _bwd_local(axes):
     def run(x, w1, w2, hidden, pre, dy):
         x2, h2, p2, dy2 = _flat(x), _flat(hidden), _flat(pre), _flat(dy)
-        dw2, db2 = wgrad_bgrad_2d(h2, dy2)
-        dpre = dgelu_2d(dy2, w2, p2)
-        dw1, db1 = wgrad_bgrad_2d(x2, dpre)
+        dw2 = jnp.dot(h2.T, dy2)
+        dpre, db1 = dgelu_2d(dy2, w2, p2)
+        dw1 = jnp.dot(x2.T, dpre)
         dx = jnp.dot(dpre, w1.T).reshape(x.shape)
         if axes:
-            dw1, db1, dw2, db2 = jax.lax.psum((dw1, db1, dw2, db2), axes)
-        return dx, dw1, db1, dw2, db2
+            dw1, db1, dw2 = jax.lax.psum((dw1, db1, dw2), axes)
+        return dx, dw1, db1, dw2
     return run
 
 
@@ -234,25 +207,24 @@ def supported(names, *dims: int) -> bool:
     return all(mesh.shape[a] == 1 for a in kernels.spec_axes(P(spec[-1])))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def mlp(x, w1, b1, w2, b2, names: tuple):
-    """``gelu(x @ w1 + b1) @ w2 + b2`` over the last axis of ``x`` (logical axis ``names``); x, weights in one
-    dtype."""
-    return _fwd(x, w1, b1, w2, b2, names)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def mlp(x, w1, b1, w2, names: tuple):
+    """``gelu(x @ w1 + b1) @ w2`` over the last axis of ``x`` (logical axis ``names``); x, weights in one dtype."""
+    return _fwd(x, w1, b1, w2, names)[0]
 
 
-def _fwd(x, w1, b1, w2, b2, names):
+def _fwd(x, w1, b1, w2, names):
     fn = kernels.per_shard(_fwd_local, names, in_specs=lambda s: (s, P(), P(), P()), out_specs=lambda s: (s, s, s))
     y, hidden, pre = fn(x, w1, b1, w2)
-    return y + b2.astype(y.dtype), (x, w1, w2, hidden, pre, jnp.zeros((0,), b2.dtype))
+    return y, (x, w1, w2, hidden, pre)
 
 
 def _bwd(names, res, dy):
-    x, w1, w2, hidden, pre, b2_like = res
+    x, w1, w2, hidden, pre = res
     fn = kernels.per_shard(_bwd_local, names, in_specs=lambda s: (s, P(), P(), s, s, s),
-                           out_specs=lambda s: (s, P(), P(), P(), P()))
-    dx, dw1, db1, dw2, db2 = fn(x, w1, w2, hidden, pre, dy.astype(x.dtype))
-    return dx, dw1, db1.astype(w1.dtype), dw2, db2.astype(b2_like.dtype)
+                           out_specs=lambda s: (s, P(), P(), P()))
+    dx, dw1, db1, dw2 = fn(x, w1, w2, hidden, pre, dy)
+    return dx, dw1, db1.astype(w1.dtype), dw2
 
 
 mlp.defvjp(_fwd, _bwd)

@@ -65,7 +65,6 @@ struct Problem {
   bool trans_a;  // A stored [k, m] (transposed) rather than [m, k]
   int64_t m, n, k;
   cudaDataType_t dtype;
-  bool trans_b = false;  // B stored [n, k] (transposed) rather than [k, n]
 };
 
 using Key = std::tuple<int, bool, int64_t, int64_t, int64_t, int, size_t>;
@@ -176,7 +175,7 @@ ffi::Error Run(cudaStream_t stream, const Problem& p, const void* a, const void*
   JZ_CHECK(Handle(&handle), "cublasLtCreate");
   Descriptors desc;
   JZ_CHECK(cublasLtMatmulDescCreate(&desc.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
-  cublasOperation_t op_a = p.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = p.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  cublasOperation_t op_a = p.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = CUBLAS_OP_N;
   int64_t ld = p.m;
   auto set = [&](cublasLtMatmulDescAttributes_t attr, const void* value, size_t size) {
     return cublasLtMatmulDescSetAttribute(desc.op, attr, value, size);
@@ -199,11 +198,7 @@ ffi::Error Run(cudaStream_t stream, const Problem& p, const void* a, const void*
   } else {
     JZ_CHECK(cublasLtMatrixLayoutCreate(&desc.a, p.dtype, p.m, p.k, p.m), "layout A");
   }
-  if (p.trans_b) {
-    JZ_CHECK(cublasLtMatrixLayoutCreate(&desc.b, p.dtype, p.n, p.k, p.n), "layout B");
-  } else {
-    JZ_CHECK(cublasLtMatrixLayoutCreate(&desc.b, p.dtype, p.k, p.n, p.k), "layout B");
-  }
+  JZ_CHECK(cublasLtMatrixLayoutCreate(&desc.b, p.dtype, p.k, p.n, p.k), "layout B");
   JZ_CHECK(cublasLtMatrixLayoutCreate(&desc.d, p.dtype, p.m, p.n, p.m), "layout D");
 
   Key key{static_cast<int>(p.epilogue), p.trans_a, p.m, p.n, p.k, static_cast<int>(p.dtype), workspace_bytes};
@@ -301,25 +296,6 @@ ffi::Error GemmDgelu(cudaStream_t stream, ffi::AnyBuffer dy, ffi::AnyBuffer w, f
              workspace->untyped_data(), workspace->size_bytes());
 }
 
-// x [M, K], dy [M, N] -> dw_t [N, K] = (x^T @ dy)^T, db [N] = dy.sum(0): a weight-gradient GEMM that also sums
-// its bias gradient (BGRADB: the reduction runs over the GEMM's k, the token axis, on the operand it already
-// loads), so no separate pass over dy. In cuBLASLt's terms A = x ([K, M] column-major, as stored), B = dy (stored
-// [N, M], transposed), D [K, N] column-major: the row-major [N, K] transpose of dw, which the caller transposes
-// (a weight-sized copy).
-ffi::Error GemmWgradBgrad(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer dy,
-                          ffi::Result<ffi::AnyBuffer> dw_t, ffi::Result<ffi::AnyBuffer> db,
-                          ffi::Result<ffi::AnyBuffer> workspace) {
-  if (x.dimensions().size() != 2 || dy.dimensions().size() != 2 || Dim(x, 0) != Dim(dy, 0) ||
-      db->element_count() != static_cast<size_t>(Dim(dy, 1))) {
-    return ffi::Error::InvalidArgument("jzero_gemm_wgrad_bgrad: expected x [M, K], dy [M, N]");
-  }
-  Problem p{CUBLASLT_EPILOGUE_BGRADB, false, Dim(x, 1), Dim(dy, 1), Dim(x, 0), CUDA_R_16BF, true};
-  ffi::Error err = DataType(x.element_type(), &p.dtype);
-  if (err.failure()) return err;
-  return Run(stream, p, x.untyped_data(), dy.untyped_data(), dw_t->untyped_data(), db->untyped_data(), nullptr,
-             workspace->untyped_data(), workspace->size_bytes());
-}
-
 }  // namespace
 
 // Loads the choices a file records ("<key> <index>" lines, "#" comments; a missing file is no choices). Returns
@@ -369,13 +345,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JzeroGemmBiasGelu, GemmBiasGelu,
                                   .Arg<ffi::AnyBuffer>()   // b
                                   .Ret<ffi::AnyBuffer>()   // out
                                   .Ret<ffi::AnyBuffer>()   // pre
-                                  .Ret<ffi::AnyBuffer>()); // workspace
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JzeroGemmWgradBgrad, GemmWgradBgrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()   // x
-                                  .Arg<ffi::AnyBuffer>()   // dy
-                                  .Ret<ffi::AnyBuffer>()   // dw_t
-                                  .Ret<ffi::AnyBuffer>()   // db
                                   .Ret<ffi::AnyBuffer>()); // workspace
