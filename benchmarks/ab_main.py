@@ -11,7 +11,8 @@ variant; so a machine that drifts during the call drifts under all variants alik
         --variant no-residual=JZERO_KERNELS=layer_norm,rms_norm,cross_entropy,gelu_gemm,swiglu
 
 A variant is ``NAME=`` (the environment as is) or ``NAME=KEY=VALUE[;KEY=VALUE...]``; ``--bench-arg`` passes an
-argument to every ``bench`` run (``--bench-arg=--kernel-tile=cross_entropy.NUM_WARPS=16``).
+argument to every ``bench`` run (``--bench-arg=--kernel-tile=cross_entropy.NUM_WARPS=16``), and a variant sets
+kernel constants through ``bench``'s environment (``--variant no-rbias=BENCH_KERNEL_TILE=layer_norm.RESIDUAL_BIAS=0``).
 """
 
 from __future__ import annotations

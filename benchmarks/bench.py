@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -155,7 +156,9 @@ def main(argv=None) -> int:
     p.add_argument("--profile", help="write a jax.profiler trace of 3 more steps here (see benchmarks/trace_top.py)")
     p.add_argument("--hlo", help="write the compiled step's optimized HLO text here")
     p.add_argument("--kernel-tile", action="append", default=[], metavar="MODULE.NAME=INT",
-                   help="set a tile constant of a jzero.kernels module for this run, e.g. layer_norm.BLOCK_M=8")
+                   help="set a tile constant of a jzero.kernels module for this run, e.g. layer_norm.BLOCK_M=8; "
+                        "also read from $BENCH_KERNEL_TILE (comma-separated), so benchmarks.ab_main variants, "
+                        "which differ by environment, can set them")
     p.add_argument("--main", action="store_true",
                    help="time the training main's loop (real data iterator, placement, logging) instead of the "
                         "step alone; adds host_ms, queue_wait_ms and device_step_ms columns")
@@ -163,8 +166,9 @@ def main(argv=None) -> int:
                    help="draw the random tokens from [0, N) instead of the whole vocabulary")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    for item in args.kernel_tile:
-        set_kernel_tile(item)
+    from_env = [t for t in os.environ.get("BENCH_KERNEL_TILE", "").split(",") if t.strip()]
+    for item in from_env + args.kernel_tile:
+        set_kernel_tile(item.strip())
     try:
         from train.pretrain import DEFAULT_CONFIG
 

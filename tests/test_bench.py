@@ -62,3 +62,19 @@ def test_data_bench_row(capsys):
     assert row["rows"] == "8" and tps == pytest.approx(8 * 128 / (float(row["step_ms"]) / 1e3), rel=0.01)
     assert float(row["x_one_gpu"]) == pytest.approx(tps / 1000, rel=0.01)
     assert float(row["x_node"]) == pytest.approx(tps / 2000, rel=0.01)
+
+
+def test_kernel_tiles_from_the_environment(monkeypatch, tmp_path):
+    """$BENCH_KERNEL_TILE (comma-separated) sets kernel constants as --kernel-tile does (benchmarks.ab_main's
+    variants differ only by environment); a malformed item is a one-line error naming it."""
+    from jzero.kernels import layer_norm as kln
+
+    monkeypatch.setattr(kln, "BLOCK_M", kln.BLOCK_M)
+    monkeypatch.setattr(kln, "RESIDUAL_BIAS", kln.RESIDUAL_BIAS)
+    monkeypatch.setenv("BENCH_KERNEL_TILE", "layer_norm.BLOCK_M=8, layer_norm.RESIDUAL_BIAS=0")
+    missing = str(tmp_path / "nope.yaml")
+    assert bench.main(["--config", missing]) != 0   # stops at the config, after the tiles are set
+    assert kln.BLOCK_M == 8 and kln.RESIDUAL_BIAS == 0
+    monkeypatch.setenv("BENCH_KERNEL_TILE", "layer_norm.BLOCK_M")
+    with pytest.raises(SystemExit, match="layer_norm.BLOCK_M"):
+        bench.main(["--config", missing])
