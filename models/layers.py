@@ -113,13 +113,12 @@ class LayerNorm(nn.Module):
         fused = delta is not None or with_sum
         low = _low_precision(self.dtype)   # GPU training path; fp32 keeps the plain formula (results unchanged)
         kernel = low and kernels.use("layer_norm", (kernels.LAYOUT_WHY, lambda: kernel_ln.supported(RESIDUAL, d)))
-        if kernel and fused and kernels.enabled("residual_norm"):
-            if delta_bias is not None and not kernel_ln.RESIDUAL_BIAS:
-                delta, delta_bias = delta + delta_bias.astype(delta.dtype), None
+        fold = kernel and fused and kernels.enabled("residual_norm")
+        if delta_bias is not None and not (fold and kernel_ln.RESIDUAL_BIAS):   # XLA adds the bias here
+            delta, delta_bias = delta + delta_bias.astype(delta.dtype), None
+        if fold:
             return kernel_ln.residual_norm(x, _like(delta, x), scale, bias, delta_bias, self.eps, self.dtype,
                                            RESIDUAL, False)
-        if delta_bias is not None:
-            delta = delta + delta_bias.astype(delta.dtype)
         s = x if delta is None else x + delta
         if kernel:
             y = kernel_ln.layer_norm(s, scale, bias, self.eps, self.dtype, RESIDUAL)
