@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from jzero.sharding import constrain
 from models.kv_cache import KVCache, context, stack_blocks_cached
-from models.layers import MLP, RESIDUAL, LayerNorm, MultiHeadAttention, embed_lookup, param, stack_blocks
+from models.layers import (MLP, RESIDUAL, LayerNorm, MultiHeadAttention, Residual, block_input, embed_lookup,
+                           final_norm, param, qkv_inputs, stack_blocks)
 
 
 @dataclass(frozen=True)
@@ -43,14 +44,20 @@ class GPT2Config:
 
 class Block(nn.Module):
     cfg: GPT2Config
+    #: training: return the residual stream as ``Residual(x, mlp_out, proj_bias)`` for the next block's ln_1 (or
+    #: the model's ln_f) to add in its kernel (models.layers.stack_blocks sets it for unrolled layers)
+    defer_residual: bool = False
 
     @nn.compact
     def __call__(self, x_BxTxD, kv=None, ctx=None):
         """``(x, None)``; with a layer's cached ``kv=(k, v)`` and the decode ``ctx`` (:mod:`models.kv_cache`)
-        ``(x, (k_new, v_new))``."""
+        ``(x, (k_new, v_new))``. ``x_BxTxD`` may be a :class:`models.layers.Residual` (the previous block's)."""
         cfg = self.cfg
         out_std = 0.02 / math.sqrt(2 * cfg.n_layer)
-        x, h = LayerNorm(cfg.dtype, name="ln_1")(x_BxTxD, with_sum=True)   # (x, norm(x)): LayerNorm.__call__
+        x, delta, delta_bias = block_input(x_BxTxD)
+        # (x, norm(x)) or (x + delta + bias, norm(...)): LayerNorm.__call__; training gives q, k, v each a copy
+        x, h = LayerNorm(cfg.dtype, name="ln_1")(x, delta, with_sum=True, delta_bias=delta_bias,
+                                                 n_out=qkv_inputs() if kv is None else 1)
         # each sub-layer's output is reduced into the residual layout here (tensor parallelism's all-reduce,
         # or reduce-scatter under sequence parallelism)
         # training: the attention's output bias is added inside ln_2's kernel (and its gradient summed there)
@@ -61,7 +68,11 @@ class Block(nn.Module):
         else:
             (a, new_kv), a_bias = attn(h, kv, ctx), None
         x, h = LayerNorm(cfg.dtype, name="ln_2")(x, constrain(a, RESIDUAL), delta_bias=a_bias)
-        x = x + constrain(MLP(cfg.d_ff, cfg.dtype, out_std, fused=not cfg.remat, name="mlp")(h), RESIDUAL)
+        defer = self.defer_residual and kv is None
+        m = MLP(cfg.d_ff, cfg.dtype, out_std, fused=not cfg.remat, defer_bias=defer, name="mlp")(h)
+        if defer:
+            return Residual(x, constrain(m[0], RESIDUAL), m[1]), new_kv
+        x = x + constrain(m, RESIDUAL)
         return constrain(x, RESIDUAL), new_kv
 
 
@@ -100,7 +111,7 @@ class GPT2(nn.Module):
         x = embed_lookup(wte, tokens_BxT) + wpe[:T][None]
         x = constrain(x, RESIDUAL)
         x = stack_blocks(Block, cfg, x)
-        x = LayerNorm(cfg.dtype, name="ln_f")(x)
+        x = final_norm(LayerNorm(cfg.dtype, name="ln_f"), x)
         if not head:
             return x, wte
         # logits in the compute dtype (bf16 under bf16.enabled, as PyTorch autocast gives); the loss upcasts to fp32

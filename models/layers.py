@@ -9,9 +9,10 @@ policies can save or offload them by name.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -36,6 +37,54 @@ RESIDUAL = ("batch", "residual_length", "embed")
 #: to it is the all-gather before the column-parallel matmuls (without it XLA may gather the weights instead);
 #: otherwise it is a no-op.
 SUBLAYER_INPUT = ("batch", "length", "embed")
+
+
+class Residual(NamedTuple):
+    """The residual stream with a sub-layer's output not yet added: ``x + (delta + delta_bias)``.
+
+    Unrolled pre-norm blocks (:func:`stack_blocks`) pass it from one block to the next, so the add happens inside
+    the next block's input norm (:class:`LayerNorm` with ``delta``), whose kernels also sum the bias's gradient,
+    instead of an XLA add pass at the end of each block (and a reduction for the bias gradient). The model's
+    final norm takes the last one: :func:`final_norm`.
+    """
+
+    x: jax.Array
+    delta: jax.Array | None = None
+    delta_bias: jax.Array | None = None   # [d], the sub-layer's output bias (None: none)
+
+
+def final_norm(norm: nn.Module, x):
+    """``norm(x)`` of the blocks' output, a plain array or a :class:`Residual` (its add done inside the norm)."""
+    if not isinstance(x, Residual):
+        return norm(x)
+    if x.delta is None:
+        return norm(x.x)
+    kw = {} if x.delta_bias is None else {"delta_bias": x.delta_bias}
+    return norm(x.x, x.delta, **kw)[1]
+
+
+def qkv_inputs() -> int:
+    """How many outputs a block's input norm gives its attention: 3 (one each for the q, k and v projections, so
+    their gradients are summed inside the norm's backward kernel), or 1 where the sub-layer input is gathered from
+    the residual layout (sequence parallelism: one all-gather, and one reduce-scatter back, rather than three)."""
+    got = kernels.row_spec(RESIDUAL)
+    if got is None or got[0].size == 1:
+        return 3
+    return 3 if kernels.row_spec(SUBLAYER_INPUT)[1] == got[1] else 1
+
+
+def _sublayer_inputs(x, n: int):
+    """``n`` sub-layer inputs in their compute layout from ``x``, one array or a tuple of ``n`` (copies of one
+    norm's output, each to its own consumer: :func:`qkv_inputs`)."""
+    xs = tuple(x) if isinstance(x, (tuple, list)) else (x,) * n
+    if len(xs) != n:
+        raise ValueError(f"expected 1 or {n} sub-layer inputs, got {len(xs)}")
+    return tuple(constrain(t, SUBLAYER_INPUT) for t in xs)
+
+
+def block_input(x):
+    """``(x, delta, delta_bias)`` of a block's input, a plain array or a :class:`Residual`."""
+    return tuple(x) if isinstance(x, Residual) else (x, None, None)
 
 
 def param(mod: nn.Module, name: str, shape: Sequence[int], names: Sequence[str | None], init: Callable,
@@ -94,19 +143,23 @@ class LayerNorm(nn.Module):
     eps: float = 1e-5
 
     @nn.compact
-    def __call__(self, x, delta=None, with_sum: bool = False, delta_bias=None):
+    def __call__(self, x, delta=None, with_sum: bool = False, delta_bias=None, n_out: int = 1):
         """``norm(x)``. A pre-norm block calls it with the residual stream instead:
 
             x, h = norm(x, with_sum=True)     # (x, norm(x)): a block's input and its first sub-layer's input
             x, h = norm(x, delta)             # (x + delta, norm(x + delta)): a sub-layer's output added
             x, h = norm(x, delta, delta_bias=b)   # the sub-layer's output bias [d] not yet added to delta
+            x, (hq, hk, hv) = norm(x, delta, n_out=3)   # h for three consumers (each its own output)
 
         the same numbers as ``x = x + (delta + b); h = norm(x)`` (to rounding: the kernel rounds the sum once).
         With the GPU kernels the adds and, in the backward, the skip path's gradient and the bias gradient are
-        folded into the norm's own pass (:func:`jzero.kernels.layer_norm.residual_norm`).
+        folded into the norm's own pass (:func:`jzero.kernels.layer_norm.residual_norm`); with ``n_out`` the
+        consumers' gradients are summed there too.
         """
         if delta_bias is not None and delta is None:
             raise ValueError("LayerNorm: delta_bias is the bias of delta; pass delta too")
+        if n_out > 1 and not (delta is not None or with_sum):
+            raise ValueError("LayerNorm: n_out > 1 is for the residual form (pass delta or with_sum=True)")
         d = x.shape[-1]
         scale = param(self, "scale", (d,), ("embed",), nn.initializers.ones, jnp.float32)
         bias = param(self, "bias", (d,), ("embed",), nn.initializers.zeros, jnp.float32)
@@ -117,8 +170,10 @@ class LayerNorm(nn.Module):
         if delta_bias is not None and not (fold and kernel_ln.RESIDUAL_BIAS):   # XLA adds the bias here
             delta, delta_bias = delta + delta_bias.astype(delta.dtype), None
         if fold:
-            return kernel_ln.residual_norm(x, _like(delta, x), scale, bias, delta_bias, self.eps, self.dtype,
-                                           RESIDUAL, False)
+            n_y = n_out if kernel_ln.MULTI_DY else 1
+            s, y = kernel_ln.residual_norm(x, _like(delta, x), scale, bias, delta_bias, self.eps, self.dtype,
+                                           RESIDUAL, False, n_y)
+            return s, _copies(y, n_out, n_y)
         s = x if delta is None else x + delta
         if kernel:
             y = kernel_ln.layer_norm(s, scale, bias, self.eps, self.dtype, RESIDUAL)
@@ -129,11 +184,19 @@ class LayerNorm(nn.Module):
             mean = x32.mean(-1, keepdims=True)
             var = jnp.square(x32 - mean).mean(-1, keepdims=True)
             y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias).astype(self.dtype)
-        return (s, y) if fused else y
+        return (s, _copies(y, n_out)) if fused else y
 
 
 def _like(delta, x):
     return None if delta is None else delta.astype(x.dtype)
+
+
+def _copies(y, n_out: int, n_y: int = 1):
+    """The norm output for ``n_out`` consumers: ``y`` itself for one, else a tuple (``y`` repeated, unless the
+    kernel already gave ``n_y == n_out`` separate outputs)."""
+    if n_out == 1 or n_y == n_out:
+        return y
+    return (y,) * n_out
 
 
 def _low_precision(dtype) -> bool:
@@ -214,23 +277,28 @@ class RMSNorm(nn.Module):
     eps: float = 1e-6
 
     @nn.compact
-    def __call__(self, x, delta=None, with_sum: bool = False):
-        """``norm(x)``, or with ``delta`` / ``with_sum`` the residual stream's sum too (as :class:`LayerNorm`)."""
+    def __call__(self, x, delta=None, with_sum: bool = False, n_out: int = 1):
+        """``norm(x)``, or with ``delta`` / ``with_sum`` the residual stream's sum too, and ``n_out`` copies of
+        the norm for that many consumers (as :class:`LayerNorm`)."""
+        if n_out > 1 and not (delta is not None or with_sum):
+            raise ValueError("RMSNorm: n_out > 1 is for the residual form (pass delta or with_sum=True)")
         d = x.shape[-1]
         scale = param(self, "scale", (d,), ("embed",), nn.initializers.ones, jnp.float32)
         fused = delta is not None or with_sum
         kernel = _low_precision(self.dtype) and kernels.use(
             "rms_norm", (kernels.LAYOUT_WHY, lambda: kernel_ln.supported(RESIDUAL, d)))
         if kernel and fused and kernels.enabled("residual_norm"):
-            return kernel_ln.residual_norm(x, _like(delta, x), scale, jnp.zeros_like(scale), None, self.eps,
-                                           self.dtype, RESIDUAL, True)
+            n_y = n_out if kernel_ln.MULTI_DY else 1
+            s, y = kernel_ln.residual_norm(x, _like(delta, x), scale, jnp.zeros_like(scale), None, self.eps,
+                                           self.dtype, RESIDUAL, True, n_y)
+            return s, _copies(y, n_out, n_y)
         s = x if delta is None else x + delta
         if kernel:
             y = kernel_ln.rms_norm(s, scale, self.eps, self.dtype, RESIDUAL)
         else:
             x32 = s.astype(jnp.float32)
             y = (x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps) * scale).astype(self.dtype)
-        return (s, y) if fused else y
+        return (s, _copies(y, n_out)) if fused else y
 
 
 def causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, impl: str) -> jax.Array:
@@ -323,23 +391,25 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxTxD, key_mask_BxT=None, kv=None, ctx=None):
-        x_BxTxD = constrain(x_BxTxD, SUBLAYER_INPUT)
-        d = x_BxTxD.shape[-1]
+        """``x_BxTxD``: the input, or a tuple of three (the q, k and v projections' own copies of it)."""
+        xs = _sublayer_inputs(x_BxTxD, 3)
+        d = xs[0].shape[-1]
         N, K = self.n_head, self.n_kv_head
         h = d // N
         init = nn.initializers.normal(0.02)
         zeros = nn.initializers.zeros
 
-        def project(name, n, heads_name):
+        def project(name, n, heads_name, x):
             w = param(self, f"{name}_kernel", (d, n, h), ("embed", heads_name, "kv"), init, self.dtype)
-            y = jnp.einsum("btd,dnh->btnh", x_BxTxD, w)
+            y = jnp.einsum("btd,dnh->btnh", x, w)
             if self.use_bias:
                 y = y + param(self, f"{name}_bias", (n, h), (heads_name, "kv"), zeros, self.dtype)
             return y
 
-        q, k, v = project("q", N, "heads"), project("k", K, "kv_heads"), project("v", K, "kv_heads")
+        q = project("q", N, "heads", xs[0])
+        k, v = project("k", K, "kv_heads", xs[1]), project("v", K, "kv_heads", xs[2])
         if kv is not None:
-            return self._cached(x_BxTxD, q, k, v, kv, ctx)
+            return self._cached(xs[0], q, k, v, kv, ctx)
         if self.rope_theta is not None:
             sc = self.rope_scaling
             q, k = rope(q, self.rope_theta, scaling=sc), rope(k, self.rope_theta, scaling=sc)
@@ -387,9 +457,10 @@ class MultiHeadAttention(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD, kv=None, ctx=None):
         """``kv=(k_old, v_old), ctx``: decoding with a KV cache (:mod:`models.kv_cache`), returns
-        ``(out, (k_new, v_new))``; the bias folding below holds there too (softmax over cache + new keys)."""
-        x_BxTxD = constrain(x_BxTxD, SUBLAYER_INPUT)
-        d = x_BxTxD.shape[-1]
+        ``(out, (k_new, v_new))``; the bias folding below holds there too (softmax over cache + new keys).
+        ``x_BxTxD``: the input, or a tuple of three (the q, k and v projections' own copies of it)."""
+        xs = _sublayer_inputs(x_BxTxD, 3)
+        d = xs[0].shape[-1]
         h = d // self.n_head
         init = nn.initializers.normal(0.02)
         w_qkv = param(self, "qkv_kernel", (d, 3, self.n_head, h), ("embed", None, "heads", "kv"), init, self.dtype)
@@ -399,7 +470,7 @@ class MultiHeadAttention(nn.Module):
         b_o = param(self, "out_bias", (d,), ("embed",), nn.initializers.zeros, self.dtype)
 
         def project(i, bias=None):   # q, k, v from the fused kernel, each contiguous (no strided qkv slices)
-            y = jnp.einsum("btd,dnh->btnh", x_BxTxD, w_qkv[:, i])
+            y = jnp.einsum("btd,dnh->btnh", xs[i], w_qkv[:, i])
             return checkpoint_name(constrain(y if bias is None else y + bias, ("batch", "length", "heads", "kv")),
                                    "qkv")
 
@@ -434,6 +505,8 @@ class MLP(nn.Module):
     out_init_std: float
     gelu_approximate: bool = True   # GPT-2's tanh GELU; BERT uses the exact (erf) one
     fused: bool = True   # may use jzero.kernels.gelu_gemm (GPT-2 turns it off under remat: its residuals are unnamed)
+    #: return ``(out without the proj bias, proj bias [d])`` for the caller to add (inside the next norm's kernel)
+    defer_bias: bool = False
 
     @nn.compact
     def __call__(self, x_BxTxD):
@@ -450,14 +523,16 @@ class MLP(nn.Module):
                 (f"{kernels.LAYOUT_WHY}, or d_model={d} / d_ff={self.d_ff} not multiples of 8",
                  lambda: kernel_gg.supported(SUBLAYER_INPUT, d, self.d_ff)),
                 ("its cuBLASLt library is not available (see the warning above)", kernel_gg.available)):
-            return kernel_gg.mlp(x_BxTxD, w1, b1, w2, SUBLAYER_INPUT) + b2
-        pre = jnp.einsum("btd,df->btf", x_BxTxD, w1) + b1
-        if self.gelu_approximate and _low_precision(self.dtype):   # fp32 keeps jax's autodiff (unchanged)
-            hdn = gelu_tanh(pre)
+            out = kernel_gg.mlp(x_BxTxD, w1, b1, w2, SUBLAYER_INPUT)
         else:
-            hdn = jax.nn.gelu(pre, approximate=self.gelu_approximate)
-        hdn = checkpoint_name(constrain(hdn, ("batch", "length", "mlp")), "mlp_hidden")
-        return jnp.einsum("btf,fd->btd", hdn, w2) + b2
+            pre = jnp.einsum("btd,df->btf", x_BxTxD, w1) + b1
+            if self.gelu_approximate and _low_precision(self.dtype):   # fp32 keeps jax's autodiff (unchanged)
+                hdn = gelu_tanh(pre)
+            else:
+                hdn = jax.nn.gelu(pre, approximate=self.gelu_approximate)
+            hdn = checkpoint_name(constrain(hdn, ("batch", "length", "mlp")), "mlp_hidden")
+            out = jnp.einsum("btf,fd->btd", hdn, w2)
+        return (out, b2) if self.defer_bias else out + b2
 
 
 class SwiGLU(nn.Module):
@@ -500,7 +575,7 @@ def stack_blocks(block_cls, cfg, x):
     raw_block_cls = block_cls
     if cfg.remat:
         block_cls = nn.remat(block_cls, policy=cfg.remat_policy, prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
+    if cfg.scan_layers:   # (a scan's carry keeps one layout, so each scanned block adds its own residual)
         scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.n_layer,
                           metadata_params={nn.PARTITION_NAME: "layers"})
         blocks = scanned(cfg, name="blocks")
@@ -509,6 +584,13 @@ def stack_blocks(block_cls, cfg, x):
             return pipeline.run_stack(raw_block_cls, cfg, blocks.variables["params"], x, run)
         x, _ = blocks(x, None)
         return x
+    # unrolled: a block that can (a ``defer_residual`` field) leaves its MLP output for the next block's input norm
+    # to add (Residual); the model's final norm adds the last one (final_norm)
+    defer = {"defer_residual": True} if kernel_ln.DEFER_RESIDUAL and _has_field(raw_block_cls, "defer_residual") else {}
     for i in range(cfg.n_layer):
-        x, _ = block_cls(cfg, name=f"block_{i}")(x, None)
+        x, _ = block_cls(cfg, name=f"block_{i}", **defer)(x, None)
     return x
+
+
+def _has_field(cls, name: str) -> bool:
+    return dataclasses.is_dataclass(cls) and any(f.name == name for f in dataclasses.fields(cls))

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from jzero.sharding import constrain
 from models.kv_cache import KVCache, stack_blocks_cached
-from models.layers import RESIDUAL, Attention, RMSNorm, SwiGLU, embed_lookup, param, stack_blocks
+from models.layers import (RESIDUAL, Attention, Residual, RMSNorm, SwiGLU, block_input, embed_lookup, final_norm,
+                           param, qkv_inputs, stack_blocks)
 
 
 @dataclass(frozen=True)
@@ -60,15 +61,21 @@ class LlamaConfig:
 
 class LlamaBlock(nn.Module):
     cfg: LlamaConfig
+    #: training: return ``Residual(x, mlp_out)`` for the next block's attn_norm (or the final norm) to add in its
+    #: kernel (models.layers.stack_blocks sets it for unrolled layers)
+    defer_residual: bool = False
 
     @nn.compact
     def __call__(self, x_BxTxD, kv=None, ctx=None):
         """``(x, None)``; with a layer's cached ``kv=(k, v)`` and the decode ``ctx`` (:mod:`models.kv_cache`)
-        ``(x, (k_new, v_new))``."""
+        ``(x, (k_new, v_new))``. ``x_BxTxD`` may be a :class:`models.layers.Residual` (the previous block's)."""
         cfg = self.cfg
         out_std = 0.02 / (2 * cfg.n_layer) ** 0.5
-        # (x, norm(x)): the block input and its norm in one op (models.layers.LayerNorm.__call__)
-        x, h = RMSNorm(cfg.dtype, cfg.norm_eps, name="attn_norm")(x_BxTxD, with_sum=True)
+        x, delta, _ = block_input(x_BxTxD)
+        # (x, norm(x)) or (x + delta, norm(x + delta)): the block input and its norm in one op
+        # (models.layers.LayerNorm.__call__); training gives q, k, v each a copy
+        x, h = RMSNorm(cfg.dtype, cfg.norm_eps, name="attn_norm")(x, delta, with_sum=True,
+                                                                  n_out=qkv_inputs() if kv is None else 1)
         attn = Attention(cfg.n_head, cfg.n_kv_head, cfg.dtype, cfg.attention, out_std, causal=True,
                          rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, name="attn")
         if kv is None:
@@ -76,8 +83,10 @@ class LlamaBlock(nn.Module):
         else:
             a, new_kv = attn(h, kv=kv, ctx=ctx)
         x, h = RMSNorm(cfg.dtype, cfg.norm_eps, name="mlp_norm")(x, constrain(a, RESIDUAL))
-        x = x + constrain(SwiGLU(cfg.d_ff, cfg.dtype, out_std, name="mlp")(h), RESIDUAL)
-        return constrain(x, RESIDUAL), new_kv
+        m = constrain(SwiGLU(cfg.d_ff, cfg.dtype, out_std, name="mlp")(h), RESIDUAL)
+        if self.defer_residual and kv is None:
+            return Residual(x, m), new_kv
+        return constrain(x + m, RESIDUAL), new_kv
 
 
 class Llama(nn.Module):
@@ -107,7 +116,7 @@ class Llama(nn.Module):
             x, cache = stack_blocks_cached(LlamaBlock, cfg, x, cache)
         else:
             x = stack_blocks(LlamaBlock, cfg, x)
-        x = RMSNorm(cfg.dtype, cfg.norm_eps, name="final_norm")(x)
+        x = final_norm(RMSNorm(cfg.dtype, cfg.norm_eps, name="final_norm"), x)
         if cfg.tie_embeddings:
             w_VxD = embed.astype(cfg.dtype)
         else:

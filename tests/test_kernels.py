@@ -338,3 +338,61 @@ def test_residual_norm_with_the_sublayer_bias_matches_the_formula(rms):
                                atol=1e-2)
     with pytest.raises(ValueError, match="rbias needs r"):
         kln.residual_norm(x, None, scale, bias, rb, eps, jnp.bfloat16, NAMES, rms)
+
+
+@pytest.mark.parametrize("rms", [True, False], ids=["rms", "layer"])
+def test_residual_norm_with_three_consumers_sums_their_gradients_in_the_kernel(rms):
+    """``n_y=3``: three outputs equal to the one-output call's ``y``; the backward kernel reads the three
+    cotangents and sums them in fp32: against the fp32 formula with ``dy = dy1 + dy2 + dy3`` (33 rows, d=96:
+    ragged tiles), with the sub-layer bias (its gradient from the same pass)."""
+    shape, eps = (3, 11, 96), 1e-5
+    k = jax.random.split(jax.random.PRNGKey(13), 9)
+    x = (jax.random.normal(k[0], shape) + 0.3).astype(jnp.bfloat16)
+    r = jax.random.normal(k[1], shape).astype(jnp.bfloat16)
+    rb = (0.5 * jax.random.normal(k[2], shape[-1:])).astype(jnp.bfloat16)
+    scale = 1 + 0.1 * jax.random.normal(k[3], shape[-1:])
+    bias = jnp.zeros(shape[-1:]) if rms else 0.1 * jax.random.normal(k[4], shape[-1:])
+    ds, *dys = (jax.random.normal(k[i], shape).astype(jnp.bfloat16) for i in (5, 6, 7, 8))
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+
+    f3 = lambda x, r, rb: kln.residual_norm(x, r, scale, bias, rb, eps, jnp.bfloat16, NAMES, rms, 3)  # noqa: E731
+    (s, ys), vjp = jax.vjp(f3, x, r, rb)
+    s1, y1 = kln.residual_norm(x, r, scale, bias, rb, eps, jnp.bfloat16, NAMES, rms)
+    assert isinstance(ys, tuple) and len(ys) == 3
+    for y in ys:
+        assert np.array_equal(np.asarray(f32(y)), np.asarray(f32(y1)))
+    assert np.array_equal(np.asarray(f32(s)), np.asarray(f32(s1)))
+    dx, dr, drb = vjp((ds, tuple(dys)))
+
+    ref = lambda x, r, rb: _res_norm_ref(x + r + rb, None, scale, bias, eps, rms)  # noqa: E731
+    (_, _), vjp_ref = jax.vjp(ref, f32(x), f32(r), f32(rb))
+    dx_ref, _, drb_ref = vjp_ref((f32(ds), f32(dys[0]) + f32(dys[1]) + f32(dys[2])))
+    for got, want in ((dx, dx_ref), (dr, dx_ref), (drb, drb_ref)):
+        assert _fro(got, want) < TOL[got.dtype], _fro(got, want)
+    # the one-output kernel given the (bf16) sum agrees to bf16 rounding of that sum
+    _, vjp1 = jax.vjp(lambda x: kln.residual_norm(x, r, scale, bias, rb, eps, jnp.bfloat16, NAMES, rms), x)
+    (dx1,) = vjp1((ds, (f32(dys[0]) + f32(dys[1]) + f32(dys[2])).astype(jnp.bfloat16)))
+    assert _fro(dx, dx1) < 1e-2, _fro(dx, dx1)
+
+
+def test_residual_norm_three_consumers_per_shard_on_8_devices_equals_one_device(ln_inputs):
+    """``n_y=3`` under a data=8 plan: the kernels per shard, the three cotangents sharded as the rows."""
+    x, scale, bias, dy = ln_inputs
+    x8 = jnp.concatenate([x[:, :32], x[:, :32]], 0)
+    r8 = jnp.roll(x8, 1, axis=-1)
+    dy8 = jnp.concatenate([dy[:, :32], dy[:, :32]], 0).astype(jnp.float32)
+
+    def step(x, r, s, b):
+        h, ys = kln.residual_norm(x, r, s, b, None, 1e-5, jnp.bfloat16, NAMES, False, 3)
+        return sum(jnp.vdot(y.astype(jnp.float32), dy8 * (i + 1)) for i, y in enumerate(ys)) + jnp.sum(
+            h.astype(jnp.float32) ** 2)
+
+    grad = jax.value_and_grad(step, argnums=(0, 1, 2, 3))
+    v1, g1 = jax.jit(grad)(x8, r8, scale, bias)
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(8, 1, 1), ("data", "tensor", "pipeline"),
+                axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    with sharding.activate(mesh):
+        v8, g8 = jax.jit(grad)(x8, r8, scale, bias)
+    assert abs(float(v8) - float(v1)) < 1e-4 * abs(float(v1))
+    for a, b in zip(g8, g1):
+        assert _rel(a, b) < 1e-5

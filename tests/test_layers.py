@@ -95,3 +95,63 @@ def test_norm_with_the_residual_stream_equals_add_then_norm(norm_cls, monkeypatc
                     assert np.array_equal(a, b), (flag, d is None)
                 else:
                     assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b), (flag, d is None)
+
+
+def _tiny(family):
+    from models.gpt2 import GPT2, GPT2Config
+    from models.llama import Llama, LlamaConfig
+
+    if family == "gpt2":
+        return GPT2(GPT2Config(vocab_size=64, n_layer=3, n_head=4, d_model=32, d_ff=64, max_len=16,
+                               dtype=jnp.bfloat16, attention="xla", scan_layers=False))
+    return Llama(LlamaConfig(vocab_size=64, n_layer=3, n_head=4, n_kv_head=2, d_model=32, d_ff=48, max_len=16,
+                             dtype=jnp.bfloat16, attention="xla", scan_layers=False))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_unrolled_blocks_hand_the_residual_add_to_the_next_norm_kernel(family, monkeypatch):
+    """Unrolled blocks return ``Residual(x, mlp_out, proj_bias)`` and the next block's input norm adds it in its
+    kernel (``layer_norm.DEFER_RESIDUAL``); that norm gives q, k and v their own outputs, whose gradients its
+    backward kernel sums (``MULTI_DY``). Loss and every gradient equal the switches-off model (each block adds
+    its own residual, XLA sums the q/k/v gradients) to bf16 rounding, and the kernel calls are the ones meant:
+    per block one ln_1 with the previous block's output (none for the first), the final norm too."""
+    import models.layers as L
+    from jzero.kernels import layer_norm as kln
+
+    monkeypatch.setenv("JZERO_KERNELS", "1")   # the Pallas kernels in interpret mode
+    model = _tiny(family)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 16), 0, 64)
+    params = model.init(jax.random.PRNGKey(1), tokens)
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+
+    def loss(p):
+        logits = model.apply(p, tokens).astype(jnp.float32)
+        return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+    calls = []
+    real = kln.residual_norm
+
+    def counted(x, r, scale, bias, rbias, eps, out_dtype, names, rms, n_y=1):
+        calls.append((r is not None, rbias is not None, n_y))
+        return real(x, r, scale, bias, rbias, eps, out_dtype, names, rms, n_y)
+
+    monkeypatch.setattr(kln, "residual_norm", counted)
+    got = {}
+    for on in (1, 0):
+        monkeypatch.setattr(kln, "DEFER_RESIDUAL", on)
+        monkeypatch.setattr(kln, "MULTI_DY", on)
+        calls.clear()
+        got[on] = jax.value_and_grad(loss)(params)
+        got[on, "calls"] = list(calls)
+    bias = family == "gpt2"
+    n = 3   # layers
+    first, later = (False, False, 3), (True, bias, 3)
+    sub = (True, bias, 1)   # ln_2 / mlp_norm (GPT-2's attention out bias inside ln_2's kernel)
+    assert got[1, "calls"] == [first, sub] + [later, sub] * (n - 1) + [(True, bias, 1)], got[1, "calls"]
+    assert got[0, "calls"] == [(False, False, 1), sub] * n, got[0, "calls"]
+    assert isinstance(L.block_input(L.Residual(tokens)), tuple)
+    (l1, g1), (l0, g0) = got[1], got[0]
+    assert abs(float(l1) - float(l0)) < 1e-2 * abs(float(l0))
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.linalg.norm(a - b) <= 2e-2 * np.linalg.norm(b) + 1e-6

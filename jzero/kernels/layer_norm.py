@@ -73,13 +73,15 @@ def _fwd_kernel(*refs, eps, block_m, block_n, rms, add, rbias=False):
     plgpu.store(rstd_ref.at[rows], rstd, mask=rmask)
 
 
-def _bwd_kernel(*refs, block_m, block_n, n_inner, rms, skip, dx_sum=False):
+def _bwd_kernel(*refs, block_m, block_n, n_inner, rms, skip, dx_sum=False, n_dy=1):
     if dx_sum:   # one more output: partial column sums of dx (the gradient of a bias added into x)
         refs, dxsum_ref = refs[:-1], refs[-1]
+    # n_dy > 1: y had n_dy consumers (GPT-2's q, k, v projections); their gradients are summed here, in fp32
+    x_ref, dy_refs, refs = refs[0], refs[1:1 + n_dy], refs[1 + n_dy:]
     if skip:   # dx also takes the gradient reaching x by the other path (the residual stream's skip), added here
-        x_ref, dy_ref, dres_ref, scale_ref, mean_ref, rstd_ref, dx_ref, dscale_ref, dbias_ref = refs
+        dres_ref, scale_ref, mean_ref, rstd_ref, dx_ref, dscale_ref, dbias_ref = refs
     else:
-        x_ref, dy_ref, scale_ref, mean_ref, rstd_ref, dx_ref, dscale_ref, dbias_ref = refs
+        scale_ref, mean_ref, rstd_ref, dx_ref, dscale_ref, dbias_ref = refs
     m, n = x_ref.shape
     cols = jnp.arange(block_n)
     cmask = cols < n
@@ -91,7 +93,9 @@ def _bwd_kernel(*refs, block_m, block_n, n_inner, rms, skip, dx_sum=False):
         rmask = rows < m
         mask = rmask[:, None] & cmask[None, :]
         x = _tile(x_ref, rows, cols, mask)
-        dy = _tile(dy_ref, rows, cols, mask)
+        dy = _tile(dy_refs[0], rows, cols, mask)
+        for ref in dy_refs[1:]:
+            dy = dy + _tile(ref, rows, cols, mask)
         mean = plgpu.load(mean_ref.at[rows], mask=rmask, other=0.0)
         rstd = plgpu.load(rstd_ref.at[rows], mask=rmask, other=0.0)
         xhat = jnp.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
@@ -126,6 +130,13 @@ NUM_WARPS = 4
 #: 1: a sub-layer's output bias handed to models.layers.LayerNorm (``delta_bias``) is added in residual_norm's
 #: kernels; 0: XLA adds it to the sub-layer output first (the A/B switch of BENCHMARKS.md, "Session 11")
 RESIDUAL_BIAS = 1
+#: 1: a norm read by several consumers (the attention's q/k/v projections: models.layers.LayerNorm ``n_out``)
+#: hands each its own output and sums their gradients in the backward kernel; 0: one output, XLA adds the
+#: gradients first (the A/B switch of BENCHMARKS.md, "Session 12")
+MULTI_DY = 1
+#: 1: unrolled blocks (models.layers.stack_blocks) hand their MLP output, and its bias, to the next block's input
+#: norm (``models.layers.Residual``), which adds them in its kernel; 0: each block adds its own (the A/B switch)
+DEFER_RESIDUAL = 1
 #: the same for RMSNorm (chosen at Llama-1B's [16384, 2048]: BENCHMARKS.md, "Session 8")
 RMS_BLOCK_M = 2
 RMS_BWD_INNER = 16
@@ -160,21 +171,24 @@ def forward_2d(x_MxN, scale_N, bias_N, eps: float, out_dtype, block_m: int | Non
 def backward_2d(x_MxN, dy_MxN, scale_N, mean_M, rstd_M, block_m: int | None = None, n_inner: int | None = None,
                 num_warps: int | None = None, rms: bool = False, dres_MxN=None, dx_sum: bool = False):
     """``(dx [M, N] x.dtype, dscale [N] fp32, dbias [N] fp32)`` of the rows given (``rms``: RMSNorm's dx).
-    ``dres_MxN``: a gradient reaching ``x`` by another path, added into ``dx`` in the same pass. ``dx_sum``: one
-    more result, ``dx.sum(0)`` [N] fp32 (the gradient of a bias that was added into ``x``), from the same pass."""
+    ``dy_MxN`` may be a tuple of [M, N] gradients (of one ``y`` read by several consumers): their fp32 sum is
+    the gradient, read in this pass instead of an XLA add before it. ``dres_MxN``: a gradient reaching ``x`` by
+    another path, added into ``dx`` in the same pass. ``dx_sum``: one more result, ``dx.sum(0)`` [N] fp32 (the
+    gradient of a bias that was added into ``x``), from the same pass."""
     block_m, n_inner, num_warps = block_m or BLOCK_M, n_inner or BWD_INNER, num_warps or NUM_WARPS
     m, n = x_MxN.shape
     programs = pl.cdiv(m, block_m * n_inner)
     skip = dres_MxN is not None
+    dys = tuple(dy_MxN) if isinstance(dy_MxN, (tuple, list)) else (dy_MxN,)
     kernel = functools.partial(_bwd_kernel, block_m=block_m, block_n=_pow2(n), n_inner=n_inner, rms=rms, skip=skip,
-                               dx_sum=dx_sum)
+                               dx_sum=dx_sum, n_dy=len(dys))
     name = ("jzero_add_" if skip else "jzero_") + ("rms_norm_bwd" if rms else "layer_norm_bwd")
     partial = jax.ShapeDtypeStruct((programs * n,), F32)
     out = pl.pallas_call(
         kernel, grid=(programs,), name=name, interpret=kernels.interpret(),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps),
         out_shape=(jax.ShapeDtypeStruct((m, n), x_MxN.dtype), partial, partial) + ((partial,) if dx_sum else ()),
-    )(*((x_MxN, dy_MxN, dres_MxN) if skip else (x_MxN, dy_MxN)), scale_N, mean_M, rstd_M)
+    )(x_MxN, *dys, *((dres_MxN,) if skip else ()), scale_N, mean_M, rstd_M)
     return (out[0],) + tuple(p.reshape(programs, n).sum(0) for p in out[1:])
 
 
@@ -271,8 +285,8 @@ rms_norm.defvjp(_rms_fwd, _rms_bwd)
 # --------------------------------------------------------------------------- the norm with the residual stream
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def residual_norm(x, r, scale, bias, rbias, eps: float, out_dtype, names: tuple, rms: bool):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def residual_norm(x, r, scale, bias, rbias, eps: float, out_dtype, names: tuple, rms: bool, n_y: int = 1):
     """``(s, norm(s))`` with ``s = x + r`` (``r`` None: ``s = x``), LayerNorm (``rms=False``) or RMSNorm.
 
     A pre-norm block adds each sub-layer's output into the residual stream and normalises the sum for the next
@@ -282,8 +296,11 @@ def residual_norm(x, r, scale, bias, rbias, eps: float, out_dtype, names: tuple,
     (4): 3 of 11 passes fewer with ``r``, 2 without (the norm at a block's input, whose skip gradient it adds).
     ``bias`` is not read under ``rms`` (pass zeros). ``rbias`` [N] (or None; needs ``r``): the sub-layer's output
     bias, ``s = x + (r + rbias)``: its add (2 passes) and its gradient's reduction (1) move into these passes.
+    ``n_y > 1``: ``(s, (y,) * n_y)``, the same norm handed to ``n_y`` consumers (the attention's q, k and v
+    projections) as separate outputs, so their gradients reach the backward kernel apart and are summed there
+    (the XLA add of three [tokens, d] gradients, 4 passes, becomes 2 more reads in the kernel's pass).
     """
-    return _res_fwd(x, r, scale, bias, rbias, eps, out_dtype, names, rms)[0]
+    return _res_fwd(x, r, scale, bias, rbias, eps, out_dtype, names, rms, n_y)[0]
 
 
 def _marker(a):
@@ -292,7 +309,7 @@ def _marker(a):
     return None if a is None else jnp.zeros((0,), a.dtype)
 
 
-def _res_fwd(x, r, scale, bias, rbias, eps, out_dtype, names, rms):
+def _res_fwd(x, r, scale, bias, rbias, eps, out_dtype, names, rms, n_y=1):
     tiles = dict(block_m=RMS_BLOCK_M, num_warps=RMS_NUM_WARPS) if rms else {}
     add, has_rb = r is not None, rbias is not None
     if has_rb and not add:
@@ -316,19 +333,20 @@ def _res_fwd(x, r, scale, bias, rbias, eps, out_dtype, names, rms):
                            in_specs=lambda sp: (sp,) + ((sp,) if add else ()) + ((P(),) if has_rb else ()) + (P(), P()),
                            out_specs=lambda sp: (sp, sp, rows(sp), rows(sp)))
     y, s, mean, rstd = fn(*given, scale, bias)
-    return (s, y), (s, scale, mean, rstd, _marker(r), _marker(rbias))
+    return (s, y if n_y == 1 else (y,) * n_y), (s, scale, mean, rstd, _marker(r), _marker(rbias))
 
 
-def _res_bwd(eps, out_dtype, names, rms, res, cts):
+def _res_bwd(eps, out_dtype, names, rms, n_y, res, cts):
     s, scale, mean, rstd, r_mark, rb_mark = res
     add, has_rb = r_mark is not None, rb_mark is not None
     ds, dy = cts
+    dys = (dy,) if n_y == 1 else tuple(dy)
     tiles = dict(block_m=RMS_BLOCK_M, n_inner=RMS_BWD_INNER, num_warps=RMS_NUM_WARPS) if rms else {}
 
     def make(axes):
-        def run(s, dy, ds, scale, mean, rstd):
-            out = backward_2d(_flat(s), _flat(dy), scale.astype(F32), mean.reshape(-1), rstd.reshape(-1),
-                              rms=rms, dres_MxN=_flat(ds), dx_sum=has_rb, **tiles)
+        def run(s, ds, scale, mean, rstd, *dys):
+            out = backward_2d(_flat(s), tuple(_flat(d) for d in dys), scale.astype(F32), mean.reshape(-1),
+                              rstd.reshape(-1), rms=rms, dres_MxN=_flat(ds), dx_sum=has_rb, **tiles)
             sums = out[1:]
             if axes:
                 sums = jax.lax.psum(sums, axes)
@@ -336,9 +354,9 @@ def _res_bwd(eps, out_dtype, names, rms, res, cts):
         return run
 
     rows = kernels.rows_of
-    fn = kernels.per_shard(make, names, in_specs=lambda sp: (sp, sp, sp, P(), rows(sp), rows(sp)),
+    fn = kernels.per_shard(make, names, in_specs=lambda sp: (sp, sp, P(), rows(sp), rows(sp)) + (sp,) * n_y,
                            out_specs=lambda sp: (sp, P(), P()) + ((P(),) if has_rb else ()))
-    dx, dsc, db, *drb = fn(s, dy, ds.astype(s.dtype), scale, mean, rstd)
+    dx, dsc, db, *drb = fn(s, ds.astype(s.dtype), scale, mean, rstd, *dys)
     d_rbias = drb[0].astype(rb_mark.dtype) if has_rb else None
     return dx, (dx.astype(r_mark.dtype) if add else None), dsc.astype(scale.dtype), db.astype(scale.dtype), d_rbias
 

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Session 12 (carry [".whl", ".diag"]): two changes to the norms around the residual stream, A/B in the training
+# main, interleaved, with the torch.compile peer in the same call. MODEL=gpt2 (default) or llama.
+# (1) layer_norm.MULTI_DY: the block's input norm hands q, k and v their own outputs and its backward kernel sums
+#     their three gradients (no XLA add of three [tokens, d] arrays before it);
+# (2) layer_norm.DEFER_RESIDUAL: unrolled blocks leave their MLP output (GPT-2: and its proj bias) for the next
+#     block's input norm to add in its kernel (no XLA residual add per block, no proj-bias gradient reduction).
+# Rows: $OUT/rows.jsonl; logs $OUT/*.log.
+set -u
+source benchmarks/gpu_env.sh
+MODEL=${MODEL:-gpt2}
+OFF1=--kernel-tile=layer_norm.MULTI_DY=0
+OFF2=--kernel-tile=layer_norm.DEFER_RESIDUAL=0
+peer() { (cd .diag/peers && timeout ${PEER_S:-220} python3 $1 --mode compile) > "$OUT/peer_$1.log" 2>&1; tail -1 "$OUT/peer_$1.log"; }
+if [ $MODEL = gpt2 ]; then
+  G="--config configs/gpt2_124m.yaml --steps 10 --main"; P=gpt_torch.py
+else
+  G="--config configs/llama_1b.yaml --steps 5 --main"; P=llama_torch.py
+fi
+for r in 1 2 3; do
+  row $MODEL-both-r$r $G
+  row $MODEL-neither-r$r $G $OFF1 $OFF2
+  [ $MODEL = gpt2 ] && row $MODEL-defer-r$r $G $OFF1
+  [ $r = 1 ] && peer $P
+  echo "at ${SECONDS}s"
+  [ $SECONDS -gt ${BUDGET_S:-400} ] && break
+done
+python3 - "$OUT/rows.jsonl" <<'PY'
+import json, sys, collections, statistics
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+by = collections.defaultdict(list)
+for r in rows:
+    by[r["name"].rsplit("-r", 1)[0]].append(r["step_ms"])
+for k, v in by.items():
+    print(f"{k:16s} runs {v} median {statistics.median(v):.2f} ms")
+PY
+echo "wall ${SECONDS}s"
