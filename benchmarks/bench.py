@@ -128,19 +128,21 @@ def header(columns=COLUMNS) -> str:
 
 
 def set_kernel_tile(item: str) -> None:
-    """``layer_norm.BLOCK_M=8`` -> ``jzero.kernels.layer_norm.BLOCK_M = 8`` (an existing int constant only)."""
+    """``layer_norm.BLOCK_M=8`` -> ``jzero.kernels.layer_norm.BLOCK_M = 8`` (an existing int constant only); a
+    dotted module path names any module's switch (``models.layers.Q_BIAS_2D=0``)."""
     import importlib
 
     try:
         target, value = item.split("=")
-        module, name = target.split(".")
-        mod = importlib.import_module(f"jzero.kernels.{module}")
+        module, name = target.rsplit(".", 1)
+        mod = importlib.import_module(module if "." in module else f"jzero.kernels.{module}")
         if not isinstance(getattr(mod, name), int):
             raise AttributeError(name)
         setattr(mod, name, int(value))
     except (ValueError, ImportError, AttributeError):
         raise SystemExit(f"--kernel-tile {item!r}: expected MODULE.NAME=INT naming an int constant of a "
-                         f"jzero.kernels module, e.g. layer_norm.BLOCK_M=8") from None
+                         f"jzero.kernels module, e.g. layer_norm.BLOCK_M=8 (or of a module by its dotted path, e.g. "
+                         f"models.layers.Q_BIAS_2D=0)") from None
 
 
 def main(argv=None) -> int:
