@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Session 12, call 3 (carry [".whl", ".diag"]): each of the three changes alone against the old program, GPT-2
+# main, windows of 50 steps (the 10-step windows of calls 1-2 moved by ~0.5 ms between windows of one run),
+# 2 rounds interleaved. Rows: $OUT/rows.jsonl; logs $OUT/*.log.
+set -u
+source benchmarks/gpu_env.sh
+OFF1=--kernel-tile=layer_norm.MULTI_DY=0
+OFF2=--kernel-tile=layer_norm.DEFER_RESIDUAL=0
+OFF3=--kernel-tile=models.layers.Q_BIAS_2D=0
+G="--config configs/gpt2_124m.yaml --steps ${STEPS:-50} --main"
+for r in 1 2; do
+  row gpt2-old-r$r $G $OFF1 $OFF2 $OFF3
+  row gpt2-multidy-r$r $G $OFF2 $OFF3
+  row gpt2-defer-r$r $G $OFF1 $OFF3
+  row gpt2-q2d-r$r $G $OFF1 $OFF2
+  echo "at ${SECONDS}s"
+  [ $SECONDS -gt ${BUDGET_S:-300} ] && break
+done
+for f in $OUT/gpt2-*.log; do echo "$(basename $f): $(grep -o 'step [0-9.]* ms | host [0-9.]* ms' $f | tr '\n' ' ')"; done
+python3 - "$OUT/rows.jsonl" <<'PY'
+import json, sys, collections, statistics
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+by = collections.defaultdict(list)
+for r in rows:
+    by[r["name"].rsplit("-r", 1)[0]].append(r["step_ms"])
+for k, v in by.items():
+    print(f"{k:16s} runs {v} median {statistics.median(v):.2f} ms")
+PY
+echo "wall ${SECONDS}s"
