@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Session 12, call 3 (carry [".whl", ".diag"]): each of the three changes alone against the old program, GPT-2
-# main, windows of 50 steps (the 10-step windows of calls 1-2 moved by ~0.5 ms between windows of one run),
-# 2 rounds interleaved. Rows: $OUT/rows.jsonl; logs $OUT/*.log.
+# Session 12, call 3 (carry [".whl", ".diag"]): the deferred residual alone against the old program, and the old
+# program with XLA's command buffers (CUDA graphs) off, GPT-2 main, windows of 50 steps (the 10-step windows of
+# calls 1-2 moved by ~0.5 ms between windows of one run), 2 rounds interleaved; then whether XLA folded the 2-D q
+# bias into a cuBLASLt epilogue. Rows: $OUT/rows.jsonl; logs $OUT/*.log.
 set -u
 source benchmarks/gpu_env.sh
 OFF1=--kernel-tile=layer_norm.MULTI_DY=0
@@ -10,9 +11,8 @@ OFF3=--kernel-tile=models.layers.Q_BIAS_2D=0
 G="--config configs/gpt2_124m.yaml --steps ${STEPS:-50} --main"
 for r in 1 2; do
   row gpt2-old-r$r $G $OFF1 $OFF2 $OFF3
-  row gpt2-multidy-r$r $G $OFF2 $OFF3
   row gpt2-defer-r$r $G $OFF1 $OFF3
-  row gpt2-q2d-r$r $G $OFF1 $OFF2
+  XLA_FLAGS=--xla_gpu_enable_command_buffer= row gpt2-oldnograph-r$r $G $OFF1 $OFF2 $OFF3
   echo "at ${SECONDS}s"
   [ $SECONDS -gt ${BUDGET_S:-300} ] && break
 done
