@@ -129,7 +129,7 @@ def header(columns=COLUMNS) -> str:
 
 def set_kernel_tile(item: str) -> None:
     """``layer_norm.BLOCK_M=8`` -> ``jzero.kernels.layer_norm.BLOCK_M = 8`` (an existing int constant only); a
-    dotted module path names any module's switch (``models.layers.Q_BIAS_2D=0``)."""
+    dotted module path names any module's switch (``models.layers.NAME=0``)."""
     import importlib
 
     try:
@@ -142,7 +142,7 @@ def set_kernel_tile(item: str) -> None:
     except (ValueError, ImportError, AttributeError):
         raise SystemExit(f"--kernel-tile {item!r}: expected MODULE.NAME=INT naming an int constant of a "
                          f"jzero.kernels module, e.g. layer_norm.BLOCK_M=8 (or of a module by its dotted path, e.g. "
-                         f"models.layers.Q_BIAS_2D=0)") from None
+                         f"models.layers.NAME=0)") from None
 
 
 def main(argv=None) -> int:

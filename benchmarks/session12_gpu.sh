@@ -8,6 +8,8 @@
 # (3) GPT-2 only, models.layers.Q_BIAS_2D: the q projection as a 2-D GEMM + [d] bias, the form XLA's GEMM rewriter
 #     folds into a cuBLASLt BIAS epilogue (no [tokens, d] bias-add pass).
 # Rows: $OUT/rows.jsonl; logs $OUT/*.log.
+# (models.layers.Q_BIAS_2D, the OFF3 switch below, was removed after these calls: re-running this needs the
+# commit they ran at, BENCHMARKS.md "Session 12".)
 set -u
 source benchmarks/gpu_env.sh
 MODEL=${MODEL:-gpt2}

@@ -2,6 +2,8 @@
 # Session 12, call 2 (carry [".whl", ".diag"]): call 1 found the deferred residual (+ the 2-D q bias) slower by
 # ~0.9 ms and MULTI_DY faster by ~0.35 ms (H100). Here: MULTI_DY alone against the old program, 2 rounds
 # interleaved; then both programs' steps profiled (old and defer-only), their kernels side by side.
+# (models.layers.Q_BIAS_2D, the OFF3 switch below, was removed after these calls: re-running this needs the
+# commit they ran at, BENCHMARKS.md "Session 12".)
 set -u
 source benchmarks/gpu_env.sh
 OFF1=--kernel-tile=layer_norm.MULTI_DY=0

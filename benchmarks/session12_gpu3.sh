@@ -1,26 +1,20 @@
 #!/usr/bin/env bash
 # Session 12, call 3 (carry [".whl", ".diag"]): the deferred residual alone against the old program, and the old
 # program with XLA's command buffers (CUDA graphs) off, GPT-2 main, windows of 50 steps (the 10-step windows of
-# calls 1-2 moved by ~0.5 ms between windows of one run), 2 rounds interleaved; then whether XLA folded the 2-D q
-# bias into a cuBLASLt epilogue. Rows: $OUT/rows.jsonl; logs $OUT/*.log.
+# calls 1-2 moved by ~0.5 ms between windows of one run), 2 rounds interleaved. Rows: $OUT/rows.jsonl; logs
+# $OUT/*.log.
 set -u
 source benchmarks/gpu_env.sh
 OFF1=--kernel-tile=layer_norm.MULTI_DY=0
 OFF2=--kernel-tile=layer_norm.DEFER_RESIDUAL=0
-OFF3=--kernel-tile=models.layers.Q_BIAS_2D=0
 G="--config configs/gpt2_124m.yaml --steps ${STEPS:-50} --main"
 for r in 1 2; do
-  row gpt2-old-r$r $G $OFF1 $OFF2 $OFF3
-  row gpt2-defer-r$r $G $OFF1 $OFF3
-  XLA_FLAGS=--xla_gpu_enable_command_buffer= row gpt2-oldnograph-r$r $G $OFF1 $OFF2 $OFF3
+  row gpt2-old-r$r $G $OFF1 $OFF2
+  row gpt2-defer-r$r $G $OFF1
+  [ ${NOGRAPH:-1} = 1 ] && XLA_FLAGS=--xla_gpu_enable_command_buffer= row gpt2-oldnograph-r$r $G $OFF1 $OFF2
   echo "at ${SECONDS}s"
   [ $SECONDS -gt ${BUDGET_S:-300} ] && break
 done
-if [ $SECONDS -lt ${BUDGET_S:-300} ]; then   # did XLA fold the 2-D q bias into a cuBLASLt epilogue?
-  timeout 90 python3 -m benchmarks.bench --name gpt2-hlo-q2d --config configs/gpt2_124m.yaml --steps 2 $OFF1 $OFF2 \
-    --hlo $OUT/hlo-q2d.txt > $OUT/hlo-q2d.log 2>&1
-  echo "epilogues: $(grep -o '"epilogue":"[A-Z_]*"' $OUT/hlo-q2d.txt | sort | uniq -c | tr '\n' ' ')"
-fi
 for f in $OUT/gpt2-*.log; do echo "$(basename $f): $(grep -o 'step [0-9.]* ms | host [0-9.]* ms' $f | tr '\n' ' ')"; done
 python3 - "$OUT/rows.jsonl" <<'PY'
 import json, sys, collections, statistics

@@ -443,12 +443,6 @@ class Attention(nn.Module):
         return self._out(o, x_BxTxD.shape[-1]), (k, v)
 
 
-#: 1: GPT-2's q projection as one [tokens, d] x [d, d] GEMM plus a [d] bias (the form XLA's GEMM rewriter folds
-#: into a cuBLASLt BIAS epilogue), reshaped to heads after; 0: the per-head einsum and a [heads, head_dim] bias
-#: add (the A/B switch of BENCHMARKS.md, "Session 12")
-Q_BIAS_2D = 1
-
-
 class MultiHeadAttention(nn.Module):
     """GPT-2 attention: fused QKV projection with bias, heads split over ``tensor`` (Megatron column/row)."""
 
@@ -476,12 +470,8 @@ class MultiHeadAttention(nn.Module):
         b_o = param(self, "out_bias", (d,), ("embed",), nn.initializers.zeros, self.dtype)
 
         def project(i, bias=None):   # q, k, v from the fused kernel, each contiguous (no strided qkv slices)
-            if bias is not None and Q_BIAS_2D:
-                x2 = xs[i].reshape(-1, d)
-                y = (x2 @ w_qkv[:, i].reshape(d, d) + bias.reshape(d)).reshape(xs[i].shape[:-1] + bias.shape)
-            else:
-                y = jnp.einsum("btd,dnh->btnh", xs[i], w_qkv[:, i])
-                y = y if bias is None else y + bias
+            y = jnp.einsum("btd,dnh->btnh", xs[i], w_qkv[:, i])
+            y = y if bias is None else y + bias
             return checkpoint_name(constrain(y, ("batch", "length", "heads", "kv")), "qkv")
 
         # Only q gets its bias added. softmax over keys is unchanged by k's bias (it adds q.b_k, the same for every

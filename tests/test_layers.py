@@ -23,12 +23,7 @@ def _reference(p, x):
     return np.einsum("btnh,nhd->btd", o, wo) + bo
 
 
-@pytest.mark.parametrize("q_2d", [1, 0], ids=["q_bias_2d", "q_bias_heads"])
-def test_folded_biases_equal_the_full_formula_and_k_bias_gets_no_gradient(q_2d, monkeypatch):
-    """Both forms of the q projection (``Q_BIAS_2D``: one 2-D GEMM + [d] bias, or per-head) against float64."""
-    import models.layers as L
-
-    monkeypatch.setattr(L, "Q_BIAS_2D", q_2d)
+def test_folded_biases_equal_the_full_formula_and_k_bias_gets_no_gradient():
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 32))
     m = MultiHeadAttention(4, jnp.float32, "xla", 0.02)
     params = jax.tree.map(lambda t: t + 0.3 * jax.random.normal(jax.random.PRNGKey(2), t.shape),

@@ -132,11 +132,13 @@ NUM_WARPS = 4
 RESIDUAL_BIAS = 1
 #: 1: a norm read by several consumers (the attention's q/k/v projections: models.layers.LayerNorm ``n_out``)
 #: hands each its own output and sums their gradients in the backward kernel; 0: one output, XLA adds the
-#: gradients first (the A/B switch of BENCHMARKS.md, "Session 12")
-MULTI_DY = 1
+#: gradients first. Off: the GPT-2 main measured no faster with it (31.09 vs 31.08 ms, H100; BENCHMARKS.md,
+#: "Session 12"); the switch stays for the H200 re-measurement
+MULTI_DY = 0
 #: 1: unrolled blocks (models.layers.stack_blocks) hand their MLP output, and its bias, to the next block's input
-#: norm (``models.layers.Residual``), which adds them in its kernel; 0: each block adds its own (the A/B switch)
-DEFER_RESIDUAL = 1
+#: norm (``models.layers.Residual``), which adds them in its kernel; 0: each block adds its own. Off: its kernels
+#: take 0.3 ms less a GPT-2 step, yet the main measured slower with it (BENCHMARKS.md, "Session 12", H100)
+DEFER_RESIDUAL = 0
 #: the same for RMSNorm (chosen at Llama-1B's [16384, 2048]: BENCHMARKS.md, "Session 8")
 RMS_BLOCK_M = 2
 RMS_BWD_INNER = 16
