@@ -84,10 +84,14 @@ def bench(cfg, steps: int = 10, warmup: int = 2, name: str | None = None, profil
     }
 
 
-def bench_main(path: str | None, overrides: list[str], steps: int = 10, name: str | None = None) -> dict:
+def bench_main(path: str | None, overrides: list[str], steps: int = 10, name: str | None = None,
+               profile_dir: str | None = None) -> dict:
     """Time the training main itself (``train.pretrain.run``: the data iterator over the config's ``data.path``
     or the embedded corpus, batch placement, dispatch, logging): 4 windows of ``steps`` steps, the first dropped
-    (it holds the synchronised probes), median of the other 3 as in `bench`; same row plus host/device figures."""
+    (it holds the synchronised probes), median of the other 3 as in `bench`; same row plus host/device figures.
+    ``profile_dir``: ``steps`` more steps after the timed ones traced by the main (``train.profile_steps``,
+    :mod:`jzero.profiler`), the trace copied there; the row gains the device's busy fraction in the loop."""
+    import shutil
     import tempfile
 
     import jax
@@ -96,10 +100,16 @@ def bench_main(path: str | None, overrides: list[str], steps: int = 10, name: st
     from train.pretrain import DEFAULT_CONFIG, run
 
     with tempfile.TemporaryDirectory(prefix="jzero-bench-main-") as out:
-        over = [f"train.steps={4 * steps}", f"train.log_interval={steps}", f"steps_per_print={steps}",
+        total = 4 * steps + (steps if profile_dir else 0)
+        over = [f"train.steps={total}", f"train.log_interval={steps}", f"steps_per_print={steps}",
                 "train.eval_interval=0", "train.checkpoint_interval=0", f"train.output_dir={out}"]
+        if profile_dir:
+            over += [f"train.profile_steps={steps}", f"train.profile_start={4 * steps + 1}"]
         s = run(load_config(path, list(overrides) + over, base=None if path else DEFAULT_CONFIG))
+        if profile_dir:
+            shutil.copytree(f"{out}/profile", profile_dir, dirs_exist_ok=True)
         per_dev = s["memory_per_device_bytes"]
+        trace = s.get("trace") or {}
         return {
             "name": name or "main",
             "device": jax.local_devices()[0].device_kind,
@@ -116,6 +126,10 @@ def bench_main(path: str | None, overrides: list[str], steps: int = 10, name: st
             "host_ms": round(s["host_time_s"] * 1e3, 2),
             "queue_wait_ms": round(s["queue_wait_s"] * 1e3, 2),
             "device_step_ms": round(s["device_step_s"] * 1e3, 2),
+            **({"device_busy_pct": None if trace.get("device_busy_fraction") is None
+                else round(100 * trace["device_busy_fraction"], 2),
+                "idle_ms_per_step": None if trace.get("idle_ms_per_step") is None
+                else round(trace["idle_ms_per_step"], 3)} if profile_dir else {}),
         }
 
 
@@ -155,7 +169,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", help="append the row as JSON to this file")
-    p.add_argument("--profile", help="write a jax.profiler trace of 3 more steps here (see benchmarks/trace_top.py)")
+    p.add_argument("--profile", help="write a jax.profiler trace of 3 more steps here (see benchmarks/trace_top.py); "
+                        "with --main, of STEPS more steps of the main's own loop, and the row gains the device's "
+                        "busy share of them (jzero.profiler)")
     p.add_argument("--hlo", help="write the compiled step's optimized HLO text here")
     p.add_argument("--kernel-tile", action="append", default=[], metavar="MODULE.NAME=INT",
                    help="set a tile constant of a jzero.kernels module for this run, e.g. layer_norm.BLOCK_M=8; "
@@ -183,16 +199,17 @@ def main(argv=None) -> int:
         compile_cache.apply(cfg)   # as the mains do (train.compile_cache_dir)
         name = args.name or args.config or "default"
         if args.main:
-            if args.profile or args.hlo or args.token_range:
-                raise SystemExit("--main times the real loop on real data; --profile, --hlo and --token-range "
-                                 "apply to the step-alone mode only")
-            row = bench_main(args.config, args.overrides, args.steps, name)
+            if args.hlo or args.token_range:
+                raise SystemExit("--main times the real loop on real data; --hlo and --token-range apply to the "
+                                 "step-alone mode only")
+            row = bench_main(args.config, args.overrides, args.steps, name, args.profile)
         else:
             row = bench(cfg, args.steps, args.warmup, name, args.profile, args.hlo, args.token_range)
     except JzeroError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    emit(row, COLUMNS + (MAIN_COLUMNS if args.main else []), args.json)
+    traced = ["device_busy_pct", "idle_ms_per_step"] if args.main and args.profile else []
+    emit(row, COLUMNS + (MAIN_COLUMNS + traced if args.main else []), args.json)
     return 0
 
 

@@ -218,6 +218,11 @@ class TrainConfig(Section):
     #: JAX's persistent compilation cache (jzero.compile_cache): a restart loads the compiled step (same kernels,
     #: same speed, no compile) instead of compiling and autotuning again; null = no cache
     compile_cache_dir: str | None = None
+    #: trace this many steps of the loop with jax.profiler into ``<output_dir>/profile`` and report how busy the
+    #: device was (jzero.profiler; MaxText's profiler_steps); 0 = no trace
+    profile_steps: int = Field(0, ge=0)
+    #: the first traced step; 0 = the first steady step (after the warm-up and the timing probes)
+    profile_start: int = Field(0, ge=0)
 
 
 class CheckpointConfig(Section):

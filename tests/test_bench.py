@@ -50,6 +50,16 @@ def test_bench_main_times_the_training_main(capsys, tmp_path):
         bench.main(["--main", "--token-range", "10"] + TINY)
 
 
+def test_bench_main_profile_traces_steps_after_the_timed_ones(capsys, tmp_path):
+    """--main --profile DIR: the main traces STEPS more steps (train.profile_steps) after its 4 timed windows and
+    the trace lands in DIR; the row gains the busy columns (null on a CPU: no device kernel events)."""
+    row = _table(capsys, ["--main", "--steps", "2", "--profile", str(tmp_path / "p"),
+                          "data.default_corpus_bytes=200000"] + TINY)
+    assert list(row) == bench.COLUMNS + bench.MAIN_COLUMNS + ["device_busy_pct", "idle_ms_per_step"]
+    assert row["device_busy_pct"] == "null" and float(row["step_ms"]) > 0
+    assert list((tmp_path / "p").rglob("*.xplane.pb"))
+
+
 def test_data_bench_row(capsys):
     from benchmarks import data_bench
 

@@ -169,6 +169,7 @@ def run(cfg, resume: bool = False) -> dict:
     from jzero.config import resolve, to_dict
     from jzero.data import BatchIterator, eval_batches, read_meta
     from jzero.guard import TrainingGuard
+    from jzero.profiler import LoopProfile, describe
     from jzero.monitor import Monitor, device_memory_bytes
     from jzero.step_timer import StepTimer
 
@@ -211,6 +212,9 @@ def run(cfg, resume: bool = False) -> dict:
     rates, host, losses, last_eval, profile = [], [], [], None, None
     timer, pending, last_logged = StepTimer(), None, start
     probe_steps = set(range(start + 2, start + 2 + N_PROBES))   # after the first (warm-up) dispatch
+    # a device trace of some steps of this loop (jzero.profiler), left out of the timed windows
+    tracing = LoopProfile.from_config(rc.train, start, start + 2 + N_PROBES, out)
+    trace_summary, traced_rates, traced_host = None, [], []
 
     def log_pending():
         """Log the queued step's metrics: they are fetched one step late, so the device has the next step queued
@@ -222,20 +226,23 @@ def run(cfg, resume: bool = False) -> dict:
         guard.check(step, m)   # diverged / fp16 scale stuck at its minimum: one line, exit 2
         window = timer.window(step - last_logged)
         first, last_logged = last_logged + 1, step
+        timed = not tracing.covers(step)   # a window of traced steps carries the profiler's overhead: logged only
         with timer.phase("log_time_s"):
             tps = tokens_per_step / window["step_time_s"]
-            rates.append(tps)
-            host.append((window["host_time_s"], window["queue_wait_s"]))
+            (rates if timed else traced_rates).append(tps)
+            (host if timed else traced_host).append((window["host_time_s"], window["queue_wait_s"]))
             m.update(window, tokens_per_s=tps,
                      mfu=flops.mfu(tps, flops_per_token, jax.device_count(), peak) if peak else None)
             # once, from the first window clear of the warm-up and probe steps (else the last window)
-            if profile is None and (first >= start + 2 + N_PROBES or step == rc.train.steps):
+            if timed and profile is None and (first >= start + 2 + N_PROBES or step == rc.train.steps):
                 profile = _flops_profile(static, window, (first, step), timer.device_step_s)
             monitor.log(step, m)
             losses.append(m["loss"])
 
     with monitor:
         for step in range(start + 1, rc.train.steps + 1):
+            if tracing.starts_at(step) and pi == 0:
+                tracing.start()   # (the timed window was closed at the end of the step before)
             with timer.phase("data_wait_s"):
                 local = next(batches)
             with timer.phase("place_time_s"):
@@ -255,8 +262,14 @@ def run(cfg, resume: bool = False) -> dict:
             evaluating = rc.train.eval_interval and (step % rc.train.eval_interval == 0 or step == rc.train.steps)
             saving = rc.train.checkpoint_interval and (step % rc.train.checkpoint_interval == 0
                                                         or step == rc.train.steps)
-            if (evaluating or saving) and pending is not None:
-                log_pending()   # evaluation and the save's sync are not step time: close the window first
+            # a trace starts next step, or ends with this one: its steps form windows of their own
+            trace_edge = tracing.starts_at(step + 1) or tracing.ends_at(step)
+            if (evaluating or saving or trace_edge) and pending is not None:
+                log_pending()   # evaluation, the save's sync and a trace are not step time: close the window first
+            if tracing.ends_at(step) and pi == 0:
+                trace_summary = tracing.stop(lambda: jax.block_until_ready(engine.state),
+                                             tokens_per_step / statistics.median(rates) if rates else None)
+                print(describe(trace_summary), flush=True)
             if evaluating:
                 eval_losses = [float(engine.eval_step(b)) for b in
                           eval_batches(data_dir / "val.bin", rc.data.seq_len, eval_rows, rc.train.eval_batches, pi, pc)]
@@ -265,12 +278,14 @@ def run(cfg, resume: bool = False) -> dict:
                 monitor.log_eval(step, {"eval_loss": ev, "eval_ppl": float(jax.numpy.exp(ev))})
             if saving:
                 engine.save_checkpoint(ckpt_dir, data_iterator=batches)   # async: training goes on while it writes
-            if evaluating or saving:
+            if evaluating or saving or trace_edge:
                 timer.restart()
                 last_logged = step
         if pending is not None:
             log_pending()
         checkpoint.wait_until_finished(ckpt_dir)
+        if not rates:   # every window held traced steps: report those (with the profiler's overhead in them)
+            rates, host = traced_rates, traced_host
         tps_med = statistics.median(rates[1:] or rates)
         mem = device_memory_bytes(dev) or {}
         summary = {
@@ -294,6 +309,7 @@ def run(cfg, resume: bool = False) -> dict:
             "compile_s": engine.compile_seconds,
             "device_step_s": timer.device_step_s,
             "flops_profile": profile.to_dict() if profile else None,
+            "trace": trace_summary,
         }
         if comm is not None:
             summary["communication"] = comm
