@@ -3,7 +3,7 @@
 DeepSpeed's qwZ (``zero_quantized_weights``, ``deepspeed/runtime/zero/partition_parameters.py`` with the
 ``csrc/quantization`` kernels) quantizes each rank's parameter shard before the forward/backward all-gather and
 dequantizes the gathered weight. Here the same happens at the one place a jzero model gathers a weight
-(:func:`jzero.sharding.gather_param`, called by ``models.layers.param`` inside the layer scan):
+(:func:`jzero.sharding.gather_param`, called by ``models.params.param`` inside the layer scan):
 
     storage shard (fp32) -> block_quantize (local: blocks never straddle shards) -> int8 blocks + scales
     -> all_gather of s8 blocks and f32 scales over ``data`` (shard_map) -> block_dequantize -> compute dtype.

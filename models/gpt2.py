@@ -17,8 +17,9 @@ import jax.numpy as jnp
 
 from jzero.sharding import constrain
 from models.kv_cache import KVCache, context, stack_blocks_cached
-from models.layers import (MLP, RESIDUAL, LayerNorm, MultiHeadAttention, Residual, block_input, embed_lookup,
-                           final_norm, param, qkv_inputs, stack_blocks)
+from models.layers import MLP, MultiHeadAttention, embed_lookup, qkv_inputs, stack_blocks
+from models.norms import LayerNorm, Residual, block_input, final_norm
+from models.params import RESIDUAL, param
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD, kv=None, ctx=None):
         """``(x, None)``; with a layer's cached ``kv=(k, v)`` and the decode ``ctx`` (:mod:`models.kv_cache`)
-        ``(x, (k_new, v_new))``. ``x_BxTxD`` may be a :class:`models.layers.Residual` (the previous block's)."""
+        ``(x, (k_new, v_new))``. ``x_BxTxD`` may be a :class:`models.norms.Residual` (the previous block's)."""
         cfg = self.cfg
         out_std = 0.02 / math.sqrt(2 * cfg.n_layer)
         x, delta, delta_bias = block_input(x_BxTxD)

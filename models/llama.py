@@ -17,8 +17,9 @@ import jax.numpy as jnp
 
 from jzero.sharding import constrain
 from models.kv_cache import KVCache, stack_blocks_cached
-from models.layers import (RESIDUAL, Attention, Residual, RMSNorm, SwiGLU, block_input, embed_lookup, final_norm,
-                           param, qkv_inputs, stack_blocks)
+from models.layers import Attention, SwiGLU, embed_lookup, qkv_inputs, stack_blocks
+from models.norms import Residual, RMSNorm, block_input, final_norm
+from models.params import RESIDUAL, param
 
 
 @dataclass(frozen=True)
@@ -68,12 +69,12 @@ class LlamaBlock(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD, kv=None, ctx=None):
         """``(x, None)``; with a layer's cached ``kv=(k, v)`` and the decode ``ctx`` (:mod:`models.kv_cache`)
-        ``(x, (k_new, v_new))``. ``x_BxTxD`` may be a :class:`models.layers.Residual` (the previous block's)."""
+        ``(x, (k_new, v_new))``. ``x_BxTxD`` may be a :class:`models.norms.Residual` (the previous block's)."""
         cfg = self.cfg
         out_std = 0.02 / (2 * cfg.n_layer) ** 0.5
         x, delta, _ = block_input(x_BxTxD)
         # (x, norm(x)) or (x + delta, norm(x + delta)): the block input and its norm in one op
-        # (models.layers.LayerNorm.__call__); training gives q, k, v each a copy
+        # (models.norms.LayerNorm.__call__); training gives q, k, v each a copy
         x, h = RMSNorm(cfg.dtype, cfg.norm_eps, name="attn_norm")(x, delta, with_sum=True,
                                                                   n_out=qkv_inputs() if kv is None else 1)
         attn = Attention(cfg.n_head, cfg.n_kv_head, cfg.dtype, cfg.attention, out_std, causal=True,

@@ -127,16 +127,16 @@ def _bwd_kernel(*refs, block_m, block_n, n_inner, rms, skip, dx_sum=False, n_dy=
 BLOCK_M = 4
 BWD_INNER = 8
 NUM_WARPS = 4
-#: 1: a sub-layer's output bias handed to models.layers.LayerNorm (``delta_bias``) is added in residual_norm's
+#: 1: a sub-layer's output bias handed to models.norms.LayerNorm (``delta_bias``) is added in residual_norm's
 #: kernels; 0: XLA adds it to the sub-layer output first (the A/B switch of BENCHMARKS.md, "Session 11")
 RESIDUAL_BIAS = 1
-#: 1: a norm read by several consumers (the attention's q/k/v projections: models.layers.LayerNorm ``n_out``)
+#: 1: a norm read by several consumers (the attention's q/k/v projections: models.norms.LayerNorm ``n_out``)
 #: hands each its own output and sums their gradients in the backward kernel; 0: one output, XLA adds the
 #: gradients first. Off: the GPT-2 main measured no faster with it (31.09 vs 31.08 ms, H100; BENCHMARKS.md,
 #: "Session 12"); the switch stays for the H200 re-measurement
 MULTI_DY = 0
 #: 1: unrolled blocks (models.layers.stack_blocks) hand their MLP output, and its bias, to the next block's input
-#: norm (``models.layers.Residual``), which adds them in its kernel; 0: each block adds its own. Off: its kernels
+#: norm (``models.norms.Residual``), which adds them in its kernel; 0: each block adds its own. Off: its kernels
 #: take 0.3 ms less a GPT-2 step, yet the main measured slower with it (BENCHMARKS.md, "Session 12", H100)
 DEFER_RESIDUAL = 0
 #: the same for RMSNorm (chosen at Llama-1B's [16384, 2048]: BENCHMARKS.md, "Session 8")
