@@ -6,7 +6,7 @@ therefore ranks noise. Here each round runs every variant once (``bench --main``
 given), ``--rounds`` times, and the table gives every run, the median, and the median's difference from the first
 variant; so a machine that drifts during the call drifts under all variants alike.
 
-    python -m benchmarks.ab_main --config configs/llama_1b.yaml --steps 5 --rounds 2 \\
+    python -m benchmarks.ab_main --config configs/llama_1b.yaml --rounds 2 \\
         --variant shipped= --variant no-copies=JZERO_WEIGHT_COPIES=0 \\
         --variant no-residual=JZERO_KERNELS=layer_norm,rms_norm,cross_entropy,gelu_gemm,swiglu
 
@@ -96,7 +96,10 @@ def main(argv=None) -> int:
     p.add_argument("--variant", action="append", required=True, metavar="NAME=ENV",
                    help="NAME= or NAME=KEY=VALUE[;KEY=VALUE...]; the first is the reference")
     p.add_argument("--rounds", type=int, default=2, help="runs of each variant, interleaved (default 2)")
-    p.add_argument("--steps", type=int, default=10, help="steps per timing window of bench --main")
+    p.add_argument("--steps", type=int, default=50,
+                   help="steps per timing window of bench --main (default 50: two runs of one GPT-2 program came "
+                        "0.03 ms apart with 50-step windows, 10-step windows moved ~0.5 ms within one run; "
+                        "BENCHMARKS.md, session 12)")
     p.add_argument("--bench-arg", action="append", default=[], help="an argument for every bench run")
     p.add_argument("--json", help="append every run's row (with its variant and round) to this file")
     p.add_argument("--timeout", type=float, default=600, help="seconds one bench run may take")
