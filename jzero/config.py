@@ -224,6 +224,13 @@ class TrainConfig(Section):
     #: the first traced step; 0 = the first steady step (after the warm-up and the timing probes)
     profile_start: int = Field(0, ge=0)
 
+    @model_validator(mode="after")
+    def _check_profile(self):
+        if self.profile_steps and self.profile_start and self.profile_start + self.profile_steps - 1 > self.steps:
+            raise ValueError(f"train.profile_start={self.profile_start} + train.profile_steps={self.profile_steps} "
+                             f"runs past train.steps={self.steps}; start earlier or trace fewer steps")
+        return self
+
 
 class CheckpointConfig(Section):
     """Checkpoints (see :mod:`jzero.checkpoint`): ``dir`` defaults to ``<train.output_dir>/checkpoints``;

@@ -72,3 +72,10 @@ def test_the_main_traces_its_steps_and_keeps_them_out_of_the_timed_windows(tmp_p
     timed = [x["tokens_per_s"] for x in train if x["step"] in (4, 8, 10, 12)]   # window 2 (warm-up) dropped
     assert s["tokens_per_s"] == pytest.approx(statistics.median(timed))
     assert s["flops_profile"]["window_steps"] == [8, 8]   # the first timed window after the trace
+
+
+def test_a_trace_past_the_last_step_is_rejected_before_anything_compiles(capsys, tmp_path):
+    assert main(TINY + ["train.steps=10", "train.profile_steps=4", "train.profile_start=9",
+                        f"train.output_dir={tmp_path}/o"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.profile_start=9 + train.profile_steps=4 runs past train.steps=10" in err[0]
