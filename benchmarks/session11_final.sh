@@ -6,7 +6,6 @@
 set -u
 source benchmarks/gpu_env.sh
 CACHE=train.compile_cache_dir=$HOME/.cache/jzero/jax_cache
-peer() { (cd .diag/peers && timeout 220 python3 $1 --mode compile) > "$OUT/peer_$1.log" 2>&1; tail -1 "$OUT/peer_$1.log"; }
 row llama-main-c1 --config configs/llama_1b.yaml --steps 5 --main $CACHE
 row llama-main-c2 --config configs/llama_1b.yaml --steps 5 --main $CACHE
 for f in "$OUT"/llama-main-c[12].log; do grep "^step" $f | tail -1; grep -o "compile [0-9.]* s" $f; done

@@ -9,5 +9,5 @@ row gpt2-main-c1 --config configs/gpt2_124m.yaml --steps 10 --main $CACHE
 row gpt2-main-c2 --config configs/gpt2_124m.yaml --steps 10 --main $CACHE
 for f in "$OUT"/gpt2-main-c[12].log; do grep "^step" $f | tail -1; grep -o "compile [0-9.]* s" $f; done
 du -sh ~/.cache/jzero/jax_cache; ls ~/.cache/jzero/jax_cache | wc -l
-(cd .diag/peers && timeout 150 python3 gpt_torch.py --mode compile) > "$OUT/peer_gpt_torch.py.log" 2>&1; tail -1 "$OUT/peer_gpt_torch.py.log"
+PEER_S=150 peer gpt_torch.py
 echo "wall ${SECONDS}s"

@@ -7,7 +7,6 @@
 set -u
 source benchmarks/gpu_env.sh
 WR=--kernel-tile=cross_entropy.WHOLE_ROW_MAX=65536
-peer() { (cd .diag/peers && timeout 220 python3 $1 --mode compile) > "$OUT/peer_$1.log" 2>&1; tail -1 "$OUT/peer_$1.log"; }
 timeout 200 python3 -m benchmarks.kernel_bench --ops cross_entropy --tokens 16384 --d-model 768 --vocab 50304 \
   --sweep > "$OUT/ce_sweep.log" 2>&1; tail -9 "$OUT/ce_sweep.log"
 row gpt2-main-shipped --config configs/gpt2_124m.yaml --steps 10 --main

@@ -10,7 +10,6 @@ set -u
 source benchmarks/gpu_env.sh
 NOB=--kernel-tile=gelu_gemm.WGRAD_BGRAD=0
 NOR=--kernel-tile=layer_norm.RESIDUAL_BIAS=0
-peer() { (cd .diag/peers && timeout 220 python3 $1 --mode compile) > "$OUT/peer_$1.log" 2>&1; tail -1 "$OUT/peer_$1.log"; }
 JZERO_LT_VERBOSE=1 timeout 150 python3 -m benchmarks.gelu_gemm_check > "$OUT/gelu_gemm_check.log" 2>&1
 grep -v "^jzero lt_gemm" "$OUT/gelu_gemm_check.log" | tail -40; grep "^jzero lt_gemm" "$OUT/gelu_gemm_check.log" | sort -u | head
 G="--config configs/gpt2_124m.yaml --steps 10 --main"
@@ -23,13 +22,5 @@ for r in 1 2; do
   echo "at ${SECONDS}s"
   [ $SECONDS -gt ${BUDGET_S:-330} ] && break
 done
-python3 - "$OUT/rows.jsonl" <<'PY'
-import json, sys, collections, statistics
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-by = collections.defaultdict(list)
-for r in rows:
-    by[r["name"].rsplit("-r", 1)[0]].append(r["step_ms"])
-for k, v in by.items():
-    print(f"{k:16s} runs {v} median {statistics.median(v):.2f} ms")
-PY
+medians
 echo "wall ${SECONDS}s"

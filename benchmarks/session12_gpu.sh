@@ -16,7 +16,6 @@ MODEL=${MODEL:-gpt2}
 OFF1=--kernel-tile=layer_norm.MULTI_DY=0
 OFF2=--kernel-tile=layer_norm.DEFER_RESIDUAL=0
 OFF3=--kernel-tile=models.layers.Q_BIAS_2D=0
-peer() { (cd .diag/peers && timeout ${PEER_S:-220} python3 $1 --mode compile) > "$OUT/peer_$1.log" 2>&1; tail -1 "$OUT/peer_$1.log"; }
 if [ $MODEL = gpt2 ]; then
   G="--config configs/gpt2_124m.yaml --steps 10 --main"; P=gpt_torch.py
 else
@@ -31,13 +30,5 @@ for r in 1 2 3; do
   echo "at ${SECONDS}s"
   [ $SECONDS -gt ${BUDGET_S:-400} ] && break
 done
-python3 - "$OUT/rows.jsonl" <<'PY'
-import json, sys, collections, statistics
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-by = collections.defaultdict(list)
-for r in rows:
-    by[r["name"].rsplit("-r", 1)[0]].append(r["step_ms"])
-for k, v in by.items():
-    print(f"{k:16s} runs {v} median {statistics.median(v):.2f} ms")
-PY
+medians
 echo "wall ${SECONDS}s"

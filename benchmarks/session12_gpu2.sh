@@ -35,13 +35,5 @@ for dv, k in sorted(rows, key=lambda r: -abs(r[0]))[:30]:
     print(f"{dv:+7.3f} ms/step  old {a.get(k,(0,0))[0]:6.3f} x{a.get(k,(0,0))[1]:<4d} defer {b.get(k,(0,0))[0]:6.3f} x{b.get(k,(0,0))[1]:<4d} {k[:90]}")
 PY
 grep "total" $OUT/top-old.txt $OUT/top-defer.txt
-python3 - "$OUT/rows.jsonl" <<'PY'
-import json, sys, collections, statistics
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-by = collections.defaultdict(list)
-for r in rows:
-    by[r["name"].rsplit("-r", 1)[0]].append(r["step_ms"])
-for k, v in by.items():
-    print(f"{k:16s} runs {v} median {statistics.median(v):.2f} ms")
-PY
+medians
 echo "wall ${SECONDS}s"

@@ -25,13 +25,5 @@ if [ ${MAINPROF:-1} = 1 ]; then   # where the main's step goes beyond its kernel
   rm -rf $OUT/mainprof
 fi
 for f in $OUT/gpt2-*.log; do echo "$(basename $f): $(grep -o 'step [0-9.]* ms | host [0-9.]* ms' $f | tr '\n' ' ')"; done
-python3 - "$OUT/rows.jsonl" <<'PY'
-import json, sys, collections, statistics
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-by = collections.defaultdict(list)
-for r in rows:
-    by[r["name"].rsplit("-r", 1)[0]].append(r["step_ms"])
-for k, v in by.items():
-    print(f"{k:16s} runs {v} median {statistics.median(v):.2f} ms")
-PY
+medians
 echo "wall ${SECONDS}s"

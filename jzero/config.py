@@ -226,9 +226,12 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _check_profile(self):
-        if self.profile_steps and self.profile_start and self.profile_start + self.profile_steps - 1 > self.steps:
-            raise ValueError(f"train.profile_start={self.profile_start} + train.profile_steps={self.profile_steps} "
-                             f"runs past train.steps={self.steps}; start earlier or trace fewer steps")
+        from jzero.profiler import overrun
+
+        # (profile_start 0 = the first steady step, known only in the loop: jzero.profiler.LoopProfile checks it)
+        message = self.profile_start and overrun(self.profile_start, self.profile_steps, self.steps)
+        if message:
+            raise ValueError(message)
         return self
 
 

@@ -84,6 +84,14 @@ def describe(s: dict) -> str:
             f"python -m benchmarks.trace_top {s['dir']} 25 {s['steps']}")
 
 
+def overrun(first: int, n: int, total: int) -> str | None:
+    """The error for a trace of steps ``first .. first + n - 1`` that runs past ``total`` steps, else None."""
+    if n and first + n - 1 > total:
+        return (f"train.profile_start={first} + train.profile_steps={n} runs past train.steps={total}; start "
+                f"earlier or trace fewer steps")
+    return None
+
+
 @dataclass
 class LoopProfile:
     """Which steps of the loop to trace: ``first .. first + steps - 1`` (``steps`` 0: none)."""
@@ -101,9 +109,8 @@ class LoopProfile:
         if n and first <= start:
             raise ConfigError(f"train.profile_start={first} is at or before the step this run resumes from "
                               f"({start}); set it after {start} (or 0 for the first steady step)")
-        if n and first + n - 1 > train_cfg.steps:
-            raise ConfigError(f"train.profile_start={first} + train.profile_steps={n} runs past train.steps="
-                              f"{train_cfg.steps}; start earlier or trace fewer steps")
+        if overrun(first, n, train_cfg.steps):
+            raise ConfigError(overrun(first, n, train_cfg.steps))
         return cls(first, n, pathlib.Path(out_dir) / "profile")
 
     def covers(self, step: int) -> bool:

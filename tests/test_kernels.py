@@ -27,6 +27,20 @@ def _fro(a, b):
     return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-30))
 
 
+def _assert_8_devices_equal_one(grad, *args):
+    """``grad(*args)`` (a value-and-grad function, jitted here) under a data=8 plan (the kernels per shard, rows split) equals the
+    one-device run: the value to 1e-4, every gradient to 1e-5 relative."""
+    v1, g1 = jax.jit(grad)(*args)
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(8, 1, 1), ("data", "tensor", "pipeline"),
+                axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    with sharding.activate(mesh):
+        assert kernels.row_spec(NAMES)[1][0] is not None   # rows really are split
+        v8, g8 = jax.jit(grad)(*args)
+    assert abs(float(v8) - float(v1)) < 1e-4 * abs(float(v1))
+    for a, b in zip(g8, g1):
+        assert _rel(a, b) < 1e-5
+
+
 @pytest.fixture(scope="module")
 def ln_inputs():
     k = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -88,15 +102,7 @@ def test_kernels_per_shard_on_8_devices_equal_one_device(ln_inputs):
                 + kce.head_cross_entropy(y, w, labels).mean())
 
     grad = jax.value_and_grad(step, argnums=(0, 1, 2, 3))
-    v1, g1 = jax.jit(grad)(x8, scale, bias, w)
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(8, 1, 1), ("data", "tensor", "pipeline"),
-                axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    with sharding.activate(mesh):
-        assert kernels.row_spec(NAMES)[1][0] is not None   # rows really are split
-        v8, g8 = jax.jit(grad)(x8, scale, bias, w)
-    assert abs(float(v8) - float(v1)) < 1e-4 * abs(float(v1))
-    for a, b in zip(g8, g1):
-        assert _rel(a, b) < 1e-5
+    _assert_8_devices_equal_one(grad, x8, scale, bias, w)
 
 
 def test_jzero_kernels_switch(monkeypatch):
@@ -297,14 +303,7 @@ def test_residual_norm_per_shard_on_8_devices_equals_one_device(ln_inputs):
         return jnp.vdot(y.astype(jnp.float32), dy8.astype(jnp.float32)) + jnp.sum(h.astype(jnp.float32) ** 2)
 
     grad = jax.value_and_grad(step, argnums=(0, 1, 2, 3, 4))
-    v1, g1 = jax.jit(grad)(x8, r8, scale, bias, rb8)
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(8, 1, 1), ("data", "tensor", "pipeline"),
-                axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    with sharding.activate(mesh):
-        v8, g8 = jax.jit(grad)(x8, r8, scale, bias, rb8)
-    assert abs(float(v8) - float(v1)) < 1e-4 * abs(float(v1))
-    for a, b in zip(g8, g1):
-        assert _rel(a, b) < 1e-5
+    _assert_8_devices_equal_one(grad, x8, r8, scale, bias, rb8)
 
 
 @pytest.mark.parametrize("rms", [True, False], ids=["rms", "layer"])
@@ -388,11 +387,4 @@ def test_residual_norm_three_consumers_per_shard_on_8_devices_equals_one_device(
             h.astype(jnp.float32) ** 2)
 
     grad = jax.value_and_grad(step, argnums=(0, 1, 2, 3))
-    v1, g1 = jax.jit(grad)(x8, r8, scale, bias)
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(8, 1, 1), ("data", "tensor", "pipeline"),
-                axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    with sharding.activate(mesh):
-        v8, g8 = jax.jit(grad)(x8, r8, scale, bias)
-    assert abs(float(v8) - float(v1)) < 1e-4 * abs(float(v1))
-    for a, b in zip(g8, g1):
-        assert _rel(a, b) < 1e-5
+    _assert_8_devices_equal_one(grad, x8, r8, scale, bias)
