@@ -269,6 +269,21 @@ def test_algo_settings_read_the_environment(monkeypatch, tmp_path):
         gg.algo_settings({"JZERO_LT_AUTOTUNE": "yes"})
 
 
+def test_graph_symbols_unless_autotuning_or_turned_off():
+    """The handlers marked for XLA's command buffers are registered with JZERO_LT_GRAPH=1; with autotuning (event
+    timing cannot run in a graph capture) that is an error, as is a bad value (also from algo_settings)."""
+    assert gg.graph_symbols(False, {}) is False
+    assert gg.graph_symbols(False, {"JZERO_LT_GRAPH": "1"}) is True
+    with pytest.raises(ValueError, match=r"JZERO_LT_GRAPH=1 with JZERO_LT_AUTOTUNE=1: .*record the choices first"):
+        gg.graph_symbols(True, {"JZERO_LT_GRAPH": "1"})
+    assert gg.graph_symbols(True, {}) is False
+    assert gg.graph_symbols(False, {"JZERO_LT_GRAPH": "0"}) is False
+    with pytest.raises(ValueError, match=r"JZERO_LT_GRAPH='no': use 1 .* or 0"):
+        gg.graph_symbols(False, {"JZERO_LT_GRAPH": "no"})
+    with pytest.raises(ValueError, match=r"JZERO_LT_GRAPH='2'"):
+        gg.algo_settings({"JZERO_LT_GRAPH": "2"})
+
+
 def test_shipped_algo_choices_are_well_formed():
     """Every line of csrc/lt_gemm_algos.txt is one problem the handler can look up: 9 key fields + an index."""
     lines = [ln.split() for ln in gg.SHIPPED_ALGOS.read_text().splitlines() if ln and not ln.startswith("#")]

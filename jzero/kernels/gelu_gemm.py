@@ -51,7 +51,8 @@ SHIPPED_ALGOS = pathlib.Path(__file__).parent / "csrc" / "lt_gemm_algos.txt"
 
 
 def algo_settings(environ=None) -> tuple[str, bool, bool]:
-    """(record file, autotune, verbose) from ``JZERO_LT_ALGOS`` / ``JZERO_LT_AUTOTUNE`` / ``JZERO_LT_VERBOSE``."""
+    """(record file, autotune, verbose) from ``JZERO_LT_ALGOS`` / ``JZERO_LT_AUTOTUNE`` / ``JZERO_LT_VERBOSE``;
+    also checks ``JZERO_LT_GRAPH`` (:func:`graph_symbols`)."""
     from jzero.kernels import build
 
     env = os.environ if environ is None else environ
@@ -60,7 +61,24 @@ def algo_settings(environ=None) -> tuple[str, bool, bool]:
         raise ValueError(f"JZERO_LT_AUTOTUNE={tune!r}: use 1 (time unrecorded GEMM shapes and record the fastest) "
                          f"or 0 (recorded choice, else cuBLASLt's first candidate)")
     record = env.get("JZERO_LT_ALGOS") or str(build.cache_dir() / "lt_gemm_algos.txt")
+    graph_symbols(tune == "1", env)
     return record, tune == "1", env.get("JZERO_LT_VERBOSE", "0") not in ("", "0")
+
+
+def graph_symbols(tune: bool, environ=None) -> bool:
+    """Register the handlers marked compatible with XLA's command buffers (CUDA graphs)? ``JZERO_LT_GRAPH=1``:
+    XLA may then capture the two GEMM calls into the step's graphs instead of splitting the graphs around each
+    call (the default, ``0``). Not with ``JZERO_LT_AUTOTUNE=1``, whose event timing a graph capture forbids."""
+    env = os.environ if environ is None else environ
+    graph = env.get("JZERO_LT_GRAPH", "0")
+    if graph not in ("0", "1"):
+        raise ValueError(f"JZERO_LT_GRAPH={graph!r}: use 1 (the GEMM handlers inside XLA's CUDA graphs) or 0 "
+                         f"(outside them)")
+    if graph == "1" and tune:
+        raise ValueError("JZERO_LT_GRAPH=1 with JZERO_LT_AUTOTUNE=1: autotuning times GEMMs with CUDA events, which "
+                         "a graph capture forbids; record the choices first (a few steps with JZERO_LT_AUTOTUNE=1), "
+                         "then run with JZERO_LT_GRAPH=1")
+    return graph == "1"
 
 
 @functools.cache
@@ -77,8 +95,9 @@ def _register() -> None:
     if tune:
         pathlib.Path(record).parent.mkdir(parents=True, exist_ok=True)
     lib.JzeroLtSetup(record.encode(), int(tune), int(verbose))
+    suffix = "Graph" if graph_symbols(tune) else ""
     for target, symbol in (("jzero_gemm_bias_gelu", "JzeroGemmBiasGelu"), ("jzero_gemm_dgelu", "JzeroGemmDgelu")):
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="CUDA")
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol + suffix)), platform="CUDA")
 
 
 def available() -> bool:

@@ -328,21 +328,32 @@ extern "C" void JzeroLtSetup(const char* path, int tune, int print) {
   verbose = print != 0;
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JzeroGemmDgelu, GemmDgelu,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()   // dy
-                                  .Arg<ffi::AnyBuffer>()   // w
-                                  .Arg<ffi::AnyBuffer>()   // pre
-                                  .Ret<ffi::AnyBuffer>()   // dpre
-                                  .Ret<ffi::AnyBuffer>()); // workspace
+// Each handler twice: plain, and marked compatible with XLA's command buffers (CUDA graphs), which lets XLA
+// capture the call into the step's graph instead of splitting the graph around it (jzero's JZERO_LT_GRAPH=1).
+// Only the plain ones may autotune: autotuning synchronises on events, which a graph capture forbids
+// (jzero.kernels.gelu_gemm picks the symbol and refuses the combination).
+#define JZ_DGELU_BINDING                                     \
+  ffi::Ffi::Bind()                                          \
+      .Ctx<ffi::PlatformStream<cudaStream_t>>()             \
+      .Arg<ffi::AnyBuffer>()   /* dy */                     \
+      .Arg<ffi::AnyBuffer>()   /* w */                      \
+      .Arg<ffi::AnyBuffer>()   /* pre */                    \
+      .Ret<ffi::AnyBuffer>()   /* dpre */                   \
+      .Ret<ffi::AnyBuffer>()   /* workspace */
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JzeroGemmBiasGelu, GemmBiasGelu,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()   // x
-                                  .Arg<ffi::AnyBuffer>()   // w
-                                  .Arg<ffi::AnyBuffer>()   // b
-                                  .Ret<ffi::AnyBuffer>()   // out
-                                  .Ret<ffi::AnyBuffer>()   // pre
-                                  .Ret<ffi::AnyBuffer>()); // workspace
+#define JZ_BIAS_GELU_BINDING                                 \
+  ffi::Ffi::Bind()                                          \
+      .Ctx<ffi::PlatformStream<cudaStream_t>>()             \
+      .Arg<ffi::AnyBuffer>()   /* x */                      \
+      .Arg<ffi::AnyBuffer>()   /* w */                      \
+      .Arg<ffi::AnyBuffer>()   /* b */                      \
+      .Ret<ffi::AnyBuffer>()   /* out */                    \
+      .Ret<ffi::AnyBuffer>()   /* pre */                    \
+      .Ret<ffi::AnyBuffer>()   /* workspace */
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JzeroGemmDgelu, GemmDgelu, JZ_DGELU_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JzeroGemmBiasGelu, GemmBiasGelu, JZ_BIAS_GELU_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JzeroGemmDgeluGraph, GemmDgelu, JZ_DGELU_BINDING,
+                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JzeroGemmBiasGeluGraph, GemmBiasGelu, JZ_BIAS_GELU_BINDING,
+                              {ffi::Traits::kCmdBufferCompatible});
