@@ -18,7 +18,7 @@ for r in 1 2; do
   row gpt2-defer-r$r $G $ON
   JZERO_LT_GRAPH=1 row gpt2-defergraph-r$r $G $ON
   echo "at ${SECONDS}s"
-  [ $SECONDS -gt $B ] && break
+  [ $SECONDS -gt $B ] || [ ${LLAMA:-1} = 0 ] && continue
   row llama-old-r$r $L $OFF
   XLA_FLAGS=--xla_gpu_dot_merger_threshold_mb=0 row llama-all3-r$r $L $ON --kernel-tile=layer_norm.MULTI_DY=1
   echo "at ${SECONDS}s"
