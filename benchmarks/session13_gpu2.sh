@@ -4,7 +4,8 @@
 # CUDA graphs (JZERO_LT_GRAPH=1; call 1: command buffers off cost +0.74 ms, so graphs are in effect and the 24 FFI
 # calls a step split them). Llama-1B main, 30-step windows: the old program against all three candidates at once
 # (deferred residual, q/k/v gradients summed in ln_1's kernel (MULTI_DY), XLA's dot merger off: session 9's profile
-# had ~1.5 ms of q/k/v concatenates). Rounds interleaved while the budget lasts (BUDGET_S, seconds of this script).
+# had ~1.5 ms of q/k/v concatenates). EXTRA=1 adds a GPT-2 row with every command-buffer type XLA can capture
+# named and graphs of any size. Rounds interleaved while the budget lasts (BUDGET_S, seconds of this script).
 set -u
 source benchmarks/gpu_env.sh
 OFF=--kernel-tile=layer_norm.DEFER_RESIDUAL=0
@@ -17,6 +18,9 @@ for r in 1 2; do
   row gpt2-old-r$r $G $OFF
   row gpt2-defer-r$r $G $ON
   JZERO_LT_GRAPH=1 row gpt2-defergraph-r$r $G $ON
+  # XLA's graphs with every command type it can capture named, and no minimum graph size
+  [ ${EXTRA:-0} = 1 ] && JZERO_LT_GRAPH=1 XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN --xla_gpu_graph_min_graph_size=1" \
+    row gpt2-allgraph-r$r $G $ON
   echo "at ${SECONDS}s"
   [ $SECONDS -gt $B ] || [ ${LLAMA:-1} = 0 ] && continue
   row llama-old-r$r $L $OFF
