@@ -306,19 +306,25 @@ def test_residual_norm_per_shard_on_8_devices_equals_one_device(ln_inputs):
     _assert_8_devices_equal_one(grad, x8, r8, scale, bias, rb8)
 
 
+def _rbias_inputs(seed, rms, n_cot, shape=(3, 11, 96)):
+    """bf16 ``x, r``, a bf16 sub-layer bias ``rb``, fp32 ``scale, bias`` (zero bias for RMS) and ``n_cot`` bf16
+    cotangents of ``shape`` (33 rows, d=96: ragged tiles), from PRNG key ``seed``."""
+    k = jax.random.split(jax.random.PRNGKey(seed), 5 + n_cot)
+    x = (jax.random.normal(k[0], shape) + 0.3).astype(jnp.bfloat16)
+    r = jax.random.normal(k[1], shape).astype(jnp.bfloat16)
+    rb = (0.5 * jax.random.normal(k[2], shape[-1:])).astype(jnp.bfloat16)
+    scale = 1 + 0.1 * jax.random.normal(k[3], shape[-1:])
+    bias = jnp.zeros(shape[-1:]) if rms else 0.1 * jax.random.normal(k[4], shape[-1:])
+    return x, r, rb, scale, bias, [jax.random.normal(k[5 + i], shape).astype(jnp.bfloat16) for i in range(n_cot)]
+
+
 @pytest.mark.parametrize("rms", [True, False], ids=["rms", "layer"])
 def test_residual_norm_with_the_sublayer_bias_matches_the_formula(rms):
     """``rbias``: ``s = x + (r + rb)`` summed in fp32 and rounded once, then the norm; rb's gradient is the column
     sum of dx (from the backward kernel's partial sums), r's is dx; against the fp32 formula and a bias-free call
     with the bias already added. 33 rows, d=96: ragged tiles."""
-    shape, eps = (3, 11, 96), 1e-5
-    k = jax.random.split(jax.random.PRNGKey(12), 7)
-    x = (jax.random.normal(k[0], shape) + 0.3).astype(jnp.bfloat16)
-    r = jax.random.normal(k[1], shape).astype(jnp.bfloat16)
-    rb = (0.5 * jax.random.normal(k[6], shape[-1:])).astype(jnp.bfloat16)
-    scale = 1 + 0.1 * jax.random.normal(k[2], shape[-1:])
-    bias = jnp.zeros(shape[-1:]) if rms else 0.1 * jax.random.normal(k[3], shape[-1:])
-    ds, dy = (jax.random.normal(k[i], shape).astype(jnp.bfloat16) for i in (4, 5))
+    eps = 1e-5
+    x, r, rb, scale, bias, (ds, dy) = _rbias_inputs(12, rms, 2)
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
 
     f = lambda x, r, rb: kln.residual_norm(x, r, scale, bias, rb, eps, jnp.bfloat16, NAMES, rms)  # noqa: E731
@@ -344,14 +350,8 @@ def test_residual_norm_with_three_consumers_sums_their_gradients_in_the_kernel(r
     """``n_y=3``: three outputs equal to the one-output call's ``y``; the backward kernel reads the three
     cotangents and sums them in fp32: against the fp32 formula with ``dy = dy1 + dy2 + dy3`` (33 rows, d=96:
     ragged tiles), with the sub-layer bias (its gradient from the same pass)."""
-    shape, eps = (3, 11, 96), 1e-5
-    k = jax.random.split(jax.random.PRNGKey(13), 9)
-    x = (jax.random.normal(k[0], shape) + 0.3).astype(jnp.bfloat16)
-    r = jax.random.normal(k[1], shape).astype(jnp.bfloat16)
-    rb = (0.5 * jax.random.normal(k[2], shape[-1:])).astype(jnp.bfloat16)
-    scale = 1 + 0.1 * jax.random.normal(k[3], shape[-1:])
-    bias = jnp.zeros(shape[-1:]) if rms else 0.1 * jax.random.normal(k[4], shape[-1:])
-    ds, *dys = (jax.random.normal(k[i], shape).astype(jnp.bfloat16) for i in (5, 6, 7, 8))
+    eps = 1e-5
+    x, r, rb, scale, bias, (ds, *dys) = _rbias_inputs(13, rms, 4)
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
 
     f3 = lambda x, r, rb: kln.residual_norm(x, r, scale, bias, rb, eps, jnp.bfloat16, NAMES, rms, 3)  # noqa: E731
