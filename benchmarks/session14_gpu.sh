@@ -4,12 +4,14 @@
 # residual + q/k/v gradients summed in ln_1's kernel (MULTI_DY) + XLA's dot merger off: session 9's profile had
 # ~1.5 ms of q/k/v concatenates, and 1.2x needs ~0.6%), then its torch.compile peer; GPT-2 main (50-step windows):
 # shipped vs deferred residual + GELU-GEMM FFI handlers in XLA's CUDA graphs (JZERO_LT_GRAPH=1), then its peer.
+# First, benchmarks.gemm_probe: the attention projections' GEMMs alone in three weight layouts.
 set -u
 source benchmarks/gpu_env.sh
 OFF=--kernel-tile=layer_norm.DEFER_RESIDUAL=0
 ON=--kernel-tile=layer_norm.DEFER_RESIDUAL=1
 G="--config configs/gpt2_124m.yaml --steps 50 --main"
 L="--config configs/llama_1b.yaml --steps 30 --main"
+timeout 60 python3 -m benchmarks.gemm_probe > $OUT/gemm_probe.txt 2>&1; tail -12 $OUT/gemm_probe.txt
 row llama-old-r1 $L $OFF
 XLA_FLAGS=--xla_gpu_dot_merger_threshold_mb=0 row llama-all3-r1 $L $ON --kernel-tile=layer_norm.MULTI_DY=1
 echo "at ${SECONDS}s"
