@@ -15,7 +15,10 @@ have not yet been timed on a GPU:
 - ``--xla_gpu_dot_merger_threshold_mb=0`` (GPT-2): XLA merges the q/k/v projections (they share their input) into
   one [d, 3d] GEMM, then needs a copy per q/k/v to split its output for cuDNN attention, and a concatenate of
   dq/dk/dv in the backward pass; unmerged, each projection writes its own array. Measured on GPT-2 124M:
-  BENCHMARKS.md, "History" and "Notes: predictions vs measurements" (dot merger off).
+  BENCHMARKS.md, "History" and "Notes: predictions vs measurements" (dot merger off). Llama-style models too: the
+  same flag, with the deferred residual and the q/k/v gradients summed in the norm's kernel
+  (:mod:`jzero.kernels.layer_norm` ``DEFER_RESIDUAL``, ``MULTI_DY``), made the Llama-1B main 1.0% faster on an
+  H100 (238.2 vs 240.7 ms, 2 rounds; BENCHMARKS.md, "Session 14").
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import os
 #: model family -> XLA flags (GPU only; harmless on CPU, where these options are unused)
 FLAGS: dict[str, tuple[str, ...]] = {
     "gpt2": ("--xla_gpu_dot_merger_threshold_mb=0",),
+    "llama": ("--xla_gpu_dot_merger_threshold_mb=0",),
 }
 
 

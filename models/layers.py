@@ -392,7 +392,8 @@ def stack_blocks(block_cls, cfg, x):
         return x
     # unrolled: a block that can (a ``defer_residual`` field) leaves its MLP output for the next block's input norm
     # to add (Residual); the model's final norm adds the last one (final_norm)
-    defer = {"defer_residual": True} if kernel_ln.DEFER_RESIDUAL and _has_field(raw_block_cls, "defer_residual") else {}
+    defer = {"defer_residual": True} if (kernel_ln.defer_residual(raw_block_cls)
+                                        and _has_field(raw_block_cls, "defer_residual")) else {}
     for i in range(cfg.n_layer):
         x, _ = block_cls(cfg, name=f"block_{i}", **defer)(x, None)
     return x

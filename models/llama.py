@@ -65,6 +65,9 @@ class LlamaBlock(nn.Module):
     #: training: return ``Residual(x, mlp_out)`` for the next block's attn_norm (or the final norm) to add in its
     #: kernel (models.layers.stack_blocks sets it for unrolled layers)
     defer_residual: bool = False
+    #: what ``jzero.kernels.layer_norm.DEFER_RESIDUAL=-1`` (the default) picks: on (Llama-1B main 1.0% faster with
+    #: it, MULTI_DY and XLA's dot merger off together; BENCHMARKS.md, "Session 14")
+    auto_defer_residual = True
 
     @nn.compact
     def __call__(self, x_BxTxD, kv=None, ctx=None):

@@ -87,7 +87,7 @@ class LayerNorm(nn.Module):
         if delta_bias is not None and not (fold and kernel_ln.RESIDUAL_BIAS):   # XLA adds the bias here
             delta, delta_bias = delta + delta_bias.astype(delta.dtype), None
         if fold:
-            n_y = n_out if kernel_ln.MULTI_DY else 1
+            n_y = n_out if kernel_ln.multi_dy(False) else 1
             s, y = kernel_ln.residual_norm(x, _like(delta, x), scale, bias, delta_bias, self.eps, self.dtype,
                                            RESIDUAL, False, n_y)
             return s, _copies(y, n_out, n_y)
@@ -177,7 +177,7 @@ class RMSNorm(nn.Module):
         kernel = low_precision(self.dtype) and kernels.use(
             "rms_norm", (kernels.LAYOUT_WHY, lambda: kernel_ln.supported(RESIDUAL, d)))
         if kernel and fused and kernels.enabled("residual_norm"):
-            n_y = n_out if kernel_ln.MULTI_DY else 1
+            n_y = n_out if kernel_ln.multi_dy(True) else 1
             s, y = kernel_ln.residual_norm(x, _like(delta, x), scale, jnp.zeros_like(scale), None, self.eps,
                                            self.dtype, RESIDUAL, True, n_y)
             return s, _copies(y, n_out, n_y)

@@ -112,6 +112,16 @@ def test_bucket_sizes_become_xla_combine_thresholds():
     assert xla_flags.apply(cfg, env=env) == flags   # idempotent
 
 
+def test_model_family_flags_turn_the_dot_merger_off_for_gpt2_and_llama():
+    from jzero import xla_flags
+
+    for family in ("gpt2", "llama"):
+        cfg = load_config(base={"train_batch_size": 8, "model": {"family": family}})
+        assert "--xla_gpu_dot_merger_threshold_mb=0" in xla_flags.flags_for(cfg)
+    cfg = load_config(base={"train_batch_size": 8, "model": {"family": "bert"}})
+    assert "--xla_gpu_dot_merger_threshold_mb=0" not in xla_flags.flags_for(cfg)
+
+
 def test_deepspeed_offload_section_at_its_defaults_is_accepted():
     """A ds_config's offload block with DeepSpeed's defaults for its NVMe-only knobs loads as is."""
     cfg = load_config(base={"zero_optimization": {"stage": 2, "offload_optimizer": {

@@ -100,11 +100,14 @@ def test_unrolled_blocks_hand_the_residual_add_to_the_next_norm_kernel(family, m
 
     monkeypatch.setattr(kln, "residual_norm", counted)
     got = {}
-    for on in (1, 0):
+    for on in (1, 0, -1):   # -1: the defaults (on for Llama's RMSNorm blocks, off for GPT-2's LayerNorm ones)
         monkeypatch.setattr(kln, "DEFER_RESIDUAL", on)
         monkeypatch.setattr(kln, "MULTI_DY", on)
         calls.clear()
-        got[on] = jax.value_and_grad(loss)(params)
+        if on >= 0:
+            got[on] = jax.value_and_grad(loss)(params)
+        else:   # which kernel calls the defaults make: tracing is enough
+            jax.eval_shape(jax.value_and_grad(loss), params)
         got[on, "calls"] = list(calls)
     bias = family == "gpt2"
     n = 3   # layers
@@ -112,6 +115,7 @@ def test_unrolled_blocks_hand_the_residual_add_to_the_next_norm_kernel(family, m
     sub = (True, bias, 1)   # ln_2 / mlp_norm (GPT-2's attention out bias inside ln_2's kernel)
     assert got[1, "calls"] == [first, sub] + [later, sub] * (n - 1) + [(True, bias, 1)], got[1, "calls"]
     assert got[0, "calls"] == [(False, False, 1), sub] * n, got[0, "calls"]
+    assert got[-1, "calls"] == got[1 if family == "llama" else 0, "calls"]
     assert isinstance(L.block_input(L.Residual(tokens)), tuple)
     (l1, g1), (l0, g0) = got[1], got[0]
     assert abs(float(l1) - float(l0)) < 1e-2 * abs(float(l0))

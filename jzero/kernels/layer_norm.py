@@ -132,17 +132,31 @@ NUM_WARPS = 4
 RESIDUAL_BIAS = 1
 #: 1: a norm read by several consumers (the attention's q/k/v projections: models.norms.LayerNorm ``n_out``)
 #: hands each its own output and sums their gradients in the backward kernel; 0: one output, XLA adds the
-#: gradients first. Off: the GPT-2 main measured no faster with it (31.09 vs 31.08 ms, H100; BENCHMARKS.md,
-#: "Session 12"); the switch stays for the H200 re-measurement
-MULTI_DY = 0
+#: gradients first; -1 (default): on for RMSNorm, off for LayerNorm (:func:`multi_dy`). Measured: the GPT-2 main
+#: no faster with it (31.09 vs 31.08 ms, H100; BENCHMARKS.md, "Session 12"); the Llama-1B main 1.0% faster with
+#: it, the deferred residual and XLA's dot merger off together (H100, 2 rounds; "Session 14")
+MULTI_DY = -1
 #: 1: unrolled blocks (models.layers.stack_blocks) hand their MLP output, and its bias, to the next block's input
-#: norm (``models.norms.Residual``), which adds them in its kernel; 0: each block adds its own. Off: its kernels
-#: take 0.3 ms less a GPT-2 step, yet the main measured slower with it (BENCHMARKS.md, "Session 12", H100)
-DEFER_RESIDUAL = 0
+#: norm (``models.norms.Residual``), which adds them in its kernel; 0: each block adds its own; -1 (default): the
+#: block class's ``auto_defer_residual`` (on for Llama, off for GPT-2). GPT-2: its kernels take 0.3 ms less a step,
+#: yet the main measured no faster ("Session 12", "Session 13", "Session 14", H100); Llama-1B: see MULTI_DY
+DEFER_RESIDUAL = -1
 #: the same for RMSNorm (chosen at Llama-1B's [16384, 2048]: BENCHMARKS.md, "Session 8")
 RMS_BLOCK_M = 2
 RMS_BWD_INNER = 16
 RMS_NUM_WARPS = 4
+
+
+
+def multi_dy(rms: bool) -> bool:
+    """Does a norm with several consumers give each its own output (``MULTI_DY``; -1: RMSNorm yes, LayerNorm no)?"""
+    return bool(rms) if MULTI_DY < 0 else bool(MULTI_DY)
+
+
+def defer_residual(block_cls) -> bool:
+    """Do unrolled ``block_cls`` blocks leave their residual add to the next norm (``DEFER_RESIDUAL``; -1: the
+    class's ``auto_defer_residual``)?"""
+    return bool(getattr(block_cls, "auto_defer_residual", False)) if DEFER_RESIDUAL < 0 else bool(DEFER_RESIDUAL)
 
 
 def forward_2d(x_MxN, scale_N, bias_N, eps: float, out_dtype, block_m: int | None = None,
