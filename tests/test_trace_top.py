@@ -35,3 +35,36 @@ def test_device_events_read_the_gpu_process_of_a_trace(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "total device-event time 0.0 ms" in out and "device busy 0.00 ms per step" in out
     assert "idle gaps        2-10 us:    0.001 ms per step" in out
+
+
+def test_library_report_joins_gemm_kernels_to_their_custom_calls(tmp_path, capsys):
+    """``fusion_report --library``: cuBLAS kernels, which carry no HLO name, are grouped by the ``hlo_op`` of their
+    trace events; the report gives each op's time per step and mean, its custom call with layouts, the GEMM's
+    dimension numbers and epilogue, and the operands' producers (so two GEMMs of one shape can be told apart)."""
+    from benchmarks import fusion_report
+
+    meta = [{"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/device:GPU:0"}}]
+    ev = lambda name, op, ts, dur: {"ph": "X", "pid": 7, "name": name, "ts": ts, "dur": dur,  # noqa: E731
+                                    "args": {"hlo_op": op}}
+    events = meta + [ev("nvjet_NNT", "custom-call.12", 0, 45), ev("nvjet_NNT", "custom-call.12", 100, 45),
+                     ev("nvjet_TNT", "custom-call.13", 200, 30), ev("loop_add_fusion", "loop_add_fusion", 300, 5)]
+    with gzip.open(tmp_path / "x.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    hlo = tmp_path / "hlo.txt"
+    hlo.write_text(
+        "ENTRY %main (p0: bf16[16384,768], p1: bf16[768,768]) -> bf16[16384,768] {\n"
+        "  %fusion.3 = bf16[16384,768]{1,0} fusion(bf16[16384,768]{1,0} %p0), kind=kLoop, calls=%f3\n"
+        "  %loop_add_fusion = bf16[16384,768]{1,0} fusion(bf16[16384,768]{1,0} %p0), kind=kLoop, calls=%f4\n"
+        '  %custom-call.12 = (bf16[16384,768]{1,0}, s8[1024]{0}) custom-call(bf16[16384,768]{1,0} %fusion.3, '
+        'bf16[768,768]{0,1} %p1), custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":'
+        '{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],'
+        '"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]},"epilogue":"BIAS"}}\n'
+        "}\n")
+    fusion_report.library_report(str(tmp_path), str(hlo), 5, steps=2)
+    out = capsys.readouterr().out
+    assert "### nvjet_NNT <- custom-call.12: 0.045 ms/step, x1/step, 45.0 us each" in out
+    assert "bf16[768,768]{0,1} %p1" in out and "backend_config" not in out
+    assert "gemm: lc=[1] rc=[0] lb=[] rb=[] epilogue=BIAS" in out
+    assert "<- %fusion.3 = bf16[16384,768]{1,0} fusion(" in out
+    assert "### nvjet_TNT <- custom-call.13: 0.015 ms/step, x0.5/step, 30.0 us each" in out
+    assert "### loop_add_fusion" not in out   # XLA's own fusions (named after an instruction) are report()'s
