@@ -147,7 +147,6 @@ RMS_BWD_INNER = 16
 RMS_NUM_WARPS = 4
 
 
-
 def multi_dy(rms: bool) -> bool:
     """Does a norm with several consumers give each its own output (``MULTI_DY``; -1: RMSNorm yes, LayerNorm no)?"""
     return bool(rms) if MULTI_DY < 0 else bool(MULTI_DY)
