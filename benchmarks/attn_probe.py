@@ -22,7 +22,8 @@ import numpy as np
 SHAPES = {"gpt2": (16, 1024, 12, 12, 64), "llama1b": (8, 2048, 32, 8, 64)}   # B, T, N, K, H
 
 
-def _timed(fn, args, iters: int) -> float:
+def timed(fn, args, iters: int) -> float:
+    """Mean ms of ``fn(*args)`` over ``iters`` back-to-back calls after one warm-up call (one sync at the end)."""
     jax.block_until_ready(fn(*args))
     t = time.perf_counter()
     for _ in range(iters):
@@ -101,7 +102,7 @@ def main() -> None:
         for impl, label, attn in rows:
             try:
                 f = _fwd_bwd(attn)
-                ms = _timed(f, (q, k, v, do), a.iters)
+                ms = timed(f, (q, k, v, do), a.iters)
                 out = f(q, k, v, do)
                 diff = 0.0 if ref is None else max(_rel(x, y) for x, y in zip(out, ref))
                 ref = out if ref is None else ref

@@ -15,21 +15,13 @@ FLOPs over that time (fwd 2MKN per projection; backward twice that).
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks.attn_probe import timed
+
 SHAPES = {"gpt2": (16384, 768, 12, 12, 64), "llama1b": (16384, 2048, 32, 8, 64)}   # tokens, d, N, K, H
-
-
-def _timed(fn, args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))
-    t = time.perf_counter()
-    for _ in range(iters):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t) / iters * 1e3
 
 
 def _variants(d: int, N: int, K: int, H: int):
@@ -86,8 +78,8 @@ def main() -> None:
                 return out, vjp(cts)
             fb = jax.jit(fb)
             x_in = xs[:1] if n_in == 1 else xs
-            t_f = _timed(fwd, (x_in, ws), a.iters)
-            t_fb = _timed(fb, (x_in, ws, cts), a.iters)
+            t_f = timed(fwd, (x_in, ws), a.iters)
+            t_fb = timed(fb, (x_in, ws, cts), a.iters)
             print(f"| {name} | {vname} | {t_f:.3f} | {flops / t_f / 1e9:.0f} | {t_fb:.3f} | "
                   f"{3 * flops / t_fb / 1e9:.0f} |", flush=True)
         o, do = rnd((M, N, H)), rnd((M, d))
@@ -100,7 +92,7 @@ def main() -> None:
                 y, vjp = jax.vjp(f, o, w)
                 return y, vjp(do)
             fb = jax.jit(fb)
-            t_f, t_fb = _timed(fwd, (o, w), a.iters), _timed(fb, (o, w, do), a.iters)
+            t_f, t_fb = timed(fwd, (o, w), a.iters), timed(fb, (o, w, do), a.iters)
             print(f"| {name} | {vname} | {t_f:.3f} | {oflops / t_f / 1e9:.0f} | {t_fb:.3f} | "
                   f"{3 * oflops / t_fb / 1e9:.0f} |", flush=True)
 
