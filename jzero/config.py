@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, PrivateAttr, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from jzero.errors import ConfigError
 from jzero.monitor import CometConfig, CSVMonitorConfig, TensorboardConfig, WandbConfig
@@ -94,6 +94,11 @@ class ZeroConfig(Section):
     overlap_comm: bool | None = None
     offload_optimizer: OffloadConfig = OffloadConfig()
     offload_param: OffloadConfig = OffloadConfig()
+
+    @field_validator("offload_optimizer", "offload_param", mode="before")
+    @classmethod
+    def _null_is_off(cls, v):   # DeepSpeed's schema: Optional, null = no offload
+        return {} if v is None else v
     #: ZeRO++ hpZ: data-parallel ranks per "node" (DeepSpeed's secondary partition group). > 1 splits the data
     #: axis into ``node`` (inter-node) x ``data`` (intra-node); ZeRO-3 shards within the node, replicates across.
     zero_hpz_partition_size: int = Field(1, ge=1)
@@ -122,8 +127,13 @@ class ZeroConfig(Section):
 
 
 class OptimizerConfig(Section):
+    """``optimizer``: DeepSpeed's ``{type, params}``. A key missing from ``params`` takes the default of DeepSpeed's
+    own optimizer of that type (FusedAdam / FusedLamb: lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 0;
+    :mod:`jzero.optim`), so a ``ds_config.json`` trains with the hyperparameters DeepSpeed would use; with no
+    ``optimizer`` section at all, AdamW at those defaults."""
+
     type: str = "AdamW"
-    params: dict[str, Any] = Field(default_factory=lambda: {"lr": 1e-3, "betas": [0.9, 0.95], "weight_decay": 0.1})
+    params: dict[str, Any] = Field(default_factory=dict)
 
 
 class SchedulerConfig(Section):
@@ -355,10 +365,35 @@ def _raise_from_validation(err: ValidationError, source: str) -> None:
         fix = f"did you mean '{near}'?" if near else "remove or rename it"
         msg = f"unknown key '{key}' in {source}: not a DeepSpeed or jzero key under {parent}; {fix}"
     elif kind == "value_error":
-        msg = f"{key + ': ' if key else ''}{e['msg'].removeprefix('Value error, ')} ({source})"
+        text = e["msg"].removeprefix("Value error, ")
+        named = not key or text.startswith((key, key.rsplit(".", 1)[-1]))
+        msg = f"{'' if named else key + ': '}{text} ({source})"
+    elif kind == "string_type" and isinstance(e.get("input"), (int, float, bool)):
+        msg = (f"key '{key}' in {source}: must be text, not the {type(e['input']).__name__} {e['input']!r}; quote "
+               f"the value (on the command line: {key}='\"VALUE\"')")
     else:
         msg = f"key '{key}' in {source}: {e['msg']} (got {e.get('input')!r})"
     raise ConfigError(msg) from None
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[Any, Any]]) -> dict:
+    """``object_pairs_hook`` refusing a key given twice in one mapping (DeepSpeed refuses it too; last-wins would
+    train with whichever value came second, silently)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _duplicate_error(exc: _DuplicateKey, source: str) -> ConfigError:
+    return ConfigError(f"{source}: key '{exc.args[0]}' is given twice in one section; keep one (DeepSpeed refuses "
+                       "duplicate keys too)")
 
 
 class YamlLoader(yaml.SafeLoader):
@@ -367,6 +402,12 @@ class YamlLoader(yaml.SafeLoader):
     sweep files all load through it."""
 
 
+def _yaml_mapping(loader: YamlLoader, node: yaml.MappingNode) -> dict:
+    loader.flatten_mapping(node)
+    return _no_duplicates(loader.construct_pairs(node, deep=True))
+
+
+YamlLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _yaml_mapping)
 YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
     list("-+0123456789."))
@@ -377,6 +418,8 @@ def load_yaml(text: str, source: str) -> Any:
     ``source``, the line and column, and what is wrong there."""
     try:
         return yaml.load(text, Loader=YamlLoader)
+    except _DuplicateKey as exc:
+        raise _duplicate_error(exc, source) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -387,24 +430,38 @@ def load_yaml(text: str, source: str) -> Any:
 
 
 def read_config_file(path: str | Path) -> dict:
-    """Read a JSON or YAML config file into a dict (YAML by extension .yaml/.yml, else JSON)."""
+    """Read a config file into a dict: YAML by extension .yaml/.yml, else DeepSpeed's JSON as DeepSpeed reads it
+    (``hjson``: comments, trailing commas and a UTF-8 byte-order mark are accepted). A key given twice in one
+    mapping is an error in both, as in DeepSpeed."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a directory; pass the JSON or YAML file in it")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found; pass an existing --config path or omit it for the default")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        data = load_yaml(text, f"config file '{path}'")
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"config file '{path}' is not valid JSON at line {exc.lineno}, column {exc.colno}: "
-                              f"{exc.msg}") from None
-    if data is None:
-        data = {}
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {exc.start}); pass a JSON or YAML "
+                          "config") from None
+    source = f"config file '{path}'"
+    data = load_yaml(text, source) if path.suffix in (".yaml", ".yml") else _load_json(text, source)
+    if not data:
+        raise ConfigError(f"config file '{path}' holds no keys; write the config into it, or omit --config for the "
+                          "embedded default")
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of keys, not a {type(data).__name__}")
     return data
+
+
+def _load_json(text: str, source: str) -> Any:
+    import hjson
+
+    try:
+        return hjson.loads(text, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        raise _duplicate_error(exc, source) from None
+    except hjson.HjsonDecodeError as exc:
+        raise ConfigError(f"{source} is not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
 
 
 def _parse_value(text: str) -> Any:
@@ -415,6 +472,8 @@ def _parse_value(text: str) -> Any:
             pass
     try:
         return yaml.load(text, Loader=YamlLoader)
+    except _DuplicateKey as exc:
+        raise _duplicate_error(exc, f"override value {text!r}") from None
     except yaml.YAMLError:
         return text
 
@@ -452,10 +511,11 @@ def validate(data: dict, source: str = "config") -> JzeroConfig:
     then the schema."""
     from jzero.ds_auto import resolve_auto
     from jzero.ds_keys import normalize
+    from jzero.optim import default_params
 
     try:
         data, no_effect = normalize(data)
-        data, filled = resolve_auto(data, default_lr=OptimizerConfig().params["lr"],
+        data, filled = resolve_auto(data, default_lr=default_params(OptimizerConfig().type)["lr"],
                                     default_steps=TrainConfig().steps)
     except ConfigError as exc:
         raise ConfigError(f"{exc} ({source})") from None

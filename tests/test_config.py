@@ -139,7 +139,71 @@ def test_yaml_and_json_syntax_errors_name_line_and_column(tmp_path):
     bad.write_text('{"train": {"steps": 3,\n  "seed": }}')
     with pytest.raises(ConfigError) as e:
         read_config_file(bad)
-    assert str(e.value) == f"config file '{bad}' is not valid JSON at line 2, column 11: Expecting value"
+    assert str(e.value) == (f"config file '{bad}' is not valid JSON at line 2, column 11: Found a punctuator "
+                            "character when expecting a quoteless string (check your syntax)")
+
+
+def test_json_is_read_as_deepspeed_reads_it(tmp_path):
+    """hjson, as DeepSpeed: comments, trailing commas and a byte-order mark load; a duplicate key is refused (in
+    YAML too), where plain json / PyYAML would keep the last value silently."""
+    ok = tmp_path / "ds.json"
+    ok.write_bytes(b'\xef\xbb\xbf{"train_batch_size": 8, // the global batch\n "zero_optimization": {"stage": 2,},}')
+    assert read_config_file(ok) == {"train_batch_size": 8, "zero_optimization": {"stage": 2}}
+    for name, text, key in (("dup.json", '{"zero_optimization": {"stage": 2, "stage": 3}}', "stage"),
+                            ("dup.yaml", "optimizer: {type: Adam}\noptimizer: {type: AdamW}\n", "optimizer")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError) as e:
+            read_config_file(tmp_path / name)
+        assert str(e.value) == (f"config file '{tmp_path / name}': key '{key}' is given twice in one section; keep "
+                                "one (DeepSpeed refuses duplicate keys too)")
+    with pytest.raises(ConfigError, match="override value '{a: 1, a: 2}': key 'a' is given twice"):
+        load_config(base={}, overrides=["train={a: 1, a: 2}"])
+
+
+def test_unreadable_config_files_are_one_line_errors(tmp_path):
+    binary = tmp_path / "b.json"
+    binary.write_bytes(b'{"a": "\xd0\xff"}')
+    with pytest.raises(ConfigError, match=r"b.json' is not UTF-8 text \(byte 7\); pass a JSON or YAML config"):
+        read_config_file(binary)
+    with pytest.raises(ConfigError, match="is a directory; pass the JSON or YAML file in it"):
+        read_config_file(tmp_path)
+    for name, text in (("e.json", ""), ("e.yaml", "# nothing\n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError, match="holds no keys; write the config into it, or omit --config"):
+            read_config_file(tmp_path / name)
+
+
+def test_optimizer_params_left_out_take_deepspeeds_defaults():
+    """A ds_config's optimizer without params (or with some) trains at DeepSpeed's FusedAdam/FusedLamb defaults
+    for the rest, not at values of jzero's own; the same with no optimizer section and an lr override."""
+    from jzero.optim import build_optimizer, default_params
+
+    for base, overrides in (({"optimizer": {"type": "AdamW"}}, []), ({}, ["optimizer.params.lr=1e-3"]),
+                            ({"optimizer": {"type": "Lamb", "params": {"lr": 1e-3}}}, [])):
+        cfg = load_config(base={"train_batch_size": 8, **base}, overrides=overrides)
+        assert cfg.optimizer.params in ({}, {"lr": 1e-3})
+        p = default_params(cfg.optimizer.type)
+        assert (p["lr"], tuple(p["betas"]), p["eps"], p["weight_decay"]) == (1e-3, (0.9, 0.999), 1e-8, 0.0)
+    # AdamW at those defaults: one update of a unit gradient from zero moments is -lr * sign (no decay term)
+    import jax.numpy as jnp
+
+    tx, _ = build_optimizer({"type": "AdamW"})
+    params = {"w": jnp.ones(3)}
+    updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+    assert jnp.allclose(updates["w"], -1e-3, rtol=1e-4)
+
+
+def test_deepspeed_nulls_and_quoted_text():
+    cfg = load_config(base={"train_batch_size": 8, "zero_optimization": {"stage": 2, "offload_optimizer": None,
+                                                                         "offload_param": None}})
+    assert cfg.zero_optimization.offload_optimizer.device == "none" == cfg.zero_optimization.offload_param.device
+    with pytest.raises(ConfigError) as e:
+        load_config(base={"train_batch_size": 8}, overrides=["train.output_dir=2024"])
+    assert str(e.value) == ("key 'train.output_dir' in config: must be text, not the int 2024; quote the value "
+                            "(on the command line: train.output_dir='\"VALUE\"')")
+    with pytest.raises(ConfigError) as e:
+        load_config(base={"train_batch_size": 8, "fp16": {"enabled": True, "loss_scale": -1}})
+    assert str(e.value).startswith("fp16.loss_scale=-1: must be")    # the key named once
 
 
 def test_yaml_exponents_are_numbers_in_configs_and_overrides(tmp_path):

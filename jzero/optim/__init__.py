@@ -46,6 +46,12 @@ VALID_OPTIMIZERS = ("Adam", "AdamW", "Lamb")
 _BOOLS = {"bias_correction", "adam_w_mode", "amsgrad", "set_grad_none", "torch_adam", "eps_inside_sqrt"}
 
 
+def default_params(type_: str) -> dict[str, Any]:
+    """DeepSpeed's defaults for ``optimizer.params`` of ``type_`` (Adam / AdamW / Lamb, any case): what a key left
+    out of a ds_config's ``params`` means."""
+    return dict(_PARAMS[type_.lower()])
+
+
 def global_norm(tree) -> jax.Array:
     """fp32 L2 norm over every leaf of ``tree`` (16-bit leaves are upcast per leaf before squaring)."""
     return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(tree)))
