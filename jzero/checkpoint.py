@@ -260,6 +260,7 @@ def load(engine, directory, tag=None, data_iterator=None, load_module_only: bool
         params = _restore_state(directory, step, target, where, partial=True)["params"]
         state = engine.state.replace(params=_unsaveable(params, engine.state.params))
     else:
+        _check_offload(meta, strategy, where)
         check_compatible(meta, engine.state, engine.config.optimizer.type, where)
         target = restore_target(saveable(engine.state))
         state = _unsaveable(_restore_state(directory, step, target, where), engine.state)
@@ -271,6 +272,30 @@ def load(engine, directory, tag=None, data_iterator=None, load_module_only: bool
         state = strategy.refresh(state)
     engine.state = state
     return client
+
+
+def _check_offload(meta: dict, strategy, where: str) -> None:
+    """A whole-state resume needs the optimizer state where the checkpoint keeps it: host chunks under
+    ``offload_optimizer`` (its state tree holds no moments), device arrays otherwise."""
+    saved = meta.get("offload") is not None
+    now = bool(getattr(strategy, "offloaded", False))
+    if saved != now:
+        dev = lambda off: "cpu" if off else "none"  # noqa: E731
+        raise CheckpointError(f"{where} was written with zero_optimization.offload_optimizer.device={dev(saved)} "
+                              f"but this run has device={dev(now)}; resume with device={dev(saved)}, or load only "
+                              "the weights (load_module_only=True)")
+
+
+def require_no_steps(directory, fix: str) -> None:
+    """Refuse to start a fresh run that saves into ``directory`` while it holds steps of an earlier run: orbax's
+    rotation (``max_to_keep``) deletes the oldest-written step whatever its number, so the old run's checkpoints
+    would go one by one, and a later ``--resume`` could continue the old run from a step the new one never reached.
+    ``fix``: what the caller's user should do instead (one clause)."""
+    found = steps(directory)
+    if found:
+        shown = ", ".join(map(str, found[:5])) + (", ..." if len(found) > 5 else "")
+        raise CheckpointError(f"checkpoint directory {_key(directory)} already holds steps {shown} of an earlier "
+                              f"run, which this run's checkpoint rotation would delete; {fix}")
 
 
 def _fresh_loss_scale_if_precision_changed(meta: dict, engine, state, where: str, log):

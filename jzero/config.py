@@ -353,10 +353,11 @@ def valid_keys() -> set[str]:
     return _schema_paths(JzeroConfig) | set(KEYS)
 
 
-def _raise_from_validation(err: ValidationError, source: str) -> None:
+def _raise_from_validation(err: ValidationError, source: str, overrides: list[str] = ()) -> None:
     e = err.errors()[0]
     key = _fmt_loc(e["loc"])
     kind = e["type"]
+    source = _source_of(key, source, overrides)
     if kind == "extra_forbidden":
         from jzero.ds_keys import closest_key
 
@@ -374,6 +375,16 @@ def _raise_from_validation(err: ValidationError, source: str) -> None:
     else:
         msg = f"key '{key}' in {source}: {e['msg']} (got {e.get('input')!r})"
     raise ConfigError(msg) from None
+
+
+def _source_of(key: str, source: str, overrides: list[str]) -> str:
+    """Where the value at ``key`` came from: the last ``key=value`` override that set it (or a section above
+    it), else ``source`` (the file)."""
+    for item in reversed(overrides):
+        k = item.split("=", 1)[0].strip()
+        if key == k or key.startswith(k + ".") or k.startswith(key + "."):
+            return f"override '{item}'"
+    return source
 
 
 class _DuplicateKey(Exception):
@@ -502,10 +513,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Build a validated config from a file (or ``base`` dict, or the defaults) plus dotted overrides."""
     data = read_config_file(path) if path is not None else copy.deepcopy(base or {})
     data = apply_overrides(data, overrides or [])
-    return validate(data, source=str(path) if path else "config")
+    return validate(data, source=str(path) if path else "config", overrides=overrides or [])
 
 
-def validate(data: dict, source: str = "config") -> JzeroConfig:
+def validate(data: dict, source: str = "config", overrides: list[str] = ()) -> JzeroConfig:
     """The validated config of a raw dict: DeepSpeed's key table applied first (:func:`jzero.ds_keys.normalize`:
     aliases, no-effect keys, unimplemented features), then ``"auto"`` values (:func:`jzero.ds_auto.resolve_auto`),
     then the schema."""
@@ -522,7 +533,7 @@ def validate(data: dict, source: str = "config") -> JzeroConfig:
     try:
         cfg = JzeroConfig.model_validate(data)
     except ValidationError as err:
-        _raise_from_validation(err, source)
+        _raise_from_validation(err, source, list(overrides))
     cfg._no_effect, cfg._auto_filled = no_effect, filled
     return cfg
 

@@ -11,209 +11,28 @@ record stream (G = train_batch_size); micro-batch a of that step is the a-th run
 process p reads rows p*n_local .. (p+1)*n_local of every micro-batch. So the global batch does not depend on
 how many processes read it, and an iterator state (the global step) resumes on any process count.
 
-grain is imported lazily (inside `BatchIterator`) so preparing data works where grain is not installed.
+Writing these files (`prepare`, `default_corpus_dir`, `load_tokenizer`) lives in `jzero.prepare`, re-exported
+here. grain is imported lazily (inside `BatchIterator`) so preparing data works where grain is not installed.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import sys
-import sysconfig
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from jzero.errors import ConfigError, DataError
+# preparation lives in jzero.prepare; re-exported so `from jzero.data import prepare` etc. keep working
+from jzero.prepare import (DEFAULT_CORPUS_MAX_BYTES, InputFile, default_corpus_dir, list_input_files,  # noqa: F401
+                           load_tokenizer, prepare, token_dtype)
 
-DEFAULT_CORPUS_MAX_BYTES = 8_000_000
-_STDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages"})
-_BLOCK_BYTES = 1 << 20  # byte-level streaming block
-_PIECE_CHARS = 1 << 24  # tokenizer mode: files larger than this are encoded in line-aligned pieces
+# ----------------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------------
+
 _PREPARE_HINT = "run python -m train.prepare_data --input TEXT_FILES_OR_DIRS --output-dir {}"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Preparation (shared by train/prepare_data.py and default_corpus_dir)
-# ----------------------------------------------------------------------------------------------------------
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The smallest unsigned dtype holding every id of a vocabulary: uint16 up to 65536 ids, else uint32."""
-    return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
-
-
-def _walk_files(root: Path, excluded_dirs: Iterable[str] = (), suffix: str | None = None) -> list[Path]:
-    """Regular files under `root`, sorted by relative path; hidden entries, `__pycache__` and `excluded_dirs`
-    are pruned."""
-    excluded = {"__pycache__", *excluded_dirs}
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in excluded and not d.startswith(".")]
-        for name in filenames:
-            if name.startswith(".") or (suffix is not None and not name.endswith(suffix)):
-                continue
-            path = Path(dirpath) / name
-            if path.is_file():
-                found.append(path)
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
-
-
-def list_input_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand `inputs` (files, or directories walked recursively in sorted order, skipping hidden entries
-    and `__pycache__`) into a list of files."""
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_file():
-            files.append(path)
-        elif path.is_dir():
-            found = _walk_files(path)
-            if not found:
-                raise DataError(f"input directory {path} holds no files; pass a directory with text files")
-            files.extend(found)
-        else:
-            raise DataError(f"input {path} not found; pass existing text files or directories to --input")
-    if not files:
-        raise DataError("no input files given; pass text files or directories to --input")
-    return files
-
-
-def _byte_tokens(path: Path, budget: int | None) -> Iterator[np.ndarray]:
-    """The bytes of `path` as token ids, in blocks, stopping after `budget` bytes when given."""
-    with open(path, "rb") as f:
-        while budget is None or budget > 0:
-            block = f.read(_BLOCK_BYTES if budget is None else min(_BLOCK_BYTES, budget))
-            if not block:
-                return
-            if budget is not None:
-                budget -= len(block)
-            yield np.frombuffer(block, dtype=np.uint8)
-
-
-def _text_pieces(path: Path) -> Iterator[str]:
-    """The text of `path` (UTF-8, newlines kept as written): whole when small, else line-aligned pieces."""
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            piece, size = [], 0
-            for line in f:
-                piece.append(line)
-                size += len(line)
-                if size >= _PIECE_CHARS:
-                    yield "".join(piece)
-                    piece, size = [], 0
-            if piece:
-                yield "".join(piece)
-    except UnicodeDecodeError as e:
-        raise DataError(f"input {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                        "convert it to UTF-8 or leave it out") from None
-
-
-def _tokenizer_tokens(path: Path, tokenizer, budget: int | None) -> Iterator[tuple[np.ndarray, int]]:
-    """(token ids, UTF-8 bytes consumed) per text piece of `path`; each piece is encoded as one document."""
-    for piece in _text_pieces(path):
-        n_bytes = len(piece.encode("utf-8"))
-        if budget is not None and n_bytes > budget:
-            piece = piece.encode("utf-8")[:budget].decode("utf-8", errors="ignore")
-            n_bytes = budget
-        yield np.asarray(tokenizer.encode(piece).ids, dtype=np.int64), n_bytes
-        if budget is not None:
-            budget -= n_bytes
-            if budget <= 0:
-                return
-
-
-def load_tokenizer(path: str | os.PathLike):
-    """A Hugging Face `tokenizers.Tokenizer` from a local tokenizer.json."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"tokenizer file {path} not found; pass a local Hugging Face tokenizer.json to --tokenizer")
-    from tokenizers import Tokenizer  # local: only tokenizer mode needs it
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # the library raises a bare Exception on malformed JSON
-        raise DataError(f"tokenizer file {path} cannot be loaded ({e}); pass a valid tokenizer.json") from None
-
-
-def _atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def prepare(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike,
-            tokenizer: str | os.PathLike | None = None, val_fraction: float = 0.01,
-            max_bytes: int | None = None, extra_meta: dict | None = None) -> dict:
-    """Tokenize `inputs` into `output_dir`/{train.bin,val.bin,meta.json}; returns the meta dict.
-
-    Byte-level when `tokenizer` is None (vocab 256, token = UTF-8 byte), else the ids of the local
-    tokenizer.json, each file (or 16M-character line-aligned piece of a huge file) encoded as one document.
-    Streams: tokens go to one temporary file as they are made; the last `val_fraction` of that stream is then
-    copied to val.bin and the file truncated into train.bin, so memory stays at one block/piece.
-    `max_bytes` caps the input bytes read (the stream is cut there). Files are replaced atomically.
-    """
-    if not 0.0 < val_fraction < 1.0:   # 0 would write an empty val.bin that evaluation fails on much later
-        raise DataError(f"--val-fraction {val_fraction} is out of range: val.bin gets that fraction of the tokens "
-                        "and training evaluates on it; use a value in (0, 1), e.g. 0.01")
-    if max_bytes is not None and max_bytes <= 0:
-        raise DataError(f"max_bytes {max_bytes} must be positive")
-    files = list_input_files(inputs)
-    tok = load_tokenizer(tokenizer) if tokenizer is not None else None
-    vocab_size = 256 if tok is None else tok.get_vocab_size(with_added_tokens=True)
-    dtype = token_dtype(vocab_size)
-    out = Path(output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        return _write_prepared(files, out, tok, tokenizer, vocab_size, dtype, val_fraction, max_bytes, extra_meta)
-    except OSError as exc:   # a file in the way, read-only, disk full: the temporaries are already removed
-        raise DataError(f"--output-dir {out}: writing the token files failed ({exc.strerror or exc}"
-                        f"{': ' + str(exc.filename) if exc.filename else ''}); pass a writable directory with free "
-                        "space") from None
-
-
-def _write_prepared(files, out: Path, tok, tokenizer, vocab_size: int, dtype, val_fraction: float,
-                    max_bytes: int | None, extra_meta: dict | None) -> dict:
-    """`prepare`'s writing half: tokens to a temporary file, split into train.bin / val.bin, then meta.json."""
-    tag = f"tmp-{os.getpid()}"
-    all_tmp, val_tmp = out / f"all.bin.{tag}", out / f"val.bin.{tag}"
-    n_tokens, used, budget = 0, 0, max_bytes
-    try:
-        with open(all_tmp, "wb") as f:
-            for path in files:
-                if budget is not None and budget <= 0:
-                    break
-                used += 1
-                if tok is None:
-                    for ids in _byte_tokens(path, budget):
-                        f.write(ids.astype(dtype).tobytes())
-                        n_tokens += ids.size
-                        budget = None if budget is None else budget - ids.size
-                else:
-                    for ids, n_bytes in _tokenizer_tokens(path, tok, budget):
-                        if ids.size and ids.max() >= vocab_size:
-                            raise DataError(f"tokenizer {tokenizer} produced id {ids.max()} >= its vocab size "
-                                            f"{vocab_size} on {path}; the tokenizer.json is inconsistent")
-                        f.write(ids.astype(dtype).tobytes())
-                        n_tokens += ids.size
-                        budget = None if budget is None else budget - n_bytes
-        if n_tokens == 0:
-            raise DataError(f"inputs ({len(files)} files, first {files[0]}) gave no tokens; pass non-empty text files")
-        n_val = int(n_tokens * val_fraction)
-        n_train = n_tokens - n_val
-        with open(all_tmp, "rb") as src, open(val_tmp, "wb") as dst:
-            src.seek(n_train * dtype.itemsize)
-            shutil.copyfileobj(src, dst, _BLOCK_BYTES)
-        os.truncate(all_tmp, n_train * dtype.itemsize)
-        os.replace(all_tmp, out / "train.bin")
-        os.replace(val_tmp, out / "val.bin")
-    finally:
-        for tmp in (all_tmp, val_tmp):
-            tmp.unlink(missing_ok=True)
-    meta = {"dtype": dtype.name, "vocab_size": int(vocab_size), "n_train_tokens": int(n_train),
-            "n_val_tokens": int(n_val), "tokenizer": "bytes" if tok is None else str(Path(tokenizer).resolve()),
-            "sources": used, **(extra_meta or {})}
-    _atomic_json(out / "meta.json", meta)
-    return meta
 
 
 def read_meta(data_dir: str | os.PathLike) -> dict:
@@ -227,51 +46,6 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
         raise DataError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); "
                         + _PREPARE_HINT.format(Path(data_dir))) from None
 
-
-def _stdlib_meta(max_bytes: int) -> dict:
-    return {"corpus": "python-stdlib", "python": sys.version.split()[0], "max_bytes": int(max_bytes)}
-
-
-def _cache_is_valid(out: Path, expected: dict) -> bool:
-    try:
-        meta = json.loads((out / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    if meta.get("tokenizer") != "bytes" or any(meta.get(k) != v for k, v in expected.items()):
-        return False
-    itemsize = np.dtype(meta["dtype"]).itemsize
-    return all((out / name).is_file() and (out / name).stat().st_size == meta[key] * itemsize
-               for name, key in (("train.bin", "n_train_tokens"), ("val.bin", "n_val_tokens")))
-
-
-def default_corpus_dir(cache_dir: str | os.PathLike | None = None,
-                       max_bytes: int = DEFAULT_CORPUS_MAX_BYTES, val_fraction: float = 0.01) -> Path:
-    """A byte-level corpus present on every machine without download: this Python's standard library source.
-
-    The stdlib's `.py` files (sorted; `test`, `tests`, `idlelib`, `site-packages` pruned), cut at `max_bytes`,
-    prepared once by `prepare` into `cache_dir` (default `$JZERO_CACHE/stdlib_bytes_<max_bytes>`, JZERO_CACHE defaulting
-    to ~/.cache/jzero). A cache whose meta.json names the same corpus, Python version and cap, and whose files
-    have the recorded sizes, is reused. Returns the directory holding train.bin, val.bin and meta.json.
-    """
-    if cache_dir is None:
-        # one directory per cap, so runs with different caps (e.g. tests beside a default run) never rebuild
-        # each other's files underneath a reader
-        cache_dir = Path(os.environ.get("JZERO_CACHE", "~/.cache/jzero")).expanduser() / f"stdlib_bytes_{max_bytes}"
-    out = Path(cache_dir)
-    expected = _stdlib_meta(max_bytes)
-    if _cache_is_valid(out, expected):
-        return out
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = _walk_files(stdlib, _STDLIB_EXCLUDED_DIRS, suffix=".py")
-    if not files:
-        raise DataError(f"no .py files under the standard library at {stdlib}; pass a data path instead")
-    prepare(files, out, tokenizer=None, val_fraction=val_fraction, max_bytes=max_bytes, extra_meta=expected)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Reading
-# ----------------------------------------------------------------------------------------------------------
 
 _CHECKED: dict[tuple, int] = {}   # (path, inode, size, mtime_ns, dtype) -> max token id, for this process
 _CHECK_CHUNK = 1 << 24            # tokens per chunk of the max scan (32-64 MiB)

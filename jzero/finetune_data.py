@@ -5,7 +5,8 @@ Files are JSON Lines, one example a line:
     classification:        {"text": "the striker scored twice", "label": "sports"}     (label: string or int)
     token_classification:  {"tokens": ["Alice", "met", "Bob"], "tags": ["B-PER", "O", "B-PER"]}   (IOB2 tags)
 
-Encoding adds ``[CLS] ... [SEP]``, truncates to ``seq_len`` and pads on the right (``mask`` = 1 on real tokens).
+Encoding adds ``[CLS] ... [SEP]``, truncates to ``seq_len`` (flagging each cut example and its full length, which
+``train.finetune`` reports) and pads on the right (``mask`` = 1 on real tokens).
 For tagging, each word's tag sits on its first token and every other position is ``IGNORE``; words cut off by
 truncation are predicted ``O`` at evaluation (so truncation lowers recall instead of being hidden).
 
@@ -139,13 +140,31 @@ def make_encoder(tokenizer: str, train_examples: list[dict]) -> Encoder:
 # --------------------------------------------------------------------------- reading
 
 
-def read_jsonl(path: str | Path, task: str) -> list[dict]:
-    """Examples of ``task`` from a JSONL file, each checked (a bad line names file:line and what is wrong)."""
+def read_jsonl(path: str | Path, task: str, key: str = "finetune.train_file") -> list[dict]:
+    """Examples of ``task`` from the JSONL file ``key`` names, each checked: a bad line names file:line and what
+    is wrong. Lines are split on the bytes (``\\n``, ``\\r\\n``, ``\\r``, as editors number them) and each is decoded
+    as UTF-8 on its own, so a latin-1 or binary line is reported at its line number instead of a
+    UnicodeDecodeError at a byte offset of the whole file; a UTF-8 byte-order mark at the start is dropped."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.jsonl"))[:3]
+        hint = f" (it holds {', '.join(found)})" if found else ""
+        raise DataError(f"{key}={path} is a directory; pass the JSONL file itself{hint}, one "
+                        f"{_FORMAT[task]} a line")
     if not path.is_file():
-        raise DataError(f"{path} not found; pass a JSONL file of {_FORMAT[task]} lines")
+        raise DataError(f"{key}={path} not found; pass a JSONL file of {_FORMAT[task]} lines")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{key}={path} cannot be read ({exc.strerror}); check its permissions") from None
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}:{n} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                            f"pass a UTF-8 JSONL file (convert another encoding with iconv -f ENCODING -t UTF-8)"
+                            ) from None
         if not line.strip():
             continue
         try:
@@ -177,8 +196,11 @@ def _check_example(ex: Any, task: str, where: str) -> dict:
     return {"tokens": [str(w) for w in ex["tokens"]], "tags": list(ex["tags"])}
 
 
-def label_names(train: list[dict], val: list[dict], task: str) -> list[str]:
-    """Classes (sorted) or IOB2 tags ('O' first, then sorted); a validation label unseen in training is an error."""
+def label_names(train: list[dict], val: list[dict], task: str, source: str = "the training set") -> list[str]:
+    """Classes (sorted) or IOB2 tags ('O' first, then sorted); a validation label unseen in training is an error,
+    and so is a training set with a single label (``source`` names it in the message): a head with one class
+    has nothing to learn, and for tagging ('O' is always a label) it means the set has no entity tags at all,
+    e.g. every tag 'O' or every token list empty."""
     def seen(exs):
         if task == "classification":
             return {ex["label"] for ex in exs}
@@ -191,8 +213,13 @@ def label_names(train: list[dict], val: list[dict], task: str) -> list[str]:
                         f"cannot learn them (add training examples or drop those lines)")
     if task == "classification":
         if len(names) < 2:
-            raise DataError(f"the training set has {len(names)} class(es); classification needs at least 2")
+            raise DataError(f"the training set ({source}) has {len(names)} class(es); classification needs at "
+                            f"least 2 (add examples of another label)")
         return sorted(names)
+    if len(names) < 2:
+        what = ("every token list is empty" if not any(ex["tokens"] for ex in train) else "every tag is 'O'")
+        raise DataError(f"the training set ({source}) has 1 class(es): {what}; token_classification needs "
+                        f"entity tags to learn (tag the entities B-TYPE/I-TYPE, IOB2)")
     return ["O"] + sorted(names - {"O"})
 
 
@@ -215,32 +242,36 @@ def _frame(ids: list[int], enc: Encoder, seq_len: int) -> tuple[list[int], int]:
 
 def encode(examples: list[dict], task: str, enc: Encoder, seq_len: int, names: list[str]) -> dict[str, np.ndarray]:
     """``{"tokens", "mask", "labels"}`` int32 arrays with one row per example (see :mod:`jzero.tasks`), plus for
-    tagging ``word_pos`` ``[N, max_words]``: the token index of each word's tag (-1: truncated or padding), and
-    ``truncated`` ``[N]`` (bool): the example did not fit ``seq_len``."""
+    tagging ``word_pos`` ``[N, max_words]``: the token index of each word's tag (-1: truncated or padding),
+    ``truncated`` ``[N]`` (bool): the example did not fit ``seq_len``, and ``length`` ``[N]`` (int): the
+    ``seq_len`` that would hold the whole example ([CLS] and [SEP] included), so truncation can be reported."""
     index = {n: i for i, n in enumerate(names)}
     N = len(examples)
     tokens = np.full((N, seq_len), enc.pad_id, np.int32)
     mask = np.zeros((N, seq_len), np.int32)
     truncated = np.zeros((N,), bool)
+    length = np.zeros((N,), np.int64)
     if task == "classification":
         labels = np.array([index[ex["label"]] for ex in examples], np.int32)
         for r, ex in enumerate(examples):
             body = enc.encode_text(ex["text"])
             ids, kept = _frame(body, enc, seq_len)
             tokens[r, :len(ids)], mask[r, :len(ids)], truncated[r] = ids, 1, kept < len(body)
-        return {"tokens": tokens, "mask": mask, "labels": labels, "truncated": truncated}
+            length[r] = len(body) + 2
+        return {"tokens": tokens, "mask": mask, "labels": labels, "truncated": truncated, "length": length}
     labels = np.full((N, seq_len), IGNORE, np.int32)
     word_pos = np.full((N, max(len(ex["tokens"]) for ex in examples)), -1, np.int32)
     for r, ex in enumerate(examples):
         body, first = enc.encode_words(ex["tokens"])
         ids, kept = _frame(body, enc, seq_len)
-        truncated[r] = kept < len(body)
+        truncated[r], length[r] = kept < len(body), len(body) + 2
         tokens[r, :len(ids)], mask[r, :len(ids)] = ids, 1
         for w, (pos, tag) in enumerate(zip(first, ex["tags"])):
             if 0 <= pos < kept:
                 labels[r, pos + 1] = index[tag]   # +1: [CLS]
                 word_pos[r, w] = pos + 1
-    return {"tokens": tokens, "mask": mask, "labels": labels, "word_pos": word_pos, "truncated": truncated}
+    return {"tokens": tokens, "mask": mask, "labels": labels, "word_pos": word_pos, "truncated": truncated,
+            "length": length}
 
 
 def word_tags(pred_NxT: np.ndarray, word_pos: np.ndarray, examples: list[dict], names: list[str]) -> list[list[str]]:

@@ -180,7 +180,7 @@ class Generator:
         chunk (step 0 is the prefill's token, ``[1, B]``); ``pad_id`` fills the left padding and the finished rows."""
         sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
         prompts = [list(map(int, p)) for p in prompts]
-        self._check(prompts, max_new_tokens, chunk, stop_tokens, pad_id)
+        self.check(prompts, max_new_tokens, chunk, stop_tokens, pad_id)
         B = len(prompts)
         longest = max(len(p) for p in prompts)
         P = -(-longest // self.prompt_bucket) * self.prompt_bucket
@@ -233,7 +233,10 @@ class Generator:
         return GenerationResult(out, prefill_s=t1 - t0, decode_s=t2 - t1, steps=min(step, max_new_tokens) - 1,
                                 logits=logits)
 
-    def _check(self, prompts, max_new_tokens, chunk, stop_tokens, pad_id):
+    def check(self, prompts, max_new_tokens, chunk=1, stop_tokens=(), pad_id=0) -> None:
+        """Raise the one-line ConfigError :meth:`generate` would for these arguments (empty prompts, counts < 1,
+        token ids outside the vocabulary, prompt + new tokens past ``max_len``), without running anything; a CLI
+        calls it before it prints the prompt."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ConfigError("every prompt needs at least one token (an empty prompt has nothing to continue)")
         if max_new_tokens < 1 or chunk < 1:

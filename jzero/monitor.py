@@ -203,8 +203,33 @@ class _TensorboardWriter:
         self._writer.add_event(self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summ))
         self._writer.flush()
 
+    def restart_at(self, step: int) -> None:
+        """A resumed run: TensorBoard drops the earlier events at ``step`` and after (a SessionLog START, as
+        torch's ``SummaryWriter(purge_step=...)`` writes), so the steps logged again are not shown twice."""
+        log = self._event_pb2.SessionLog(status=self._event_pb2.SessionLog.START)
+        self._writer.add_event(self._event_pb2.Event(wall_time=time.time(), step=int(step), session_log=log))
+        self._writer.flush()
+
     def close(self) -> None:
         self._writer.close()
+
+
+def _keep_rows_until(path: Path, step: int, row_step) -> None:
+    """Rewrite ``path`` without its records past ``step`` (``row_step(line)``: the line's step, None to keep it)."""
+    if path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [ln for ln in lines if (row_step(ln) or 0) <= step]
+        if len(kept) != len(lines):
+            path.write_text("".join(kept))
+
+
+def _jsonl_step(line: str):
+    return json.loads(line).get("step") if line.strip() else None
+
+
+def _csv_step(line: str):
+    head = line.split(",", 1)[0]
+    return int(head) if head.isdigit() else None
 
 
 class _CSVWriter:
@@ -253,6 +278,9 @@ class Monitor:
       wall_clock_breakdown: DeepSpeed's key; report ``*_time_s`` metrics on the console and to TB/CSV.
       is_writer: whether this process writes; default ``jax.process_index() == 0``.
       append: keep existing metrics.jsonl / CSV rows (resuming a run) instead of starting them afresh.
+      resume_step: with ``append``, the step the run resumes from: records the interrupted run logged after it
+        (it will log those steps again) are dropped from metrics.jsonl and the CSV files, and TensorBoard is told
+        to hide its events past it.
       device: if given, each `log` adds ``memory_bytes`` (bytes in use on it) when the backend reports it.
       stream: console stream (default sys.stdout); a TTY gets the live progress bar.
     """
@@ -268,6 +296,7 @@ class Monitor:
         wall_clock_breakdown: bool = False,
         is_writer: Optional[bool] = None,
         append: bool = False,
+        resume_step: Optional[int] = None,
         device=None,
         stream: Optional[TextIO] = None,
     ):
@@ -297,10 +326,18 @@ class Monitor:
         if not self.is_writer:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        resumed = append and resume_step is not None
+        if resumed:
+            _keep_rows_until(self.output_dir / "metrics.jsonl", resume_step, _jsonl_step)
         self._jsonl = open(self.output_dir / "metrics.jsonl", "a" if append else "w")
         if self.tensorboard_config.enabled:
             self._tb = _TensorboardWriter(self._log_dir(self.tensorboard_config))
+            if resumed:
+                self._tb.restart_at(resume_step + 1)
         if self.csv_config.enabled:
+            if resumed:
+                for path in self._log_dir(self.csv_config).glob("*.csv"):
+                    _keep_rows_until(path, resume_step, _csv_step)
             self._csv = _CSVWriter(self._log_dir(self.csv_config), append)
         self.is_tty = bool(getattr(self.stream, "isatty", lambda: False)())
 

@@ -180,6 +180,18 @@ def test_resume_is_exact_and_falls_back_past_a_corrupted_step(data_dir, tmp_path
     assert [got[s] for s in range(1, 7)] == [ref[s] for s in range(1, 7)]   # bit for bit
     assert checkpoint.steps(run / "checkpoints") == [2, 4, 6]   # the resumed run saved step 4 again, and 6
 
+    # a fresh run (no --resume) into that directory would rotate those steps away one by one: refused
+    from train.pretrain import main
+
+    capsys.readouterr()
+    assert main(BASE + [f"data.path={data_dir}", "train.steps=6", f"train.output_dir={run}",
+                        "train.checkpoint_interval=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: checkpoint directory {run / 'checkpoints'} already holds steps 2, 4, 6 of an earlier run, "
+                   "which this run's checkpoint rotation would delete; pass --resume to continue that run, or set "
+                   "train.output_dir (or checkpoint.dir) to a new directory")
+    assert checkpoint.steps(run / "checkpoints") == [2, 4, 6] and sorted(losses(run)) == [1, 2, 3, 4, 5, 6]
+
 
 # --------------------------------------------------------------------------- faults
 
@@ -216,7 +228,9 @@ def test_unwritable_directory_and_bad_client_state_are_errors(data_dir, tmp_path
 
     assert main(BASE + ["train.steps=2", f"train.output_dir={tmp_path / 'run'}", "train.checkpoint_interval=1",
                         f"checkpoint.dir={blocker / 'ckpt'}", f"data.path={data_dir}"]) == 2
-    assert f"error: checkpoint directory {blocker / 'ckpt'} cannot be created" in capsys.readouterr().err
+    # the main claims its checkpoint directory before anything runs (jzero.rundir): one line naming the key
+    assert capsys.readouterr().err == (f"error: checkpoint.dir={blocker / 'ckpt'} is not a writable directory (Not a "
+                                       "directory); set checkpoint.dir to a directory this user can write\n")
 
 
 KILL_SCRIPT = textwrap.dedent("""

@@ -199,8 +199,8 @@ def test_deepspeed_nulls_and_quoted_text():
     assert cfg.zero_optimization.offload_optimizer.device == "none" == cfg.zero_optimization.offload_param.device
     with pytest.raises(ConfigError) as e:
         load_config(base={"train_batch_size": 8}, overrides=["train.output_dir=2024"])
-    assert str(e.value) == ("key 'train.output_dir' in config: must be text, not the int 2024; quote the value "
-                            "(on the command line: train.output_dir='\"VALUE\"')")
+    assert str(e.value) == ("key 'train.output_dir' in override 'train.output_dir=2024': must be text, not the int "
+                            "2024; quote the value (on the command line: train.output_dir='\"VALUE\"')")
     with pytest.raises(ConfigError) as e:
         load_config(base={"train_batch_size": 8, "fp16": {"enabled": True, "loss_scale": -1}})
     assert str(e.value).startswith("fp16.loss_scale=-1: must be")    # the key named once
@@ -355,3 +355,15 @@ def test_offload_check_reads_optimizer_type_case_insensitively():
     with pytest.raises(ConfigError, match="offloading lamb is not implemented"):
         check_supported(resolve(load_config(base={"train_batch_size": 8, "optimizer": {"type": "lamb"},
                                                   "zero_optimization": {"stage": 2, "cpu_offload": True}}), 8))
+
+
+def test_an_error_in_an_override_names_the_override_not_the_file(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text('{"train_batch_size": 8, "zero_optimization": {"stage": 1}}')
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["train.steps=3", "zero_optimization.stage=7"])
+    assert str(e.value) == "key 'zero_optimization.stage' in override 'zero_optimization.stage=7': Input should be 0, " \
+                           "1, 2 or 3 (got 7)"
+    path.write_text('{"train_batch_size": 8, "zero_optimization": {"stage": 7}}')
+    with pytest.raises(ConfigError, match=rf"key 'zero_optimization.stage' in {path}: Input should be"):
+        load_config(path, ["train.steps=3"])

@@ -47,7 +47,7 @@ def test_prepare_bytes_streams_files_in_order_and_splits_val(tmp_path):
     np.testing.assert_array_equal(val, expected[len(expected) - n_val:])
     meta = json.loads((out / "meta.json").read_text())
     assert meta == {"dtype": "uint16", "vocab_size": 256, "n_train_tokens": len(expected) - n_val,
-                    "n_val_tokens": n_val, "tokenizer": "bytes", "sources": 3}
+                    "n_val_tokens": n_val, "tokenizer": "bytes", "sources": 3, "skipped": 0}
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
 
 
@@ -255,3 +255,100 @@ def test_a_val_split_too_short_to_evaluate_names_the_fix(tmp_path):
                                          r".*prepare_data --val-fraction sets the size of val\.bin\), or set "
                                          r"train\.eval_interval=0"):
         next(data.eval_batches(d / "val.bin", seq_len=8, rows=8))
+
+
+# ------------------------------------------------------------------------------------------ prepare: what is input
+
+
+def test_prepare_again_with_output_inside_the_input_never_reads_prepared_files(tmp_path, capsys):
+    """--output-dir inside --input used to read the last run's train.bin/val.bin/meta.json back in (the train
+    tokens grew 237,600 -> 712,936 -> 1,663,607 over three runs); now every run writes the same files."""
+    corpus = tmp_path / "corpus"
+    text = _write(corpus / "a.txt", "hello world\n" * 50).read_bytes()   # 600 bytes
+    out = corpus / "prep"
+    runs = []
+    for _ in range(3):
+        assert prepare_data.main(["--input", str(corpus), "--output-dir", str(out), "--val-fraction", "0.1"]) == 0
+        runs.append(((out / "train.bin").read_bytes(), (out / "val.bin").read_bytes(), data.read_meta(out)))
+    assert runs[0] == runs[1] == runs[2]
+    assert runs[0][2] == {"dtype": "uint16", "vocab_size": 256, "n_train_tokens": 540, "n_val_tokens": 60,
+                          "tokenizer": "bytes", "sources": 1, "skipped": 0}
+    np.testing.assert_array_equal(np.frombuffer(runs[0][0] + runs[0][1], np.uint16), np.frombuffer(text, np.uint8))
+    assert capsys.readouterr().err == ""   # our own output dir is skipped without a notice
+    # another prepared dataset in the corpus (meta.json + train.bin) is skipped too, with a notice; so are the
+    # prepared files when --output-dir is the input directory itself, while the text beside them is still read
+    (corpus / "sub").mkdir()
+    for name in ("train.bin", "val.bin", "meta.json"):
+        (corpus / "sub" / name).write_bytes((out / name).read_bytes())
+    _write(corpus / "sub" / "notes.txt", "kept")
+    for _ in range(2):
+        assert prepare_data.main(["--input", str(corpus), "--output-dir", str(corpus), "--val-fraction", "0.1"]) == 0
+        meta = data.read_meta(corpus)
+        assert (meta["n_train_tokens"], meta["n_val_tokens"], meta["sources"]) == (544, 60, 2)
+        err = capsys.readouterr().err.splitlines()
+        assert err == [f"notice: skipped train.bin, val.bin, meta.json in {out}: a prepared dataset is token ids, "
+                       "not text",
+                       f"notice: skipped train.bin, val.bin, meta.json in {corpus / 'sub'}: a prepared dataset is "
+                       "token ids, not text"]
+    assert prepare_data.main(["--input", str(out), "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err == (f"error: input directory {out} holds no files to read (hidden entries, "
+                                       "__pycache__ and prepared train.bin/val.bin/meta.json are skipped); pass a "
+                                       "directory with text files\n")
+
+
+def test_byte_mode_refuses_a_named_binary_file_and_skips_a_walked_one(tmp_path, capsys, monkeypatch):
+    """Byte mode used to write any binary file as tokens (5,000 random bytes became 4,950 train tokens). Now, as in
+    tokenizer mode, a file that is not UTF-8 or holds a NUL byte is an error when named and skipped with a notice
+    when found by a directory walk, its partial tokens removed."""
+    from jzero import prepare as prep
+    monkeypatch.setattr(prep, "_BLOCK_BYTES", 4)   # bad bytes past the first block: tokens are already written
+    d = tmp_path / "corpus"
+    text = _write(d / "a.txt", "héllo\n").read_bytes()                  # 7 bytes
+    blob = d / "b" / "blob.bin"
+    blob.parent.mkdir()
+    blob.write_bytes("abcé".encode() + b"\xff\x00")                    # é crosses the block edge; 0xff at byte 5
+    (d / "c.txt").write_bytes("hi".encode("utf-16-le"))                  # ASCII UTF-16: valid UTF-8 but NUL at 1
+    (d / "d.txt").write_bytes(b"ok\n\xe9t\xc3")                         # latin-1 é at byte 3
+    _write(d / "e.txt", "é")                                             # cut mid-character by the tail: fine
+    out = tmp_path / "out"
+    assert prepare_data.main(["--input", str(d), "--output-dir", str(out), "--val-fraction", "0.25"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"notice: skipped {blob}: not UTF-8 text (invalid start byte at byte 5); convert it to UTF-8 to include it",
+        f"notice: skipped {d / 'c.txt'}: not UTF-8 text (NUL byte at byte 1); convert it to UTF-8 to include it",
+        f"notice: skipped {d / 'd.txt'}: not UTF-8 text (invalid continuation byte at byte 3); convert it to UTF-8 "
+        "to include it"]
+    expected = np.frombuffer(text + "é".encode(), np.uint8)
+    tokens = np.concatenate([np.fromfile(out / "train.bin", np.uint16), np.fromfile(out / "val.bin", np.uint16)])
+    np.testing.assert_array_equal(tokens, expected)
+    assert data.read_meta(out)["sources"] == 2 and data.read_meta(out)["skipped"] == 3
+    for bad, why in ((blob, "invalid start byte at byte 5"), (d / "c.txt", "NUL byte at byte 1")):
+        assert prepare_data.main(["--input", str(d / "a.txt"), str(bad), "--output-dir", str(out)]) == 2
+        assert capsys.readouterr().err == (f"error: input {bad} is not UTF-8 text ({why}); convert it to UTF-8 or "
+                                           "leave it out\n")
+    assert data.read_meta(out)["skipped"] == 3   # the refused runs left the last output as it was
+    (tmp_path / "cut.txt").write_bytes("aé".encode() + b"\xff")
+    meta = data.prepare([tmp_path / "cut.txt"], tmp_path / "o2", max_bytes=2, val_fraction=0.5)   # cut inside é
+    assert (meta["n_train_tokens"], meta["n_val_tokens"]) == (1, 1)
+    (tmp_path / "cut.txt").write_bytes(b"a\xc3")   # ... but a file that ends inside a character is not text
+    with pytest.raises(DataError, match=r"^input .*cut\.txt is not UTF-8 text \(unexpected end of data at byte 1\)"):
+        data.prepare([tmp_path / "cut.txt"], tmp_path / "o3")
+
+
+def test_tokenizer_mode_skips_a_walked_non_utf8_file_and_names_the_byte_of_a_named_one(tmp_path, capsys):
+    """Same rule as byte mode; the byte offset is in the file (it used to be in the decoder's chunk)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "tok.json"))
+    d = tmp_path / "in"
+    _write(d / "1.txt", "a b a\n")
+    (d / "2.txt").write_bytes(b"b\n" * 10_000 + b"\xff\n")   # bad byte at 20000, past the first text chunk
+    out = tmp_path / "out"
+    meta = data.prepare([d], out, tokenizer=tmp_path / "tok.json", val_fraction=0.5)
+    assert capsys.readouterr().err == (f"notice: skipped {d / '2.txt'}: not UTF-8 text (invalid start byte at byte "
+                                       "20000); convert it to UTF-8 to include it\n")
+    assert (meta["n_train_tokens"], meta["n_val_tokens"], meta["sources"], meta["skipped"]) == (2, 1, 1, 1)
+    with pytest.raises(DataError) as e:
+        data.prepare([d / "2.txt"], out, tokenizer=tmp_path / "tok.json")
+    assert str(e.value) == (f"input {d / '2.txt'} is not UTF-8 text (invalid start byte at byte 20000); convert it "
+                            "to UTF-8 or leave it out")

@@ -1,5 +1,6 @@
 """train.finetune: the embedded default beats chance and reports it; NER from JSONL files scores entities; weights
 load from an exported file; encodings put each word's tag on its first token; bad input is a one-line error."""
+import gzip
 import json
 
 import flax.linen as nn
@@ -13,7 +14,7 @@ from jzero.config import load_config
 from jzero.errors import CheckpointError, DataError
 from jzero.tasks import IGNORE, classification_task
 from helpers import assert_config_round_trip
-from train.finetune import DEFAULT_CONFIG, load_pretrained, main
+from train.finetune import DEFAULT_CONFIG, load_pretrained, main, truncation_note
 
 SMALL = ["steps_per_print=1000", "scheduler.params.warmup_num_steps=4", "finetune.epochs=2", "train_batch_size=16"]
 
@@ -31,7 +32,9 @@ def test_embedded_default_beats_chance_and_writes_the_report(tmp_path):
     assert final["accuracy"] >= 0.8 and final["baseline_accuracy"] <= 0.35, final
     evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in evals if "accuracy" in e] == [1, 2]
+    assert report["truncated"] == {"train": 0, "val": 0} and report["truncation_note"] is None
     assert "Final accuracy: **" in (tmp_path / "report.md").read_text()
+    assert "- seq_len 32: 0 train / 0 val examples truncated (longest " in (tmp_path / "report.md").read_text()
     assert read(tmp_path / "summary.json")["final"] == final
     assert read(tmp_path / "config.json")["model"]["head"] == "classification"
     assert_config_round_trip(tmp_path / "config.json")   # val_fraction and the synthetic sizes all written out
@@ -149,6 +152,115 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(DataError, match="never occur in the training set"):
         fd.label_names([{"text": "a", "label": "x"}, {"text": "b", "label": "y"}], [{"text": "c", "label": "z"}],
                        "classification")
+
+
+def _error_line(tmp_path, capsys, overrides) -> str:
+    """Run train.finetune with ``overrides``; assert exit 2 and a single stderr line, and return it."""
+    assert main([f"train.output_dir={tmp_path}/run"] + overrides) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    return err.rstrip("\n")
+
+
+def test_non_utf8_train_file_names_file_and_line(tmp_path, capsys):
+    """A latin-1 line or a binary file: file:line and the offending byte, not a UnicodeDecodeError traceback."""
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"text": "ok", "label": "a"}\n{"text": "caf\xe9", "label": "a"}\n')
+    assert _error_line(tmp_path, capsys, [f"finetune.train_file={latin1}"]) == (
+        f"error: {latin1}:2 is not UTF-8 text (byte 0xe9 at column 14); pass a UTF-8 JSONL file (convert another "
+        f"encoding with iconv -f ENCODING -t UTF-8)")
+    gz = tmp_path / "train.jsonl.gz"
+    gz.write_bytes(gzip.compress(b'{"text": "ok", "label": "a"}\n'))
+    assert _error_line(tmp_path, capsys, [f"finetune.train_file={gz}"]).startswith(
+        f"error: {gz}:1 is not UTF-8 text (byte 0x8b at column 2); ")
+    # a UTF-8 byte-order mark is not an error, and \u2028 inside a JSON string does not split a line
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + '{"text": "caf\u00e9\u2028x", "label": "a"}\n'.encode())
+    assert fd.read_jsonl(bom, "classification") == [{"text": "caf\u00e9\u2028x", "label": "a"}]
+
+
+def test_token_classification_without_entity_tags_is_one_line(tmp_path, capsys):
+    """All tags 'O' (or no tokens at all) leaves one label: a DataError naming the file, not pydantic's
+    num_labels > 1 ValidationError."""
+    all_o, empty = tmp_path / "all_o.jsonl", tmp_path / "empty.jsonl"
+    all_o.write_text('{"tokens": ["a", "b"], "tags": ["O", "O"]}\n' * 80)
+    empty.write_text('{"tokens": [], "tags": []}\n' * 80)
+    ner = ["finetune.task=token_classification"]
+    assert _error_line(tmp_path, capsys, [f"finetune.train_file={all_o}"] + ner) == (
+        f"error: the training set ({all_o}) has 1 class(es): every tag is 'O'; token_classification needs entity "
+        f"tags to learn (tag the entities B-TYPE/I-TYPE, IOB2)")
+    assert _error_line(tmp_path, capsys, [f"finetune.train_file={empty}"] + ner).startswith(
+        f"error: the training set ({empty}) has 1 class(es): every token list is empty; ")
+
+
+def test_directory_as_data_file_says_directory(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.jsonl", "val.jsonl"):
+        (data / name).write_text('{"text": "ok", "label": "a"}\n{"text": "no", "label": "b"}\n' * 20)
+    assert _error_line(tmp_path, capsys, [f"finetune.train_file={data}"]) == (
+        f"error: finetune.train_file={data} is a directory; pass the JSONL file itself (it holds train.jsonl, "
+        f"val.jsonl), one {{\"text\": \"...\", \"label\": \"...\"}} a line")
+    assert _error_line(tmp_path, capsys, [f"finetune.train_file={data / 'train.jsonl'}",
+                                          f"finetune.val_file={tmp_path}"]) == (
+        f"error: finetune.val_file={tmp_path} is a directory; pass the JSONL file itself, one "
+        f"{{\"text\": \"...\", \"label\": \"...\"}} a line")
+    assert _error_line(tmp_path, capsys, [f"finetune.train_file={data / 'nope.jsonl'}"]).startswith(
+        f"error: finetune.train_file={data / 'nope.jsonl'} not found; ")
+
+
+def test_truncating_most_examples_is_an_error(tmp_path, capsys):
+    """Byte-level tokens with the word-sized default seq_len=32 cut every example: refused before compiling."""
+    assert _error_line(tmp_path, capsys, ["finetune.tokenizer=bytes"]) == (
+        "error: data.seq_len=32 truncates 2000 of 2000 training and 400 of 400 validation examples (the longest "
+        "needs 88 tokens with [CLS]/[SEP]): more than half of the training set is cut; raise data.seq_len to 88")
+    assert not (tmp_path / "run" / "report.json").exists()
+
+
+def test_truncation_note_counts_and_fix():
+    """A few cut examples: a warning with the fix; cut to the model's max_len, a warning only (no seq_len fixes
+    it); over half cut with room to grow: the error, capped at model.max_len; none cut: None."""
+    exs = [{"text": "x" * n, "label": "a"} for n in (10, 20, 30, 40)]   # need 12, 22, 32, 42 with [CLS]/[SEP]
+
+    def note(overrides, train=exs, val=exs[:1]):
+        cfg = load_config(base=DEFAULT_CONFIG, overrides=overrides)
+        T, enc = cfg.data.seq_len, fd.byte_encoder()
+        return truncation_note(cfg, fd.encode(train, "classification", enc, T, ["a"]),
+                               fd.encode(val, "classification", enc, T, ["a"]))
+
+    assert note(["data.seq_len=42"]) is None
+    assert note(["data.seq_len=32"]) == (
+        "warning: data.seq_len=32 truncates 1 of 4 training and 0 of 1 validation examples (the longest needs 42 "
+        "tokens with [CLS]/[SEP]); raise data.seq_len up to 42 to keep them whole")
+    with pytest.raises(DataError, match=r"^data.seq_len=12 truncates 3 of 4 training .* needs 42 tokens .*: more "
+                                        r"than half of the training set is cut; raise data.seq_len to 42$"):
+        note(["data.seq_len=12"])
+    with pytest.raises(DataError, match=r"raise data.seq_len to 30 \(model.max_len=30 is the most this model "
+                                        r"takes\)$"):
+        note(["data.seq_len=12", "model.max_len=30"])
+    assert note(["data.seq_len=22", "model.max_len=22"]) == (   # preset bert-tiny's 128 overridden
+        "warning: data.seq_len=22 truncates 2 of 4 training and 0 of 1 validation examples (the longest needs 42 "
+        "tokens with [CLS]/[SEP]); data.seq_len is already the model's max_len=22, so the cut tokens are lost "
+        "(shorten the examples to keep them)")
+    with pytest.raises(DataError, match=r"raise data.seq_len to 42$"):   # no preset, no max_len: no limit
+        note(["data.seq_len=12", "model.preset=null", "model.n_layer=1", "model.n_head=2", "model.d_model=32"])
+
+
+def test_truncation_at_the_models_max_len_warns_and_reports(tmp_path, capsys):
+    """seq_len already the model's max_len: the run goes on, and the line is on the console and in report.md."""
+    assert main([f"train.output_dir={tmp_path}", "finetune.tokenizer=bytes", "data.seq_len=40", "model.max_len=40",
+                 "finetune.synthetic_train_examples=64", "finetune.synthetic_val_examples=16", "model.n_layer=1",
+                 "finetune.epochs=1"] + SMALL[:2] + ["train_batch_size=16"]) == 0
+    out = capsys.readouterr().out
+    line = ("warning: data.seq_len=40 truncates 64 of 64 training and 16 of 16 validation examples (the longest "
+            "needs 85 tokens with [CLS]/[SEP]); data.seq_len is already the model's max_len=40, so the cut tokens "
+            "are lost (shorten the examples to keep them)")
+    assert out.splitlines()[0] == line, out
+    report = read(tmp_path / "report.json")
+    assert report["truncated"] == {"train": 64, "val": 16} and report["truncation_note"] == line
+    md = (tmp_path / "report.md").read_text()
+    assert "- seq_len 40: 64 train / 16 val examples truncated (longest 85 tokens with [CLS]/[SEP])" in md
+    assert f"- **{line}**" in md
 
 
 def test_divergence_stops_finetuning_with_one_line(tmp_path, capsys):

@@ -131,7 +131,9 @@ def test_tensor_parallel_equals_single_device(gens):
         Generator(model, params, tensor=4)
 
 
-def test_weights_from_a_zero3_tensor_parallel_checkpoint(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory):
+    """(run directory, params) of a tiny Llama checkpointed under ZeRO-3 x tensor=2 (embedded byte-level data)."""
     from jzero import checkpoint
     from jzero.config import load_config
 
@@ -140,10 +142,15 @@ def test_weights_from_a_zero3_tensor_parallel_checkpoint(tmp_path, capsys):
         "model.n_kv_head=2", "model.d_ff=64", "data.seq_len=32", "train_batch_size=8", "zero_optimization.stage=3", "mesh.tensor=2",
         "zero_optimization.stage3_param_persistence_threshold=0"])
     eng = jzero.initialize(cfg)
-    eng.save_checkpoint(tmp_path / "run" / "checkpoints")
-    checkpoint.wait_until_finished(tmp_path / "run" / "checkpoints")
-    want = jax.tree.map(np.asarray, jax.device_get(eng.state.params))
-    gen = Generator.from_checkpoint(tmp_path / "run", dtype="fp32", tensor=2, unroll_layers=False)
+    run = tmp_path_factory.mktemp("zero3") / "run"
+    eng.save_checkpoint(run / "checkpoints")
+    checkpoint.wait_until_finished(run / "checkpoints")
+    return run, jax.tree.map(np.asarray, jax.device_get(eng.state.params))
+
+
+def test_weights_from_a_zero3_tensor_parallel_checkpoint(zero3_run, capsys):
+    run, want = zero3_run
+    gen = Generator.from_checkpoint(run, dtype="fp32", tensor=2, unroll_layers=False)
     assert gen.vocab_size == 256 and isinstance(gen.model, Llama)
     got = jax.tree.map(np.asarray, jax.device_get(gen.params))
     assert jax.tree.all(jax.tree.map(np.array_equal, got, want))
@@ -157,9 +164,39 @@ def test_weights_from_a_zero3_tensor_parallel_checkpoint(tmp_path, capsys):
     from train.generate import ByteTokenizer, main
 
     capsys.readouterr()
-    assert main(["--checkpoint", str(tmp_path / "run"), "--prompt-ids", "1,2,3,4,5", "--max-new-tokens", "6",
+    assert main(["--checkpoint", str(run), "--prompt-ids", "1,2,3,4,5", "--max-new-tokens", "6",
                  "--dtype", "fp32", "--tensor", "2"]) == 0
     assert capsys.readouterr().out == ByteTokenizer().decode(seq[0].tolist()) + "\n"
+
+
+@pytest.mark.parametrize("argv,err", [
+    (["--max-new-tokens", "2000"], "prompt (3 tokens) + max_new_tokens (2000) = 2003 exceeds the model's max_len=256; "
+                                   "shorten the prompt or generate less"),
+    (["--stop", "300"], "token id 300 is outside the vocabulary 0..255; check the prompt ids / stop tokens / pad id "
+                        "against the model's tokenizer"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: give a count >= 1"),
+    (["--chunk", "-2"], "--chunk -2: give a count >= 1"),
+    (["--step", "-1"], "--step -1: give a checkpoint step >= 0, or leave it out for the latest"),
+    (["--seed", str(2 ** 64)], f"--seed {2 ** 64}: give an integer that fits in 64 bits"),
+    (["--temperature", "-1"], "temperature=-1.0 is negative; use 0 (greedy) or a positive value")])
+def test_cli_checks_before_printing_the_prompt(zero3_run, capsys, argv, err):
+    """The streamed prompt used to go out before the checks, and the error was glued onto it ("deferror: ...")."""
+    from train.generate import main
+
+    assert main(["--checkpoint", str(zero3_run[0]), "--prompt", "def", "--dtype", "fp32"] + argv) == 2
+    assert capsys.readouterr() == ("", f"error: {err}\n")
+
+
+def test_cli_error_after_streaming_starts_on_its_own_line(zero3_run, capsys, monkeypatch):
+    from train.generate import main
+
+    def fail(self, prompts, max_new_tokens, on_tokens=None, **kw):
+        on_tokens(0, np.asarray([[ord("!")]]))
+        raise ConfigError("decoding failed")
+
+    monkeypatch.setattr(Generator, "generate", fail)
+    assert main(["--checkpoint", str(zero3_run[0]), "--prompt", "def", "--dtype", "fp32"]) == 2
+    assert capsys.readouterr() == ("def!\n", "error: decoding failed\n")
 
 
 def test_errors_name_the_fix(gens, tmp_path, capsys):

@@ -115,6 +115,30 @@ def test_append_keeps_previous_lines_fresh_run_truncates(tmp_path):
         assert steps == csv_steps == ([1, 2, 3, 4] if append else [start, start + 1])
 
 
+def test_resume_drops_what_the_interrupted_run_logged_past_its_checkpoint(tmp_path):
+    """A run that logged steps 1-6 and crashed after its step-4 checkpoint resumes at 4 and logs 5-8 again:
+    metrics.jsonl, the CSV files and TensorBoard each show every step once, the new values for 5 and 6."""
+    kw = dict(tensorboard={"enabled": True, "job_name": "tb"}, csv_monitor={"enabled": True, "job_name": "c"},
+              is_writer=True, stream=io.StringIO())
+    with Monitor(tmp_path, 8, **kw) as mon:
+        for step in range(1, 7):
+            mon.log(step, {"loss": float(step)})
+    with Monitor(tmp_path, 8, append=True, resume_step=4, **kw) as mon:
+        for step in range(5, 9):
+            mon.log(step, {"loss": 10.0 + step})
+    want = [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 15.0), (6, 16.0), (7, 17.0), (8, 18.0)]
+    jsonl = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in jsonl] == want
+    rows = list(csv.reader(open(tmp_path / "c" / "Trainloss.csv")))
+    assert rows[0] == ["step", "loss"] and [(int(s), float(v)) for s, v in rows[1:]] == want
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("Train/loss")] == want
+
+
 def test_config_sections_validate():
     assert TensorboardConfig().job_name == "DeepSpeedJobName"
     assert CSVMonitorConfig.model_validate({"enabled": True}).enabled is True

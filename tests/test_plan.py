@@ -250,12 +250,24 @@ def test_hpz_beats_zero3_across_nodes_in_the_table(compiled):
 
 @pytest.mark.parametrize("argv,match", [
     (["--candidates", "zero9"], "--candidates: unknown ['zero9']"),
-    ([], "--step-ms-1gpu: no measured single-GPU step for the default config")])
+    ([], "--step-ms-1gpu: no measured single-GPU step for the default config"),
+    (["--gpus-per-node", "0", "--candidates", "zero0"], "--gpus-per-node 0: give a GPU count >= 1"),
+    (["--gpus-per-node", "-1"], "--gpus-per-node -1: give a GPU count >= 1"),
+    (["--nodes", "0"], "--nodes 0: give a node count >= 1"),
+    (["--fake-devices", "0"], "--fake-devices 0: give a device count >= 1"),
+    (["--ib-GBps", "nan"], "--ib-GBps nan: give a bandwidth > 0"),
+    (["--nvlink-GBps", "0"], "--nvlink-GBps 0.0: give a bandwidth > 0"),
+    (["--step-ms-1gpu", "-3"], "--step-ms-1gpu -3.0: give a step time > 0"),
+    (["--gpu-mem-GiB", "inf"], "--gpu-mem-GiB inf: give a size > 0"),
+    (["--overlap", "1.5"], "--overlap 1.5: give the fraction of compute that hides communication, 0..1"),
+    (["--config", "nonexist.yaml"], "config file 'nonexist.yaml' not found; pass an existing --config path"),
+    (["model.no_such_key=1"], "unknown key 'model.no_such_key'")])
 def test_main_refuses_before_compiling(argv, match, capsys):
     from train.plan import main
 
     assert main(["--nodes", "2", "--gpus-per-node", "8"] + argv) == 2
-    assert match in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"error: {match}") and err.count("\n") == 1
 
 
 def test_main_prints_hpz_and_leaves_out_a_candidate_not_built(capsys, monkeypatch):

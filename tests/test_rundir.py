@@ -35,6 +35,18 @@ def test_second_run_into_a_busy_output_dir_fails_at_once_and_touches_nothing(tmp
     assert (out / "config.json").read_text() == "the first run's" and (out / "metrics.jsonl").read_text() == "{}\n"
 
 
+def test_a_checkpoint_dir_in_use_by_another_run_is_refused(tmp_path, capsys):
+    """Run A checkpoints into its output dir; run B, another output dir but checkpoint.dir pointing at A's, would
+    rotate A's steps away: the checkpoint directory is claimed too."""
+    busy = tmp_path / "a" / "checkpoints"
+    with rundir.claim(busy, "checkpoint.dir"):
+        assert main(TINY + [f"train.output_dir={tmp_path / 'b'}", f"checkpoint.dir={busy}",
+                            "train.checkpoint_interval=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: checkpoint.dir={busy} is in use by another run (pid ") and "\n" not in err
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()
+
+
 @pytest.mark.parametrize("make", ["file_in_the_way", "read_only"])
 def test_unwritable_output_dir_is_one_line(tmp_path, capsys, request, make):
     if make == "file_in_the_way":

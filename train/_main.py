@@ -9,7 +9,8 @@ from typing import Callable
 def run_main(args, default_config: dict, run: Callable) -> int:
     """Load ``args.config`` (or ``default_config``) + overrides, set XLA flags before the backend starts, join
     a multi-process run if the flags/environment say so, then ``run(cfg)`` holding ``train.output_dir``'s lock
-    (process 0; :mod:`jzero.rundir`: a second run into it fails at once); a JzeroError prints one line, exit 2."""
+    (process 0; :mod:`jzero.rundir`: a second run into it fails at once) and its checkpoint directory's
+    (:func:`_run_dirs`); a JzeroError prints one line, exit 2."""
     import contextlib
 
     from jzero import compile_cache, rundir, xla_flags
@@ -25,12 +26,27 @@ def run_main(args, default_config: dict, run: Callable) -> int:
         print_start_notes(cfg)
         import jax
 
-        with rundir.claim(cfg.train.output_dir) if jax.process_index() == 0 else contextlib.nullcontext():
+        with contextlib.ExitStack() as held:
+            if jax.process_index() == 0:
+                for directory, key in _run_dirs(cfg):
+                    held.enter_context(rundir.claim(directory, key))
             run(cfg)
     except JzeroError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _run_dirs(cfg) -> list[tuple[str, str]]:
+    """The directories a run writes and must hold alone: ``train.output_dir``, and the checkpoint directory when
+    the run checkpoints or names one (``checkpoint.dir``, default ``<output_dir>/checkpoints``): another run
+    pointing its ``checkpoint.dir`` there would otherwise rotate this one's steps away."""
+    from pathlib import Path
+
+    dirs = [(cfg.train.output_dir, "train.output_dir")]
+    if cfg.checkpoint.dir or cfg.train.checkpoint_interval:
+        dirs.append((cfg.checkpoint.dir or str(Path(cfg.train.output_dir) / "checkpoints"), "checkpoint.dir"))
+    return dirs
 
 
 def print_start_notes(cfg) -> None:

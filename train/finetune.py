@@ -85,9 +85,45 @@ def load_examples(ft, seed: int):
         return make(ft.synthetic_train_examples, seed), make(ft.synthetic_val_examples, seed + 10_000), source
     train = fd.read_jsonl(ft.train_file, ft.task)
     if ft.val_file is not None:
-        return train, fd.read_jsonl(ft.val_file, ft.task), f"{ft.train_file} + {ft.val_file}"
+        return train, fd.read_jsonl(ft.val_file, ft.task, "finetune.val_file"), f"{ft.train_file} + {ft.val_file}"
     train, val = fd.split(train, ft.val_fraction, seed)
     return train, val, f"{ft.train_file} (val: held-out {ft.val_fraction:.0%})"
+
+
+def truncation_note(cfg, train_arr: dict, val_arr: dict) -> str | None:
+    """The line a run prints at start (and puts in report.md) when ``data.seq_len`` cuts examples short: how many
+    train/val examples, the longest one's length and the fix; None when none is cut.
+
+    Truncation is silent damage: a cut text may lose the words that decide its class, and cut-off words are
+    predicted 'O' in tagging, so the scores fall toward the baseline with nothing else to show why. A cut long
+    tail is a normal trade of length for speed, so a few truncated examples only get this line. More than half
+    of the training set cut is a DataError instead: then the model mostly learns from text it never sees whole,
+    which is a config mistake (e.g. ``finetune.tokenizer=bytes`` with the word-sized default ``data.seq_len``),
+    and the one-line error before compiling beats a finished run with a baseline score. The error needs a fix to
+    exist, though: when ``data.seq_len`` is already the model's number of positions (``model.max_len``, from the
+    preset or set; a model without one grows with ``data.seq_len``), no seq_len keeps the examples whole, so it
+    stays a warning rather than refusing data this model cannot take whole. A ``data.seq_len`` above
+    ``model.max_len`` is left to ``jzero.initialize``'s ConfigError."""
+    from jzero.errors import DataError
+    from models import PRESETS
+
+    T = cfg.data.seq_len
+    n_tr, n_va = int(train_arr["truncated"].sum()), int(val_arr["truncated"].sum())
+    limit = cfg.model.max_len or PRESETS.get(cfg.model.preset or "", {}).get("max_len")
+    if not (n_tr or n_va) or (limit is not None and T > limit):
+        return None
+    N, M = len(train_arr["truncated"]), len(val_arr["truncated"])
+    longest = int(max(train_arr["length"].max(), val_arr["length"].max()))
+    fit = longest if limit is None else min(longest, limit)
+    cap = f" (model.max_len={limit} is the most this model takes)" if fit < longest else ""
+    counts = (f"data.seq_len={T} truncates {n_tr} of {N} training and {n_va} of {M} validation examples "
+              f"(the longest needs {longest} tokens with [CLS]/[SEP])")
+    if fit > T and 2 * n_tr > N:
+        raise DataError(f"{counts}: more than half of the training set is cut; raise data.seq_len to {fit}{cap}")
+    if fit > T:
+        return f"warning: {counts}; raise data.seq_len up to {fit}{cap} to keep them whole"
+    return (f"warning: {counts}; data.seq_len is already the model's max_len={limit}, so the cut tokens are lost "
+            f"(shorten the examples to keep them)")
 
 
 def load_pretrained(engine, path) -> dict:
@@ -201,8 +237,12 @@ def write_report(out: Path, report: dict) -> None:
              f"- model: {report['model']['preset'] or report['model']['family']}, {report['model']['n_params']:,} "
              f"params; init: {report['init_from']['path'] if report['init_from'] else 'from scratch'}",
              f"- {report['epochs']} epochs, {report['steps']} steps, batch {report['train_batch_size']}, "
-             f"mesh {report['mesh']}, ZeRO-{report['zero_stage']}, {report['time_s']:.0f} s", "",
-             f"| epoch | step | train loss | val loss | {main_key} |", "|---|---|---|---|---|"]
+             f"mesh {report['mesh']}, ZeRO-{report['zero_stage']}, {report['time_s']:.0f} s",
+             f"- seq_len {report['seq_len']}: {report['truncated']['train']} train / {report['truncated']['val']} "
+             f"val examples truncated (longest {max(report['longest'].values())} tokens with [CLS]/[SEP])"]
+    if report["truncation_note"]:
+        lines.append(f"- **{report['truncation_note']}**")
+    lines += ["", f"| epoch | step | train loss | val loss | {main_key} |", "|---|---|---|---|---|"]
     for e in report["per_epoch"]:
         lines.append(f"| {e['epoch']} | {e['step']} | {e['train_loss']:.4f} | {e['val_loss']:.4f} | "
                      f"{e[main_key]:.4f} |")
@@ -234,12 +274,15 @@ def run(cfg) -> dict:
     ft, T = cfg.finetune, cfg.data.seq_len
     train_ex, val_ex, source = load_examples(ft, cfg.train.seed)
     enc = fd.make_encoder(ft.tokenizer, train_ex)
-    names = fd.label_names(train_ex, val_ex, ft.task)
+    names = fd.label_names(train_ex, val_ex, ft.task, source=ft.train_file or source)
     if cfg.model.num_labels is not None and cfg.model.num_labels != len(names):
         raise ConfigError(f"model.num_labels={cfg.model.num_labels} but the data has {len(names)} labels "
                           f"({', '.join(names[:8])}); drop model.num_labels (the data sets it)")
     train_arr = fd.encode(train_ex, ft.task, enc, T, names)
     val_arr = fd.encode(val_ex, ft.task, enc, T, names)
+    truncation = truncation_note(cfg, train_arr, val_arr)
+    if truncation and jax.process_index() == 0:
+        print(truncation, flush=True)
 
     G = resolve(cfg, jax.device_count()).train_batch_size
     steps_per_epoch = len(train_ex) // G
@@ -262,6 +305,8 @@ def run(cfg) -> dict:
             (out / "vocab.json").write_text(json.dumps(fd.build_word_vocab(train_ex)))
     ckpt_dir = Path(rc.checkpoint.dir) if rc.checkpoint.dir else out / "checkpoints"
     if rc.train.checkpoint_interval:
+        checkpoint.require_no_steps(ckpt_dir, "set train.output_dir (or checkpoint.dir) to a new directory, or "
+                                    "fine-tune from them with finetune.init_from")
         checkpoint.writer(ckpt_dir, rc.checkpoint.max_to_keep, rc.checkpoint.async_save)
     evaluate = make_evaluator(engine)
     A = rc.gradient_accumulation_steps
@@ -302,6 +347,8 @@ def run(cfg) -> dict:
             "task": ft.task, "data": source, "n_train": len(train_ex), "n_val": len(val_ex), "labels": names,
             "tokenizer": enc.name, "seq_len": T,
             "truncated": {"train": int(train_arr["truncated"].sum()), "val": int(val_arr["truncated"].sum())},
+            "longest": {"train": int(train_arr["length"].max()), "val": int(val_arr["length"].max())},
+            "truncation_note": truncation,
             "model": {"family": rc.model.family, "preset": rc.model.preset, "n_layer": mc.n_layer,
                       "d_model": mc.d_model, "n_head": mc.n_head, "vocab_size": mc.vocab_size,
                       "n_params": engine.n_params()},

@@ -110,15 +110,34 @@ def default_stops(args, vocab_size: int) -> list[int]:
     return [e for e in eos if 0 <= e < vocab_size]
 
 
+def check_args(args) -> None:
+    """One-line errors for the flags alone, before a model loads; what needs the model (token ids in its vocabulary,
+    prompt + new tokens within its max_len) is checked by :meth:`Generator._check` before anything is printed."""
+    from jzero.errors import ConfigError
+    from jzero.sampling import SamplingConfig
+
+    if args.step is not None and args.hf:
+        raise ConfigError("--step applies to --checkpoint only (a Hugging Face directory has one set of weights)")
+    if not args.prompt and not args.prompt_ids:
+        raise ConfigError("no prompt: pass --prompt TEXT or --prompt-ids 1,2,3 (repeat either for a batch)")
+    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--chunk", args.chunk),
+                        ("--tensor", args.tensor)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value}: give a count >= 1")
+    if args.step is not None and args.step < 0:
+        raise ConfigError(f"--step {args.step}: give a checkpoint step >= 0, or leave it out for the latest")
+    if not -2 ** 63 <= args.seed < 2 ** 63:
+        raise ConfigError(f"--seed {args.seed}: give an integer that fits in 64 bits")
+    SamplingConfig(args.temperature, args.top_k, args.top_p)   # --temperature / --top-k / --top-p and their mix
+
+
 def main(argv=None) -> int:
     from jzero.errors import ConfigError, JzeroError
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    started = False
     try:
-        if args.step is not None and args.hf:
-            raise ConfigError("--step applies to --checkpoint only (a Hugging Face directory has one set of weights)")
-        if not args.prompt and not args.prompt_ids:
-            raise ConfigError("no prompt: pass --prompt TEXT or --prompt-ids 1,2,3 (repeat either for a batch)")
+        check_args(args)
         tok = tokenizer_for(args, needed=bool(args.prompt))
         try:
             prompts = [[int(t) for t in s.split(",") if t.strip()] for s in args.prompt_ids]
@@ -132,6 +151,7 @@ def main(argv=None) -> int:
         gen = (Generator.from_hf(args.hf, **kw) if args.hf else
                Generator.from_checkpoint(args.checkpoint, step=args.step, **kw))
         stops = default_stops(args, gen.vocab_size)
+        gen.check(prompts, args.max_new_tokens, args.chunk, stops)   # before the prompt is printed
         stream = len(prompts) == 1 and tok is not None
         streamed: list[int] = []
         shown = [tok.decode(prompts[0]) if stream else ""]
@@ -153,6 +173,7 @@ def main(argv=None) -> int:
 
         if stream:
             sys.stdout.write(shown[0])
+            started = True
         out = gen.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, stop_tokens=stops, seed=args.seed, chunk=args.chunk,
                            on_tokens=on_tokens if stream else None)
@@ -160,6 +181,8 @@ def main(argv=None) -> int:
             streamed[:] = out.tokens[0]
             show(final=True)
     except JzeroError as exc:
+        if started:   # end the streamed text's line: the error starts on its own
+            print(flush=True)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if stream:

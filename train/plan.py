@@ -9,6 +9,7 @@ docs/plan.md).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -33,17 +34,40 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+#: the numeric flags: (attribute, flag, what a valid value is); the counts are whole numbers by their argparse type
+POSITIVE = [("nodes", "--nodes", "a node count >= 1"), ("gpus_per_node", "--gpus-per-node", "a GPU count >= 1"),
+            ("fake_devices", "--fake-devices", "a device count >= 1"),
+            ("nvlink_GBps", "--nvlink-GBps", "a bandwidth > 0"), ("ib_GBps", "--ib-GBps", "a bandwidth > 0"),
+            ("step_ms_1gpu", "--step-ms-1gpu", "a step time > 0"), ("gpu_mem_GiB", "--gpu-mem-GiB", "a size > 0")]
+
+
+def check_args(args) -> None:
+    """One-line errors for out-of-range numbers, before the backend starts or anything compiles."""
+    from jzero.errors import ConfigError
+
+    for attr, flag, want in POSITIVE:
+        value = getattr(args, attr)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{flag} {value}: give {want}")
+    if not (0.0 <= args.overlap <= 1.0):
+        raise ConfigError(f"--overlap {args.overlap}: give the fraction of compute that hides communication, 0..1")
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):   # before the backend starts
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                   + f" --xla_force_host_platform_device_count={args.fake_devices}").strip()
-    from jzero import plan
-    from jzero.config import load_config
     from jzero.errors import ConfigError, JzeroError
-    from train.pretrain import DEFAULT_CONFIG
 
     try:
+        check_args(args)
+        if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):   # before the backend starts
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                       + f" --xla_force_host_platform_device_count={args.fake_devices}").strip()
+        from jzero import plan
+        from jzero.config import load_config
+        from train.pretrain import DEFAULT_CONFIG
+
+        # the config file and overrides first: a missing file or a bad key is the error, not what follows from it
+        load_config(args.config, args.overrides, base=None if args.config else DEFAULT_CONFIG)
         names = [c for c in args.candidates.split(",") if c]
         bad = [c for c in names if c not in plan.CANDIDATES]
         if bad:

@@ -3,10 +3,15 @@
     python -m train.prepare_data --input PATH [PATH ...] --output-dir DIR [--tokenizer tokenizer.json]
                                  [--val-fraction 0.01]
 
-Inputs are text files or directories (walked recursively in sorted order, hidden entries skipped). Byte-level
+Inputs are UTF-8 text files or directories (walked recursively in sorted order, hidden entries skipped). Byte-level
 by default (vocab 256, each UTF-8 byte a token), or the ids of a local Hugging Face tokenizer.json. Writes
 DIR/train.bin, DIR/val.bin (the last --val-fraction of the token stream) and DIR/meta.json. The work is
-`jzero.data.prepare`, the same code that builds the default standard-library corpus.
+`jzero.prepare.prepare`, the same code that builds the default standard-library corpus.
+
+Never read as input: prepared token files (train.bin, val.bin, meta.json in DIR, or in any directory holding
+meta.json and train.bin), so running again with DIR inside an input directory gives the same data. A file that
+is not UTF-8 text (binary, UTF-16, a NUL byte) is an error when named in --input and skipped with a `notice:`
+line when found in a directory.
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"wrote {args.output_dir}: {meta['n_train_tokens']} train + {meta['n_val_tokens']} val tokens "
           f"({meta['dtype']}, vocab {meta['vocab_size']}, tokenizer {meta['tokenizer']}) from "
-          f"{meta['sources']} files")
+          f"{meta['sources']} files" + (f", {meta['skipped']} not-text files skipped" if meta["skipped"] else ""))
     return 0
 
 

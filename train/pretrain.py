@@ -90,12 +90,7 @@ def _resume(engine, ckpt_dir: Path, batches, out: Path, pi: int) -> int:
     changes = checkpoint.config_changes(checkpoint.read_meta(ckpt_dir, found[0])[1]["config"], to_dict(engine.config))
     if changes:
         log(f"resume: config differs from the checkpoint's in {len(changes)} keys: " + "; ".join(changes[:8]))
-    metrics = out / "metrics.jsonl"
-    if pi == 0 and metrics.is_file():   # drop records the interrupted run logged after its last checkpoint
-        keep = [ln for ln in metrics.read_text().splitlines(keepends=True)
-                if ln.strip() and json.loads(ln).get("step", 0) <= start]
-        metrics.write_text("".join(keep))
-    return start
+    return start   # the Monitor drops what the interrupted run logged after this step (resume_step)
 
 
 def _static_profile(engine, tokens_per_step, flops_per_token, peak, rc):
@@ -180,13 +175,16 @@ def run(cfg, resume: bool = False) -> dict:
     batches = BatchIterator(data_dir / "train.bin", resolved.data.seq_len, resolved.train_batch_size,
                             resolved.gradient_accumulation_steps, resolved.train.seed, pi, pc,
                             shuffle=resolved.data.shuffle)
+    ckpt_dir, start = _checkpoint_dir(cfg), 0
+    if cfg.train.checkpoint_interval and not resume:   # before anything compiles
+        checkpoint.require_no_steps(ckpt_dir, "pass --resume to continue that run, or set train.output_dir (or "
+                                    "checkpoint.dir) to a new directory")
     engine = jzero.initialize(cfg, vocab_size=meta["vocab_size"])
     rc = engine.config
     out = Path(rc.train.output_dir)
     if pi == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(rc), indent=2))
-    ckpt_dir, start = _checkpoint_dir(rc), 0
     if rc.train.checkpoint_interval:   # open the writer now: an unwritable checkpoint.dir fails before training
         checkpoint.writer(ckpt_dir, rc.checkpoint.max_to_keep, rc.checkpoint.async_save)
     if resume:
@@ -203,27 +201,30 @@ def run(cfg, resume: bool = False) -> dict:
     tokens_per_step = rc.train_batch_size * rc.data.seq_len
     monitor = Monitor(out, rc.train.steps, tensorboard=rc.tensorboard.model_dump(),
                       csv_monitor=rc.csv_monitor.model_dump(), steps_per_print=rc.steps_per_print,
-                      wall_clock_breakdown=rc.wall_clock_breakdown, device=dev, append=start > 0)
+                      wall_clock_breakdown=rc.wall_clock_breakdown, device=dev, append=start > 0,
+                      resume_step=start if start > 0 else None)
     eval_rows = rc.train_batch_size // rc.gradient_accumulation_steps
     if rc.train.eval_interval:   # a val split too short for one eval batch fails now, not after training
         next(iter(eval_batches(data_dir / "val.bin", rc.data.seq_len, eval_rows, 1, pi, pc)))
 
     static = _static_profile(engine, tokens_per_step, flops_per_token, peak, rc)
     rates, host, losses, last_eval, profile = [], [], [], None, None
-    timer, pending, last_logged = StepTimer(), None, start
+    timer, pending, last_logged = StepTimer(), [], start
     probe_steps = set(range(start + 2, start + 2 + N_PROBES))   # after the first (warm-up) dispatch
     # a device trace of some steps of this loop (jzero.profiler), left out of the timed windows
     tracing = LoopProfile.from_config(rc.train, start, start + 2 + N_PROBES, out)
     trace_summary, traced_rates, traced_host = None, [], []
 
     def log_pending():
-        """Log the queued step's metrics: they are fetched one step late, so the device has the next step queued
-        while the host waits here and formats/writes the line (no bubble from the sync)."""
+        """Log the queued steps' metrics: they are fetched one step late, so the device has the next step queued
+        while the host waits here and formats/writes the line (no bubble from the sync). One window (ready to
+        ready) covers every step since the last log; the steps queued in it share its per-step figures."""
         nonlocal pending, last_logged, profile
-        step, metrics = pending
-        pending = None
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}   # the one host sync per log
-        guard.check(step, m)   # diverged / fp16 scale stuck at its minimum: one line, exit 2
+        fetched = [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(pending)]   # the one sync
+        pending = []
+        step = fetched[-1][0]
+        for s, m in fetched:
+            guard.check(s, m)   # diverged / fp16 scale stuck at its minimum: one line, exit 2
         window = timer.window(step - last_logged)
         first, last_logged = last_logged + 1, step
         timed = not tracing.covers(step)   # a window of traced steps carries the profiler's overhead: logged only
@@ -231,13 +232,14 @@ def run(cfg, resume: bool = False) -> dict:
             tps = tokens_per_step / window["step_time_s"]
             (rates if timed else traced_rates).append(tps)
             (host if timed else traced_host).append((window["host_time_s"], window["queue_wait_s"]))
-            m.update(window, tokens_per_s=tps,
-                     mfu=flops.mfu(tps, flops_per_token, jax.device_count(), peak) if peak else None)
             # once, from the first window clear of the warm-up and probe steps (else the last window)
             if timed and profile is None and (first >= start + 2 + N_PROBES or step == rc.train.steps):
                 profile = _flops_profile(static, window, (first, step), timer.device_step_s)
-            monitor.log(step, m)
-            losses.append(m["loss"])
+            mfu = flops.mfu(tps, flops_per_token, jax.device_count(), peak) if peak else None
+            for s, m in fetched:
+                m.update(window, tokens_per_s=tps, mfu=mfu)
+                monitor.log(s, m)
+                losses.append(m["loss"])
 
     with monitor:
         for step in range(start + 1, rc.train.steps + 1):
@@ -255,16 +257,17 @@ def run(cfg, resume: bool = False) -> dict:
                 with timer.phase("dispatch_call_s"):
                     metrics = guard.watch(engine, engine.train_step(batch))   # + device-side non-finite count
             timer.step()
-            if pending is not None:
-                log_pending()
-            if step % rc.train.log_interval == 0 or step == rc.train.steps:
-                pending = (step, metrics)
             evaluating = rc.train.eval_interval and (step % rc.train.eval_interval == 0 or step == rc.train.steps)
             saving = rc.train.checkpoint_interval and (step % rc.train.checkpoint_interval == 0
                                                         or step == rc.train.steps)
             # a trace starts next step, or ends with this one: its steps form windows of their own
             trace_edge = tracing.starts_at(step + 1) or tracing.ends_at(step)
-            if (evaluating or saving or trace_edge) and pending is not None:
+            closing = evaluating or saving or trace_edge
+            if pending and not closing:   # (a closing step logs what is queued with itself, in one window)
+                log_pending()
+            if step % rc.train.log_interval == 0 or step == rc.train.steps:
+                pending.append((step, metrics))
+            if closing and pending:
                 log_pending()   # evaluation, the save's sync and a trace are not step time: close the window first
             if tracing.ends_at(step) and pi == 0:
                 trace_summary = tracing.stop(lambda: jax.block_until_ready(engine.state),
@@ -281,7 +284,7 @@ def run(cfg, resume: bool = False) -> dict:
             if evaluating or saving or trace_edge:
                 timer.restart()
                 last_logged = step
-        if pending is not None:
+        if pending:
             log_pending()
         checkpoint.wait_until_finished(ckpt_dir)
         if not rates:   # every window held traced steps: report those (with the profiler's overhead in them)
