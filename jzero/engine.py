@@ -127,10 +127,13 @@ class Engine:
 
     # ---- data placement
     def put_batch(self, local_batch) -> Any:
-        """Assemble the global train batch from this process's rows (leaves ``[accum, local_rows, ...]``)."""
-        return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s.sharding, np.asarray(x, s.dtype),
-                                                                                  s.shape),
-                            local_batch, self.batch_spec())
+        """Assemble the global train batch from this process's rows (leaves ``[accum, local_rows, ...]``), after
+        :func:`check_local_batch` (shape, integer dtype, token ids in the vocabulary: one-line DataErrors)."""
+        spec = self.batch_spec()
+        local_batch = check_local_batch(local_batch, spec, jax.process_count(),
+                                        getattr(self.model_config, "vocab_size", None))
+        return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s.sharding, x, s.shape),
+                            local_batch, spec)
 
     def put_eval_batch(self, local_batch) -> Any:
         """Assemble a global eval batch (leaves ``[local_rows, ...]``, rows over ``data``)."""
@@ -326,6 +329,37 @@ def _layout(cfg: JzeroConfig, mesh, rules) -> Layout:
         raise ConfigError(f"zero_optimization.zero_hpz_partition_size={hpz}: the given mesh has no 'node' axis; "
                           "build it with jzero.mesh.make_mesh(cfg.mesh, hpz=...) or leave mesh out")
     return Layout(mesh=mesh, rules=rules, flat_rules=flat_rules, run=run, hpz=hpz)
+
+
+def check_local_batch(local_batch, spec, process_count: int, vocab_size: int | None):
+    """This process's train batch as numpy arrays of ``spec``'s dtypes, or a one-line DataError naming what is
+    wrong: the tree (an LM batch is one array, a task batch a dict), a leaf's shape (``[accum, rows per process,
+    ...]``), a float array where token ids are expected (a cast would truncate them silently), or a token id
+    outside ``0..vocab_size-1`` (the embedding lookup would clamp it and train on another token)."""
+    from jzero.errors import DataError
+
+    leaves, tree = jax.tree_util.tree_flatten_with_path(local_batch)
+    specs, spec_tree = jax.tree_util.tree_flatten_with_path(spec)
+    if tree != spec_tree:
+        raise DataError(f"train batch: got {jax.tree.structure(local_batch)}, expected {jax.tree.structure(spec)} "
+                        f"(an LM batch is one [accum, rows, seq_len+1] int array; a task batch a dict of them)")
+    out = []
+    for (path, x), (_, s) in zip(leaves, specs):
+        name = jax.tree_util.keystr(path) or "tokens"
+        x = np.asarray(x)
+        local = (s.shape[0], s.shape[1] // process_count) + tuple(s.shape[2:])
+        if x.shape != local:
+            raise DataError(f"train batch {name}: shape {x.shape}, expected {local} = [gradient_accumulation_steps, "
+                            f"rows per process (train_batch_size / accumulation / processes), "
+                            f"{'seq_len + 1' if len(local) == 3 and name == 'tokens' else '...'}]")
+        if np.issubdtype(s.dtype, np.integer) and not np.issubdtype(x.dtype, np.integer):
+            raise DataError(f"train batch {name}: dtype {x.dtype}, expected integer token ids ({s.dtype})")
+        if vocab_size and name in ("tokens", "['tokens']") and x.size and (x.min() < 0 or x.max() >= vocab_size):
+            bad = int(x.max()) if x.max() >= vocab_size else int(x.min())
+            raise DataError(f"train batch {name}: token id {bad} is outside the model's vocabulary 0..{vocab_size - 1}; "
+                            "check the tokenizer against model.vocab_size (or the data's meta.json)")
+        out.append(x.astype(s.dtype, copy=False))
+    return jax.tree.unflatten(jax.tree.structure(spec), out)
 
 
 def _default_model(cfg: JzeroConfig, vocab_size: int | None):

@@ -61,6 +61,29 @@ def test_each_stage_changes_the_compiled_program(stages):
     assert any("all-gather" in b for b in loop_bodies), "stage 3 should all-gather params inside the scanned body"
 
 
+def test_a_wrong_train_batch_is_one_line_naming_what_was_expected(stages):
+    """A notebook user's batch: a missing accumulation axis, floats, an id past the vocabulary or a dict where one
+    array is expected fail before the step, naming the expected shape/dtype/range (a float cast would truncate ids,
+    an out-of-vocabulary id would be clamped by the embedding and train on another token, silently)."""
+    from jzero.errors import DataError
+
+    eng = stages[0][0]
+    ok = batches((2, 8, 33), 1)[0]
+    vocab = eng.model_config.vocab_size
+    cases = [(ok[0], "train batch tokens: shape (8, 33), expected (2, 8, 33) = [gradient_accumulation_steps, rows "
+                     "per process (train_batch_size / accumulation / processes), seq_len + 1]"),
+             (ok.astype(np.float32), "train batch tokens: dtype float32, expected integer token ids (int32)"),
+             (np.where(ok == ok.flat[0], vocab, ok), f"train batch tokens: token id {vocab} is outside the model's "
+                                                   f"vocabulary 0..{vocab - 1}"),
+             ({"tokens": ok}, "train batch: got PyTreeDef({'tokens': *}), expected PyTreeDef(*)")]
+    step = int(eng.state.step)
+    for batch, message in cases:
+        with pytest.raises(DataError) as e:
+            eng.train_step(batch)
+        assert str(e.value).startswith(message), str(e.value)
+    assert int(eng.state.step) == step   # nothing ran
+
+
 def test_accumulation_equals_one_big_batch():
     big = batches((1, 32, 33), STEPS, seed=1)
     micro = [b.reshape(4, 8, 33) for b in big]

@@ -14,7 +14,7 @@ from jzero.config import load_config
 from jzero.errors import CheckpointError, DataError
 from jzero.tasks import IGNORE, classification_task
 from helpers import assert_config_round_trip
-from train.finetune import DEFAULT_CONFIG, load_pretrained, main, truncation_note
+from train.finetune import DEFAULT_CONFIG, check_config, config_dict, load_pretrained, main, truncation_note
 
 SMALL = ["steps_per_print=1000", "scheduler.params.warmup_num_steps=4", "finetune.epochs=2", "train_batch_size=16"]
 
@@ -37,7 +37,13 @@ def test_embedded_default_beats_chance_and_writes_the_report(tmp_path):
     assert "- seq_len 32: 0 train / 0 val examples truncated (longest " in (tmp_path / "report.md").read_text()
     assert read(tmp_path / "summary.json")["final"] == final
     assert read(tmp_path / "config.json")["model"]["head"] == "classification"
-    assert_config_round_trip(tmp_path / "config.json")   # val_fraction and the synthetic sizes all written out
+    # val_fraction and the synthetic sizes all written out; pretraining's train.steps/eval keys left out, so the
+    # file is a valid finetune config (train.plot shows no default step count that never applied)
+    assert_config_round_trip(tmp_path / "config.json", written=config_dict)
+    assert "steps" not in read(tmp_path / "config.json")["train"]
+    check_config(load_config(tmp_path / "config.json"))
+    summary = read(tmp_path / "summary.json")
+    assert summary["steps"] == 64 and summary["final_loss"] > 0
     print(f"\nembedded default (512 train, 2 epochs): accuracy {final['accuracy']:.4f}, "
           f"baseline {final['baseline_accuracy']:.4f}")
 
@@ -77,7 +83,7 @@ def test_ner_from_jsonl_files_starting_from_exported_weights(tmp_path):
     assert report["labels"] == ["O", "B-LOC", "B-ORG", "B-PER", "I-LOC", "I-ORG", "I-PER"]
     assert final["entity_f1"] >= 0.5 and final["baseline_entity_f1"] == 0.0, final
     assert set(final["per_type"]) == {"LOC", "ORG", "PER"}
-    assert_config_round_trip(out / "config.json")   # train_file + val_file with every other key written out
+    assert_config_round_trip(out / "config.json", written=config_dict)   # train_file + val_file + every other key
     print(f"\nNER (480 train, 2 epochs): entity F1 {final['entity_f1']:.4f} (P {final['entity_precision']:.4f} "
           f"R {final['entity_recall']:.4f}), token accuracy {final['token_accuracy']:.4f} vs all-O "
           f"{final['baseline_token_accuracy']:.4f}")

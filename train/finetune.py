@@ -55,6 +55,22 @@ def main(argv=None) -> int:
 # --------------------------------------------------------------------------- pieces
 
 
+#: pretraining's ``train`` keys that mean nothing here: refused when given, left out of the run's config.json (so
+#: the file loads back with --config, and train.plot / sweeps do not show a default that never applied)
+NOT_APPLICABLE = {"steps": "the run length is finetune.epochs over the training set",
+                  "eval_interval": "evaluation runs after every epoch on the whole validation set",
+                  "eval_batches": "evaluation covers the whole validation set"}
+
+
+def config_dict(cfg) -> dict:
+    """The run's config as written to config.json: :func:`jzero.config.to_dict` without :data:`NOT_APPLICABLE`."""
+    from jzero.config import to_dict
+
+    d = to_dict(cfg)
+    d["train"] = {k: v for k, v in d["train"].items() if k not in NOT_APPLICABLE}
+    return d
+
+
 def check_config(cfg) -> None:
     """Keys that mean nothing to a fine-tune are errors, not silently ignored."""
     from jzero.errors import ConfigError
@@ -64,9 +80,7 @@ def check_config(cfg) -> None:
                           f"(classification heads); use model.family=bert")
     if cfg.data.path is not None:
         raise ConfigError("data.path is pretraining token data; fine-tuning reads finetune.train_file (JSONL)")
-    for key, why in (("steps", "the run length is finetune.epochs over the training set"),
-                     ("eval_interval", "evaluation runs after every epoch on the whole validation set"),
-                     ("eval_batches", "evaluation covers the whole validation set")):
+    for key, why in NOT_APPLICABLE.items():
         if key in cfg.train.model_fields_set:
             raise ConfigError(f"train.{key} does not apply to train.finetune ({why}); remove it")
     ft = cfg.finetune
@@ -264,7 +278,7 @@ def run(cfg) -> dict:
     import jzero
     from jzero import checkpoint
     from jzero import finetune_data as fd
-    from jzero.config import resolve, to_dict
+    from jzero.config import resolve
     from jzero.errors import ConfigError, DataError
     from jzero.monitor import Monitor
     from jzero.tasks import TASKS
@@ -300,7 +314,7 @@ def run(cfg) -> dict:
     out = Path(rc.train.output_dir)
     if pi == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(rc), indent=2))
+        (out / "config.json").write_text(json.dumps(config_dict(rc), indent=2))
         if ft.tokenizer == "words":
             (out / "vocab.json").write_text(json.dumps(fd.build_word_vocab(train_ex)))
     ckpt_dir = Path(rc.checkpoint.dir) if rc.checkpoint.dir else out / "checkpoints"
@@ -355,6 +369,7 @@ def run(cfg) -> dict:
             "init_from": init, "epochs": ft.epochs, "steps": total, "train_batch_size": rc.train_batch_size,
             "mesh": {"data": rc.mesh.data, "tensor": rc.mesh.tensor, "pipeline": rc.mesh.pipeline},
             "zero_stage": rc.zero_optimization.stage, "per_epoch": per_epoch, "final": per_epoch[-1],
+            "final_loss": sum(losses[-10:]) / len(losses[-10:]),   # as pretrain's: the last 10 logged train losses
             "time_s": time.perf_counter() - t_start,
         }
         if pi == 0:
