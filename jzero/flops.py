@@ -68,6 +68,12 @@ def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int,
     return tokens_per_s * flops_per_token / (n_devices * peak_flops_per_device)
 
 
+def matmul_dtype(cfg) -> str:
+    """The dtype a config's matmuls run in, which picks the peak of MFU: bf16 or fp16 when enabled (the model
+    computes in it; fp16 is not the fp32 peak just because the masters are fp32), else float32."""
+    return "bfloat16" if cfg.bf16.enabled else "float16" if cfg.fp16.enabled else "float32"
+
+
 def peak_flops(device, dtype="bfloat16") -> Optional[float]:
     """Dense peak FLOP/s of one device for matmuls in ``dtype``; None on CPU or for an untabulated card."""
     name = _dtype_name(dtype)

@@ -51,6 +51,9 @@ def test_differing_keys_and_missing_files(tmp_path):
     empty = load_run(tmp_path / "missing")
     assert (empty.config, empty.metrics, empty.summary) == (None, [], None)
     assert result_cells(None) == {"final_loss": "n/a", "tokens/s": "n/a", "mfu": "n/a", "memory/device": "n/a"}
+    # an offloaded run's host memory is not on the device: 1 GiB of params + 0.5 GiB of copies, 8 GiB on the host
+    offloaded = {"memory_per_device_bytes": {"params": 2**30, "weight_copies": 2**29, "opt_state": 0, "host": 2**33}}
+    assert result_cells(offloaded)["memory/device"] == "1.5 GiB"
 
 
 def test_torn_last_line_is_dropped_but_corruption_raises(tmp_path):

@@ -138,13 +138,16 @@ def _fmt(v: Any) -> str:
 
 
 def result_cells(summary: Optional[dict]) -> dict[str, str]:
-    """final_loss, tokens/s, mfu and params+opt_state bytes per device, formatted, from a summary.json."""
+    """final_loss, tokens/s, mfu and the bytes of params, weight copies and optimizer state on one device (not
+    host-offloaded state), formatted, from a summary.json."""
     s = summary or {}
     loss = s.get("final_loss")
     tps = s.get("tokens_per_s")
     mfu = s.get("mfu")
     mem = s.get("memory_per_device_bytes")
-    mem_total = sum(v for v in mem.values() if isinstance(v, (int, float))) if isinstance(mem, dict) else None
+    # on the device only: "host" (optimizer offload's pinned host memory) is not on the device
+    mem_total = (sum(v for k, v in mem.items() if k != "host" and isinstance(v, (int, float)))
+                 if isinstance(mem, dict) else None)
     return {
         "final_loss": "n/a" if loss is None else f"{loss:.4f}",
         "tokens/s": "n/a" if tps is None else f"{round(tps):,}",

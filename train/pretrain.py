@@ -8,6 +8,7 @@ Writes ``config.json``, ``metrics.jsonl`` and ``summary.json`` into ``train.outp
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import sys
@@ -107,7 +108,7 @@ def _static_profile(engine, tokens_per_step, flops_per_token, peak, rc):
         xla_library_calls=flops.hlo_library_calls(compiled),
         jaxpr_flops=flops.jaxpr_matmul_flops(engine._train, engine.state, engine.batch_spec()),
         compile_time_s=engine.compile_seconds, peak_flops_per_device=peak,
-        dtype="bfloat16" if rc.bf16.enabled else "float32")
+        dtype=flops.matmul_dtype(rc))
 
 
 def _flops_profile(static, window, steps, device_step_s):
@@ -197,7 +198,7 @@ def run(cfg, resume: bool = False) -> dict:
     flops_per_token = flops.gpt_train_flops_per_token(mc.n_params(include_pos=False), mc.n_layer, rc.data.seq_len,
                                                       mc.d_model)
     dev = jax.local_devices()[0]
-    peak = flops.peak_flops(dev, "bfloat16" if rc.bf16.enabled else "float32")
+    peak = flops.peak_flops(dev, flops.matmul_dtype(rc))
     tokens_per_step = rc.train_batch_size * rc.data.seq_len
     monitor = Monitor(out, rc.train.steps, tensorboard=rc.tensorboard.model_dump(),
                       csv_monitor=rc.csv_monitor.model_dump(), steps_per_print=rc.steps_per_print,
@@ -209,32 +210,47 @@ def run(cfg, resume: bool = False) -> dict:
 
     static = _static_profile(engine, tokens_per_step, flops_per_token, peak, rc)
     rates, host, losses, last_eval, profile = [], [], [], None, None
-    timer, pending, last_logged = StepTimer(), [], start
+    timer, pending, last_logged, done_through, last_window = StepTimer(), [], start, start, None
+    # this run's per-step train losses: the first, and the last 10 (whatever train.log_interval logs)
+    step_losses = collections.deque(maxlen=10)
+    first_loss = None
     probe_steps = set(range(start + 2, start + 2 + N_PROBES))   # after the first (warm-up) dispatch
     # a device trace of some steps of this loop (jzero.profiler), left out of the timed windows
     tracing = LoopProfile.from_config(rc.train, start, start + 2 + N_PROBES, out)
     trace_summary, traced_rates, traced_host = None, [], []
 
-    def log_pending():
+    def log_pending(next_metrics=None):
         """Log the queued steps' metrics: they are fetched one step late, so the device has the next step queued
-        while the host waits here and formats/writes the line (no bubble from the sync). One window (ready to
-        ready) covers every step since the last log; the steps queued in it share its per-step figures."""
-        nonlocal pending, last_logged, profile
+        while the host waits here and formats/writes the line (no bubble from the sync).
+
+        The window closed here spans the time since the last close and counts the steps that *finished* in it:
+        the queued ones, plus the step dispatched after them (``next_metrics``) if it is already done, as it is
+        whenever dispatch blocks (CPU, optimizer offload, a host-bound loop). Counting logged steps instead would
+        give that step's time to the window before and leave the next one almost empty (a tokens/s in the
+        millions). A close that finds no step finished since the last one keeps the window open, and its lines
+        show the last closed window's figures."""
+        nonlocal pending, last_logged, done_through, profile, last_window
         fetched = [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(pending)]   # the one sync
         pending = []
         step = fetched[-1][0]
         for s, m in fetched:
             guard.check(s, m)   # diverged / fp16 scale stuck at its minimum: one line, exit 2
-        window = timer.window(step - last_logged)
+        ahead = next_metrics is not None and next_metrics["loss"].is_ready()   # (the step's own program's output)
+        finished = step + 1 if ahead else step
         first, last_logged = last_logged + 1, step
-        timed = not tracing.covers(step)   # a window of traced steps carries the profiler's overhead: logged only
         with timer.phase("log_time_s"):
+            if finished > done_through:
+                window = timer.window(finished - done_through)
+                done_through, last_window = finished, window
+                tps = tokens_per_step / window["step_time_s"]
+                timed = not tracing.covers(step)   # a window of traced steps has the profiler's overhead: logged only
+                (rates if timed else traced_rates).append(tps)
+                (host if timed else traced_host).append((window["host_time_s"], window["queue_wait_s"]))
+                # once, from the first window clear of the warm-up and probe steps (else the last window)
+                if timed and profile is None and (first >= start + 2 + N_PROBES or step == rc.train.steps):
+                    profile = _flops_profile(static, window, (first, step), timer.device_step_s)
+            window = last_window
             tps = tokens_per_step / window["step_time_s"]
-            (rates if timed else traced_rates).append(tps)
-            (host if timed else traced_host).append((window["host_time_s"], window["queue_wait_s"]))
-            # once, from the first window clear of the warm-up and probe steps (else the last window)
-            if timed and profile is None and (first >= start + 2 + N_PROBES or step == rc.train.steps):
-                profile = _flops_profile(static, window, (first, step), timer.device_step_s)
             mfu = flops.mfu(tps, flops_per_token, jax.device_count(), peak) if peak else None
             for s, m in fetched:
                 m.update(window, tokens_per_s=tps, mfu=mfu)
@@ -262,9 +278,12 @@ def run(cfg, resume: bool = False) -> dict:
                                                         or step == rc.train.steps)
             # a trace starts next step, or ends with this one: its steps form windows of their own
             trace_edge = tracing.starts_at(step + 1) or tracing.ends_at(step)
-            closing = evaluating or saving or trace_edge
+            # a probe ran synchronised: its step is done and nothing is queued behind it, so close there too
+            closing = evaluating or saving or trace_edge or step in probe_steps
+            step_losses.append(metrics["loss"])   # device scalars, fetched once at the end (no sync here)
+            first_loss = metrics["loss"] if first_loss is None else first_loss
             if pending and not closing:   # (a closing step logs what is queued with itself, in one window)
-                log_pending()
+                log_pending(next_metrics=metrics)
             if step % rc.train.log_interval == 0 or step == rc.train.steps:
                 pending.append((step, metrics))
             if closing and pending:
@@ -283,7 +302,7 @@ def run(cfg, resume: bool = False) -> dict:
                 engine.save_checkpoint(ckpt_dir, data_iterator=batches)   # async: training goes on while it writes
             if evaluating or saving or trace_edge:
                 timer.restart()
-                last_logged = step
+                last_logged = done_through = step
         if pending:
             log_pending()
         checkpoint.wait_until_finished(ckpt_dir)
@@ -291,12 +310,14 @@ def run(cfg, resume: bool = False) -> dict:
             rates, host = traced_rates, traced_host
         tps_med = statistics.median(rates[1:] or rates)
         mem = device_memory_bytes(dev) or {}
+        last10, first_loss = jax.device_get((list(step_losses), first_loss))
         summary = {
-            "final_loss": statistics.fmean(losses[-10:]),   # mean of the last 10 logged train losses
+            "final_loss": statistics.fmean(map(float, last10)),   # mean train loss of the run's last 10 steps
             "last_loss": losses[-1],
-            "initial_loss": losses[0],
+            "initial_loss": float(first_loss),   # the train loss of this invocation's first step
             "final_eval_loss": last_eval,
-            "steps": rc.train.steps,
+            "steps": rc.train.steps,   # the step the run ended at
+            "resumed_from": start,     # 0 = a fresh run; this invocation ran steps - resumed_from steps
             "skipped_steps": int(engine.state.loss_scale.skipped_steps),   # fp16 overflow / bf16 non-finite
             "tokens_per_s": tps_med,
             "step_time_s": tokens_per_step / tps_med,   # the loop's wall time per step (median window)
