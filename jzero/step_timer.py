@@ -5,7 +5,8 @@ The loop dispatches steps asynchronously and syncs only when it logs. Two things
 `StepTimer` measures both without adding syncs to the steady state:
 
 - ``step_time_s``: wall time per step between two log points, each taken when a logged step's metrics are on
-  the host (ready to ready). This is what the user gets.
+  the host (ready to ready), divided by the steps that finished in between (the loop counts the step dispatched
+  after the logged one too when it is already done, as when dispatch blocks). This is what the user gets.
 - ``host_time_s`` = ``data_wait_s`` + ``place_time_s`` + ``dispatch_time_s`` + ``log_time_s``: the host's own
   work per step. Data, placement and logging are timed around each phase in every step. The dispatch call is
   not: once the device is busy, the runtime makes it wait for queue space (on an H200, a GPT-2 124M step's
