@@ -377,6 +377,17 @@ def _raise_from_validation(err: ValidationError, source: str, overrides: list[st
     raise ConfigError(msg) from None
 
 
+def validate_section(cls, data: dict, prefix: str):
+    """One section built from a dict outside a whole config (``jzero.mesh.make_mesh({"data": 4})``), with the
+    whole config's one-line errors, keys named ``prefix.key``."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        e = err.errors()[0]
+        e["loc"] = (prefix, *e["loc"])
+        _raise_from_validation(ValidationError.from_exception_data(err.title, [e]), f"{prefix} given in code")
+
+
 def _source_of(key: str, source: str, overrides: list[str]) -> str:
     """Where the value at ``key`` came from: the last ``key=value`` override that set it (or a section above
     it), else ``source`` (the file)."""

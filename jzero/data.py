@@ -206,9 +206,11 @@ class BatchIterator:
         ds = grain.MapDataset.source(self.source)
         if self.shuffle:
             ds = ds.shuffle(seed=self.seed)
-        ds = (ds.repeat().batch(self.local_rows)
+        # drop_remainder changes nothing on an endless stream, but keeps len() finite: grain's ceil-division len
+        # of batch(1) over repeat() overflows (one row per micro-batch per process, e.g. a deep pipeline)
+        ds = (ds.repeat().batch(self.local_rows, drop_remainder=True)
               .slice(slice(process_index, None, process_count))
-              .batch(accum_steps))
+              .batch(accum_steps, drop_remainder=True))
         self._dataset = ds
         self._iter = ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)
                                         ).__iter__()

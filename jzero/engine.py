@@ -30,7 +30,7 @@ import optax
 from jzero import pipeline, quantized_gather, quantized_reduce, topology
 from jzero import sharding as shd
 from jzero.config import JzeroConfig, resolve
-from jzero.errors import CheckpointError, ConfigError
+from jzero.errors import CheckpointError, ConfigError, DataError
 from jzero.loss import cross_entropy, logsumexp_one_pass  # noqa: F401  (re-exported: their old home)
 from jzero.mesh import make_mesh
 from jzero.offload import OptimizerOffload, offloaded, unsupported as offload_unsupported
@@ -136,12 +136,30 @@ class Engine:
                             local_batch, spec)
 
     def put_eval_batch(self, local_batch) -> Any:
-        """Assemble a global eval batch (leaves ``[local_rows, ...]``, rows over ``data``)."""
-        def one(x):
-            x = np.asarray(x)
+        """Assemble a global eval batch (leaves ``[local_rows, ...]``, rows over ``data``): the train batch's
+        leaves without the accumulation axis, rows divisible over the devices that split them, token ids in the
+        vocabulary (one-line DataErrors, as :func:`check_local_batch`)."""
+        spec = self.batch_spec()
+        leaves, tree = jax.tree_util.tree_flatten_with_path(local_batch)
+        if tree != jax.tree.structure(spec):
+            raise DataError(f"eval batch: {_describe_tree(local_batch)}, expected {_describe_tree(spec)} (the train "
+                            "batch's structure)")
+        out = []
+        for (path, x), s in zip(leaves, jax.tree.leaves(spec)):
+            name = jax.tree_util.keystr(path) or "tokens"
+            x = _checked_ids(np.asarray(x), s.dtype, name, getattr(self.model_config, "vocab_size", None), "eval")
+            tail = tuple(s.shape[2:])
+            if x.ndim != 1 + len(tail) or x.shape[1:] != tail:
+                raise DataError(f"eval batch {name}: shape {x.shape}, expected (rows, {', '.join(map(str, tail))}) "
+                                "(the train batch's leaves without the accumulation axis)")
+            sharding = self.plan.batch(x.ndim, 0)
+            n = _shards(sharding, 0)
             shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
-            return jax.make_array_from_process_local_data(self.plan.batch(x.ndim, 0), x, shape)
-        return jax.tree.map(one, local_batch)
+            if shape[0] % n:
+                raise DataError(f"eval batch {name}: {shape[0]} rows do not split over the {n} devices of the data "
+                                f"axes; give a multiple of {n} rows")
+            out.append(jax.make_array_from_process_local_data(sharding, x, shape))
+        return jax.tree.unflatten(tree, out)
 
     # ---- steps
     def lower_train_step(self):
@@ -157,8 +175,10 @@ class Engine:
 
     def train_step(self, batch) -> dict[str, jax.Array]:
         """One optimizer step; ``batch`` is a global ``[accum, rows, seq+1]`` array or this process's numpy rows."""
-        if not isinstance(jax.tree.leaves(batch)[0], jax.Array):
+        if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(batch)):
             batch = self.put_batch(batch)
+        else:
+            check_global_batch(batch, self.batch_spec())
         self.state, metrics = self.strategy.run(self.compile(), self.state, batch)
         return metrics
 
@@ -237,6 +257,7 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
     layout = _layout(cfg, mesh, rules)
     own_model = model is None
     if model is None:
+        _check_save_names(cfg)
         model, model_config = _default_model(cfg, vocab_size)
     if tx is None:   # under offload, clipping is decided on the device over the global norm, not per chunk
         tx, schedule = _build_tx(cfg, layout.mesh, clipping=not offloaded(cfg))
@@ -324,11 +345,43 @@ def _layout(cfg: JzeroConfig, mesh, rules) -> Layout:
     flat_rules = rules
     if hpz > 1:   # ZeRO++ hpZ: batch over node x data, ZeRO over data (within the node)
         rules = topology.hierarchical_rules(rules)
-    mesh = mesh if mesh is not None else make_mesh(cfg.mesh, hpz=hpz)
+    if mesh is None:
+        mesh = make_mesh(cfg.mesh, hpz=hpz)
+    else:
+        _check_given_mesh(mesh, cfg)
     if hpz > 1 and "node" not in mesh.axis_names:
         raise ConfigError(f"zero_optimization.zero_hpz_partition_size={hpz}: the given mesh has no 'node' axis; "
                           "build it with jzero.mesh.make_mesh(cfg.mesh, hpz=...) or leave mesh out")
     return Layout(mesh=mesh, rules=rules, flat_rules=flat_rules, run=run, hpz=hpz)
+
+
+def _check_save_names(cfg: JzeroConfig) -> None:
+    """jzero's own models name only :data:`jzero.remat.MODEL_ACTIVATION_NAMES`: another name in
+    ``activation_checkpointing.save_names`` would match nothing and silently save nothing (full remat)."""
+    from jzero.remat import MODEL_ACTIVATION_NAMES
+
+    unknown = [n for n in cfg.activation_checkpointing.effective_save_names if n not in MODEL_ACTIVATION_NAMES]
+    if unknown:
+        raise ConfigError(f"activation_checkpointing.save_names: {unknown[0]!r} names no activation of jzero's models; "
+                          f"use some of {', '.join(MODEL_ACTIVATION_NAMES)} (a model you pass to initialize may name "
+                          "its own)")
+
+
+def _check_given_mesh(mesh, cfg: JzeroConfig) -> None:
+    """A mesh passed to :func:`initialize` must have the config's axis sizes (``node`` x ``data`` counting as the
+    data axis under hpZ): a pipeline or tensor axis the config does not know of would be left unused (every
+    device doing the same work) while the config reports another layout."""
+    got = dict(mesh.shape)
+    have = {"data": got.get("data", 1) * got.get("node", 1), "tensor": got.get("tensor", 1),
+            "pipeline": got.get("pipeline", 1)}
+    want = {"data": cfg.mesh.data, "tensor": cfg.mesh.tensor, "pipeline": cfg.mesh.pipeline}
+    unknown = sorted(set(got) - {"data", "node", "tensor", "pipeline"})
+    if unknown or have != want:
+        sizes = ", ".join(f"{k}={v}" for k, v in got.items())
+        raise ConfigError(f"the mesh given to initialize has {sizes} but the config's mesh is "
+                          f"{', '.join(f'{k}={v}' for k, v in want.items())}"
+                          f"{f' (jzero knows no axis {unknown[0]!r})' if unknown else ''}; set mesh.data/tensor/"
+                          "pipeline to the mesh's sizes, or leave mesh out (jzero.mesh.make_mesh(cfg.mesh) builds it)")
 
 
 def check_local_batch(local_batch, spec, process_count: int, vocab_size: int | None):
@@ -336,15 +389,12 @@ def check_local_batch(local_batch, spec, process_count: int, vocab_size: int | N
     wrong: the tree (an LM batch is one array, a task batch a dict), a leaf's shape (``[accum, rows per process,
     ...]``), a float array where token ids are expected (a cast would truncate them silently), or a token id
     outside ``0..vocab_size-1`` (the embedding lookup would clamp it and train on another token)."""
-    from jzero.errors import DataError
-
     leaves, tree = jax.tree_util.tree_flatten_with_path(local_batch)
-    specs, spec_tree = jax.tree_util.tree_flatten_with_path(spec)
-    if tree != spec_tree:
-        raise DataError(f"train batch: got {jax.tree.structure(local_batch)}, expected {jax.tree.structure(spec)} "
-                        f"(an LM batch is one [accum, rows, seq_len+1] int array; a task batch a dict of them)")
+    if tree != jax.tree.structure(spec):
+        raise DataError(f"train batch: {_describe_tree(local_batch)}, expected {_describe_tree(spec)} (an LM batch is "
+                        "one [accum, rows, seq_len+1] int array; a task batch a dict of them)")
     out = []
-    for (path, x), (_, s) in zip(leaves, specs):
+    for (path, x), s in zip(leaves, jax.tree.leaves(spec)):
         name = jax.tree_util.keystr(path) or "tokens"
         x = np.asarray(x)
         local = (s.shape[0], s.shape[1] // process_count) + tuple(s.shape[2:])
@@ -352,14 +402,48 @@ def check_local_batch(local_batch, spec, process_count: int, vocab_size: int | N
             raise DataError(f"train batch {name}: shape {x.shape}, expected {local} = [gradient_accumulation_steps, "
                             f"rows per process (train_batch_size / accumulation / processes), "
                             f"{'seq_len + 1' if len(local) == 3 and name == 'tokens' else '...'}]")
-        if np.issubdtype(s.dtype, np.integer) and not np.issubdtype(x.dtype, np.integer):
-            raise DataError(f"train batch {name}: dtype {x.dtype}, expected integer token ids ({s.dtype})")
-        if vocab_size and name in ("tokens", "['tokens']") and x.size and (x.min() < 0 or x.max() >= vocab_size):
-            bad = int(x.max()) if x.max() >= vocab_size else int(x.min())
-            raise DataError(f"train batch {name}: token id {bad} is outside the model's vocabulary 0..{vocab_size - 1}; "
-                            "check the tokenizer against model.vocab_size (or the data's meta.json)")
-        out.append(x.astype(s.dtype, copy=False))
-    return jax.tree.unflatten(jax.tree.structure(spec), out)
+        out.append(_checked_ids(x, s.dtype, name, vocab_size, "train"))
+    return jax.tree.unflatten(tree, out)
+
+
+def check_global_batch(batch, spec) -> None:
+    """A train batch already on the devices: its tree, shapes and dtypes against ``spec`` (metadata only, no
+    sync; its token ids are not read, so they are the caller's to keep in the vocabulary)."""
+    if jax.tree.structure(batch) != jax.tree.structure(spec):
+        raise DataError(f"train batch: {_describe_tree(batch)}, expected {_describe_tree(spec)}")
+    for (path, x), s in zip(jax.tree_util.tree_flatten_with_path(batch)[0], jax.tree.leaves(spec)):
+        if x.shape != s.shape or x.dtype != s.dtype:
+            name = jax.tree_util.keystr(path) or "tokens"
+            raise DataError(f"train batch {name}: {x.dtype}{list(x.shape)}, expected {s.dtype}{list(s.shape)} "
+                            "([gradient_accumulation_steps, global rows, ...])")
+
+
+def _checked_ids(x: np.ndarray, dtype, name: str, vocab_size: int | None, what: str) -> np.ndarray:
+    """``x`` as ``dtype``; integer leaves must be integers, and token ids within the vocabulary."""
+    if np.issubdtype(dtype, np.integer) and not np.issubdtype(x.dtype, np.integer):
+        raise DataError(f"{what} batch {name}: dtype {x.dtype}, expected integer token ids ({np.dtype(dtype)})")
+    if vocab_size and name in ("tokens", "['tokens']") and x.size and (x.min() < 0 or x.max() >= vocab_size):
+        bad = int(x.max()) if x.max() >= vocab_size else int(x.min())
+        raise DataError(f"{what} batch {name}: token id {bad} is outside the model's vocabulary 0..{vocab_size - 1}; "
+                        "check the tokenizer against model.vocab_size (or the data's meta.json)")
+    return x.astype(dtype, copy=False)
+
+
+def _describe_tree(tree) -> str:
+    """A short name for a batch tree's structure: 'one array', or 'a dict of tokens, mask' (not a PyTreeDef dump)."""
+    if isinstance(tree, dict):
+        return f"a dict of {', '.join(map(str, tree))}"
+    leaves = jax.tree.leaves(tree)
+    if len(leaves) == 1 and jax.tree.structure(tree).num_nodes == 1:
+        return "one array"
+    return f"a {type(tree).__name__} of {len(leaves)} leaves"
+
+
+def _shards(sharding, dim: int) -> int:
+    """How many pieces ``sharding`` cuts dimension ``dim`` into (the product of its mesh axes' sizes there)."""
+    entry = sharding.spec[dim] if dim < len(sharding.spec) else None
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return int(np.prod([sharding.mesh.shape[a] for a in names])) if names else 1
 
 
 def _default_model(cfg: JzeroConfig, vocab_size: int | None):

@@ -26,7 +26,9 @@ def make_mesh(mesh_cfg: MeshConfig | dict | None = None, devices=None, hpz: int 
     if mesh_cfg is None:
         mesh_cfg = MeshConfig()
     elif isinstance(mesh_cfg, dict):
-        mesh_cfg = MeshConfig(**mesh_cfg)
+        from jzero.config import validate_section
+
+        mesh_cfg = validate_section(MeshConfig, mesh_cfg, "mesh")
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_mesh_shape(mesh_cfg, len(devices))
     if hpz > 1:

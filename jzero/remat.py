@@ -76,7 +76,8 @@ class ActivationCheckpointingConfig(BaseModel):
         policy = self.effective_policy
         if policy in ("save_named", "offload_named") and not self.effective_save_names:
             raise ValueError(f"activation_checkpointing.save_names: policy {policy!r} needs the names (given to "
-                             "jax.ad_checkpoint.checkpoint_name in the model) of the activations to keep")
+                             "jax.ad_checkpoint.checkpoint_name in the model) of the activations to keep; jzero's "
+                             f"models name {', '.join(MODEL_ACTIVATION_NAMES)}")
         if self.save_names and policy not in ("save_named", "offload_named"):
             raise ValueError(f"activation_checkpointing.save_names is only read by policies 'save_named' and "
                              f"'offload_named', not {policy!r}; remove it or change the policy")

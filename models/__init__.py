@@ -62,7 +62,9 @@ def model_config(model_cfg, vocab_size: int | None = None, seq_len: int | None =
         if model_cfg.preset not in PRESETS:
             raise ConfigError(f"model.preset='{model_cfg.preset}' is unknown; choose one of {sorted(PRESETS)}")
         if not model_cfg.preset.startswith(family):
-            raise ConfigError(f"model.preset='{model_cfg.preset}' is not a {family} preset")
+            own = sorted(p for p in PRESETS if p.startswith(family))
+            raise ConfigError(f"model.preset='{model_cfg.preset}' is not a {family} preset; set model.preset to one "
+                              f"of {', '.join(own)} (or model.preset=null and the sizes)")
         sizes.update(PRESETS[model_cfg.preset])
     for key in ("n_layer", "n_head", "d_model", "d_ff", "vocab_size", "max_len") + FAMILY_KEYS:
         value = getattr(model_cfg, key)

@@ -131,6 +131,22 @@ def test_batch_iterator_unshuffled_order_and_shapes(tmp_path):
     it.close()
 
 
+@pytest.mark.parametrize("rows,accum,processes", [(8, 8, 1), (1, 1, 1), (4, 2, 2)])
+def test_batch_iterator_with_one_row_per_micro_batch(tmp_path, rows, accum, processes):
+    """One row per micro-batch per process (an 8-stage pipeline of 8 micro-batches, or batch 1): the records in
+    order, as with more rows (grain's len of batch(1) over an endless repeat overflowed here)."""
+    d = _token_dir(tmp_path, 2000)
+    src = data.TokenSource(d / "train.bin", seq_len=8)
+    its = [data.BatchIterator(d / "train.bin", seq_len=8, global_batch_rows=rows, accum_steps=accum, shuffle=False,
+                              process_index=p, process_count=processes) for p in range(processes)]
+    for step in range(2):
+        got = np.concatenate([next(it) for it in its], axis=1)   # each process's rows of every micro-batch
+        assert got.shape == (accum, 1 * processes, 9)
+        np.testing.assert_array_equal(got.reshape(rows, 9), np.stack([src[step * rows + k] for k in range(rows)]))
+    for it in its:
+        it.close()
+
+
 def test_batch_iterator_shuffles_each_epoch_as_a_permutation(tmp_path):
     d = _token_dir(tmp_path, 16 * 4 + 1)  # exactly 16 records of seq_len 4
     src = data.TokenSource(d / "train.bin", seq_len=4)

@@ -75,13 +75,23 @@ def test_a_wrong_train_batch_is_one_line_naming_what_was_expected(stages):
              (ok.astype(np.float32), "train batch tokens: dtype float32, expected integer token ids (int32)"),
              (np.where(ok == ok.flat[0], vocab, ok), f"train batch tokens: token id {vocab} is outside the model's "
                                                    f"vocabulary 0..{vocab - 1}"),
-             ({"tokens": ok}, "train batch: got PyTreeDef({'tokens': *}), expected PyTreeDef(*)")]
+             ({"tokens": ok}, "train batch: a dict of tokens, expected one array"),
+             (jax.numpy.asarray(ok[0]), "train batch tokens: int32[8, 33], expected int32[2, 8, 33]")]
     step = int(eng.state.step)
     for batch, message in cases:
         with pytest.raises(DataError) as e:
             eng.train_step(batch)
         assert str(e.value).startswith(message), str(e.value)
     assert int(eng.state.step) == step   # nothing ran
+    for batch, message in [(ok[0, :3], "eval batch tokens: 3 rows do not split over the 8 devices of the data axes; "
+                                       "give a multiple of 8 rows"),
+                           (ok, "eval batch tokens: shape (2, 8, 33), expected (rows, 33)"),
+                           (ok[0] * 0 - 1, "eval batch tokens: token id -1 is outside the model's vocabulary"),
+                           (ok[0].astype(float), "eval batch tokens: dtype float64, expected integer token ids")]:
+        with pytest.raises(DataError) as e:
+            eng.eval_step(batch)
+        assert str(e.value).startswith(message), str(e.value)
+    assert np.isfinite(float(eng.eval_step(ok[0])))
 
 
 def test_accumulation_equals_one_big_batch():

@@ -105,5 +105,5 @@ def test_bad_llama_config_is_one_line_error():
         build_model(load_config(base={}, overrides=base + ["model.n_kv_head=3"]).model)
     with pytest.raises(ConfigError, match=r"model\.n_kv_head does not apply to model\.family='gpt2'"):
         build_model(load_config(base={}, overrides=["model.preset=gpt2-tiny", "model.n_kv_head=2"]).model)
-    with pytest.raises(ConfigError, match="not a llama preset"):
+    with pytest.raises(ConfigError, match="not a llama preset; set model.preset to one of llama-"):
         build_model(load_config(base={}, overrides=["model.family=llama", "model.preset=gpt2-tiny"]).model)

@@ -131,3 +131,16 @@ def test_dicts_and_other_models_of_the_section_are_accepted():
     assert remat_policy({"policy": "full"}) == (False, jax.checkpoint_policies.nothing_saveable)
     with pytest.raises(ConfigError, match=r"activation_checkpointing.profile: .*jax.profiler"):
         remat_policy({"profile": True})
+
+
+def test_save_names_jzeros_models_do_not_have_are_refused():
+    """'nosuchname' would match no checkpoint_name and save nothing (full remat, silently)."""
+    import jzero
+    from jzero.config import load_config
+
+    cfg = load_config(base={"train_batch_size": 8, "model": {"preset": "gpt2-tiny"}, "data": {"seq_len": 16},
+                            "activation_checkpointing": {"policy": "save_named", "save_names": ["qkv", "nosuchname"]}})
+    with pytest.raises(ConfigError) as e:
+        jzero.initialize(cfg)
+    assert str(e.value) == ("activation_checkpointing.save_names: 'nosuchname' names no activation of jzero's models; "
+                            "use some of qkv, attn_out, mlp_hidden (a model you pass to initialize may name its own)")
