@@ -30,7 +30,8 @@ import optax
 from jzero import pipeline, quantized_gather, quantized_reduce, topology
 from jzero import sharding as shd
 from jzero.config import JzeroConfig, resolve
-from jzero.errors import CheckpointError, ConfigError, DataError
+from jzero.batch import check_global_batch, check_local_batch, check_local_eval_batch
+from jzero.errors import CheckpointError, ConfigError
 from jzero.loss import cross_entropy, logsumexp_one_pass  # noqa: F401  (re-exported: their old home)
 from jzero.mesh import make_mesh
 from jzero.offload import OptimizerOffload, offloaded, unsupported as offload_unsupported
@@ -128,7 +129,7 @@ class Engine:
     # ---- data placement
     def put_batch(self, local_batch) -> Any:
         """Assemble the global train batch from this process's rows (leaves ``[accum, local_rows, ...]``), after
-        :func:`check_local_batch` (shape, integer dtype, token ids in the vocabulary: one-line DataErrors)."""
+        :func:`jzero.batch.check_local_batch` (shape, integer dtype, token ids in the vocabulary)."""
         spec = self.batch_spec()
         local_batch = check_local_batch(local_batch, spec, jax.process_count(),
                                         getattr(self.model_config, "vocab_size", None))
@@ -136,30 +137,13 @@ class Engine:
                             local_batch, spec)
 
     def put_eval_batch(self, local_batch) -> Any:
-        """Assemble a global eval batch (leaves ``[local_rows, ...]``, rows over ``data``): the train batch's
-        leaves without the accumulation axis, rows divisible over the devices that split them, token ids in the
-        vocabulary (one-line DataErrors, as :func:`check_local_batch`)."""
-        spec = self.batch_spec()
-        leaves, tree = jax.tree_util.tree_flatten_with_path(local_batch)
-        if tree != jax.tree.structure(spec):
-            raise DataError(f"eval batch: {_describe_tree(local_batch)}, expected {_describe_tree(spec)} (the train "
-                            "batch's structure)")
-        out = []
-        for (path, x), s in zip(leaves, jax.tree.leaves(spec)):
-            name = jax.tree_util.keystr(path) or "tokens"
-            x = _checked_ids(np.asarray(x), s.dtype, name, getattr(self.model_config, "vocab_size", None), "eval")
-            tail = tuple(s.shape[2:])
-            if x.ndim != 1 + len(tail) or x.shape[1:] != tail:
-                raise DataError(f"eval batch {name}: shape {x.shape}, expected (rows, {', '.join(map(str, tail))}) "
-                                "(the train batch's leaves without the accumulation axis)")
-            sharding = self.plan.batch(x.ndim, 0)
-            n = _shards(sharding, 0)
-            shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
-            if shape[0] % n:
-                raise DataError(f"eval batch {name}: {shape[0]} rows do not split over the {n} devices of the data "
-                                f"axes; give a multiple of {n} rows")
-            out.append(jax.make_array_from_process_local_data(sharding, x, shape))
-        return jax.tree.unflatten(tree, out)
+        """Assemble a global eval batch (leaves ``[local_rows, ...]``, rows over ``data``), after
+        :func:`jzero.batch.check_local_eval_batch` (one-line DataErrors)."""
+        pc = jax.process_count()
+        vocab = getattr(self.model_config, "vocab_size", None)
+        local = check_local_eval_batch(local_batch, self.batch_spec(), pc, vocab, lambda ndim: self.plan.batch(ndim, 0))
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+            self.plan.batch(x.ndim, 0), x, (x.shape[0] * pc,) + x.shape[1:]), local)
 
     # ---- steps
     def lower_train_step(self):
@@ -382,68 +366,6 @@ def _check_given_mesh(mesh, cfg: JzeroConfig) -> None:
                           f"{', '.join(f'{k}={v}' for k, v in want.items())}"
                           f"{f' (jzero knows no axis {unknown[0]!r})' if unknown else ''}; set mesh.data/tensor/"
                           "pipeline to the mesh's sizes, or leave mesh out (jzero.mesh.make_mesh(cfg.mesh) builds it)")
-
-
-def check_local_batch(local_batch, spec, process_count: int, vocab_size: int | None):
-    """This process's train batch as numpy arrays of ``spec``'s dtypes, or a one-line DataError naming what is
-    wrong: the tree (an LM batch is one array, a task batch a dict), a leaf's shape (``[accum, rows per process,
-    ...]``), a float array where token ids are expected (a cast would truncate them silently), or a token id
-    outside ``0..vocab_size-1`` (the embedding lookup would clamp it and train on another token)."""
-    leaves, tree = jax.tree_util.tree_flatten_with_path(local_batch)
-    if tree != jax.tree.structure(spec):
-        raise DataError(f"train batch: {_describe_tree(local_batch)}, expected {_describe_tree(spec)} (an LM batch is "
-                        "one [accum, rows, seq_len+1] int array; a task batch a dict of them)")
-    out = []
-    for (path, x), s in zip(leaves, jax.tree.leaves(spec)):
-        name = jax.tree_util.keystr(path) or "tokens"
-        x = np.asarray(x)
-        local = (s.shape[0], s.shape[1] // process_count) + tuple(s.shape[2:])
-        if x.shape != local:
-            raise DataError(f"train batch {name}: shape {x.shape}, expected {local} = [gradient_accumulation_steps, "
-                            f"rows per process (train_batch_size / accumulation / processes), "
-                            f"{'seq_len + 1' if len(local) == 3 and name == 'tokens' else '...'}]")
-        out.append(_checked_ids(x, s.dtype, name, vocab_size, "train"))
-    return jax.tree.unflatten(tree, out)
-
-
-def check_global_batch(batch, spec) -> None:
-    """A train batch already on the devices: its tree, shapes and dtypes against ``spec`` (metadata only, no
-    sync; its token ids are not read, so they are the caller's to keep in the vocabulary)."""
-    if jax.tree.structure(batch) != jax.tree.structure(spec):
-        raise DataError(f"train batch: {_describe_tree(batch)}, expected {_describe_tree(spec)}")
-    for (path, x), s in zip(jax.tree_util.tree_flatten_with_path(batch)[0], jax.tree.leaves(spec)):
-        if x.shape != s.shape or x.dtype != s.dtype:
-            name = jax.tree_util.keystr(path) or "tokens"
-            raise DataError(f"train batch {name}: {x.dtype}{list(x.shape)}, expected {s.dtype}{list(s.shape)} "
-                            "([gradient_accumulation_steps, global rows, ...])")
-
-
-def _checked_ids(x: np.ndarray, dtype, name: str, vocab_size: int | None, what: str) -> np.ndarray:
-    """``x`` as ``dtype``; integer leaves must be integers, and token ids within the vocabulary."""
-    if np.issubdtype(dtype, np.integer) and not np.issubdtype(x.dtype, np.integer):
-        raise DataError(f"{what} batch {name}: dtype {x.dtype}, expected integer token ids ({np.dtype(dtype)})")
-    if vocab_size and name in ("tokens", "['tokens']") and x.size and (x.min() < 0 or x.max() >= vocab_size):
-        bad = int(x.max()) if x.max() >= vocab_size else int(x.min())
-        raise DataError(f"{what} batch {name}: token id {bad} is outside the model's vocabulary 0..{vocab_size - 1}; "
-                        "check the tokenizer against model.vocab_size (or the data's meta.json)")
-    return x.astype(dtype, copy=False)
-
-
-def _describe_tree(tree) -> str:
-    """A short name for a batch tree's structure: 'one array', or 'a dict of tokens, mask' (not a PyTreeDef dump)."""
-    if isinstance(tree, dict):
-        return f"a dict of {', '.join(map(str, tree))}"
-    leaves = jax.tree.leaves(tree)
-    if len(leaves) == 1 and jax.tree.structure(tree).num_nodes == 1:
-        return "one array"
-    return f"a {type(tree).__name__} of {len(leaves)} leaves"
-
-
-def _shards(sharding, dim: int) -> int:
-    """How many pieces ``sharding`` cuts dimension ``dim`` into (the product of its mesh axes' sizes there)."""
-    entry = sharding.spec[dim] if dim < len(sharding.spec) else None
-    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    return int(np.prod([sharding.mesh.shape[a] for a in names])) if names else 1
 
 
 def _default_model(cfg: JzeroConfig, vocab_size: int | None):
