@@ -7,7 +7,10 @@ computation, without metadata, so a kernel name like ``input_add_reduce_fusion_8
 ``--library``: the kernels XLA does not name after an instruction (cuBLAS ``nvjet_*``, cuDNN, CUTLASS ``sm90_xmma``),
 joined through the ``hlo_op`` each trace event carries: per (kernel, HLO op) its time and mean duration, and the
 custom call with its layouts kept (``{1,0}``), its operands' producers and the GEMM's dot dimensions and epilogue,
-so two GEMMs of one shape that run at different speeds can be told apart by what feeds them.
+so two GEMMs of one shape that run at different speeds can be told apart by what feeds them. A kernel launched
+inside one of XLA's CUDA graphs carries the graph's thunk (``command_buffer_N``) as its ``hlo_op``, not the GEMM's
+(session 15, H100: all but the FFI GEMMs): profile with ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` to attribute
+those, at the graphs' cost (0.74 ms a GPT-2 step, session 13).
 """
 
 import collections
@@ -117,6 +120,9 @@ def library_report(trace_dir: str, hlo_path: str, n: int = 15, steps: int = 3):
         print(f"\n### {name[:90]} <- {op or '(no hlo_op)'}: {us / 1e3 / steps:.3f} ms/step, x{c / steps:g}/step, "
               f"{us / c:.1f} us each")
         line = instrs.get(op.replace(".", "_"))
+        if op.startswith("command_buffer"):
+            print("  (inside a CUDA graph: the trace names the graph; XLA_FLAGS=--xla_gpu_enable_command_buffer= "
+                  "names the op)")
         if line is None:
             continue
         print("  " + re.sub(r", (metadata|backend_config)=.*$", "", line)[:400])

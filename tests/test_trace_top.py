@@ -47,7 +47,8 @@ def test_library_report_joins_gemm_kernels_to_their_custom_calls(tmp_path, capsy
     ev = lambda name, op, ts, dur: {"ph": "X", "pid": 7, "name": name, "ts": ts, "dur": dur,  # noqa: E731
                                     "args": {"hlo_op": op}}
     events = meta + [ev("nvjet_NNT", "custom-call.12", 0, 45), ev("nvjet_NNT", "custom-call.12", 100, 45),
-                     ev("nvjet_TNT", "custom-call.13", 200, 30), ev("loop_add_fusion", "loop_add_fusion", 300, 5)]
+                     ev("nvjet_TNT", "custom-call.13", 200, 30), ev("loop_add_fusion", "loop_add_fusion", 300, 5),
+                     ev("nvjet_NTT", "command_buffer_3", 400, 20)]
     with gzip.open(tmp_path / "x.trace.json.gz", "wt") as f:
         json.dump({"traceEvents": events}, f)
     hlo = tmp_path / "hlo.txt"
@@ -68,3 +69,6 @@ def test_library_report_joins_gemm_kernels_to_their_custom_calls(tmp_path, capsy
     assert "<- %fusion.3 = bf16[16384,768]{1,0} fusion(" in out
     assert "### nvjet_TNT <- custom-call.13: 0.015 ms/step, x0.5/step, 30.0 us each" in out
     assert "### loop_add_fusion" not in out   # XLA's own fusions (named after an instruction) are report()'s
+    # a kernel inside a CUDA graph carries the graph's thunk: said so, with the flag that names the op instead
+    assert ("### nvjet_NTT <- command_buffer_3: 0.010 ms/step, x0.5/step, 20.0 us each\n  (inside a CUDA graph: the "
+            "trace names the graph; XLA_FLAGS=--xla_gpu_enable_command_buffer= names the op)") in out
