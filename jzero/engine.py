@@ -158,7 +158,9 @@ class Engine:
         return self._compiled
 
     def train_step(self, batch) -> dict[str, jax.Array]:
-        """One optimizer step; ``batch`` is a global ``[accum, rows, seq+1]`` array or this process's numpy rows."""
+        """One optimizer step; ``batch`` is a global ``[accum, rows, seq+1]`` array or this process's numpy rows.
+        Numpy rows are checked in full (:func:`jzero.batch.check_local_batch`); a batch already on the devices only
+        by shape and dtype, since reading its token ids would wait for them (keep them below the vocabulary size)."""
         if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(batch)):
             batch = self.put_batch(batch)
         else:
