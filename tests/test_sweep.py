@@ -214,3 +214,34 @@ def test_dry_run_checks_every_point_as_pretrain_would_load_it(sweep_dir, capsys)
     with pytest.raises(ConfigError, match="1 of 2 points have an invalid config"):
         main([str(sweep_dir / "sweep.yaml")])
     assert not (sweep_dir / "out").exists() and _calls(sweep_dir) == []   # nothing ran, nothing written
+
+
+def test_points_are_checked_as_the_trainer_builds_them(sweep_dir):
+    """An optimizer param DeepSpeed's AdamW lacks, or heads not dividing d_model, pass the schema but fail the
+    trainer at start: refused before any point runs, not after the valid ones have trained."""
+    for grid, message in (({"optimizer.params.lrr": [1e-3]}, "optimizer.params.lrr: not a parameter of DeepSpeed's"),
+                          ({"model.n_head": [5]}, "is not divisible by model.n_head=5")):
+        (sweep_dir / "sweep.yaml").write_text(f"base: base.yaml\noutput_dir: out\ngrid: {json.dumps(grid)}\n")
+        with pytest.raises(ConfigError, match=message):
+            main([str(sweep_dir / "sweep.yaml"), "--dry-run"])
+
+
+def test_a_finished_point_that_ran_other_settings_is_not_reused(sweep_dir):
+    """The sweep file's overrides changed since its points finished (3 -> 50 steps): reusing their summary.json
+    would report 3-step results as the 50-step sweep's; refused, naming what differs."""
+    sweep = _write_sweep(sweep_dir, {"zero_optimization.stage": [1]})
+    assert main([str(sweep)]) == 0
+    sweep.write_text(sweep.read_text().replace("train.steps: 3", "train.steps: 50"))
+    with pytest.raises(ConfigError) as e:
+        main([str(sweep)])
+    assert str(e.value) == (f"{sweep}: 1 finished points in {sweep_dir / 'out'} ran other settings than this sweep "
+                            "file gives, first zero_optimization.stage=1: it ran train.steps=3 where this file gives "
+                            "train.steps=50; set output_dir to a new directory (or delete those points) to run them "
+                            "again")
+    assert len(_calls(sweep_dir)) == 1
+
+
+def test_repeated_random_draws_are_said(sweep_dir, capsys):
+    sweep = _write_sweep(sweep_dir, {}, "random: {n: 4, seed: 0, params: {optimizer.params.lr: {choice: [0.001]}}}\n")
+    assert main([str(sweep), "--dry-run"]) == 0
+    assert "note: 4 grid points x random draws gave 1 distinct points (repeats run once)" in capsys.readouterr().out

@@ -248,11 +248,38 @@ def check_points(points: list[Point], spec: SweepSpec, sweep_file: str | Path) -
     bad = {}
     for p in points:
         try:
-            load_config(base, fixed + [f"{k}={format_value(v)}" for k, v in p.values.items()],
-                        base=None if base else DEFAULT_CONFIG)
+            cfg = load_config(base, fixed + [f"{k}={format_value(v)}" for k, v in p.values.items()],
+                              base=None if base else DEFAULT_CONFIG)
+            _check_built(cfg)
         except ConfigError as exc:
             bad[p.index] = str(exc)
     return bad
+
+
+def _check_built(cfg) -> None:
+    """What the trainer checks at start beyond the schema, cheaply (no arrays): the optimizer's params per type
+    and the schedule (jzero.optim), the model's sizes (models.build_model: heads dividing d_model, ...)."""
+    from jzero.optim import build_optimizer
+    from models import build_model
+
+    build_optimizer(cfg.optimizer.model_dump(), cfg.scheduler.model_dump() if cfg.scheduler else None,
+                    cfg.gradient_clipping)
+    build_model(cfg.model)
+
+
+def _ran_otherwise(point: Point) -> str | None:
+    """For a finished point: how the command it ran (``sweep_point.json``, written when it started) differs from
+    the one it would run now (the sweep file's base or overrides changed since), else None. A point finished by
+    a sweep older than that file is taken as it is."""
+    record = point.dir / "sweep_point.json"
+    if not (is_done(point) and record.is_file()):
+        return None
+    ran = json.loads(record.read_text()).get("argv", [])[1:]   # [0]: the interpreter, which may differ
+    now = point.argv[1:]
+    if ran == now:
+        return None
+    had, gives = [a for a in ran if a not in now], [a for a in now if a not in ran]
+    return f"it ran {' '.join(had) or '(nothing more)'} where this file gives {' '.join(gives) or '(nothing more)'}"
 
 
 def is_done(point: Point) -> bool:
@@ -268,6 +295,7 @@ def _env() -> dict:
 def run_point(point: Point) -> str:
     """Run one point's trainer (output to <dir>/train.log); returns 'done' or 'failed (...)'."""
     point.dir.mkdir(parents=True, exist_ok=True)
+    (point.dir / "sweep_point.json").write_text(json.dumps({"argv": point.argv}))
     marker = point.dir / "FAILED"
     marker.unlink(missing_ok=True)
     log_path = point.dir / "train.log"
@@ -369,7 +397,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out_root = Path(spec.output_dir).resolve()
     title = f"sweep {args.sweep.name}"
 
+    asked = math.prod(len(v) for v in spec.grid.values()) * (spec.random.n if spec.random is not None else 1)
+    if len(points) < asked:
+        print(f"note: {asked} grid points x random draws gave {len(points)} distinct points (repeats run once)")
     bad = check_points(points, spec, args.sweep) if not args.report else {}
+    stale = {p.index: why for p in points if not args.report and (why := _ran_otherwise(p))}
+    if stale:
+        first = min(stale)
+        raise ConfigError(f"{args.sweep}: {len(stale)} finished points in {out_root} ran other settings than this "
+                          f"sweep file gives, first {points[first].name}: {stale[first]}; set output_dir to a new "
+                          "directory (or delete those points) to run them again")
     if args.dry_run:
         for p in points:
             state = f"invalid: {bad[p.index]}" if p.index in bad else "done, would skip" if is_done(p) else "would run"
