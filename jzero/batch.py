@@ -16,13 +16,10 @@ def check_local_batch(local_batch, spec, process_count: int, vocab_size: int | N
     wrong: the tree (an LM batch is one array, a task batch a dict), a leaf's shape (``[accum, rows per process,
     ...]``), a float array where token ids are expected (a cast would truncate them silently), or a token id
     outside ``0..vocab_size-1`` (the embedding lookup would clamp it and train on another token)."""
-    leaves, tree = jax.tree_util.tree_flatten_with_path(local_batch)
-    if tree != jax.tree.structure(spec):
-        raise DataError(f"train batch: {_describe_tree(local_batch)}, expected {_describe_tree(spec)} (an LM batch is "
-                        "one [accum, rows, seq_len+1] int array; a task batch a dict of them)")
+    tree, leaves = _named_leaves(local_batch, spec, "train", " (an LM batch is one [accum, rows, seq_len+1] int "
+                                 "array; a task batch a dict of them)")
     out = []
-    for (path, x), s in zip(leaves, jax.tree.leaves(spec)):
-        name = jax.tree_util.keystr(path) or "tokens"
+    for name, x, s in leaves:
         x = np.asarray(x)
         local = (s.shape[0], s.shape[1] // process_count) + tuple(s.shape[2:])
         if x.shape != local:
@@ -36,11 +33,8 @@ def check_local_batch(local_batch, spec, process_count: int, vocab_size: int | N
 def check_global_batch(batch, spec) -> None:
     """A train batch already on the devices: its tree, shapes and dtypes against ``spec`` (metadata only, no
     sync; its token ids are not read, so they are the caller's to keep in the vocabulary)."""
-    if jax.tree.structure(batch) != jax.tree.structure(spec):
-        raise DataError(f"train batch: {_describe_tree(batch)}, expected {_describe_tree(spec)}")
-    for (path, x), s in zip(jax.tree_util.tree_flatten_with_path(batch)[0], jax.tree.leaves(spec)):
+    for name, x, s in _named_leaves(batch, spec, "train")[1]:
         if x.shape != s.shape or x.dtype != s.dtype:
-            name = jax.tree_util.keystr(path) or "tokens"
             raise DataError(f"train batch {name}: {x.dtype}{list(x.shape)}, expected {s.dtype}{list(s.shape)} "
                             "([gradient_accumulation_steps, global rows, ...])")
 
@@ -49,13 +43,9 @@ def check_local_eval_batch(local_batch, spec, process_count: int, vocab_size: in
     """This process's eval batch as numpy arrays: the train batch's leaves (``spec``) without the accumulation
     axis, integer ids in the vocabulary, and as many global rows as the devices splitting them
     (``sharding_for(ndim)``, the rows' sharding) divide; else one DataError line."""
-    leaves, tree = jax.tree_util.tree_flatten_with_path(local_batch)
-    if tree != jax.tree.structure(spec):
-        raise DataError(f"eval batch: {_describe_tree(local_batch)}, expected {_describe_tree(spec)} (the train "
-                        "batch's structure)")
+    tree, leaves = _named_leaves(local_batch, spec, "eval", " (the train batch's structure)")
     out = []
-    for (path, x), s in zip(leaves, jax.tree.leaves(spec)):
-        name = jax.tree_util.keystr(path) or "tokens"
+    for name, x, s in leaves:
         x = _checked_ids(np.asarray(x), s.dtype, name, vocab_size, "eval")
         tail = tuple(s.shape[2:])
         if x.ndim != 1 + len(tail) or x.shape[1:] != tail:
@@ -69,12 +59,22 @@ def check_local_eval_batch(local_batch, spec, process_count: int, vocab_size: in
     return jax.tree.unflatten(tree, out)
 
 
+def _named_leaves(batch, spec, what: str, hint: str = ""):
+    """``(tree, [(name, leaf, spec leaf), ...])`` of ``batch``, after checking it has ``spec``'s tree (a DataError
+    naming both otherwise); a leaf's name is its key path, "tokens" for a one-array batch."""
+    leaves, tree = jax.tree_util.tree_flatten_with_path(batch)
+    if tree != jax.tree.structure(spec):
+        raise DataError(f"{what} batch: {_describe_tree(batch)}, expected {_describe_tree(spec)}{hint}")
+    return tree, [(jax.tree_util.keystr(path) or "tokens", x, s) for (path, x), s in zip(leaves, jax.tree.leaves(spec))]
+
+
 def _checked_ids(x: np.ndarray, dtype, name: str, vocab_size: int | None, what: str) -> np.ndarray:
     """``x`` as ``dtype``; integer leaves must be integers, and token ids within the vocabulary."""
     if np.issubdtype(dtype, np.integer) and not np.issubdtype(x.dtype, np.integer):
         raise DataError(f"{what} batch {name}: dtype {x.dtype}, expected integer token ids ({np.dtype(dtype)})")
-    if vocab_size and name in ("tokens", "['tokens']") and x.size and (x.min() < 0 or x.max() >= vocab_size):
-        bad = int(x.max()) if x.max() >= vocab_size else int(x.min())
+    lo, hi = (int(x.min()), int(x.max())) if vocab_size and name in ("tokens", "['tokens']") and x.size else (0, 0)
+    if lo < 0 or (vocab_size and hi >= vocab_size):
+        bad = hi if hi >= vocab_size else lo
         raise DataError(f"{what} batch {name}: token id {bad} is outside the model's vocabulary 0..{vocab_size - 1}; "
                         "check the tokenizer against model.vocab_size (or the data's meta.json)")
     return x.astype(dtype, copy=False)

@@ -498,6 +498,11 @@ def resolve(cfg: JzeroConfig, n_devices: int) -> JzeroConfig:
     return out
 
 
+def checkpoint_dir(cfg: JzeroConfig) -> Path:
+    """Where a run's checkpoints go: ``checkpoint.dir``, default ``<train.output_dir>/checkpoints``."""
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.train.output_dir) / "checkpoints"
+
+
 def to_dict(cfg: JzeroConfig) -> dict:
     """The config as written to ``config.json``: every key, except the DeepSpeed keys that have no effect under
     XLA (:mod:`jzero.ds_keys`; the run named them at start), so the file loads back without them."""

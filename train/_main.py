@@ -41,11 +41,11 @@ def _run_dirs(cfg) -> list[tuple[str, str]]:
     """The directories a run writes and must hold alone: ``train.output_dir``, and the checkpoint directory when
     the run checkpoints or names one (``checkpoint.dir``, default ``<output_dir>/checkpoints``): another run
     pointing its ``checkpoint.dir`` there would otherwise rotate this one's steps away."""
-    from pathlib import Path
+    from jzero.config import checkpoint_dir
 
     dirs = [(cfg.train.output_dir, "train.output_dir")]
     if cfg.checkpoint.dir or cfg.train.checkpoint_interval:
-        dirs.append((cfg.checkpoint.dir or str(Path(cfg.train.output_dir) / "checkpoints"), "checkpoint.dir"))
+        dirs.append((checkpoint_dir(cfg), "checkpoint.dir"))
     return dirs
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -278,7 +279,7 @@ def run(cfg) -> dict:
     import jzero
     from jzero import checkpoint
     from jzero import finetune_data as fd
-    from jzero.config import resolve
+    from jzero.config import checkpoint_dir, resolve
     from jzero.errors import ConfigError, DataError
     from jzero.monitor import Monitor
     from jzero.tasks import TASKS
@@ -317,7 +318,7 @@ def run(cfg) -> dict:
         (out / "config.json").write_text(json.dumps(config_dict(rc), indent=2))
         if ft.tokenizer == "words":
             (out / "vocab.json").write_text(json.dumps(fd.build_word_vocab(train_ex)))
-    ckpt_dir = Path(rc.checkpoint.dir) if rc.checkpoint.dir else out / "checkpoints"
+    ckpt_dir = checkpoint_dir(rc)
     if rc.train.checkpoint_interval:
         checkpoint.require_no_steps(ckpt_dir, "set train.output_dir (or checkpoint.dir) to a new directory, or "
                                     "fine-tune from them with finetune.init_from")
@@ -369,7 +370,7 @@ def run(cfg) -> dict:
             "init_from": init, "epochs": ft.epochs, "steps": total, "train_batch_size": rc.train_batch_size,
             "mesh": {"data": rc.mesh.data, "tensor": rc.mesh.tensor, "pipeline": rc.mesh.pipeline},
             "zero_stage": rc.zero_optimization.stage, "per_epoch": per_epoch, "final": per_epoch[-1],
-            "final_loss": sum(losses[-10:]) / len(losses[-10:]),   # as pretrain's: the last 10 logged train losses
+            "final_loss": statistics.fmean(losses[-10:]),   # as pretrain's: the last 10 logged train losses
             "time_s": time.perf_counter() - t_start,
         }
         if pi == 0:

@@ -67,11 +67,7 @@ def _data_dir(cfg) -> Path:
     return path
 
 
-def _checkpoint_dir(rc) -> Path:
-    return Path(rc.checkpoint.dir) if rc.checkpoint.dir else Path(rc.train.output_dir) / "checkpoints"
-
-
-def _resume(engine, ckpt_dir: Path, batches, out: Path, pi: int) -> int:
+def _resume(engine, ckpt_dir: Path, batches, pi: int) -> int:
     """Load the latest loadable checkpoint (falling back past unreadable ones, logged); return its step."""
     from jzero import checkpoint
     from jzero.errors import CheckpointError
@@ -162,7 +158,7 @@ def run(cfg, resume: bool = False) -> dict:
 
     import jzero
     from jzero import checkpoint, flops
-    from jzero.config import resolve, to_dict
+    from jzero.config import checkpoint_dir, resolve, to_dict
     from jzero.data import BatchIterator, eval_batches, read_meta
     from jzero.guard import TrainingGuard
     from jzero.profiler import LoopProfile, describe
@@ -176,7 +172,7 @@ def run(cfg, resume: bool = False) -> dict:
     batches = BatchIterator(data_dir / "train.bin", resolved.data.seq_len, resolved.train_batch_size,
                             resolved.gradient_accumulation_steps, resolved.train.seed, pi, pc,
                             shuffle=resolved.data.shuffle)
-    ckpt_dir, start = _checkpoint_dir(cfg), 0
+    ckpt_dir, start = checkpoint_dir(cfg), 0
     if cfg.train.checkpoint_interval and not resume:   # before anything compiles
         checkpoint.require_no_steps(ckpt_dir, "pass --resume to continue that run, or set train.output_dir (or "
                                     "checkpoint.dir) to a new directory")
@@ -189,7 +185,7 @@ def run(cfg, resume: bool = False) -> dict:
     if rc.train.checkpoint_interval:   # open the writer now: an unwritable checkpoint.dir fails before training
         checkpoint.writer(ckpt_dir, rc.checkpoint.max_to_keep, rc.checkpoint.async_save)
     if resume:
-        start = _resume(engine, ckpt_dir, batches, out, pi)
+        start = _resume(engine, ckpt_dir, batches, pi)
     guard = TrainingGuard(rc, ckpt_dir)   # divergence and a stuck fp16 loss scale stop the run (jzero.guard)
 
     engine.compile()
@@ -203,7 +199,7 @@ def run(cfg, resume: bool = False) -> dict:
     monitor = Monitor(out, rc.train.steps, tensorboard=rc.tensorboard.model_dump(),
                       csv_monitor=rc.csv_monitor.model_dump(), steps_per_print=rc.steps_per_print,
                       wall_clock_breakdown=rc.wall_clock_breakdown, device=dev, append=start > 0,
-                      resume_step=start if start > 0 else None)
+                      resume_step=start)
     eval_rows = rc.train_batch_size // rc.gradient_accumulation_steps
     if rc.train.eval_interval:   # a val split too short for one eval batch fails now, not after training
         next(iter(eval_batches(data_dir / "val.bin", rc.data.seq_len, eval_rows, 1, pi, pc)))
