@@ -7,8 +7,8 @@
 Layout: ``DIR/<step>/`` holds three orbax items. ``state`` is whatever ``engine.state`` holds (step, params,
 optimizer state, and any field later added to ``TrainState``: loss scale, 1-bit error buffers, RNG keys),
 written sharded (OCDBT/zarr) by every process for its own shards. ``meta`` is JSON: the resolved config, the
-model sizes, the optimizer's type and state classes, a ``path -> dtype[shape]`` description of every state leaf,
-and the data iterator position (``BatchIterator.get_state()``). ``client`` is DeepSpeed's ``client_state``
+model sizes, the optimizer's type and state classes, a ``path -> dtype[shape]`` description and a checksum
+(:mod:`jzero.checksum`) of every state leaf, and the data iterator position (``BatchIterator.get_state()``). ``client`` is DeepSpeed's ``client_state``
 (arbitrary JSON). A step directory appears only when complete: orbax writes into ``<step>.orbax-checkpoint-tmp-*``
 and renames it when done, so a process killed mid-save leaves the previous steps loadable.
 
@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 
 from jzero.checkpoint_meta import (FORMAT, _unsaveable, check_compatible, describe,  # noqa: F401  (re-exported)
                                   make_meta, restore_target, saveable, state_is_finite)
+from jzero.checksum import checksums, mismatches
 from jzero.errors import CheckpointError
 from jzero.orbax_noise import drop_closed_loop_callbacks, first_line, quiet_absl, quiet_background_failures
 
@@ -257,13 +258,13 @@ def load(engine, directory, tag=None, data_iterator=None, load_module_only: bool
     elif load_module_only:
         check_compatible(meta, engine.state, engine.config.optimizer.type, where, prefix="params.")
         target = {"params": restore_target(saveable(engine.state.params))}
-        params = _restore_state(directory, step, target, where, partial=True)["params"]
+        params = _verified(meta, _restore_state(directory, step, target, where, partial=True), where)["params"]
         state = engine.state.replace(params=_unsaveable(params, engine.state.params))
     else:
         _check_offload(meta, strategy, where)
         check_compatible(meta, engine.state, engine.config.optimizer.type, where)
         target = restore_target(saveable(engine.state))
-        state = _unsaveable(_restore_state(directory, step, target, where), engine.state)
+        state = _unsaveable(_verified(meta, _restore_state(directory, step, target, where), where), engine.state)
         state = _fresh_loss_scale_if_precision_changed(meta, engine, state, where, log)
     client = _restore_item(directory, step, "client", where)
     if data_iterator is not None:
@@ -330,6 +331,22 @@ def _restore_state(directory, step: int, target, where: str, partial: bool = Fal
                                         f"or delete it") from None
 
 
+def _verified(meta: dict, restored, where: str):
+    """``restored`` (a saveable tree, or a sub-tree of one), after checking its leaves' checksums against the ones
+    saved in ``meta``; changed bytes raise :class:`UnreadableCheckpointError` (so a resume falls back a step).
+    Checkpoints written before checksums existed carry none and are not checked."""
+    saved = meta.get("checksums")
+    if saved:
+        now = checksums(restored)
+        bad = mismatches(saved, now)
+        if bad:
+            raise UnreadableCheckpointError(
+                f"{where} is corrupted: state leaf '{bad[0]}' read back with checksum {now[bad[0]]}, but it was "
+                f"saved with {saved[bad[0]]} ({len(bad)} of {len(now)} leaves differ: its files changed on disk "
+                f"after the save); load an earlier step or delete it")
+    return restored
+
+
 def restore_partial(directory, step: int, item, restore_args):
     """Read only the leaves of ``item`` (a sub-tree of the saved state, e.g. ``{'params': ...}``) of ``step``.
 
@@ -373,7 +390,7 @@ def read_params(directory, step: int | None = None) -> tuple[int, dict, dict]:
     if not shapes:
         raise CheckpointError(f"{where} holds no params (state leaves: {list(meta['state'])[:3]}...)")
     item = {"params": unflatten({k: _struct(v) for k, v in shapes.items()})}
-    return step, _read_host(directory, step, item, where, "params")["params"], meta
+    return step, _verified(meta, _read_host(directory, step, item, where, "params"), where)["params"], meta
 
 
 def _read_offloaded_masters(directory, step: int, meta: dict, where: str) -> dict:
@@ -387,7 +404,7 @@ def _read_offloaded_masters(directory, step: int, meta: dict, where: str) -> dic
         raise CheckpointError(f"{where}: its meta lists {len(chunks)} offloaded master chunks but the state has no "
                               f"{missing[0]}; the checkpoint is inconsistent, export another step")
     item = {"opt_state": {"master": [_struct(meta["state"][k]) for k in keys]}}
-    masters = _read_host(directory, step, item, where, "master weights")["opt_state"]["master"]
+    masters = _verified(meta, _read_host(directory, step, item, where, "master weights"), where)["opt_state"]["master"]
     return unflatten(restack_masters(chunks, masters))
 
 

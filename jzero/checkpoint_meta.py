@@ -1,5 +1,5 @@
 """What a jzero checkpoint saves besides the arrays: the saveable view of a train state, the JSON meta (config,
-model sizes, optimizer and strategy, a ``path -> dtype[shape]`` description of every leaf), the compatibility check
+model sizes, optimizer and strategy, a ``path -> dtype[shape]`` description and a checksum of every leaf), the compatibility check
 of a saved state against the one it is restored into, and the finite-state check that keeps inf/nan off disk.
 Pure functions over pytrees and dicts; :mod:`jzero.checkpoint` does the orbax I/O with them.
 """
@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jzero.checksum import checksums
 from jzero.errors import CheckpointError
 
 FORMAT = 1
@@ -109,6 +110,7 @@ def make_meta(engine, step: int, data_state: dict | None) -> dict:
         "layout": {"mesh": {k: int(v) for k, v in engine.mesh.shape.items()},
                    "zero_stage": cfg.zero_optimization.stage, "n_devices": int(engine.mesh.devices.size)},
         "state": describe(saveable(engine.state)),
+        "checksums": checksums(saveable(engine.state)),   # verified by every restore (jzero.checksum)
         "data": data_state,
         # what the strategy needs to rebuild the fp32 weights (optimizer offload: which (param path, layer) each
         # host master chunk holds, so read_params can re-stack them); None when state.params are those weights

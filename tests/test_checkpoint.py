@@ -416,3 +416,45 @@ def test_bf16_weight_copies_are_not_saved_and_are_remade_on_restore(tmp_path):
                                        jax.tree.leaves(fresh.strategy.copy_matrices)) if m]):
         assert np.array_equal(np.asarray(c, np.float32), np.asarray(p.astype(c.dtype), np.float32))
     assert [float(fresh.train_step(b)["loss"]) for b in data[SAVE_AT:]] == after
+
+
+def flip_a_data_byte(step_dir: Path) -> None:
+    """One byte flipped in the middle of the largest OCDBT data file: inside a zarr chunk, which carries no
+    checksum of its own (the b-tree nodes do), so orbax restores the changed number without an error."""
+    data = max((step_dir / "state").glob("ocdbt.process_*/d/*"), key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    data.write_bytes(bytes(raw))
+
+
+@CORRUPT_READS
+def test_a_flipped_byte_is_refused_by_the_checksums_and_resume_falls_back(saved, tmp_path, capsys):
+    d = tmp_path / "copy"
+    shutil.copytree(saved[0], d)
+    step, meta = checkpoint.read_meta(d)
+    assert sorted(meta["checksums"]) == sorted(meta["state"])   # one checksum a saved leaf
+    flip_a_data_byte(d / str(SAVE_AT))
+    # without the checksums the load succeeds with one changed number: the case this guards against
+    eng = engine(["zero_optimization.stage=3"])
+    unchecked = dict(meta, checksums=None)
+    restored = checkpoint._restore_state(d, SAVE_AT, checkpoint.restore_target(checkpoint.saveable(eng.state)), "x")
+    assert not tree_equal(host(restored), checkpoint.saveable(saved[1]))
+    assert checkpoint._verified(unchecked, restored, "x") is restored
+    pattern = (rf"checkpoint {d}/{SAVE_AT} is corrupted: state leaf '[\w.]+' read back with checksum [0-9a-f]{{8}}:"
+               r"[0-9a-f]{8}, but it was saved with [0-9a-f]{8}:[0-9a-f]{8} \(1 of \d+ leaves differ: "
+               r"its files changed on disk after the save\); load an earlier step or delete it")
+    with pytest.raises(checkpoint.UnreadableCheckpointError, match=pattern) as e:
+        eng.load_checkpoint(d)
+    leaf = re.search(r"state leaf '([\w.]+)'", str(e.value)).group(1)
+    if leaf.startswith("params."):           # export's path: the weights alone, checked on the host
+        with pytest.raises(checkpoint.UnreadableCheckpointError, match=pattern.replace("[\\w.]+", re.escape(leaf))):
+            checkpoint.read_params(d)
+    else:                                    # the flip hit optimizer state: the weights alone are intact
+        assert tree_equal(checkpoint.read_params(d)[1], saved[1].params)
+    before = host(eng.state)
+    with pytest.raises(CheckpointError, match=f"no loadable checkpoint in {d}: steps \\[{SAVE_AT}\\] are all "
+                                              "unreadable"):
+        checkpoint.restore_latest(eng, d, log=print)
+    assert tree_equal(host(eng.state), before)   # nothing of the corrupted step reached the engine
+    assert "falling back to an earlier checkpoint" in capsys.readouterr().out
+    assert any(p.name.startswith(f"{SAVE_AT}.unreadable") for p in d.iterdir())   # set aside, not deleted
