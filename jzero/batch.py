@@ -39,6 +39,22 @@ def check_global_batch(batch, spec) -> None:
                             "([gradient_accumulation_steps, global rows, ...])")
 
 
+def check_global_eval_batch(batch, spec, sharding_for) -> None:
+    """An eval batch already on the devices: the train batch's leaves (``spec``) without the accumulation axis, same
+    dtypes, rows the data axes divide (metadata only, no sync: token ids are the caller's to keep in the
+    vocabulary, as for :func:`check_global_batch`)."""
+    for name, x, s in _named_leaves(batch, spec, "eval", " (the train batch's structure)")[1]:
+        tail = tuple(s.shape[2:])
+        if x.ndim != 1 + len(tail) or tuple(x.shape[1:]) != tail or x.dtype != s.dtype:
+            raise DataError(f"eval batch {name}: {x.dtype}{list(x.shape)}, expected {s.dtype}"
+                            f"[rows, {', '.join(map(str, tail))}] (the train batch's leaves without the "
+                            "accumulation axis)")
+        n = _shards(sharding_for(x.ndim), 0)
+        if x.shape[0] % n:
+            raise DataError(f"eval batch {name}: {x.shape[0]} rows do not split over the {n} devices of the data "
+                            f"axes; give a multiple of {n} rows")
+
+
 def check_local_eval_batch(local_batch, spec, process_count: int, vocab_size: int | None, sharding_for):
     """This process's eval batch as numpy arrays: the train batch's leaves (``spec``) without the accumulation
     axis, integer ids in the vocabulary, and as many global rows as the devices splitting them

@@ -1,16 +1,23 @@
 """Checkpoints: DeepSpeed's ``save_checkpoint`` / ``load_checkpoint`` on an orbax ``CheckpointManager``.
 
     engine.save_checkpoint("ckpt", client_state={"epoch": 3}, data_iterator=batches)  # returns at once
-    client = engine.load_checkpoint("ckpt", data_iterator=batches)                   # latest step
+    path, client = engine.load_checkpoint("ckpt", data_iterator=batches)             # latest step
     jzero.checkpoint.wait_until_finished()                                              # before exit
 
 Layout: ``DIR/<step>/`` holds three orbax items. ``state`` is whatever ``engine.state`` holds (step, params,
 optimizer state, and any field later added to ``TrainState``: loss scale, 1-bit error buffers, RNG keys),
 written sharded (OCDBT/zarr) by every process for its own shards. ``meta`` is JSON: the resolved config, the
 model sizes, the optimizer's type and state classes, a ``path -> dtype[shape]`` description and a checksum
-(:mod:`jzero.checksum`) of every state leaf, and the data iterator position (``BatchIterator.get_state()``). ``client`` is DeepSpeed's ``client_state``
-(arbitrary JSON). A step directory appears only when complete: orbax writes into ``<step>.orbax-checkpoint-tmp-*``
-and renames it when done, so a process killed mid-save leaves the previous steps loadable.
+(:mod:`jzero.checksum`) of every state leaf, and the data iterator position (``BatchIterator.get_state()``).
+``client`` is DeepSpeed's ``client_state``: JSON with string keys (other keys are refused, not turned into
+strings; tuples come back as lists). A step directory appears only when complete: orbax writes into
+``<step>.orbax-checkpoint-tmp-*`` and renames it when done, so a process killed mid-save leaves the previous
+steps loadable.
+
+Rotation: unlike DeepSpeed, which never deletes, a directory keeps the ``checkpoint.max_to_keep`` (default 3)
+newest steps; each save past that deletes the oldest. orbax counts "oldest" by write order, not step number, so
+with rotation on a save of a step below the directory's highest is refused (it would delete the higher steps
+first); ``checkpoint.max_to_keep: null`` keeps every step, as DeepSpeed does.
 
 Saves are asynchronous by default: ``save`` blocks only while device buffers are copied to host (so the next,
 donating train step cannot touch them), then a background thread writes. Errors of that thread surface at the
@@ -170,6 +177,7 @@ def save(engine, directory, tag=None, client_state: Any = None, data_iterator=No
     """
     step = int(jax.device_get(engine.state.step)) if tag is None else _tag_step(tag)
     try:
+        _string_keys(client_state)
         client_json = json.loads(json.dumps({} if client_state is None else client_state))
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"client_state for checkpoint step {step} is not JSON-serialisable ({exc}); "
@@ -179,9 +187,15 @@ def save(engine, directory, tag=None, client_state: Any = None, data_iterator=No
     mgr = writer(directory, cc.max_to_keep, cc.async_save)
     key = _key(directory)
     _wait(key)   # surfaces a failed earlier async save before starting the next
-    if step in mgr.all_steps():
+    existing = sorted(mgr.all_steps())
+    if step in existing:
         raise CheckpointError(f"checkpoint step {step} already exists in {key}; pass another tag, or delete "
                               f"{key}/{step} to overwrite it")
+    if cc.max_to_keep is not None and existing and step < existing[-1]:
+        raise CheckpointError(f"checkpoint step {step} is below step {existing[-1]} already in {key}, and with "
+                              f"checkpoint.max_to_keep={cc.max_to_keep} orbax's rotation deletes by write order, so "
+                              f"step {existing[0]} onwards would go before this one; save into another directory, or "
+                              f"set checkpoint.max_to_keep=null to keep every step")
     if not state_is_finite(engine.state):
         last = steps(directory)
         raise NonFiniteStateError(
@@ -201,6 +215,19 @@ def save(engine, directory, tag=None, client_state: Any = None, data_iterator=No
     if not cc.async_save:
         _wait(key)
     return step
+
+
+def _string_keys(obj, where: str = "client_state") -> None:
+    """Raise TypeError naming the first dict key of ``obj`` that is not a string (JSON would turn ``{1: x}`` into
+    ``{"1": x}`` and the load would return another dict than was saved)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where} has the non-string key {k!r}, which JSON would turn into {str(k)!r}")
+            _string_keys(v, f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _string_keys(v, f"{where}[{i}]")
 
 
 def read_meta(directory, step: int | None = None) -> tuple[int, dict]:

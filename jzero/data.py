@@ -105,6 +105,11 @@ class TokenSource:
     def __init__(self, path: str | os.PathLike, seq_len: int, dtype: str | np.dtype | None = None,
                  vocab_size: int | None = None):
         self.path = Path(path)
+        if self.path.is_dir():   # a prepared directory: its train split
+            if not (self.path / "train.bin").is_file():
+                raise DataError(f"{self.path} is a directory without train.bin; pass a token file, or "
+                                + _PREPARE_HINT.format(self.path))
+            self.path = self.path / "train.bin"
         if not self.path.is_file():
             raise DataError(f"data file {self.path} not found; " + _PREPARE_HINT.format(self.path.parent))
         if seq_len <= 0:
@@ -181,7 +186,8 @@ class BatchIterator:
     process's runs), `.batch(accum_steps)` (one step), `.to_iter_dataset(ReadOptions)` (thread prefetch of
     `prefetch` steps). Epochs run into each other: a step may hold the end of one epoch and the start of the
     next. `get_state()` is the global step plus the settings that fix the global order; it resumes on any
-    process count or accum_steps.
+    process count or accum_steps. ``path`` is a token file (``DIR/train.bin``) or a prepared directory (its
+    ``train.bin``).
     """
 
     def __init__(self, path: str | os.PathLike, seq_len: int, global_batch_rows: int, accum_steps: int = 1,

@@ -89,8 +89,8 @@ def test_restore_onto_another_layout(saved):
     d, at_save, ref_losses, data = saved
     layout = ["zero_optimization.stage=1", "mesh.data=2", "mesh.tensor=2"]
     eng = engine(layout, n_devices=4)
-    client = eng.load_checkpoint(d)
-    assert client == {"epoch": 2, "note": "zero3"}
+    path, client = eng.load_checkpoint(d)   # DeepSpeed's (load_path, client_state)
+    assert (path, client) == (f"{d}/{SAVE_AT}", {"epoch": 2, "note": "zero3"})
     # the restored state is the saved one, bit for bit, now in the 4-device layout
     assert int(eng.state.step) == SAVE_AT
     assert tree_equal(host(eng.state), at_save)
@@ -110,7 +110,7 @@ def test_mismatched_state_is_refused_naming_both(saved):
                                               r"optimizer.type='Adam' \(.*\); resume with optimizer.type=AdamW"):
         adam.load_checkpoint(d)
     # DeepSpeed's load_module_only: the weights alone load into a run with another optimizer
-    assert adam.load_checkpoint(d, load_module_only=True) == {"epoch": 2, "note": "zero3"}
+    assert adam.load_checkpoint(d, load_module_only=True)[1] == {"epoch": 2, "note": "zero3"}
     assert int(adam.state.step) == 0
     assert tree_equal(host(adam.state.params), at_save.params)
     # another model size: the first differing leaf is named with both shapes
@@ -221,9 +221,27 @@ def test_unwritable_directory_and_bad_client_state_are_errors(data_dir, tmp_path
         eng.save_checkpoint(blocker / "ckpt")
     with pytest.raises(CheckpointError, match="client_state .* is not JSON-serialisable"):
         eng.save_checkpoint(tmp_path / "ok", client_state={"obj": object()})
+    with pytest.raises(CheckpointError, match=r"client_state for checkpoint step 0 is not JSON-serialisable "
+                                              r"\(client_state\['a'\] has the non-string key 1, which JSON would "
+                                              r"turn into '1'\)"):
+        eng.save_checkpoint(tmp_path / "ok", client_state={"a": {1: (1, 2)}})
     eng.save_checkpoint(tmp_path / "ok", tag="global_step5")
     with pytest.raises(CheckpointError, match="step 5 already exists"):
         eng.save_checkpoint(tmp_path / "ok", tag=5)
+    # rotation (max_to_keep=3) deletes by write order: a step below the highest would delete the higher ones first
+    with pytest.raises(CheckpointError, match=f"checkpoint step 4 is below step 5 already in {tmp_path / 'ok'}, and "
+                                              "with checkpoint.max_to_keep=3 orbax's rotation deletes by write order"
+                                              ".*set checkpoint.max_to_keep=null to keep every step"):
+        eng.save_checkpoint(tmp_path / "ok", tag=4)
+    for t in (100, 101, 102, 103):
+        eng.save_checkpoint(tmp_path / "ok", tag=t)
+    checkpoint.wait_until_finished(tmp_path / "ok")
+    assert checkpoint.steps(tmp_path / "ok") == [101, 102, 103]
+    keep_all = engine(["checkpoint.max_to_keep=null"])     # DeepSpeed's behaviour: nothing deleted, any order
+    for t in (5, 4, 100, 1, 2):
+        keep_all.save_checkpoint(tmp_path / "all", tag=t)
+    checkpoint.wait_until_finished(tmp_path / "all")
+    assert checkpoint.steps(tmp_path / "all") == [1, 2, 4, 5, 100]
     from train.pretrain import main
 
     assert main(BASE + ["train.steps=2", f"train.output_dir={tmp_path / 'run'}", "train.checkpoint_interval=1",

@@ -210,7 +210,12 @@ def test_errors_name_file_and_numbers(tmp_path):
     missing = tmp_path / "data" / "train.bin"
     with pytest.raises(DataError, match=r"data/train\.bin not found; run python -m train\.prepare_data"):
         data.BatchIterator(missing, seq_len=8, global_batch_rows=8)
+    missing.parent.mkdir()
+    with pytest.raises(DataError, match=rf"{missing.parent} is a directory without train\.bin; pass a token file, "
+                                        r"or run python -m train\.prepare_data"):
+        data.BatchIterator(missing.parent, seq_len=8, global_batch_rows=8)
     d = _token_dir(tmp_path, 100)
+    assert data.TokenSource(d, seq_len=4).path == d / "train.bin"   # a prepared directory: its train split
     with pytest.raises(DataError, match=r"train\.bin has 100 tokens but one global batch of 16 rows x seq_len "
                                          r"8 needs 129; use a smaller train_batch_size or seq_len"):
         data.BatchIterator(d / "train.bin", seq_len=8, global_batch_rows=16)
