@@ -1,17 +1,56 @@
-"""Training monitor: metrics.jsonl, DeepSpeed-style TensorBoard and CSV monitors, console progress.
+r"""Training monitor: metrics.jsonl, DeepSpeed's TensorBoard and CSV monitors, console progress.
 
 One `Monitor` per process; only the writer process (process 0) touches the disk or the console, so
-multi-host runs produce one set of files. What it writes, all under the run's ``output_dir``:
+multi-host runs produce one set of files. What it writes, all under the run's ``output_dir`` unless a monitor's
+``output_path`` says otherwise:
 
-- ``metrics.jsonl``: one JSON object per `log` / `log_eval` call, flushed at once so a crashed run keeps its
-  curve. This is the file ``train/plot.py`` and ``train/sweep.py`` read.
-- TensorBoard scalars (``tensorboard.enabled``) under ``output_path/job_name`` with tags ``Train/<metric>``
-  and ``Eval/<metric>``, x axis = optimizer step, written with tensorboard's own ``EventFileWriter`` (no
-  torch / tensorflow needed).
-- CSV files (``csv_monitor.enabled``) as DeepSpeed's ``csvMonitor`` writes them: one file per metric under
-  ``output_path/job_name``, named after the tag with ``/`` removed (``Train/loss`` -> ``Trainloss.csv``),
-  header ``step,<metric>``.
+- ``metrics.jsonl``: one JSON object per `log` / `log_eval` call (``{"step": <optimizer step>, **metrics}``, every
+  metric, timings included), flushed at once so a crashed run keeps its curve. This is the file ``train/plot.py``
+  and ``train/sweep.py`` read (train lines carry ``loss``, eval lines do not).
 - ``summary.json`` (`Monitor.summary`), written atomically: its presence marks a finished run for sweeps.
+- TensorBoard (``tensorboard.enabled``) and CSV (``csv_monitor.enabled``): the same events, each a
+  ``(tag, value, x)``, in ``output_path/job_name`` (an empty ``output_path`` = the run's ``output_dir``).
+
+The events are DeepSpeed's (``deepspeed/runtime/engine.py``), with its x axis: DeepSpeed's ``global_samples``,
+the samples trained so far, = optimizer steps x ``train_batch_size`` (``S`` below; ``k`` = the step logged):
+
+====================================  ======================  ======================================================
+tag                                   x                       value
+====================================  ======================  ======================================================
+``Train/Samples/train_loss``          ``(k - 1) * S``         metric ``loss``. DeepSpeed writes it in ``backward()``,
+                                                              before the step adds its samples, so step 1 is at 0
+``Train/Samples/lr``                  ``k * S``               metric ``lr`` (written in ``step()``, after the update)
+``Train/Samples/loss_scale``          ``k * S``               metric ``loss_scale``; only with ``fp16=True``
+                                                              (DeepSpeed: ``fp16.enabled``), as DeepSpeed
+``Train/Samples/eval_loss``           ``k * S``               `log_eval`'s ``eval_loss`` (DeepSpeed's
+                                                              ``PipelineEngine.eval_batch``; its base engine logs no
+                                                              eval)
+====================================  ======================  ======================================================
+
+jzero's other numeric metrics (``grad_norm``, ``tokens_per_s``, ``mfu``, ``memory_bytes``, ``skipped_steps``, eval's
+``eval_ppl`` ...) go under tags of their own, ``jzero/Train/Samples/<metric>`` and ``jzero/Eval/Samples/<metric>``, at
+``x = k * S``, so no DeepSpeed tag is shadowed. Timing metrics (keys ending in ``_time_s`` or ``_wait_s``:
+``step_time_s``, ``host_time_s``, ``data_wait_s``, ``queue_wait_s`` ...) are written only with
+``wall_clock_breakdown`` (DeepSpeed writes its timers, ``Train/Samples/elapsed_time_ms_<timer>``, only then; jzero's
+timers measure other spans, so they keep their own names and seconds). ``None`` values (``mfu`` on CPU) are not
+written.
+
+TensorBoard: scalar events (``simple_value``, event step = ``x``) written with tensorboard's own
+``EventFileWriter`` (no torch / tensorflow needed), as torch's ``SummaryWriter.add_scalar`` writes them.
+
+CSV, as DeepSpeed's ``csvMonitor`` (``deepspeed/monitor/csv_monitor.py``) writes it: one file per tag,
+``tag.replace('/', '_').replace(' ', '_') + '.csv'`` (``Train/Samples/train_loss`` ->
+``Train_Samples_train_loss.csv``, ``jzero/Train/Samples/grad_norm`` -> ``jzero_Train_Samples_grad_norm.csv``);
+rows by ``csv.writer`` (``\r\n`` line ends), the first ``step,<last part of the tag>`` (``step,train_loss``), then
+``<x>,<value>``. Unlike DeepSpeed, which appends to the files and repeats the header each time a process first
+writes one, a fresh run truncates the files it writes and a resumed run (``append``) continues them without a
+second header.
+
+Resuming (``append`` + ``resume_step`` R): records of steps after R (the interrupted run logged them; the resumed
+run logs them again) are dropped from metrics.jsonl and the CSV files (``train_loss`` rows with ``x > (R - 1) * S``,
+other rows with ``x > R * S``); TensorBoard gets a ``SessionLog.START`` at ``x = R * S`` (it hides every earlier
+event at ``x >= R * S``, as torch's ``SummaryWriter(purge_step=...)``) followed by step R's own events at
+``R * S``, rebuilt from metrics.jsonl, so each step shows once. ``train_batch_size`` must be the interrupted run's.
 
 DeepSpeed resolves an empty ``output_path`` against the launch directory; jzero resolves it against the run's
 ``output_dir`` so every run (and every sweep point) keeps its logs next to its other outputs.
@@ -19,12 +58,12 @@ DeepSpeed resolves an empty ``output_path`` against the launch directory; jzero 
 Console: when the stream is a TTY a rich progress bar shows step, loss, tokens/s and ETA. Otherwise the
 monitor prints one plain line every ``steps_per_print`` steps:
 ``step 10/100 | loss 3.21 | lr 1.0e-03 | 12,345 tok/s | mfu 12.3% | mem 1.2 GiB (peak 4.5 GiB)``.
-``wall_clock_breakdown`` (DeepSpeed's key) adds the timing metrics (keys ending in ``_time_s``, e.g.
-``step_time_s``, ``data_time_s``) to those prints and to the TensorBoard/CSV monitors; metrics.jsonl always
-has them.
+``wall_clock_breakdown`` (DeepSpeed's key) adds the metrics whose keys end in ``_time_s`` (e.g. ``data_time_s``)
+to those prints.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import sys
@@ -36,7 +75,15 @@ from pydantic import model_validator
 
 from jzero.section import Section
 
-TIMING_SUFFIX = "_time_s"
+TIMING_SUFFIX = "_time_s"   # what the console line adds under wall_clock_breakdown
+#: timing metrics: written to TensorBoard / CSV only with wall_clock_breakdown
+TIMING_SUFFIXES = (TIMING_SUFFIX, "_wait_s")
+
+#: DeepSpeed's event tags (deepspeed/runtime/engine.py) and the jzero metrics they carry
+TRAIN_LOSS_TAG, LR_TAG, LOSS_SCALE_TAG, EVAL_LOSS_TAG = (
+    "Train/Samples/train_loss", "Train/Samples/lr", "Train/Samples/loss_scale", "Train/Samples/eval_loss")
+#: prefixes of jzero's own metrics' tags (no DeepSpeed tag starts with them)
+JZERO_TRAIN_PREFIX, JZERO_EVAL_PREFIX = "jzero/Train/Samples/", "jzero/Eval/Samples/"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -180,6 +227,15 @@ def format_train_line(step: int, total_steps: int, m: Mapping[str, Any], *, timi
     return " | ".join(parts)
 
 
+def csv_filename(tag: str) -> str:
+    """DeepSpeed csvMonitor's file name for a tag: ``Train/Samples/train_loss`` -> ``Train_Samples_train_loss.csv``."""
+    return tag.replace("/", "_").replace(" ", "_") + ".csv"
+
+
+def _is_timing(key: str) -> bool:
+    return key.endswith(TIMING_SUFFIXES)
+
+
 class _TensorboardWriter:
     """Scalar-only TensorBoard writer on tensorboard's EventFileWriter (readable by EventAccumulator)."""
 
@@ -197,17 +253,20 @@ class _TensorboardWriter:
         self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
         self._writer = EventFileWriter(str(log_dir))
 
-    def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        Summary = self._summary_pb2.Summary
-        summ = Summary(value=[Summary.Value(tag=t, simple_value=float(v)) for t, v in values.items()])
-        self._writer.add_event(self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summ))
+    def write_events(self, events) -> None:
+        """``[(tag, value, x)]``, one event each (as DeepSpeed's ``add_scalar(tag, value, x)``), then a flush."""
+        Summary, Event = self._summary_pb2.Summary, self._event_pb2.Event
+        now = time.time()
+        for tag, v, x in events:
+            summ = Summary(value=[Summary.Value(tag=tag, simple_value=float(v))])
+            self._writer.add_event(Event(wall_time=now, step=int(x), summary=summ))
         self._writer.flush()
 
-    def restart_at(self, step: int) -> None:
-        """A resumed run: TensorBoard drops the earlier events at ``step`` and after (a SessionLog START, as
-        torch's ``SummaryWriter(purge_step=...)`` writes), so the steps logged again are not shown twice."""
+    def restart_at(self, x: int) -> None:
+        """A resumed run: TensorBoard drops the earlier events at ``x`` and after (a SessionLog START, as
+        torch's ``SummaryWriter(purge_step=...)`` writes), so the events logged again are not shown twice."""
         log = self._event_pb2.SessionLog(status=self._event_pb2.SessionLog.START)
-        self._writer.add_event(self._event_pb2.Event(wall_time=time.time(), step=int(step), session_log=log))
+        self._writer.add_event(self._event_pb2.Event(wall_time=time.time(), step=int(x), session_log=log))
         self._writer.flush()
 
     def close(self) -> None:
@@ -217,10 +276,12 @@ class _TensorboardWriter:
 def _keep_rows_until(path: Path, step: int, row_step) -> None:
     """Rewrite ``path`` without its records past ``step`` (``row_step(line)``: the line's step, None to keep it)."""
     if path.is_file():
-        lines = path.read_text().splitlines(keepends=True)
-        kept = [ln for ln in lines if (row_step(ln) or 0) <= step]
+        with open(path, newline="") as f:   # (\r\n stays \r\n)
+            lines = f.read().splitlines(keepends=True)
+        kept = [ln for ln in lines if (s := row_step(ln)) is None or s <= step]
         if len(kept) != len(lines):
-            path.write_text("".join(kept))
+            with open(path, "w", newline="") as f:
+                f.write("".join(kept))
 
 
 def _jsonl_step(line: str):
@@ -233,33 +294,35 @@ def _csv_step(line: str):
 
 
 class _CSVWriter:
-    """DeepSpeed csvMonitor layout: ``<dir>/<tag without '/'>.csv`` with rows ``step,value``.
+    """DeepSpeed csvMonitor layout: ``<dir>/<csv_filename(tag)>``, header ``step,<last part of tag>``, rows ``x,value``.
 
-    Without ``append`` a metric's file is truncated when this run first writes it; files of metrics this run
-    does not log are left alone (the directory may be shared).
+    Without ``append`` a tag's file is truncated when this run first writes it; files of tags this run does not
+    write are left alone (the directory may be shared).
     """
 
     def __init__(self, log_dir: Path, append: bool):
         self.log_dir = log_dir
         self.append = append
         log_dir.mkdir(parents=True, exist_ok=True)
-        self._files: dict[str, TextIO] = {}
+        self._files: dict[str, tuple[TextIO, Any]] = {}
 
-    def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        for tag, v in values.items():
-            name = tag.replace("/", "").replace(" ", "_")
-            f = self._files.get(name)
-            if f is None:
-                path = self.log_dir / f"{name}.csv"
+    def write_events(self, events) -> None:
+        for tag, v, x in events:
+            name = csv_filename(tag)
+            entry = self._files.get(name)
+            if entry is None:
+                path = self.log_dir / name
                 new = not self.append or not path.exists() or path.stat().st_size == 0
-                f = self._files[name] = open(path, "a" if self.append else "w", newline="")
+                f = open(path, "a" if self.append else "w", newline="")
+                entry = self._files[name] = (f, csv.writer(f))   # csv.writer's \r\n, as csvMonitor's
                 if new:
-                    f.write(f"step,{tag.split('/')[-1]}\n")
-            f.write(f"{int(step)},{float(v)!r}\n")
-            f.flush()
+                    entry[1].writerow(["step", tag.split("/")[-1]])
+            entry[1].writerow([int(x), float(v)])
+        for name in {csv_filename(tag) for tag, _, _ in events}:
+            self._files[name][0].flush()
 
     def close(self) -> None:
-        for f in self._files.values():
+        for f, _ in self._files.values():
             f.close()
         self._files.clear()
 
@@ -275,12 +338,17 @@ class Monitor:
       total_steps: steps of the whole run, for "step i/N" and the ETA.
       tensorboard, csv_monitor: DeepSpeed sections as dicts or `TensorboardConfig` / `CSVMonitorConfig`.
       steps_per_print: DeepSpeed's key; the plain console line is printed when ``step % steps_per_print == 0``.
-      wall_clock_breakdown: DeepSpeed's key; report ``*_time_s`` metrics on the console and to TB/CSV.
+      wall_clock_breakdown: DeepSpeed's key; print ``*_time_s`` metrics on the console, and write the timing
+        metrics (``*_time_s``, ``*_wait_s``) to TensorBoard / CSV.
+      train_batch_size: samples per optimizer step (DeepSpeed's ``train_batch_size``): the TensorBoard / CSV x axis
+        is ``step * train_batch_size``, DeepSpeed's ``global_samples``. The default 1 makes it the optimizer step.
+      fp16: whether fp16 (loss scaling) is on (DeepSpeed's ``fp16.enabled``): only then is ``loss_scale`` written
+        to TensorBoard / CSV (``Train/Samples/loss_scale``), as DeepSpeed does.
       is_writer: whether this process writes; default ``jax.process_index() == 0``.
       append: keep existing metrics.jsonl / CSV rows (resuming a run) instead of starting them afresh.
       resume_step: with ``append``, the step the run resumes from: records the interrupted run logged after it
         (it will log those steps again) are dropped from metrics.jsonl and the CSV files, and TensorBoard is told
-        to hide its events past it.
+        to hide its events past it (see the module docstring).
       device: if given, each `log` adds ``memory_bytes`` (bytes in use on it) when the backend reports it.
       stream: console stream (default sys.stdout); a TTY gets the live progress bar.
     """
@@ -294,6 +362,8 @@ class Monitor:
         csv_monitor: Mapping | CSVMonitorConfig | None = None,
         steps_per_print: int = 10,
         wall_clock_breakdown: bool = False,
+        train_batch_size: int = 1,
+        fp16: bool = False,
         is_writer: Optional[bool] = None,
         append: bool = False,
         resume_step: Optional[int] = None,
@@ -304,6 +374,8 @@ class Monitor:
             from jzero.errors import ConfigError
 
             raise ConfigError(f"steps_per_print must be >= 1, got {steps_per_print}; set steps_per_print: 10")
+        if int(train_batch_size) < 1:
+            raise ValueError(f"Monitor(train_batch_size={train_batch_size}): the samples per optimizer step, >= 1")
         if is_writer is None:
             import jax
 
@@ -313,6 +385,8 @@ class Monitor:
         self.total_steps = int(total_steps)
         self.steps_per_print = int(steps_per_print)
         self.wall_clock_breakdown = bool(wall_clock_breakdown)
+        self.train_batch_size = int(train_batch_size)
+        self.fp16 = bool(fp16)
         self.device = device
         self.tensorboard_config = _as_section(tensorboard, TensorboardConfig)
         self.csv_config = _as_section(csv_monitor, CSVMonitorConfig)
@@ -327,18 +401,23 @@ class Monitor:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         resumed = append and resume_step is not None
+        jsonl = self.output_dir / "metrics.jsonl"
         if resumed:
-            _keep_rows_until(self.output_dir / "metrics.jsonl", resume_step, _jsonl_step)
-        self._jsonl = open(self.output_dir / "metrics.jsonl", "a" if append else "w")
+            _keep_rows_until(jsonl, resume_step, _jsonl_step)
         if self.tensorboard_config.enabled:
             self._tb = _TensorboardWriter(self._log_dir(self.tensorboard_config))
-            if resumed:
-                self._tb.restart_at(resume_step + 1)
+            if resumed:   # hide everything at x >= R*S, then show step R's own events at R*S again
+                self._tb.restart_at(self._samples(resume_step))
+                self._tb.write_events([e for e in self._events_of_step(jsonl, resume_step)
+                                       if e[2] >= self._samples(resume_step)])
         if self.csv_config.enabled:
             if resumed:
+                loss_file = csv_filename(TRAIN_LOSS_TAG)
                 for path in self._log_dir(self.csv_config).glob("*.csv"):
-                    _keep_rows_until(path, resume_step, _csv_step)
+                    last = self._samples(resume_step - 1 if path.name == loss_file else resume_step)
+                    _keep_rows_until(path, last, _csv_step)
             self._csv = _CSVWriter(self._log_dir(self.csv_config), append)
+        self._jsonl = open(jsonl, "a" if append else "w")
         self.is_tty = bool(getattr(self.stream, "isatty", lambda: False)())
 
     # paths -------------------------------------------------------------------------------------------------
@@ -359,18 +438,50 @@ class Monitor:
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
 
-    def _scalars(self, prefix: str, step: int, m: Mapping[str, Any]) -> None:
-        values = {
-            f"{prefix}/{k}": v
-            for k, v in m.items()
-            if _is_number(v) and (self.wall_clock_breakdown or not k.endswith(TIMING_SUFFIX))
-        }
-        if not values:
+    def _samples(self, step: int) -> int:
+        """DeepSpeed's ``global_samples`` after ``step`` optimizer steps."""
+        return int(step) * self.train_batch_size
+
+    def _extra(self, prefix: str, m: Mapping[str, Any], skip: tuple[str, ...], x: int) -> list:
+        return [(prefix + k, v, x) for k, v in m.items()
+                if k not in skip and _is_number(v) and (self.wall_clock_breakdown or not _is_timing(k))]
+
+    def train_events(self, step: int, m: Mapping[str, Any]) -> list[tuple[str, float, int]]:
+        """The ``(tag, value, x)`` events `log` writes to TensorBoard / CSV for step ``step``'s metrics ``m``."""
+        before, after = self._samples(step - 1), self._samples(step)
+        events = []
+        if _is_number(m.get("loss")):   # DeepSpeed's backward(): before the step adds its samples
+            events.append((TRAIN_LOSS_TAG, m["loss"], before))
+        if _is_number(m.get("lr")):     # DeepSpeed's step(): after
+            events.append((LR_TAG, m["lr"], after))
+        if self.fp16 and _is_number(m.get("loss_scale")):
+            events.append((LOSS_SCALE_TAG, m["loss_scale"], after))
+        return events + self._extra(JZERO_TRAIN_PREFIX, m, ("loss", "lr", "loss_scale"), after)
+
+    def eval_events(self, step: int, m: Mapping[str, Any]) -> list[tuple[str, float, int]]:
+        """The ``(tag, value, x)`` events `log_eval` writes to TensorBoard / CSV for an evaluation after ``step``."""
+        x = self._samples(step)
+        events = [(EVAL_LOSS_TAG, m["eval_loss"], x)] if _is_number(m.get("eval_loss")) else []
+        return events + self._extra(JZERO_EVAL_PREFIX, m, ("eval_loss",), x)
+
+    def _events_of_step(self, jsonl: Path, step: int) -> list:
+        """Step ``step``'s events, rebuilt from its metrics.jsonl records (train lines carry ``loss``)."""
+        events = []
+        if jsonl.is_file():
+            for line in jsonl.read_text().splitlines():
+                r = json.loads(line) if line.strip() else {}
+                if r.get("step") == step:
+                    m = {k: v for k, v in r.items() if k != "step"}
+                    events += self.train_events(step, m) if "loss" in m else self.eval_events(step, m)
+        return events
+
+    def _write_events(self, events: list) -> None:
+        if not events:
             return
         if self._tb is not None:
-            self._tb.scalars(step, values)
+            self._tb.write_events(events)
         if self._csv is not None:
-            self._csv.scalars(step, values)
+            self._csv.write_events(events)
 
     def _console(self):
         from rich.console import Console
@@ -414,7 +525,7 @@ class Monitor:
                 m["memory_bytes"], m["peak_memory_bytes"] = mem["bytes_in_use"], mem["peak_bytes_in_use"]
         step = int(step)
         self._write_json({"step": step, **m})
-        self._scalars("Train", step, m)
+        self._write_events(self.train_events(step, m))
         printing = step % self.steps_per_print == 0
         if self.is_tty:
             progress = self._ensure_progress()
@@ -431,7 +542,7 @@ class Monitor:
             return
         m = {k: _plain(v) for k, v in metrics.items() if k != "step"}
         self._write_json({"step": int(step), **m})
-        self._scalars("Eval", int(step), m)
+        self._write_events(self.eval_events(int(step), m))
         shown = " | ".join(f"{k} {v:.4g}" if _is_number(v) else f"{k} {v}" for k, v in m.items())
         self._print(f"eval step {int(step)} | {shown}")
 

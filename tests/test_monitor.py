@@ -1,7 +1,9 @@
-"""jzero.monitor: JSONL / CSV / TensorBoard contents, writer-only output, console lines, config sections."""
+"""jzero.monitor: JSONL / CSV / TensorBoard contents (DeepSpeed's events, names, files and x axis), writer-only
+output, console lines, resume trimming, config sections."""
 import csv
 import io
 import json
+import os
 
 import jax
 import pydantic
@@ -11,49 +13,133 @@ from jzero.monitor import (CSVMonitorConfig, Monitor, TensorboardConfig, WandbCo
                            format_train_line, human_bytes)
 
 LOSSES = [4.0, 3.5, 3.25, 3.0]
+TBS = 8   # train_batch_size: DeepSpeed's global_samples after step k is k * TBS
 
 
 def _log_four(mon):
     for i, loss in enumerate(LOSSES, start=1):
         mon.log(i, {"loss": loss, "lr": 1e-3 * i, "grad_norm": 0.5, "tokens_per_s": 12345.6, "mfu": None,
-                    "step_time_s": 0.25})
+                    "loss_scale": 2.0 ** (16 - i), "step_time_s": 0.25, "data_wait_s": 0.01})
     mon.log_eval(4, {"eval_loss": 3.1, "eval_ppl": 22.2})
     mon.summary({"final_loss": 3.0, "steps": 4})
     mon.close()
 
 
-def test_jsonl_csv_tensorboard_contents(tmp_path):
+def _deepspeed_csv_monitor(log_dir, event_list):
+    """deepspeed/monitor/csv_monitor.py ``csvMonitor.write_events``, as it is there (less the rank check): the
+    reference the CSV files are compared with byte for byte."""
+    filenames = []
+    for event in event_list:
+        log_name, value, step = event
+        if "/" in log_name:
+            record_splits = log_name.split("/")
+            header = record_splits[len(record_splits) - 1]
+        else:
+            header = log_name
+        filename = log_name.replace("/", "_").replace(" ", "_")
+        fname = str(log_dir) + "/" + filename + ".csv"
+        with open(fname, "a+") as csv_monitor_file:
+            csv_monitor_writer = csv.writer(csv_monitor_file)
+            if filename not in filenames:
+                filenames.append(filename)
+                csv_monitor_writer.writerow(["step", header])
+            csv_monitor_writer.writerow([step, value])
+
+
+def _deepspeed_events(fp16=False, timings=False):
+    """What deepspeed/runtime/engine.py writes for `_log_four`'s steps: train_loss in backward() at global_samples
+    before the step, lr (and loss_scale under fp16) in step() after it; plus jzero's own metrics, at x = after."""
+    events = []
+    for k, loss in enumerate(LOSSES, start=1):
+        events += [("Train/Samples/train_loss", loss, (k - 1) * TBS), ("Train/Samples/lr", 1e-3 * k, k * TBS)]
+        if fp16:
+            events.append(("Train/Samples/loss_scale", 2.0 ** (16 - k), k * TBS))
+        events += [("jzero/Train/Samples/grad_norm", 0.5, k * TBS),
+                   ("jzero/Train/Samples/tokens_per_s", 12345.6, k * TBS)]
+        if timings:
+            events += [("jzero/Train/Samples/step_time_s", 0.25, k * TBS),
+                       ("jzero/Train/Samples/data_wait_s", 0.01, k * TBS)]
+    # eval: DeepSpeed's PipelineEngine.eval_batch writes Train/Samples/eval_loss at global_samples
+    return events + [("Train/Samples/eval_loss", 3.1, 4 * TBS), ("jzero/Eval/Samples/eval_ppl", 22.2, 4 * TBS)]
+
+
+def _tb_scalars(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+
+
+def _by_tag(events):
+    out = {}
+    for tag, v, x in events:
+        out.setdefault(tag, []).append((x, pytest.approx(v, rel=1e-6)))   # (TensorBoard keeps float32)
+    return out
+
+
+@pytest.mark.parametrize("fp16,timings", [(False, False), (True, True)])
+def test_tensorboard_and_csv_write_deepspeeds_events(tmp_path, fp16, timings):
     out = tmp_path / "run"
     mon = Monitor(out, 4, tensorboard={"enabled": True, "job_name": "tb"},
                   csv_monitor={"enabled": True, "output_path": str(tmp_path / "csvs"), "job_name": "job"},
-                  steps_per_print=100, is_writer=True, stream=io.StringIO())
+                  steps_per_print=100, wall_clock_breakdown=timings, train_batch_size=TBS, fp16=fp16,
+                  is_writer=True, stream=io.StringIO())
     _log_four(mon)
 
+    # metrics.jsonl: every metric (timings, loss_scale included) at the optimizer step, whatever the monitors take
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [l["loss"] for l in lines[:4]] == LOSSES
     assert lines[1] == {"step": 2, "loss": 3.5, "lr": 2e-3, "grad_norm": 0.5, "tokens_per_s": 12345.6, "mfu": None,
-                        "step_time_s": 0.25}
+                        "loss_scale": 2.0 ** 14, "step_time_s": 0.25, "data_wait_s": 0.01}
     assert lines[4] == {"step": 4, "eval_loss": 3.1, "eval_ppl": 22.2}
     assert json.loads((out / "summary.json").read_text()) == {"final_loss": 3.0, "steps": 4}
 
-    # DeepSpeed csvMonitor layout: <output_path>/<job_name>/<tag without '/'>.csv, header step,<metric>
-    csv_dir = tmp_path / "csvs" / "job"
-    rows = list(csv.reader(open(csv_dir / "Trainloss.csv")))
-    assert rows[0] == ["step", "loss"]
-    assert [(int(s), float(v)) for s, v in rows[1:]] == list(enumerate(LOSSES, start=1))
-    assert list(csv.reader(open(csv_dir / "Evaleval_loss.csv")))[1] == ["4", "3.1"]
-    assert not (csv_dir / "Trainmfu.csv").exists()  # None is not a scalar
-    assert not (csv_dir / "Trainstep_time_s.csv").exists()  # timings only with wall_clock_breakdown
+    want = _deepspeed_events(fp16=fp16, timings=timings)
+    # CSV: <output_path>/<job_name>/, byte for byte what DeepSpeed's csvMonitor writes for the same events
+    csv_dir, ref = tmp_path / "csvs" / "job", tmp_path / "deepspeed_csv"
+    ref.mkdir()
+    _deepspeed_csv_monitor(ref, want)
+    assert sorted(os.listdir(csv_dir)) == sorted(os.listdir(ref))
+    for name in os.listdir(ref):
+        assert (csv_dir / name).read_bytes() == (ref / name).read_bytes(), name
+    # spelled out once: file name = tag with '/' -> '_', header step,<last part>, csv.writer's \r\n, x = samples
+    assert (csv_dir / "Train_Samples_train_loss.csv").read_bytes() == \
+        b"step,train_loss\r\n0,4.0\r\n8,3.5\r\n16,3.25\r\n24,3.0\r\n"
+    assert (csv_dir / "Train_Samples_lr.csv").read_bytes() == \
+        b"step,lr\r\n8,0.001\r\n16,0.002\r\n24,0.003\r\n32,0.004\r\n"
+    assert (csv_dir / "Train_Samples_eval_loss.csv").read_bytes() == b"step,eval_loss\r\n32,3.1\r\n"
+    assert (csv_dir / "Train_Samples_loss_scale.csv").exists() == fp16      # DeepSpeed: fp16 only
+    assert not list(csv_dir.glob("*mfu*"))                                  # None is not a scalar
+    assert (csv_dir / "jzero_Train_Samples_data_wait_s.csv").exists() == timings   # wall_clock_breakdown only
+    assert (csv_dir / "jzero_Train_Samples_step_time_s.csv").exists() == timings
 
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    # TensorBoard: empty output_path -> under the run's output_dir; the same events, tag for tag, x = event step
+    assert _tb_scalars(out / "tb") == _by_tag(want)
 
-    acc = EventAccumulator(str(out / "tb"))  # empty output_path -> under the run's output_dir
-    acc.Reload()
-    events = acc.Scalars("Train/loss")
-    assert [(e.step, e.value) for e in events] == list(enumerate(LOSSES, start=1))
-    assert [e.value for e in acc.Scalars("Train/lr")] == pytest.approx([1e-3, 2e-3, 3e-3, 4e-3])
-    assert [(e.step, e.value) for e in acc.Scalars("Eval/eval_ppl")] == [(4, pytest.approx(22.2))]
-    assert "Train/step_time_s" not in acc.Tags()["scalars"]
+
+def test_default_batch_size_puts_the_optimizer_step_on_x(tmp_path):
+    with Monitor(tmp_path, 2, csv_monitor={"enabled": True, "job_name": "c"}, is_writer=True,
+                 stream=io.StringIO()) as mon:
+        mon.log(1, {"loss": 2.0, "lr": 0.5, "loss_scale": 1.0})
+        mon.log(2, {"loss": 1.0, "lr": 0.5, "loss_scale": 1.0})
+    assert (tmp_path / "c" / "Train_Samples_train_loss.csv").read_bytes() == b"step,train_loss\r\n0,2.0\r\n1,1.0\r\n"
+    assert (tmp_path / "c" / "Train_Samples_lr.csv").read_bytes() == b"step,lr\r\n1,0.5\r\n2,0.5\r\n"
+    assert sorted(os.listdir(tmp_path / "c")) == ["Train_Samples_lr.csv", "Train_Samples_train_loss.csv"]
+    with pytest.raises(ValueError, match="train_batch_size"):
+        Monitor(tmp_path, 2, train_batch_size=0, is_writer=True)
+
+
+def test_event_tags_never_shadow_deepspeeds():
+    mon = Monitor("unused", 1, train_batch_size=4, fp16=True, is_writer=False)
+    # finetune's eval record carries train_loss / val_loss: they stay in jzero's namespace
+    ev = mon.eval_events(3, {"epoch": 1, "train_loss": 0.5, "val_loss": 0.7, "accuracy": 0.9, "step_time_s": 1.0})
+    assert ev == [("jzero/Eval/Samples/epoch", 1, 12), ("jzero/Eval/Samples/train_loss", 0.5, 12),
+                  ("jzero/Eval/Samples/val_loss", 0.7, 12), ("jzero/Eval/Samples/accuracy", 0.9, 12)]
+    tr = mon.train_events(3, {"loss": 1.5, "lr": 0.1, "loss_scale": 8.0, "skipped_steps": 0.0, "queue_wait_s": 0.2,
+                              "host_time_s": 0.1, "mfu": None, "note": "x"})
+    assert tr == [("Train/Samples/train_loss", 1.5, 8), ("Train/Samples/lr", 0.1, 12),
+                  ("Train/Samples/loss_scale", 8.0, 12), ("jzero/Train/Samples/skipped_steps", 0.0, 12)]
 
 
 def test_non_writer_writes_and_prints_nothing(tmp_path, capsys):
@@ -85,8 +171,10 @@ def test_wall_clock_breakdown_prints_and_logs_timings(tmp_path):
     mon.log(2, {"loss": 1.5, "step_time_s": 0.25, "data_time_s": 0.002})
     mon.close()
     assert stream.getvalue() == "step 2/2 | loss 1.5 | step 250.0 ms | data 2.0 ms\n"
-    rows = list(csv.reader(open(tmp_path / "j" / "Trainstep_time_s.csv")))
+    rows = list(csv.reader(open(tmp_path / "j" / "jzero_Train_Samples_step_time_s.csv", newline="")))
     assert rows == [["step", "step_time_s"], ["1", "0.5"], ["2", "0.25"]]
+    assert sorted(os.listdir(tmp_path / "j")) == ["Train_Samples_train_loss.csv", "jzero_Train_Samples_data_time_s.csv",
+                                                  "jzero_Train_Samples_step_time_s.csv"]
 
 
 def test_tty_progress_bar_shows_step_and_loss(tmp_path):
@@ -107,36 +195,54 @@ def test_tty_progress_bar_shows_step_and_loss(tmp_path):
 def test_append_keeps_previous_lines_fresh_run_truncates(tmp_path):
     for start, append in ((1, False), (3, True), (5, False)):
         with Monitor(tmp_path, 6, csv_monitor={"enabled": True, "job_name": "c"}, is_writer=True, append=append,
-                     stream=io.StringIO()) as mon:
+                     train_batch_size=2, stream=io.StringIO()) as mon:
             mon.log(start, {"loss": 1.0})
             mon.log(start + 1, {"loss": 0.5})
         steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-        csv_steps = [int(r[0]) for r in list(csv.reader(open(tmp_path / "c" / "Trainloss.csv")))[1:]]
-        assert steps == csv_steps == ([1, 2, 3, 4] if append else [start, start + 1])
+        rows = list(csv.reader(open(tmp_path / "c" / "Train_Samples_train_loss.csv", newline="")))
+        assert rows[0] == ["step", "train_loss"] and ["step", "train_loss"] not in rows[1:]   # one header
+        assert steps == ([1, 2, 3, 4] if append else [start, start + 1])
+        assert [int(r[0]) for r in rows[1:]] == [2 * (s - 1) for s in steps]
+
+
+def _train(step, run):
+    return {"loss": 10.0 * run + step, "lr": 0.01 * step, "grad_norm": float(run)}
 
 
 def test_resume_drops_what_the_interrupted_run_logged_past_its_checkpoint(tmp_path):
-    """A run that logged steps 1-6 and crashed after its step-4 checkpoint resumes at 4 and logs 5-8 again:
-    metrics.jsonl, the CSV files and TensorBoard each show every step once, the new values for 5 and 6."""
+    """A run logs steps 1-6 (eval at 4 and 6) and crashes after its step-4 checkpoint; the second resumes at 4,
+    logs 5-7 (eval at 6) and crashes after its step-6 checkpoint; the third resumes at 6 and logs 7-8 (eval at 8).
+    metrics.jsonl, the CSV files and TensorBoard each show every step once, with the values of the run that kept
+    it, on DeepSpeed's x axis (train_loss at (k-1)*S, the rest at k*S)."""
+    S = 4
     kw = dict(tensorboard={"enabled": True, "job_name": "tb"}, csv_monitor={"enabled": True, "job_name": "c"},
-              is_writer=True, stream=io.StringIO())
-    with Monitor(tmp_path, 8, **kw) as mon:
-        for step in range(1, 7):
-            mon.log(step, {"loss": float(step)})
-    with Monitor(tmp_path, 8, append=True, resume_step=4, **kw) as mon:
-        for step in range(5, 9):
-            mon.log(step, {"loss": 10.0 + step})
-    want = [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 15.0), (6, 16.0), (7, 17.0), (8, 18.0)]
+              train_batch_size=S, is_writer=True, stream=io.StringIO())
+    for run, (first, last, evals, resume) in enumerate(((1, 6, (4, 6), None), (5, 7, (6,), 4), (7, 8, (8,), 6))):
+        with Monitor(tmp_path, 8, append=resume is not None, resume_step=resume, **kw) as mon:
+            for step in range(first, last + 1):
+                mon.log(step, _train(step, run))
+                if step in evals:
+                    mon.log_eval(step, {"eval_loss": 100.0 * run + step})
+    owner = {1: 0, 2: 0, 3: 0, 4: 0, 5: 1, 6: 1, 7: 2, 8: 2}   # the run whose values each step keeps
+    evals = {4: 0, 6: 1, 8: 2}
     jsonl = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["loss"]) for r in jsonl] == want
-    rows = list(csv.reader(open(tmp_path / "c" / "Trainloss.csv")))
-    assert rows[0] == ["step", "loss"] and [(int(s), float(v)) for s, v in rows[1:]] == want
+    want_jsonl = []
+    for k in range(1, 9):
+        want_jsonl.append({"step": k, **_train(k, owner[k])})
+        if k in evals:
+            want_jsonl.append({"step": k, "eval_loss": 100.0 * evals[k] + k})
+    assert jsonl == want_jsonl
 
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tmp_path / "tb"))
-    acc.Reload()
-    assert [(e.step, e.value) for e in acc.Scalars("Train/loss")] == want
+    want = {"Train/Samples/train_loss": [((k - 1) * S, _train(k, owner[k])["loss"]) for k in range(1, 9)],
+            "Train/Samples/lr": [(k * S, _train(k, owner[k])["lr"]) for k in range(1, 9)],
+            "jzero/Train/Samples/grad_norm": [(k * S, float(owner[k])) for k in range(1, 9)],
+            "Train/Samples/eval_loss": [(k * S, 100.0 * r + k) for k, r in evals.items()]}
+    for tag, rows in want.items():   # (trimming keeps csv.writer's \r\n)
+        name = tag.replace("/", "_") + ".csv"
+        assert (tmp_path / "c" / name).read_bytes() == \
+            ("step," + tag.split("/")[-1] + "\r\n" + "".join(f"{x},{v!r}\r\n" for x, v in rows)).encode(), name
+    assert _tb_scalars(tmp_path / "tb") == {t: [(x, pytest.approx(v, rel=1e-6)) for x, v in rows]
+                                            for t, rows in want.items()}
 
 
 def test_config_sections_validate():

@@ -331,7 +331,8 @@ def run(cfg) -> dict:
 
     per_epoch, step = [], 0
     with Monitor(out, total, tensorboard=rc.tensorboard.model_dump(), csv_monitor=rc.csv_monitor.model_dump(),
-                 steps_per_print=rc.steps_per_print, wall_clock_breakdown=rc.wall_clock_breakdown) as monitor:
+                 steps_per_print=rc.steps_per_print, wall_clock_breakdown=rc.wall_clock_breakdown,
+                 train_batch_size=rc.train_batch_size, fp16=rc.fp16.enabled) as monitor:
         for epoch in range(1, ft.epochs + 1):
             order = np.random.default_rng([rc.train.seed, epoch]).permutation(len(train_ex))
             losses, t_mark, since = [], time.perf_counter(), 0

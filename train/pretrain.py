@@ -198,8 +198,8 @@ def run(cfg, resume: bool = False) -> dict:
     tokens_per_step = rc.train_batch_size * rc.data.seq_len
     monitor = Monitor(out, rc.train.steps, tensorboard=rc.tensorboard.model_dump(),
                       csv_monitor=rc.csv_monitor.model_dump(), steps_per_print=rc.steps_per_print,
-                      wall_clock_breakdown=rc.wall_clock_breakdown, device=dev, append=start > 0,
-                      resume_step=start)
+                      wall_clock_breakdown=rc.wall_clock_breakdown, train_batch_size=rc.train_batch_size,
+                      fp16=rc.fp16.enabled, device=dev, append=start > 0, resume_step=start)
     eval_rows = rc.train_batch_size // rc.gradient_accumulation_steps
     if rc.train.eval_interval:   # a val split too short for one eval batch fails now, not after training
         next(iter(eval_batches(data_dir / "val.bin", rc.data.seq_len, eval_rows, 1, pi, pc)))
