@@ -63,16 +63,16 @@ to those prints.
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, TextIO
 
 from pydantic import model_validator
 
+from jzero.monitor_files import (_CSVWriter, _TensorboardWriter, _csv_step, _jsonl_step,  # noqa: F401
+                                 _keep_rows_until, csv_filename)
 from jzero.section import Section
 
 TIMING_SUFFIX = "_time_s"   # what the console line adds under wall_clock_breakdown
@@ -227,104 +227,8 @@ def format_train_line(step: int, total_steps: int, m: Mapping[str, Any], *, timi
     return " | ".join(parts)
 
 
-def csv_filename(tag: str) -> str:
-    """DeepSpeed csvMonitor's file name for a tag: ``Train/Samples/train_loss`` -> ``Train_Samples_train_loss.csv``."""
-    return tag.replace("/", "_").replace(" ", "_") + ".csv"
-
-
 def _is_timing(key: str) -> bool:
     return key.endswith(TIMING_SUFFIXES)
-
-
-class _TensorboardWriter:
-    """Scalar-only TensorBoard writer on tensorboard's EventFileWriter (readable by EventAccumulator)."""
-
-    def __init__(self, log_dir: Path):
-        try:
-            from tensorboard.compat.proto import event_pb2, summary_pb2
-            from tensorboard.summary.writer.event_file_writer import EventFileWriter
-        except ImportError as e:  # only reached when tensorboard.enabled is true
-            from jzero.errors import ConfigError
-
-            raise ConfigError(
-                f"tensorboard.enabled: true needs the tensorboard package ({e}); pip install tensorboard "
-                "or set tensorboard.enabled: false"
-            ) from None
-        self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
-        self._writer = EventFileWriter(str(log_dir))
-
-    def write_events(self, events) -> None:
-        """``[(tag, value, x)]``, one event each (as DeepSpeed's ``add_scalar(tag, value, x)``), then a flush."""
-        Summary, Event = self._summary_pb2.Summary, self._event_pb2.Event
-        now = time.time()
-        for tag, v, x in events:
-            summ = Summary(value=[Summary.Value(tag=tag, simple_value=float(v))])
-            self._writer.add_event(Event(wall_time=now, step=int(x), summary=summ))
-        self._writer.flush()
-
-    def restart_at(self, x: int) -> None:
-        """A resumed run: TensorBoard drops the earlier events at ``x`` and after (a SessionLog START, as
-        torch's ``SummaryWriter(purge_step=...)`` writes), so the events logged again are not shown twice."""
-        log = self._event_pb2.SessionLog(status=self._event_pb2.SessionLog.START)
-        self._writer.add_event(self._event_pb2.Event(wall_time=time.time(), step=int(x), session_log=log))
-        self._writer.flush()
-
-    def close(self) -> None:
-        self._writer.close()
-
-
-def _keep_rows_until(path: Path, step: int, row_step) -> None:
-    """Rewrite ``path`` without its records past ``step`` (``row_step(line)``: the line's step, None to keep it)."""
-    if path.is_file():
-        with open(path, newline="") as f:   # (\r\n stays \r\n)
-            lines = f.read().splitlines(keepends=True)
-        kept = [ln for ln in lines if (s := row_step(ln)) is None or s <= step]
-        if len(kept) != len(lines):
-            with open(path, "w", newline="") as f:
-                f.write("".join(kept))
-
-
-def _jsonl_step(line: str):
-    return json.loads(line).get("step") if line.strip() else None
-
-
-def _csv_step(line: str):
-    head = line.split(",", 1)[0]
-    return int(head) if head.isdigit() else None
-
-
-class _CSVWriter:
-    """DeepSpeed csvMonitor layout: ``<dir>/<csv_filename(tag)>``, header ``step,<last part of tag>``, rows ``x,value``.
-
-    Without ``append`` a tag's file is truncated when this run first writes it; files of tags this run does not
-    write are left alone (the directory may be shared).
-    """
-
-    def __init__(self, log_dir: Path, append: bool):
-        self.log_dir = log_dir
-        self.append = append
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self._files: dict[str, tuple[TextIO, Any]] = {}
-
-    def write_events(self, events) -> None:
-        for tag, v, x in events:
-            name = csv_filename(tag)
-            entry = self._files.get(name)
-            if entry is None:
-                path = self.log_dir / name
-                new = not self.append or not path.exists() or path.stat().st_size == 0
-                f = open(path, "a" if self.append else "w", newline="")
-                entry = self._files[name] = (f, csv.writer(f))   # csv.writer's \r\n, as csvMonitor's
-                if new:
-                    entry[1].writerow(["step", tag.split("/")[-1]])
-            entry[1].writerow([int(x), float(v)])
-        for name in {csv_filename(tag) for tag, _, _ in events}:
-            self._files[name][0].flush()
-
-    def close(self) -> None:
-        for f, _ in self._files.values():
-            f.close()
-        self._files.clear()
 
 
 # ----------------------------------------------------------------------------------------------------------
