@@ -30,8 +30,8 @@ import optax
 from jzero import pipeline, quantized_gather, quantized_reduce, topology
 from jzero import sharding as shd
 from jzero.config import JzeroConfig, resolve
-from jzero.batch import check_global_batch, check_local_batch, check_local_eval_batch
-from jzero.errors import CheckpointError, ConfigError
+from jzero.batch import check_global_batch, check_global_eval_batch, check_local_batch, check_local_eval_batch
+from jzero.errors import CheckpointError, ConfigError, DataError
 from jzero.loss import cross_entropy, logsumexp_one_pass  # noqa: F401  (re-exported: their old home)
 from jzero.mesh import make_mesh
 from jzero.offload import OptimizerOffload, offloaded, unsupported as offload_unsupported
@@ -126,13 +126,21 @@ class Engine:
         """Shape of the (single-leaf) LM train batch ``[accum, rows, seq+1]``."""
         return jax.tree.leaves(self.batch_spec())[0].shape
 
+    @property
+    def vocab_size(self) -> int | None:
+        """The model's vocabulary size (token ids in a batch must be below it): the model config's, else that of the
+        model passed to :func:`initialize` (its ``cfg``); None when neither says."""
+        for c in (self.model_config, getattr(self.model, "cfg", None)):
+            if getattr(c, "vocab_size", None):
+                return int(c.vocab_size)
+        return None
+
     # ---- data placement
     def put_batch(self, local_batch) -> Any:
         """Assemble the global train batch from this process's rows (leaves ``[accum, local_rows, ...]``), after
         :func:`jzero.batch.check_local_batch` (shape, integer dtype, token ids in the vocabulary)."""
         spec = self.batch_spec()
-        local_batch = check_local_batch(local_batch, spec, jax.process_count(),
-                                        getattr(self.model_config, "vocab_size", None))
+        local_batch = check_local_batch(local_batch, spec, jax.process_count(), self.vocab_size)
         return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s.sharding, x, s.shape),
                             local_batch, spec)
 
@@ -140,8 +148,8 @@ class Engine:
         """Assemble a global eval batch (leaves ``[local_rows, ...]``, rows over ``data``), after
         :func:`jzero.batch.check_local_eval_batch` (one-line DataErrors)."""
         pc = jax.process_count()
-        vocab = getattr(self.model_config, "vocab_size", None)
-        local = check_local_eval_batch(local_batch, self.batch_spec(), pc, vocab, lambda ndim: self.plan.batch(ndim, 0))
+        local = check_local_eval_batch(local_batch, self.batch_spec(), pc, self.vocab_size,
+                                       lambda ndim: self.plan.batch(ndim, 0))
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
             self.plan.batch(x.ndim, 0), x, (x.shape[0] * pc,) + x.shape[1:]), local)
 
@@ -160,17 +168,26 @@ class Engine:
     def train_step(self, batch) -> dict[str, jax.Array]:
         """One optimizer step; ``batch`` is a global ``[accum, rows, seq+1]`` array or this process's numpy rows.
         Numpy rows are checked in full (:func:`jzero.batch.check_local_batch`); a batch already on the devices only
-        by shape and dtype, since reading its token ids would wait for them (keep them below the vocabulary size)."""
+        by shape and dtype, since reading its token ids would wait for them (keep them below the vocabulary size),
+        and moved to :meth:`batch_spec`'s sharding when it has another one."""
         if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(batch)):
             batch = self.put_batch(batch)
         else:
-            check_global_batch(batch, self.batch_spec())
+            spec = self.batch_spec()
+            check_global_batch(batch, spec)
+            batch = jax.tree.map(lambda x, s: _placed(x, s.sharding, "train_step", "engine.put_batch"), batch, spec)
         self.state, metrics = self.strategy.run(self.compile(), self.state, batch)
         return metrics
 
     def eval_step(self, batch) -> jax.Array:
-        if not isinstance(jax.tree.leaves(batch)[0], jax.Array):
-            batch = self.put_eval_batch(batch)
+        """Mean loss of one eval batch (no update): the train batch's leaves without the accumulation axis
+        (``[rows, seq+1]`` for the LM task), this process's numpy rows (checked in full like
+        :meth:`put_eval_batch`) or global device arrays (checked by shape and dtype only, like ``train_step``'s)."""
+        if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(batch)):
+            return self._eval(self.state.params, self.put_eval_batch(batch))
+        check_global_eval_batch(batch, self.batch_spec(), lambda ndim: self.plan.batch(ndim, 0))
+        batch = jax.tree.map(lambda x: _placed(x, self.plan.batch(x.ndim, 0), "eval_step", "engine.put_eval_batch"),
+                             batch)
         return self._eval(self.state.params, batch)
 
     # ---- measurements
@@ -212,16 +229,33 @@ class Engine:
 
     # ---- checkpoints (DeepSpeed's names; the work is in jzero.checkpoint)
     def save_checkpoint(self, save_dir, tag=None, client_state=None, data_iterator=None) -> int:
-        """Save the train state as step ``tag`` (default: the optimizer step), async; see :func:`jzero.checkpoint.save`."""
+        """Save the train state as step ``tag`` (default: the optimizer step), async; see :func:`jzero.checkpoint.save`.
+        Unlike DeepSpeed, the directory keeps only the ``checkpoint.max_to_keep`` (default 3) newest steps (null:
+        all), and with that rotation on, a step below the directory's highest is refused."""
         from jzero import checkpoint
 
         return checkpoint.save(self, save_dir, tag, client_state, data_iterator)
 
     def load_checkpoint(self, load_dir, tag=None, data_iterator=None, load_module_only: bool = False):
-        """Restore the train state into this engine's layout; returns client_state. See :func:`jzero.checkpoint.load`."""
+        """Restore the train state into this engine's layout; returns DeepSpeed's ``(load_path, client_state)``:
+        the step directory read (``<load_dir>/<step>``) and the saved ``client_state``. See
+        :func:`jzero.checkpoint.load` (which returns the client_state alone)."""
         from jzero import checkpoint
 
-        return checkpoint.load(self, load_dir, tag, data_iterator, load_module_only)
+        step = checkpoint.read_meta(load_dir, tag)[0]
+        client = checkpoint.load(self, load_dir, step, data_iterator, load_module_only)
+        return f"{checkpoint.location(load_dir)}/{step}", client
+
+
+def _placed(x: jax.Array, sharding, what: str, fix: str) -> jax.Array:
+    """``x`` with ``sharding`` (the compiled step's input sharding): as is when it has it, moved when this process
+    holds all of it; a global array laid out otherwise across processes is a one-line DataError."""
+    if x.sharding.is_equivalent_to(sharding, x.ndim):
+        return x
+    if not x.is_fully_addressable:
+        raise DataError(f"{what}: a batch array sharded as {x.sharding} across processes, expected {sharding}; "
+                        f"build it with {fix} (or jax.make_array_from_process_local_data with that sharding)")
+    return jax.device_put(x, sharding)
 
 
 # --------------------------------------------------------------------------- wiring
@@ -233,7 +267,10 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
                rules: shd.LogicalRules | None = None, task: Task | None = None, abstract: bool = False) -> Engine:
     """Build mesh, model, optimizer and the sharded train state; jit the steps (compiled on first use).
 
-    ``model`` defaults to the config's ``model`` section; ``vocab_size`` is the data's vocabulary (default 256);
+    ``model`` defaults to the config's ``model`` section; ``vocab_size`` is the data's vocabulary (default 256;
+    only for that default model). ``tx`` and ``schedule`` (given together) replace the config's optimizer and
+    scheduler; ``gradient_clipping`` still applies, chained before ``tx`` as DeepSpeed clips before a client
+    optimizer;
     ``task`` defaults to causal LM on ``data.seq_len`` tokens (pass another for BERT heads and the like).
     ``abstract=True`` runs nothing and allocates nothing: the state is ShapeDtypeStructs with their shardings, for
     lowering and compiling the step on a topology this process cannot run (a mock GPU cluster, plan's fake one).
@@ -242,16 +279,26 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
     check_supported(cfg)
     layout = _layout(cfg, mesh, rules)
     own_model = model is None
+    if model is not None and vocab_size is not None:
+        raise ConfigError(f"initialize: vocab_size={vocab_size} is for the model built from the config; with a model "
+                          f"passed in, its own config sets the vocabulary (drop vocab_size=)")
+    if (tx is None) != (schedule is None):
+        given, missing = ("tx", "schedule") if schedule is None else ("schedule", "tx")
+        raise ConfigError(f"initialize: {given}= given without {missing}=; pass both (schedule: the step -> LR "
+                          f"function tx uses, reported as lr) or neither (both built from the config's optimizer "
+                          f"and scheduler)")
     if model is None:
         _check_save_names(cfg)
         model, model_config = _default_model(cfg, vocab_size)
-    if tx is None:   # under offload, clipping is decided on the device over the global norm, not per chunk
-        tx, schedule = _build_tx(cfg, layout.mesh, clipping=not offloaded(cfg))
     task = task or lm_task(cfg.data.seq_len)
     seed_key = jax.random.key(cfg.train.seed)
     init = lambda k: model.init(k, *task.init_inputs())  # noqa: E731
     boxed = jax.eval_shape(init, seed_key)["params"]
     abstract_params = nn.unbox(boxed)
+    if tx is None:   # under offload, clipping is decided on the device over the global norm, not per chunk
+        tx, schedule = _build_tx(cfg, layout.mesh, clipping=not offloaded(cfg), param_names=shd.logical_names(boxed))
+    elif cfg.gradient_clipping > 0 and not offloaded(cfg):   # DeepSpeed clips before a client optimizer too
+        tx = optax.chain(optax.clip_by_global_norm(cfg.gradient_clipping), tx)
     plan = _plan(cfg, layout, boxed, abstract_params)
     copies = (_copy_dtype(cfg, layout, own_model), weight_matrices(shd.logical_names(boxed)))
     strategy = _strategy(cfg, tx, plan, layout.mesh, abstract_params, copies)
@@ -466,15 +513,20 @@ def _remat_policy(cfg: JzeroConfig):
     return remat_policy(ac, in_scan=cfg.model.scan_layers)[1]
 
 
-def _build_tx(cfg: JzeroConfig, mesh, clipping: bool = True):
+def _build_tx(cfg: JzeroConfig, mesh, clipping: bool = True, param_names=None):
     """The optax chain and LR schedule named by the config (1-bit optimizers get the data-axis size);
-    ``clipping=False`` leaves ``gradient_clipping`` out of the chain (the offloaded step applies it itself)."""
+    ``clipping=False`` leaves ``gradient_clipping`` out of the chain (the offloaded step applies it itself);
+    ``param_names`` (logical names per param leaf) tell LAMB which leaves stack layers (a trust ratio per layer)."""
+    from jzero.optim import layer_stacked_axes
+
+    stacked = layer_stacked_axes(param_names) if param_names is not None else None
     sched = cfg.scheduler.model_dump() if cfg.scheduler else None
     if is_onebit(cfg.optimizer.type):
         params = cfg.optimizer.params
         schedule = build_schedule(sched["type"] if sched else None, sched["params"] if sched else {},
                                   float(params.get("lr", 1e-3)))
         tx = build_onebit(cfg.optimizer.type, params, schedule, data_size=mesh.shape["data"],
-                          gradient_clipping=cfg.gradient_clipping)
+                          gradient_clipping=cfg.gradient_clipping, stacked_axes=stacked)
         return tx, schedule
-    return build_optimizer(cfg.optimizer.model_dump(), sched, cfg.gradient_clipping if clipping else 0.0)
+    return build_optimizer(cfg.optimizer.model_dump(), sched, cfg.gradient_clipping if clipping else 0.0,
+                           stacked_axes=stacked)

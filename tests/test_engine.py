@@ -92,6 +92,68 @@ def test_a_wrong_train_batch_is_one_line_naming_what_was_expected(stages):
             eng.eval_step(batch)
         assert str(e.value).startswith(message), str(e.value)
     assert np.isfinite(float(eng.eval_step(ok[0])))
+    # eval batches already on the devices: shape and dtype checked (metadata only), another sharding moved
+    dev = jax.numpy.asarray
+    for batch, message in [(dev(ok), "eval batch tokens: int32[2, 8, 33], expected int32[rows, 33]"),
+                           (dev(ok[0].astype(np.float32)), "eval batch tokens: float32[8, 33], expected int32"),
+                           (dev(ok[0, :3]), "eval batch tokens: 3 rows do not split over the 8 devices")]:
+        with pytest.raises(DataError) as e:
+            eng.eval_step(batch)
+        assert str(e.value).startswith(message), str(e.value)
+    want = float(eng.eval_step(ok[0]))
+    assert float(eng.eval_step(jax.device_put(ok[0], jax.devices()[1]))) == want   # one device -> data-sharded
+    assert float(eng.eval_step(jax.device_put(ok[0], eng.plan.replicated))) == want
+
+
+def test_a_device_batch_with_another_sharding_is_placed_like_numpy_rows():
+    a = jzero.initialize(load_config(base={}, overrides=BASE + ["train_batch_size=16"]))
+    b = jzero.initialize(load_config(base={}, overrides=BASE + ["train_batch_size=16"]))
+    batch = batches(a.batch_shape(), 1)[0]
+    want = float(a.train_step(batch)["loss"])
+    assert float(b.train_step(jax.device_put(batch, jax.devices()[3]))["loss"]) == want
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(jax.device_get(a.state.params)),
+                                                    jax.tree.leaves(jax.device_get(b.state.params))))
+
+
+def test_a_client_optimizer_is_clipped_and_needs_its_schedule():
+    """initialize(tx=, schedule=): gradient_clipping is chained before tx (DeepSpeed clips before a client
+    optimizer); tx without schedule (or the reverse) is one line, not a TypeError at the first step."""
+    import optax
+
+    cfg = load_config(base={}, overrides=BASE + ["train_batch_size=16", "gradient_clipping=0.001"])
+    batch = batches((1, 16, 33), 1)[0]
+    eng = jzero.initialize(cfg, tx=optax.sgd(1.0), schedule=optax.constant_schedule(1.0))
+    before = jax.device_get(eng.state.params)
+    metrics = eng.train_step(batch)
+    after = jax.device_get(eng.state.params)
+    moved = np.sqrt(sum(np.sum((np.asarray(x, np.float64) - y) ** 2) for x, y in
+                        zip(jax.tree.leaves(after), jax.tree.leaves(before))))
+    assert float(metrics["grad_norm"]) > 1.0 and abs(moved - 0.001) < 1e-6, (float(metrics["grad_norm"]), moved)
+    for kwargs, message in [({"tx": optax.sgd(0.1)}, "initialize: tx= given without schedule=; pass both"),
+                            ({"schedule": lambda c: 0.5}, "initialize: schedule= given without tx=; pass both")]:
+        with pytest.raises(ConfigError) as e:
+            jzero.initialize(cfg, **kwargs)
+        assert str(e.value).startswith(message), str(e.value)
+
+
+def test_a_model_passed_in_keeps_the_vocabulary_check():
+    """A model built outside (initialize(model=m)) has no model_config: its own cfg gives the vocabulary, so an
+    out-of-vocabulary id is still one DataError line, not a NaN loss; vocab_size= with a model is refused."""
+    import models
+    from jzero.errors import DataError
+
+    cfg = load_config(base={}, overrides=BASE + ["train_batch_size=16"])
+    model, _ = models.build_model(cfg.model, vocab_size=256, seq_len=32)
+    eng = jzero.initialize(cfg, model=model)
+    assert eng.model_config is None and eng.vocab_size == 256
+    bad = np.full(eng.batch_shape(), 999, np.int32)
+    with pytest.raises(DataError, match="train batch tokens: token id 999 is outside the model's vocabulary 0..255"):
+        eng.train_step(bad)
+    with pytest.raises(DataError, match="eval batch tokens: token id 999 is outside the model's vocabulary 0..255"):
+        eng.eval_step(bad[0])
+    with pytest.raises(ConfigError, match=r"initialize: vocab_size=1000 is for the model built from the config; "
+                                          r"with a model passed in, its own config sets the vocabulary"):
+        jzero.initialize(cfg, model=model, vocab_size=1000)
 
 
 def test_accumulation_equals_one_big_batch():

@@ -163,10 +163,13 @@ def ref_zero_one_adam_deepspeed_order(grads_seq, lr, b1, b2, eps, wd, var_freeze
 
 
 def ref_onebit_lamb(grads_seq, lr, b1, b2, eps, wd, freeze_step, max_coeff, min_coeff, coeff_beta, factor_max,
-                    factor_min, factor_threshold, clip=0.0, n=N, bias_correction=True):
-    """DeepSpeed's onebit/lamb.py; bias_correction=False is DeepSpeed's own numbers (it never corrects)."""
+                    factor_min, factor_threshold, clip=0.0, n=N, bias_correction=True, params=None,
+                    with_state=False):
+    """DeepSpeed's onebit/lamb.py; bias_correction=False is DeepSpeed's own numbers (it never corrects).
+    ``params``: the tensors (default PARAMS); ``with_state``: also its per-tensor lamb_coeff_freeze, last_factor
+    and scaling_coeff dicts."""
     bc = (lambda b, s: 1 - b ** s) if bias_correction else (lambda b, s: 1.0)  # noqa: E731
-    p = {k: v.copy() for k, v in PARAMS.items()}
+    p = {k: v.copy() for k, v in (PARAMS if params is None else params).items()}
     m, v, vf = ({k: np.zeros_like(x) for k, x in p.items()} for _ in range(3))
     lcf, last, scaling = {k: 0.0 for k in p}, {k: 1.0 for k in p}, {}
     car = _Car(p, n, fused=True)
@@ -204,7 +207,7 @@ def ref_onebit_lamb(grads_seq, lr, b1, b2, eps, wd, freeze_step, max_coeff, min_
             factor = np.clip(factor, last[k] * (1 - factor_threshold), last[k] * (1 + factor_threshold))
             last[k] = factor
             p[k] = p[k] - lr * lcf[k] * factor * u
-    return p
+    return (p, lcf, last, scaling) if with_state else p
 
 
 # --------------------------------------------------------------------------------------- tests
@@ -274,6 +277,49 @@ def test_onebit_lamb_without_bias_correction_is_deepspeeds_step():
     ref = ref_onebit_lamb(grads, 0.05, *hp.values(), bias_correction=False)
     assert not np.allclose(ref["w"], ref_onebit_lamb(grads, 0.05, *hp.values())["w"], atol=1e-4)
     _close(p, ref)
+
+
+def test_onebit_lamb_stacked_leaf_is_one_tensor_per_layer():
+    """A leaf stacked over layers (stacked_axes): each layer is a DeepSpeed tensor, with its own trust ratio,
+    lamb_coeff_freeze, scaling coefficient (its rms counted once in the mean over tensors), fresh-variance factor
+    and last_factor; the same numbers as the NumPy reference on the unrolled params, across the freeze. (The fused
+    compressed all-reduce sees the same flat buffer either way.)"""
+    hp = dict(b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.01, freeze_step=4, max_coeff=10.0, min_coeff=0.01,
+              coeff_beta=0.9, factor_max=4.0, factor_min=0.5, factor_threshold=0.1)
+    scales = np.array([1e-3, 0.3, 3.0, 100.0], np.float32)[:, None]   # min clamp, inside (2), max clamp
+    params = {"b": PARAMS["b"], "w": PARAMS["w"] * scales}
+    grads = _grads(8, seed=5)
+    rows = range(params["w"].shape[0])
+
+    def unroll(tree, axis=0):
+        return {"b": tree["b"], **{f"w_{i}": np.take(tree["w"], i, axis=axis) for i in rows}}
+
+    p, state, p_local = _run(onebit_lamb(0.05, data_size=N, gradient_clipping=5.0, stacked_axes={"b": 0, "w": 1},
+                                         **hp), grads, params=params)
+    want, lcf, last, scaling = ref_onebit_lamb([unroll(g, axis=1) for g in grads], 0.05, *hp.values(), clip=5.0,
+                                               params=unroll(params), with_state=True)
+    _close(unroll({k: np.asarray(v) for k, v in p.items()}), want)
+    _close(unroll(p_local, axis=1), {k: np.stack([v] * N) for k, v in want.items()})
+    for field, ref in (("lamb_coeff_freeze", lcf), ("last_factor", last), ("scaling_coeff", scaling)):
+        got = getattr(state, field)
+        assert got["w"].shape == (4,) and got["b"].shape == (), field
+        _close(unroll({k: np.asarray(v) for k, v in got.items()}), {k: np.float32(x) for k, x in ref.items()})
+    assert len(set(np.round(np.asarray(state.lamb_coeff_freeze["w"]), 6))) == 4   # four layers, four ratios
+    # one ratio for the whole leaf (no stacked_axes) is not DeepSpeed's per-layer step
+    whole, _, _ = _run(onebit_lamb(0.05, data_size=N, gradient_clipping=5.0, **hp), grads, params=params)
+    assert not np.allclose(np.asarray(whole["w"][0]), want["w_0"], rtol=1e-3)
+
+
+def test_engine_gives_onebit_lamb_per_layer_state():
+    """initialize() passes the model's 'layers' stacking to OneBitLamb: its per-tensor state is per layer."""
+    import jzero
+    from jzero.config import load_config
+
+    eng = jzero.initialize(load_config(base={}, overrides=[
+        "model.preset=gpt2-tiny", "model.n_layer=3", "model.d_model=64", "model.d_ff=128", "data.seq_len=16",
+        "train_batch_size=8", "optimizer.type=OneBitLamb", "optimizer.params.freeze_step=2"]), abstract=True)
+    lf = eng.state.opt_state.last_factor
+    assert lf["blocks"]["attn"]["qkv_kernel"].shape == (3,) and lf["wte"].shape == ()
 
 
 def _ds_clip(max_norm):

@@ -12,10 +12,11 @@ Types, matched case-insensitively as DeepSpeed lower-cases its own optimizer nam
 * ``AdamW`` -- the same, always decoupled (DeepSpeed forces adam_w_mode for this name).
 * ``Lamb`` -- DeepSpeed's FusedLamb (:mod:`jzero.optim.lamb`).
 
-Weight decay applies to every parameter, as DeepSpeed's single param group does. Every step count lives in
-the optax state (the schedule's ``count`` advances once per applied update), so an engine that skips a step
-by keeping the old optimizer state (fp16 overflow) also keeps the schedule where it was, like DeepSpeed,
-which calls ``lr_scheduler.step()`` only after an applied step.
+Weight decay applies to every parameter, as DeepSpeed's single param group does. LAMB's trust ratio is per
+tensor, and a leaf stacked over layers (``stacked_axes``, :func:`layer_stacked_axes` of the logical names) holds
+one tensor per layer. Every step count lives in the optax state (the schedule's ``count`` advances once per
+applied update), so an engine that skips a step by keeping the old optimizer state (fp16 overflow) also keeps
+the schedule where it was, like DeepSpeed, which calls ``lr_scheduler.step()`` only after an applied step.
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ import jax.numpy as jnp
 import optax
 
 from jzero.errors import ConfigError
-from jzero.optim.lamb import lamb, scale_by_adam_moments, scale_by_lamb_trust_ratio
+from jzero.optim.lamb import lamb, layer_stacked_axes, scale_by_adam_moments, scale_by_lamb_trust_ratio
 from jzero.optim.schedules import (ONE_CYCLE_BETA2, VALID_SCHEDULES, Schedule, build_momentum_schedule,
                                    build_schedule)
 
 __all__ = [
     "build_optimizer", "build_schedule", "learning_rate_at", "applied_steps", "clip_by_global_norm",
-    "lamb", "scale_by_adam_moments", "scale_by_lamb_trust_ratio", "VALID_OPTIMIZERS", "VALID_SCHEDULES",
+    "lamb", "layer_stacked_axes", "scale_by_adam_moments", "scale_by_lamb_trust_ratio", "VALID_OPTIMIZERS",
+    "VALID_SCHEDULES",
 ]
 
 _ADAM = {"lr": 1e-3, "bias_correction": True, "betas": (0.9, 0.999), "eps": 1e-8, "adam_w_mode": True,
@@ -126,12 +128,14 @@ def _resolve(name: str, type_: str, params: dict | None) -> dict[str, Any]:
     return p
 
 
-def build_optimizer(optimizer: dict | None, scheduler: dict | None = None,
-                    gradient_clipping: float = 0.0) -> tuple[optax.GradientTransformation, Schedule]:
+def build_optimizer(optimizer: dict | None, scheduler: dict | None = None, gradient_clipping: float = 0.0, *,
+                    stacked_axes: Any = None) -> tuple[optax.GradientTransformation, Schedule]:
     """``(tx, lr_schedule)`` from DeepSpeed's ``optimizer`` and ``scheduler`` dicts ({"type", "params"}).
 
     ``gradient_clipping`` > 0 clips the global gradient norm first (0 = off). ``lr_schedule(count)`` is the LR
     of the update after ``count`` applied ones (see :func:`applied_steps`, :func:`learning_rate_at`).
+    ``stacked_axes``: per param leaf, its leading layer-stacking dims (:func:`layer_stacked_axes`; None: none), so
+    LAMB's trust ratio is per layer as in an unrolled model (Adam, element-wise, ignores it).
     """
     if not optimizer:
         raise ConfigError("optimizer: missing; give e.g. {\"type\": \"AdamW\", \"params\": {\"lr\": 3e-4}}")
@@ -165,7 +169,7 @@ def build_optimizer(optimizer: dict | None, scheduler: dict | None = None,
     if name == "lamb":
         parts += [scale_by_adam_moments(b1, b2, p["eps"], bias_correction=p["bias_correction"],
                                         eps_inside_sqrt=p["eps_inside_sqrt"]),
-                  scale_by_lamb_trust_ratio(wd, p["min_coeff"], p["max_coeff"])]
+                  scale_by_lamb_trust_ratio(wd, p["min_coeff"], p["max_coeff"], stacked_axes)]
     else:
         decoupled = name == "adamw" or p["adam_w_mode"]
         if p["torch_adam"] and decoupled and "weight_decay" not in (optimizer.get("params") or {}):

@@ -14,6 +14,12 @@ Bias correction divides m and v themselves (LAMB's Algorithm 2), as the current 
 releases folded it into the step size, which the trust ratio then partly undid. Norms are per tensor and are
 computed on the whole (global) array, so under ZeRO sharding XLA reduces them across shards.
 
+A "tensor" is one layer's weight, as in DeepSpeed's per-layer modules: a leaf of a scanned model stacks
+``n_layer`` of them on a leading ``'layers'`` axis (``model.scan_layers``, the pipeline's storage too), and the
+trust ratio of that leaf is one per layer (norms over all but the stacked axes, the ratio broadcast back), given
+``stacked_axes``: a pytree like the params of each leaf's number of leading stacking axes
+(:func:`layer_stacked_axes` reads it off the logical axis names; None = every leaf is one tensor).
+
 ``b1``/``b2`` may be schedules ``count -> beta``: DeepSpeed's OneCycle rewrites the optimizer's betas every
 step and the kernel uses the current beta1 in both the moment update and ``1 - b1^t``; so does this.
 """
@@ -85,16 +91,59 @@ def scale_by_adam_moments(b1: Beta = 0.9, b2: Beta = 0.999, eps: float = 1e-8, *
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _norm(x) -> jax.Array:
-    return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32))))
+#: Logical axis names of a leading dim that stacks whole layers (each index a separate DeepSpeed tensor): the
+#: scanned stack's 'layers' (also the pipeline's storage layout) and a stage-major view's 'stage'.
+LAYER_STACK_AXES = ("layers", "stage")
 
 
-def scale_by_lamb_trust_ratio(weight_decay: float = 0.0, min_coeff: float = 0.01,
-                              max_coeff: float = 10.0) -> optax.GradientTransformation:
+def layer_stacked_axes(param_names) -> Any:
+    """Per leaf of ``param_names`` (a pytree of logical-name tuples, :func:`jzero.sharding.logical_names`), how
+    many leading dims stack layers (names in :data:`LAYER_STACK_AXES`): 1 for ``('layers', 'embed', 'mlp')``,
+    0 for ``('vocab', 'embed')``. What ``stacked_axes`` of the LAMB transforms takes."""
+    is_names = lambda x: isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x)  # noqa: E731
+
+    def lead(names):
+        k = 0
+        while k < len(names) and names[k] in LAYER_STACK_AXES:
+            k += 1
+        return k
+
+    return jax.tree.map(lead, param_names, is_leaf=is_names)
+
+
+def stacked_like(stacked_axes, tree) -> Any:
+    """``stacked_axes`` (None: all 0) as a pytree of ints of ``tree``'s structure, checked against its ranks."""
+    if stacked_axes is None:
+        return jax.tree.map(lambda _: 0, tree)
+    leaves, treedef = jax.tree.flatten(tree)
+    ks = treedef.flatten_up_to(stacked_axes)
+    for k, x in zip(ks, leaves):
+        if not 0 <= int(k) <= jnp.ndim(x):
+            raise ValueError(f"stacked_axes: {k} leading stacked axes for a leaf of shape {jnp.shape(x)}")
+    return treedef.unflatten([int(k) for k in ks])
+
+
+def tensor_norm(x, lead: int = 0) -> jax.Array:
+    """fp32 L2 norm of each tensor of ``x``: over all its dims but the ``lead`` stacked ones (shape
+    ``x.shape[:lead]``; a scalar when ``lead`` is 0)."""
+    if lead == 0:
+        return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32))))
+    return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=tuple(range(lead, x.ndim))))
+
+
+def per_element(c, x) -> jax.Array:
+    """A per-tensor quantity ``c`` (shape ``x.shape[:lead]``) broadcast against ``x`` (trailing dims of size 1)."""
+    c = jnp.asarray(c)
+    return c.reshape(c.shape + (1,) * (jnp.ndim(x) - c.ndim))
+
+
+def scale_by_lamb_trust_ratio(weight_decay: float = 0.0, min_coeff: float = 0.01, max_coeff: float = 10.0,
+                              stacked_axes: Any = None) -> optax.GradientTransformation:
     """``u = direction + weight_decay * w`` scaled by FusedLamb's clamped per-tensor trust ratio ||w||/||u||.
 
     The ratio is 1.0 when ||w|| or ||u|| is zero (the kernel's ``if (reg_w != 0 && reg_u != 0)``); the clamp
-    applies max then min, in the kernel's order.
+    applies max then min, in the kernel's order. ``stacked_axes`` (a pytree of ints like the params, or None):
+    a leaf's leading stacked dims hold separate tensors (layers), each with its own ratio.
     """
 
     def init_fn(params):
@@ -105,24 +154,26 @@ def scale_by_lamb_trust_ratio(weight_decay: float = 0.0, min_coeff: float = 0.01
         if params is None:
             raise ValueError("LAMB's trust ratio needs the parameters: call tx.update(grads, state, params)")
 
-        def one(d, w):
+        def one(d, w, lead):
             u = d + weight_decay * w if weight_decay else d
-            w_norm, u_norm = _norm(w), _norm(u)
+            w_norm, u_norm = tensor_norm(w, lead), tensor_norm(u, lead)
             ratio = jnp.maximum(jnp.minimum(w_norm / jnp.where(u_norm == 0, 1.0, u_norm), max_coeff), min_coeff)
             coeff = jnp.where((w_norm != 0) & (u_norm != 0), ratio, 1.0)
-            return (coeff * u).astype(u.dtype)
+            return (per_element(coeff, u) * u).astype(u.dtype)
 
-        return jax.tree.map(one, updates, params), state
+        return jax.tree.map(one, updates, params, stacked_like(stacked_axes, params)), state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
 def lamb(learning_rate: float | Callable, b1: Beta = 0.9, b2: Beta = 0.999, eps: float = 1e-8,
          weight_decay: float = 0.0, min_coeff: float = 0.01, max_coeff: float = 10.0, *,
-         bias_correction: bool = True, eps_inside_sqrt: bool = False) -> optax.GradientTransformation:
-    """DeepSpeed's FusedLamb with FusedLamb's defaults: ``w <- w - lr * coeff * (m_hat/denom + wd * w)``."""
+         bias_correction: bool = True, eps_inside_sqrt: bool = False,
+         stacked_axes: Any = None) -> optax.GradientTransformation:
+    """DeepSpeed's FusedLamb with FusedLamb's defaults: ``w <- w - lr * coeff * (m_hat/denom + wd * w)``
+    (``stacked_axes``: see :func:`scale_by_lamb_trust_ratio`)."""
     return optax.chain(
         scale_by_adam_moments(b1, b2, eps, bias_correction=bias_correction, eps_inside_sqrt=eps_inside_sqrt),
-        scale_by_lamb_trust_ratio(weight_decay, min_coeff, max_coeff),
+        scale_by_lamb_trust_ratio(weight_decay, min_coeff, max_coeff, stacked_axes),
         optax.scale_by_learning_rate(learning_rate),
     )

@@ -88,13 +88,15 @@ def unsupported(cfg) -> list[tuple[str, str]]:
 
 
 def build_onebit(optimizer_type: str, params: Mapping[str, Any] | None, schedule=None, *, data_size: int,
-                 gradient_clipping: float = 0.0, axis_name: str = "data",
-                 phase: str = "auto") -> optax.GradientTransformation:
+                 gradient_clipping: float = 0.0, axis_name: str = "data", phase: str = "auto",
+                 stacked_axes: Any = None) -> optax.GradientTransformation:
     """The optax transform for config `optimizer: {type, params}`; `schedule` (an optax schedule) replaces
     params.lr when given. data_size: the mesh's data axis size. gradient_clipping: the top-level key, applied
     inside the optimizer (to the exact average while there is one, else to local gradients, as DeepSpeed);
     do not chain another clip in front. phase: 'auto' (one program, stages picked by lax.cond), or
-    'warmup' / 'compressed' for one stage only (OneBitAdam / OneBitLamb; see onebit_adam.py)."""
+    'warmup' / 'compressed' for one stage only (OneBitAdam / OneBitLamb; see onebit_adam.py). stacked_axes: per
+    param leaf, its leading layer-stacking dims (jzero.optim.layer_stacked_axes), for OneBitLamb's per-layer trust
+    ratios (the others ignore it)."""
     key = optimizer_type.lower()
     if key not in ONEBIT_TYPES:
         raise ConfigError(f"optimizer.type: {optimizer_type!r} is not one of {sorted(ONEBIT_TYPES.values())}")
@@ -146,8 +148,9 @@ def build_onebit(optimizer_type: str, params: Mapping[str, Any] | None, schedule
             raise ConfigError(f"ZeroOneAdam switches stage every few steps and runs with phase='auto' only, "
                               f"got {phase!r}")
         return zero_one_adam(lr, **common, **cfg)
-    build = onebit_adam if name == "OneBitAdam" else onebit_lamb
-    return build(lr, **common, phase=phase, **cfg)
+    if name == "OneBitLamb":
+        return onebit_lamb(lr, **common, phase=phase, stacked_axes=stacked_axes, **cfg)
+    return onebit_adam(lr, **common, phase=phase, **cfg)
 
 
 def _find_states(opt_state) -> list:
