@@ -77,15 +77,17 @@ class ZeroConfig(Section):
     ``stage3_param_persistence_threshold``: leaves with fewer elements stay replicated (DeepSpeed's default 1e5);
     jzero applies it to every partitioned tree, so small biases and norms are never split.
     The bucket keys have no PyTorch buckets to size under XLA; they set XLA's collective-combining thresholds
-    on GPU (elements x 4 bytes), see :func:`jzero.mesh.xla_flags_for`; ``overlap_comm`` sets XLA's scheduler
+    on GPU (elements x 4 bytes), see :func:`jzero.mesh.xla_flags_for`. 0 is DeepSpeed's too (``ge=0``): its
+    bucket then holds one gradient, each reduced on its own, which is XLA's threshold 0 (its combiners skip the
+    module: every collective by itself); ``overlap_comm`` sets XLA's scheduler
     flags (:mod:`jzero.overlap`). DeepSpeed's other ZeRO keys (``contiguous_gradients``, the stage-3 prefetch knobs, ...) are handled by
     :mod:`jzero.ds_keys` before this schema sees the section.
     """
 
     stage: Literal[0, 1, 2, 3] = 0
     stage3_param_persistence_threshold: int = Field(100_000, ge=0)
-    reduce_bucket_size: int | None = Field(None, gt=0)
-    allgather_bucket_size: int | None = Field(None, gt=0)
+    reduce_bucket_size: int | None = Field(None, ge=0)
+    allgather_bucket_size: int | None = Field(None, ge=0)
     reduce_scatter: bool = True
     allgather_partitions: bool = True
     #: true/false: XLA's async collectives + latency-hiding scheduler on / off (jzero.overlap); None: XLA's defaults
@@ -99,7 +101,8 @@ class ZeroConfig(Section):
         return {} if v is None else v
     #: ZeRO++ hpZ: data-parallel ranks per "node" (DeepSpeed's secondary partition group). > 1 splits the data
     #: axis into ``node`` (inter-node) x ``data`` (intra-node); ZeRO-3 shards within the node, replicates across.
-    zero_hpz_partition_size: int = Field(1, ge=1)
+    #: 0 or 1 = off (DeepSpeed's ``ge=0``; it turns hpZ on only above 1, and so does every jzero consumer).
+    zero_hpz_partition_size: int = Field(1, ge=0)
     #: ZeRO++ qwZ: ZeRO-3's weight gathers move int8 blocks + one scale per block (jzero.quantized_gather).
     zero_quantized_weights: bool = False
     #: ZeRO++ qgZ: ZeRO-3's gradient reduce-scatter moves int8 blocks + fp32 scales (jzero.quantized_reduce).
@@ -128,15 +131,54 @@ class OptimizerConfig(Section):
     """``optimizer``: DeepSpeed's ``{type, params}``. A key missing from ``params`` takes the default of DeepSpeed's
     own optimizer of that type (FusedAdam / FusedLamb: lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 0;
     :mod:`jzero.optim`), so a ``ds_config.json`` trains with the hyperparameters DeepSpeed would use; with no
-    ``optimizer`` section at all, AdamW at those defaults."""
+    ``optimizer.type`` at all (DeepSpeed would train the client's optimizer; jzero's mains have none), AdamW at
+    those defaults (:attr:`JzeroConfig.optimizer_defaulted`, named at start). :func:`resolve` writes every
+    parameter the optimizer trains with into ``params`` (what ``config.json`` records)."""
 
     type: str = "AdamW"
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+def resolved_optimizer_params(optimizer: OptimizerConfig) -> dict[str, Any]:
+    """The parameters ``optimizer`` trains with: the given ones over DeepSpeed's defaults for its type
+    (:func:`jzero.optim.default_params`), so that building the optimizer from them is building it from the given
+    ones. Under ``torch_adam: true`` the defaults are torch's (no ``bias_correction`` / ``set_grad_none``; AdamW's
+    ``weight_decay`` 0.01, as :func:`jzero.optim.build_optimizer`). Types other than Adam / AdamW / Lamb (the
+    1-bit family, a misspelt type that the engine refuses) keep ``params`` as given."""
+    from jzero.optim import VALID_OPTIMIZERS, default_params
+
+    name, given = optimizer.type.lower(), dict(optimizer.params)
+    if name not in {t.lower() for t in VALID_OPTIMIZERS}:
+        return given
+    defaults = default_params(name)
+    if name != "lamb" and given.get("torch_adam") is True:
+        defaults = {k: v for k, v in defaults.items() if k not in ("bias_correction", "set_grad_none")}
+        if name == "adamw" or given.get("adam_w_mode", defaults["adam_w_mode"]) is True:
+            defaults["weight_decay"] = 0.01   # torch.optim.AdamW's default
+    out = {**defaults, **given}
+    if isinstance(out.get("betas"), tuple):
+        out["betas"] = list(out["betas"])
+    return out
+
+
 class SchedulerConfig(Section):
     type: str
     params: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrackioConfig(Section):
+    """DeepSpeed ``trackio`` section (``deepspeed/monitor/config.py``: ``enabled``, ``project``): accepted only when
+    disabled, as ``wandb`` and ``comet`` (:mod:`jzero.monitor`); jzero has no Trackio monitor."""
+
+    enabled: bool = False
+    project: str | None = None
+
+    @model_validator(mode="after")
+    def _not_implemented(self):
+        if self.enabled:
+            raise ValueError("trackio.enabled: true is not implemented in jzero; set it to false and use tensorboard "
+                             "or csv_monitor")
+        return self
 
 
 # --------------------------------------------------------------------------- jzero sections
@@ -309,6 +351,7 @@ class JzeroConfig(Section):
     csv_monitor: CSVMonitorConfig = CSVMonitorConfig()
     wandb: WandbConfig = WandbConfig()
     comet: CometConfig = CometConfig()
+    trackio: TrackioConfig = TrackioConfig()
     # jzero keys
     mesh: MeshConfig = MeshConfig()
     pipeline: PipelineConfig = PipelineConfig()
@@ -323,12 +366,36 @@ class JzeroConfig(Section):
     _no_effect: list = PrivateAttr(default_factory=list)
     _auto_filled: list = PrivateAttr(default_factory=list)
 
-    def start_notes(self) -> list[str]:
-        """The lines a run prints at start: the no-effect DeepSpeed keys and the resolved "auto" values."""
+    @property
+    def optimizer_defaulted(self) -> bool:
+        """True when the config names no ``optimizer.type`` (no ``optimizer`` section, or one without ``type``):
+        DeepSpeed would train the client's optimizer; jzero trains its default, AdamW at DeepSpeed's FusedAdam
+        defaults for every parameter not given (:meth:`optimizer_note`)."""
+        return "type" not in self.optimizer.model_fields_set
+
+    def optimizer_note(self) -> str | None:
+        """One line naming the optimizer a config without ``optimizer.type`` trains, with its parameters (None when
+        the config names its optimizer)."""
+        if not self.optimizer_defaulted:
+            return None
+        p = resolved_optimizer_params(self.optimizer)
+        given = set(self.optimizer.params)
+        shown = ", ".join(f"{k}={p[k]!r}{' (given)' if k in given else ''}"
+                          for k in ("lr", "betas", "eps", "weight_decay") if k in p)
+        return (f"optimizer: no optimizer.type given (DeepSpeed would train the client's optimizer; jzero's mains have "
+                f"none), so {self.optimizer.type} trains with {shown} (keys not given: DeepSpeed's FusedAdam "
+                f"defaults); set optimizer.type and optimizer.params to choose")
+
+    def start_notes(self, include_optimizer: bool = False) -> list[str]:
+        """The lines a run prints at start: the no-effect DeepSpeed keys and the resolved "auto" values; with
+        ``include_optimizer``, also :meth:`optimizer_note` (the default optimizer a config without one trains)."""
         from jzero.ds_auto import filled_line
         from jzero.ds_keys import no_effect_line
 
-        return [line for line in (no_effect_line(self._no_effect), filled_line(self._auto_filled)) if line]
+        lines = [no_effect_line(self._no_effect), filled_line(self._auto_filled)]
+        if include_optimizer:
+            lines.append(self.optimizer_note())
+        return [line for line in lines if line]
 
     @model_validator(mode="after")
     def _check(self):
@@ -406,13 +473,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def validate(data: dict, source: str = "config", overrides: list[str] = ()) -> JzeroConfig:
     """The validated config of a raw dict: DeepSpeed's key table applied first (:func:`jzero.ds_keys.normalize`:
-    aliases, no-effect keys, unimplemented features), then ``"auto"`` values (:func:`jzero.ds_auto.resolve_auto`),
-    then the schema."""
-    from jzero.ds_auto import resolve_auto
+    aliases, no-effect keys, unimplemented features; only the ``"auto"`` of a switch it reads, Apex's ``amp.*``,
+    is resolved before it), then ``"auto"`` values (:func:`jzero.ds_auto.resolve_auto`), then the schema."""
+    from jzero.ds_auto import resolve_auto, resolve_auto_before_keys
     from jzero.ds_keys import normalize
     from jzero.optim import default_params
 
     try:
+        # "auto" of a switch the key table reads (HF's amp.enabled: off) first, so the table sees the resolved value
+        data, early = resolve_auto_before_keys(data)
         data, no_effect = normalize(data)
         data, filled = resolve_auto(data, default_lr=default_params(OptimizerConfig().type)["lr"],
                                     default_steps=TrainConfig().steps)
@@ -422,7 +491,7 @@ def validate(data: dict, source: str = "config", overrides: list[str] = ()) -> J
         cfg = JzeroConfig.model_validate(data)
     except ValidationError as err:
         _raise_from_validation(err, source, list(overrides))
-    cfg._no_effect, cfg._auto_filled = no_effect, filled
+    cfg._no_effect, cfg._auto_filled = no_effect, early + filled
     return cfg
 
 
@@ -488,13 +557,15 @@ def resolve_batch(cfg: JzeroConfig, dp: int) -> tuple[int, int, int]:
 
 
 def resolve(cfg: JzeroConfig, n_devices: int) -> JzeroConfig:
-    """Return a copy with the mesh sizes and the batch triple filled in (what ``config.json`` records)."""
+    """Return a copy with the mesh sizes, the batch triple and every optimizer parameter the run trains with
+    (:func:`resolved_optimizer_params`) filled in (what ``config.json`` records)."""
     sizes = resolve_mesh_shape(cfg.mesh, n_devices)
     check_hpz(cfg.zero_optimization.zero_hpz_partition_size, sizes["data"])
     tbs, micro, gas = resolve_batch(cfg, sizes["data"])
     out = cfg.model_copy(deep=True)
     out.mesh = MeshConfig(**{**cfg.mesh.model_dump(), **sizes})
     out.train_batch_size, out.train_micro_batch_size_per_gpu, out.gradient_accumulation_steps = tbs, micro, gas
+    out.optimizer.params = resolved_optimizer_params(cfg.optimizer)
     return out
 
 

@@ -12,7 +12,10 @@ from the Trainer's arguments or the model. jzero has no Trainer, so (listed in :
   ``scheduler.params.warmup_max_lr`` = the optimizer's lr;
 * Trainer hyperparameters with no jzero source: the ``TrainingArguments`` defaults HF would fill in with no
   command-line flags (learning_rate 5e-5, adam_beta1/2 0.9/0.999, adam_epsilon 1e-8, weight_decay 0,
-  max_grad_norm 1.0, warmup_steps 0, fp16/bf16 off).
+  max_grad_norm 1.0, warmup_steps 0, fp16/bf16 off; Apex AMP off: HF sets ``amp.enabled`` to
+  ``fp16 and fp16_backend == "apex"``, and ``amp.opt_level`` to ``fp16_opt_level``, default "O1").
+  ``amp.*`` resolve before :mod:`jzero.ds_keys`' table (:func:`resolve_auto_before_keys`), which refuses an
+  ``amp`` section that is on; ``amp.enabled: true`` stays that error.
 
 Every value filled in is reported (:func:`resolve_auto` returns them; the run prints them with the no-effect
 keys). An ``"auto"`` anywhere else is a one-line :class:`ConfigError` naming the key.
@@ -31,7 +34,7 @@ JZERO_SECTIONS = ("mesh", "model", "data", "train", "finetune", "pipeline", "che
 
 #: HF TrainingArguments defaults (transformers/training_args.py) for the keys HF fills from them
 HF_DEFAULTS = {"learning_rate": 5e-5, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8,
-               "weight_decay": 0.0, "max_grad_norm": 1.0, "warmup_steps": 0}
+               "weight_decay": 0.0, "max_grad_norm": 1.0, "warmup_steps": 0, "fp16_opt_level": "O1"}
 
 #: key -> how HF fills it (for docs and the printed line)
 RULES = {
@@ -49,6 +52,8 @@ RULES = {
     "scheduler.params.total_num_steps": "train.steps (HF: max_steps)",
     "fp16.enabled": "HF --fp16 default off",
     "bf16.enabled": "HF --bf16 default off",
+    "amp.enabled": "off: HF turns Apex AMP on only with --fp16 --fp16_backend apex",
+    "amp.opt_level": "HF fp16_opt_level default 'O1'",
     "zero_optimization.reduce_bucket_size": "d_model**2, as HF",
     "zero_optimization.stage3_param_persistence_threshold": "10 * d_model, as HF",
 }
@@ -78,21 +83,43 @@ def _lr(data: dict, default_lr: float):
     return HF_DEFAULTS["learning_rate"] if lr == AUTO else lr
 
 
-def resolve_auto(data: dict, default_lr: float, default_steps: int) -> tuple[dict, list[tuple[str, Any]]]:
-    """Replace every ``"auto"`` by HF's value (see the module doc); returns the dict and ``[(key, value)]``.
-    ``default_lr`` / ``default_steps``: jzero's own defaults (``optimizer.params.lr``, ``train.steps``), for a
-    config without those sections (jzero.config passes them: this module sits below the schema)."""
-    data = copy.deepcopy(data)
-    filled: list[tuple[str, Any]] = []
+#: keys resolved before jzero.ds_keys' table applies (it refuses the feature they switch on unless it is off)
+BEFORE_KEYS = ("amp.enabled", "amp.opt_level")
 
-    def node_of(path):
+
+def _fill(data: dict, paths, value_for) -> list[tuple[str, Any]]:
+    """Replace each ``"auto"`` at ``paths`` in ``data`` (in place) by ``value_for(path)`` (None: drop the key)."""
+    filled: list[tuple[str, Any]] = []
+    for path in paths:
         node = data
         *parents, last = path.split(".")
         for part in parents:
             node = node.get(part) if isinstance(node, dict) else None
-            if not isinstance(node, dict):
-                return None, last
-        return node, last
+        if isinstance(node, dict) and node.get(last) == AUTO:
+            value = value_for(path)
+            if value is None:
+                del node[last]
+            else:
+                node[last] = value
+            filled.append((path, value))
+    return filled
+
+
+def resolve_auto_before_keys(data: dict) -> tuple[dict, list[tuple[str, Any]]]:
+    """The ``"auto"`` values of :data:`BEFORE_KEYS` (Apex AMP's switch and level) resolved as HF does, before
+    :func:`jzero.ds_keys.normalize` reads them: ``amp.enabled`` is false (HF: fp16 with the apex backend only),
+    ``amp.opt_level`` HF's ``fp16_opt_level`` default. Returns the dict and ``[(key, value)]``."""
+    data = copy.deepcopy(data)
+    values = {"amp.enabled": False, "amp.opt_level": HF_DEFAULTS["fp16_opt_level"]}
+    return data, _fill(data, BEFORE_KEYS, values.__getitem__)
+
+
+def resolve_auto(data: dict, default_lr: float, default_steps: int) -> tuple[dict, list[tuple[str, Any]]]:
+    """Replace every ``"auto"`` by HF's value (see the module doc); returns the dict and ``[(key, value)]``.
+    ``default_lr`` / ``default_steps``: jzero's own defaults (``optimizer.params.lr``, ``train.steps``), for a
+    config without those sections (jzero.config passes them: this module sits below the schema).
+    :data:`BEFORE_KEYS` are :func:`resolve_auto_before_keys`' (called before the key table)."""
+    data = copy.deepcopy(data)
 
     def value_for(path):
         if path in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
@@ -121,15 +148,7 @@ def resolve_auto(data: dict, default_lr: float, default_steps: int) -> tuple[dic
         return {"zero_optimization.reduce_bucket_size": d * d,
                 "zero_optimization.stage3_param_persistence_threshold": 10 * d}[path]
 
-    for path in RULES:
-        node, last = node_of(path)
-        if node is not None and node.get(last) == AUTO:
-            value = value_for(path)
-            if value is None:
-                del node[last]
-            else:
-                node[last] = value
-            filled.append((path, value))
+    filled = _fill(data, [p for p in RULES if p not in BEFORE_KEYS], value_for)
     batch = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
     if any(k in batch for k, _ in filled) and not any(data.get(k) is not None for k in batch[:2]):
         key = next(k for k, _ in filled if k in batch)

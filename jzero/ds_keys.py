@@ -172,9 +172,12 @@ KEYS: dict[str, Key] = {
     "zero_optimization.allgather_partitions": _schema_refuses("false = broadcast-based gathers"),
     "zero_optimization.reduce_bucket_size": Key(XLA, "--xla_gpu_all_reduce_combine_threshold_bytes and "
                                                 "--xla_gpu_reduce_scatter_combine_threshold_bytes = elements x 4 "
-                                                "(jzero.mesh.xla_flags_for)", by_schema=True),
+                                                "(jzero.mesh.xla_flags_for); 0 = each gradient reduced on its own "
+                                                "(DeepSpeed's one-gradient bucket), XLA's threshold 0: no combining",
+                                                by_schema=True),
     "zero_optimization.allgather_bucket_size": Key(XLA, "--xla_gpu_all_gather_combine_threshold_bytes = elements "
-                                                   "x 4 (jzero.mesh.xla_flags_for)", by_schema=True),
+                                                   "x 4 (jzero.mesh.xla_flags_for); 0 = no combining",
+                                                   by_schema=True),
     "zero_optimization.overlap_comm": Key(XLA, "true: latency-hiding scheduler, collectives pipelined across the "
                                           "layer scan, collective matmul under tensor parallelism with "
                                           "`mesh.sequence_parallel` (XLA's windowed einsum; plain TP's matmul + "
@@ -255,7 +258,7 @@ KEYS: dict[str, Key] = {
     "zero_optimization.leaf_module": _none("marks PyTorch leaf modules for ZeRO-3 hooks; jzero has no hooks"),
     "zero_optimization.zero_hpz_partition_size": _impl("ZeRO++ hpZ (stage 3): ranks per node; the data axis splits "
                                                        "into node x data, ZeRO-3 shards within the node "
-                                                       "(jzero.topology)"),
+                                                       "(jzero.topology); 0 or 1 = off, as DeepSpeed"),
     "zero_optimization.zero_quantized_weights": _impl("ZeRO++ qwZ (stage 3): weight gathers move int8 blocks + "
                                                       "fp32 scales (jzero.quantized_gather)"),
     "zero_optimization.zero_quantized_nontrainable_weights": _unimpl("ZeRO++ quantized frozen weights",
@@ -288,6 +291,7 @@ KEYS: dict[str, Key] = {
     "csv_monitor": _impl("enabled, output_path, job_name (jzero.monitor)"),
     "wandb": _schema_refuses("Weights & Biases (enabled: false accepted)"),
     "comet": _schema_refuses("Comet (enabled: false accepted)"),
+    "trackio": _schema_refuses("Trackio (enabled: false accepted)"),
     # ---- DeepSpeed's pipeline section (jzero's pipeline section shares the name)
     "pipeline.stages": _unimpl("pipeline.stages as a number (set mesh.pipeline)", default="auto"),
     "pipeline.partition": _impl("'uniform' (DeepSpeed's 'parameters' / 'type:' partitioners are refused)"),
@@ -446,20 +450,35 @@ def _schema_paths(model_cls, prefix: str = "") -> set[str]:
     return out
 
 
+def _words(name: str) -> tuple[str, ...]:
+    return tuple(sorted(w for w in name.lower().split("_") if w))
+
+
+def _reordered(name: str, names) -> str | None:
+    """The one of ``names`` made of the same underscore-separated words as ``name`` in another order
+    (``comm_overlap`` -> ``overlap_comm``), else None."""
+    words = _words(name)
+    if len(words) < 2:
+        return None
+    return next((n for n in sorted(names) if n != name and _words(n) == words), None)
+
+
 def closest_key(key: str, keys: set[str]) -> str | None:
     """The key of ``keys`` (every valid dotted key: :func:`jzero.config.valid_keys`) closest to an unknown dotted
-    ``key``: a near spelling under the same parent, else a key of the same (or nearly the same) name elsewhere
-    (``stage`` -> ``zero_optimization.stage``)."""
+    ``key``: the same words reordered or a near spelling under the same parent, else a key of the same (or nearly
+    the same, or reordered) name elsewhere (``stage`` -> ``zero_optimization.stage``)."""
     parent, _, name = key.rpartition(".")
     siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
-    match = difflib.get_close_matches(name, list(siblings), n=1, cutoff=0.75)
+    match = _reordered(name, siblings) or next(iter(difflib.get_close_matches(name, list(siblings), n=1,
+                                                                              cutoff=0.75)), None)
     if match:
-        return siblings[match[0]]
+        return siblings[match]
     by_name: dict[str, list[str]] = {}
     for k in sorted(keys, key=lambda k: (k.count("."), k)):
         by_name.setdefault(k.rpartition(".")[2], []).append(k)
-    match = difflib.get_close_matches(name, list(by_name), n=1, cutoff=0.8)
-    return by_name[match[0]][0] if match else None
+    match = next(iter(difflib.get_close_matches(name, list(by_name), n=1, cutoff=0.8)), None) or \
+        _reordered(name, by_name)
+    return by_name[match][0] if match else None
 
 
 # --------------------------------------------------------------------------- the docs table

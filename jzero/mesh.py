@@ -51,11 +51,11 @@ def xla_flags_for(zero_cfg) -> list[str]:
     XLA:CPU accepts and ignores the GPU flags, so they are safe to set everywhere.
     """
     flags = []
-    if zero_cfg.reduce_bucket_size:
+    if zero_cfg.reduce_bucket_size is not None:   # 0 (DeepSpeed: each gradient alone) = threshold 0, no combining
         b = int(zero_cfg.reduce_bucket_size) * 4
         flags += [f"--xla_gpu_all_reduce_combine_threshold_bytes={b}",
                   f"--xla_gpu_reduce_scatter_combine_threshold_bytes={b}"]
-    if zero_cfg.allgather_bucket_size:
+    if zero_cfg.allgather_bucket_size is not None:
         flags.append(f"--xla_gpu_all_gather_combine_threshold_bytes={int(zero_cfg.allgather_bucket_size) * 4}")
     return flags
 

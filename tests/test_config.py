@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from jzero.config import load_config, resolve, resolve_batch, resolve_mesh_shape, read_config_file, MeshConfig
+from jzero.config import load_config, resolve, resolve_batch, resolve_mesh_shape, read_config_file, to_dict, MeshConfig
 from jzero.errors import ConfigError
 
 DS_CONFIG = {
@@ -265,6 +265,8 @@ def test_no_effect_keys_are_accepted_and_named_in_one_start_line():
                 "activation_checkpointing.partition_activations"):
         assert f"{key} (" in notes[0]
     assert load_config(base={"train_batch_size": 8}).start_notes() == []
+    # the default optimizer's line is the caller's choice (train/_main.py prints it: include_optimizer=True)
+    assert load_config(base=PUBLISHED_STYLE).start_notes(include_optimizer=True) == notes   # names its optimizer
 
 
 def test_the_main_prints_the_start_line(tmp_path, capsys):
@@ -284,6 +286,7 @@ def test_the_main_prints_the_start_line(tmp_path, capsys):
     ({"gradient_clip": 1.0}, "did you mean 'gradient_clipping'?"),
     ({"stage": 2}, "did you mean 'zero_optimization.stage'?"),
     ({"fp16": {"loss_scale_windows": 10}}, "did you mean 'fp16.loss_scale_window'?"),
+    ({"zero_optimization": {"comm_overlap": True}}, "did you mean 'zero_optimization.overlap_comm'?"),
     ({"zero_optimization": {"zero_quantized_nontrainable_weights": True}}, "ZeRO++ quantized frozen weights is "
                                                                             "not implemented in jzero; remove it or "
                                                                             "set DeepSpeed's default False"),
@@ -367,3 +370,140 @@ def test_an_error_in_an_override_names_the_override_not_the_file(tmp_path):
     path.write_text('{"train_batch_size": 8, "zero_optimization": {"stage": 7}}')
     with pytest.raises(ConfigError, match=rf"key 'zero_optimization.stage' in {path}: Input should be"):
         load_config(path, ["train.steps=3"])
+
+
+# --------------------------------------------------------------------------- audit of 21 real DeepSpeed configs
+
+
+def test_bucket_sizes_and_hpz_size_zero_are_accepted_with_deepspeeds_meaning():
+    """DeepSpeed declares reduce_bucket_size / allgather_bucket_size / zero_hpz_partition_size ge=0 (HF's own
+    tests/deepspeed/ds_config_zero3.json has reduce_bucket_size 0): 0 loads and stays 0; hpZ 0 is off (on only
+    above 1), whatever the stage; a negative size is still refused."""
+    import jzero
+
+    zero = {"stage": 3, "reduce_bucket_size": 0, "allgather_bucket_size": 0, "zero_hpz_partition_size": 0}
+    cfg = resolve(load_config(base={"train_batch_size": 8, "zero_optimization": zero}), 8)
+    z = cfg.zero_optimization
+    assert (z.reduce_bucket_size, z.allgather_bucket_size, z.zero_hpz_partition_size) == (0, 0, 0)
+    assert load_config(base={"zero_optimization": {"stage": 1, "zero_hpz_partition_size": 0}})   # off: no stage 3
+    eng = jzero.initialize(load_config(base={"train_batch_size": 8, "zero_optimization": zero},
+                                       overrides=["model.preset=gpt2-tiny", "model.n_layer=1", "data.seq_len=8"]),
+                           abstract=True)
+    assert "node" not in eng.mesh.axis_names and eng.mesh.shape["data"] == 8   # flat ZeRO-3, no hpZ split
+    with pytest.raises(ConfigError) as e:
+        load_config(base={"zero_optimization": {"reduce_bucket_size": -1}})
+    assert str(e.value) == ("key 'zero_optimization.reduce_bucket_size' in config: Input should be greater than or "
+                            "equal to 0 (got -1)")
+
+
+def test_bucket_size_zero_is_xla_threshold_zero():
+    """DeepSpeed's bucket of 0 elements holds one gradient, reduced on its own; XLA's combiners skip a module whose
+    threshold is 0 (every collective by itself). So 0 maps to the threshold flags at 0, not to XLA's defaults."""
+    from jzero.xla_flags import flags_for
+
+    cfg = load_config(base={"train_batch_size": 8, "zero_optimization": {
+        "stage": 2, "reduce_bucket_size": 0, "allgather_bucket_size": 0}})
+    flags = flags_for(cfg)
+    for name in ("all_reduce", "reduce_scatter", "all_gather"):
+        assert f"--xla_gpu_{name}_combine_threshold_bytes=0" in flags
+
+
+HF_AMP = {"amp": {"enabled": "auto", "opt_level": "auto"}, "fp16": {"enabled": "auto"}, "train_batch_size": 8}
+
+
+def test_hf_amp_auto_resolves_off_before_the_apex_check():
+    """transformers fills amp.enabled with (fp16 and fp16_backend == "apex"), false by default, and amp.opt_level with
+    fp16_opt_level ("O1"); so the HF template's amp block is off, and named with the other resolved "auto" values.
+    amp.enabled: true stays the unimplemented-feature error."""
+    cfg = load_config(base=HF_AMP)
+    assert not cfg.fp16.enabled and "amp" not in to_dict(cfg)
+    assert cfg.start_notes() == [
+        "ds_config 'auto' values resolved as the Hugging Face integration does: amp.enabled=False (off: HF turns "
+        "Apex AMP on only with --fp16 --fp16_backend apex); amp.opt_level='O1' (HF fp16_opt_level default 'O1'); "
+        "fp16.enabled=False (HF --fp16 default off)"]
+    with pytest.raises(ConfigError) as e:
+        load_config(base={**HF_AMP, "amp": {"enabled": True, "opt_level": "auto"}})
+    assert str(e.value) == ("amp={'enabled': True, 'opt_level': 'O1'}: NVIDIA Apex AMP (use fp16 or bf16) is not "
+                            "implemented in jzero; remove the section or set enabled: false (config)")
+
+
+def test_trackio_section_is_accepted_off_like_wandb():
+    """DeepSpeed's monitor config reads a trackio section (enabled, project): off loads, on is refused as wandb is."""
+    cfg = load_config(base={"train_batch_size": 8, "trackio": {"enabled": False, "project": "p"},
+                            "wandb": {"enabled": False}})
+    assert cfg.trackio.enabled is False and cfg.start_notes() == []
+    with pytest.raises(ConfigError) as e:
+        load_config(base={"train_batch_size": 8, "trackio": {"enabled": True}})
+    assert str(e.value) == ("trackio.enabled: true is not implemented in jzero; set it to false and use tensorboard "
+                            "or csv_monitor (config)")
+
+
+def test_unknown_key_with_reordered_words_gets_a_hint():
+    with pytest.raises(ConfigError) as e:
+        load_config(base={"train_batch_size": 8, "zero_optimization": {"stage": 2, "comm_overlap": True}})
+    assert str(e.value) == ("unknown key 'zero_optimization.comm_overlap' in config: not a DeepSpeed or jzero key "
+                            "under zero_optimization; did you mean 'zero_optimization.overlap_comm'?")
+    from jzero.config import valid_keys
+    from jzero.ds_keys import closest_key
+
+    keys = valid_keys()
+    assert closest_key("zero_optimization.size_bucket_reduce", keys) == "zero_optimization.reduce_bucket_size"
+    assert closest_key("overlap_comm", keys) == "zero_optimization.overlap_comm"   # right name, wrong section
+    assert closest_key("zero_optimization.comm", keys) is None   # one word: nothing to reorder
+
+
+def test_default_optimizer_is_recorded_and_named():
+    """No optimizer section: DeepSpeed would train the client's optimizer, jzero trains AdamW at FusedAdam's
+    defaults. The resolved config (config.json) records every parameter it trains with, the config says it was
+    defaulted, and the start line names it with those values."""
+    from jzero.optim import default_params
+
+    cfg = load_config(base={"train_batch_size": 8})
+    assert cfg.optimizer_defaulted and cfg.optimizer.params == {}
+    r = resolve(cfg, 8)
+    want = {**default_params("AdamW"), "betas": [0.9, 0.999]}
+    assert r.optimizer.params == want and to_dict(r)["optimizer"] == {"type": "AdamW", "params": want}
+    assert r.optimizer_defaulted and resolve(r, 8).optimizer.params == want   # resolving again changes nothing
+    assert cfg.start_notes(include_optimizer=True) == [
+        "optimizer: no optimizer.type given (DeepSpeed would train the client's optimizer; jzero's mains have none), "
+        "so AdamW trains with lr=0.001, betas=[0.9, 0.999], eps=1e-08, weight_decay=0.0 (keys not given: "
+        "DeepSpeed's FusedAdam defaults); set optimizer.type and optimizer.params to choose"]
+    given = load_config(base={"train_batch_size": 8}, overrides=["optimizer.params.lr=3e-4"])
+    assert given.optimizer_defaulted and "lr=0.0003 (given), betas=[0.9, 0.999]" in given.optimizer_note()
+    named = load_config(base={"train_batch_size": 8, "optimizer": {"type": "AdamW"}})
+    assert not named.optimizer_defaulted and named.optimizer_note() is None
+    assert resolve(named, 8).optimizer.params == want   # a named optimizer's defaults are recorded too
+    again = resolve(load_config(base=to_dict(r)), 8)   # config.json loads back: the type is named now
+    assert not again.optimizer_defaulted and to_dict(again) == to_dict(r)
+
+
+@pytest.mark.parametrize("optimizer", [
+    {"type": "AdamW"}, {"type": "Adam", "params": {"lr": 1e-2, "adam_w_mode": False, "weight_decay": 0.1}},
+    {"type": "Adam", "params": {"torch_adam": True}}, {"type": "AdamW", "params": {"torch_adam": True}},
+    {"type": "Adam", "params": {"torch_adam": True, "adam_w_mode": False}}, {"type": "Lamb", "params": {"lr": 1e-2}},
+    {"type": "OneBitAdam", "params": {"freeze_step": 4}}])
+def test_recorded_optimizer_params_build_the_same_optimizer(optimizer):
+    """The params resolve() records are the ones the given config trains with: building from them gives the same
+    updates (torch_adam: torch's AdamW decay 0.01 recorded; its missing bias_correction / set_grad_none stay out),
+    and a 1-bit optimizer's params stay as given."""
+    import jax.numpy as jnp
+
+    from jzero.optim import build_optimizer
+    from jzero.optim.onebit import is_onebit
+
+    cfg = load_config(base={"train_batch_size": 8, "optimizer": optimizer})
+    recorded = resolve(cfg, 8).optimizer.model_dump()
+    if is_onebit(optimizer["type"]):
+        assert recorded["params"] == optimizer["params"]
+        return
+    params = {"w": jnp.linspace(-1.0, 1.0, 5)}
+    updates = []
+    for opt in (cfg.optimizer.model_dump(), recorded):
+        tx, _ = build_optimizer(opt)
+        state, g = tx.init(params), {"w": jnp.linspace(0.5, -0.3, 5)}
+        for _ in range(3):
+            u, state = tx.update(g, state, params)
+        updates.append(u["w"])
+    assert jnp.array_equal(*updates)
+    assert resolve(load_config(base={"train_batch_size": 8, "optimizer": recorded}), 8).optimizer.params == \
+        recorded["params"]

@@ -180,3 +180,62 @@ def test_fp16_onebit_skips_overflowed_steps_on_every_rank():
     assert skipped >= 2 and len(losses) >= 3 and np.isfinite(losses).all()
     assert float(eng.state.loss_scale.scale) == scale
     assert int(jzero.optim.applied_steps(eng.state.opt_state)) == 14 - skipped
+
+
+# --------------------------------------------------------------------------- Hugging Face's own DeepSpeed configs
+
+#: transformers' tests/deepspeed/ds_config_zero3.json, as published (reduce_bucket_size 0: DeepSpeed's ge=0)
+HF_ZERO3 = {
+    "fp16": {"enabled": True, "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16, "hysteresis": 2,
+             "min_loss_scale": 1},
+    "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                          "offload_param": {"device": "cpu", "pin_memory": True}, "overlap_comm": True,
+                          "contiguous_gradients": True, "sub_group_size": 1e14, "reduce_bucket_size": 0,
+                          "stage3_prefetch_bucket_size": 0, "stage3_param_persistence_threshold": 0,
+                          "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9,
+                          "stage3_gather_fp16_weights_on_model_save": True},
+    "optimizer": {"type": "AdamW", "params": {"lr": 3e-5, "betas": [0.8, 0.999], "eps": 1e-8, "weight_decay": 3e-7}},
+    "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 3e-5, "warmup_num_steps": 500}},
+    "steps_per_print": 2000,
+    "wall_clock_breakdown": False,
+}
+
+#: the Hugging Face Trainer's ZeRO-2 template with its Apex block left at "auto" (HF resolves it off)
+HF_ZERO2_AMP = {
+    "amp": {"enabled": "auto", "opt_level": "auto"},
+    "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16, "hysteresis": 2,
+             "min_loss_scale": 1},
+    "bf16": {"enabled": "auto"},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+    "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                 "warmup_num_steps": "auto"}},
+    "zero_optimization": {"stage": 2, "allgather_partitions": True, "allgather_bucket_size": 2e8, "overlap_comm": True,
+                          "reduce_scatter": True, "reduce_bucket_size": 2e8, "contiguous_gradients": True},
+    "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "steps_per_print": 2000,
+    "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "wall_clock_breakdown": False,
+}
+
+
+def test_hf_zero3_config_with_bucket_size_zero_loads_and_trains():
+    """HF's ZeRO-3 test config loads as is (it used to fail on reduce_bucket_size 0); its parameter offload is the one
+    feature jzero refuses, and with that off it trains (optimizer offload, fp16, bucket size 0 kept)."""
+    from jzero.config import validate, apply_overrides
+
+    cfg = validate(apply_overrides(HF_ZERO3, TINY + ACCUM[False]))
+    assert cfg.zero_optimization.reduce_bucket_size == 0
+    with pytest.raises(ConfigError, match="parameter offload is not implemented"):
+        jzero.initialize(cfg)
+    eng = jzero.initialize(validate(apply_overrides(HF_ZERO3, TINY + ACCUM[False]
+                                                    + ["zero_optimization.offload_param.device=none"])))
+    assert eng.config.zero_optimization.reduce_bucket_size == 0
+    assert math.isfinite(float(eng.train_step(_batch(eng))["loss"])) and int(eng.state.step) == 1
+
+
+def test_hf_amp_auto_config_trains():
+    """The HF template's "amp": {"enabled": "auto", ...} resolves off as transformers does, and the config trains."""
+    from jzero.config import validate, apply_overrides
+
+    cfg = validate(apply_overrides(HF_ZERO2_AMP, TINY + ACCUM[False]))
+    assert "amp.enabled=False (off: HF turns Apex AMP on only with --fp16 --fp16_backend apex)" in cfg.start_notes()[1]
+    eng = jzero.initialize(cfg)
+    assert math.isfinite(float(eng.train_step(_batch(eng))["loss"])) and int(eng.state.step) == 1

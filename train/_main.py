@@ -51,11 +51,12 @@ def _run_dirs(cfg) -> list[tuple[str, str]]:
 
 def print_start_notes(cfg) -> None:
     """Process 0 prints the config's start lines: the DeepSpeed keys that have no effect under XLA and why
-    (:mod:`jzero.ds_keys`), and the "auto" values resolved (:mod:`jzero.ds_auto`); nothing when there are none."""
+    (:mod:`jzero.ds_keys`), the "auto" values resolved (:mod:`jzero.ds_auto`), and the optimizer a config without
+    one trains; nothing when there are none."""
     import jax
 
     if jax.process_index() == 0:
-        for line in cfg.start_notes():
+        for line in cfg.start_notes(include_optimizer=True):
             print(line, flush=True)
 
 
