@@ -21,7 +21,7 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator, model
 
 from jzero.config_files import YamlLoader, apply_overrides, load_yaml, read_config_file  # noqa: F401 (re-exported)
 from jzero.errors import ConfigError
-from jzero.monitor import CometConfig, CSVMonitorConfig, TensorboardConfig, WandbConfig
+from jzero.monitor import CometConfig, CSVMonitorConfig, TensorboardConfig, TrackioConfig, WandbConfig
 from jzero.precision import BF16Config, DataTypesConfig, FP16Config
 from jzero.remat import ActivationCheckpointingConfig
 from jzero.section import Section
@@ -139,46 +139,9 @@ class OptimizerConfig(Section):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-def resolved_optimizer_params(optimizer: OptimizerConfig) -> dict[str, Any]:
-    """The parameters ``optimizer`` trains with: the given ones over DeepSpeed's defaults for its type
-    (:func:`jzero.optim.default_params`), so that building the optimizer from them is building it from the given
-    ones. Under ``torch_adam: true`` the defaults are torch's (no ``bias_correction`` / ``set_grad_none``; AdamW's
-    ``weight_decay`` 0.01, as :func:`jzero.optim.build_optimizer`). Types other than Adam / AdamW / Lamb (the
-    1-bit family, a misspelt type that the engine refuses) keep ``params`` as given."""
-    from jzero.optim import VALID_OPTIMIZERS, default_params
-
-    name, given = optimizer.type.lower(), dict(optimizer.params)
-    if name not in {t.lower() for t in VALID_OPTIMIZERS}:
-        return given
-    defaults = default_params(name)
-    if name != "lamb" and given.get("torch_adam") is True:
-        defaults = {k: v for k, v in defaults.items() if k not in ("bias_correction", "set_grad_none")}
-        if name == "adamw" or given.get("adam_w_mode", defaults["adam_w_mode"]) is True:
-            defaults["weight_decay"] = 0.01   # torch.optim.AdamW's default
-    out = {**defaults, **given}
-    if isinstance(out.get("betas"), tuple):
-        out["betas"] = list(out["betas"])
-    return out
-
-
 class SchedulerConfig(Section):
     type: str
     params: dict[str, Any] = Field(default_factory=dict)
-
-
-class TrackioConfig(Section):
-    """DeepSpeed ``trackio`` section (``deepspeed/monitor/config.py``: ``enabled``, ``project``): accepted only when
-    disabled, as ``wandb`` and ``comet`` (:mod:`jzero.monitor`); jzero has no Trackio monitor."""
-
-    enabled: bool = False
-    project: str | None = None
-
-    @model_validator(mode="after")
-    def _not_implemented(self):
-        if self.enabled:
-            raise ValueError("trackio.enabled: true is not implemented in jzero; set it to false and use tensorboard "
-                             "or csv_monitor")
-        return self
 
 
 # --------------------------------------------------------------------------- jzero sections
@@ -378,7 +341,9 @@ class JzeroConfig(Section):
         the config names its optimizer)."""
         if not self.optimizer_defaulted:
             return None
-        p = resolved_optimizer_params(self.optimizer)
+        from jzero.optim import resolved_params
+
+        p = resolved_params(self.optimizer)
         given = set(self.optimizer.params)
         shown = ", ".join(f"{k}={p[k]!r}{' (given)' if k in given else ''}"
                           for k in ("lr", "betas", "eps", "weight_decay") if k in p)
@@ -558,14 +523,16 @@ def resolve_batch(cfg: JzeroConfig, dp: int) -> tuple[int, int, int]:
 
 def resolve(cfg: JzeroConfig, n_devices: int) -> JzeroConfig:
     """Return a copy with the mesh sizes, the batch triple and every optimizer parameter the run trains with
-    (:func:`resolved_optimizer_params`) filled in (what ``config.json`` records)."""
+    (:func:`jzero.optim.resolved_params`) filled in (what ``config.json`` records)."""
+    from jzero.optim import resolved_params
+
     sizes = resolve_mesh_shape(cfg.mesh, n_devices)
     check_hpz(cfg.zero_optimization.zero_hpz_partition_size, sizes["data"])
     tbs, micro, gas = resolve_batch(cfg, sizes["data"])
     out = cfg.model_copy(deep=True)
     out.mesh = MeshConfig(**{**cfg.mesh.model_dump(), **sizes})
     out.train_batch_size, out.train_micro_batch_size_per_gpu, out.gradient_accumulation_steps = tbs, micro, gas
-    out.optimizer.params = resolved_optimizer_params(cfg.optimizer)
+    out.optimizer.params = resolved_params(cfg.optimizer)
     return out
 
 

@@ -125,6 +125,21 @@ class WandbConfig(Section):
         return self
 
 
+class TrackioConfig(Section):
+    """DeepSpeed ``trackio`` section (``deepspeed/monitor/config.py``: ``enabled``, ``project``): accepted only when
+    disabled, as ``wandb`` and ``comet`` (:mod:`jzero.monitor`); jzero has no Trackio monitor."""
+
+    enabled: bool = False
+    project: str | None = None
+
+    @model_validator(mode="after")
+    def _not_implemented(self):
+        if self.enabled:
+            raise ValueError("trackio.enabled: true is not implemented in jzero; set it to false and use tensorboard "
+                             "or csv_monitor")
+        return self
+
+
 class CometConfig(Section):
     """DeepSpeed ``comet`` section: accepted only when disabled; jzero has no Comet monitor."""
 

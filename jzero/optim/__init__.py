@@ -199,3 +199,23 @@ def learning_rate_at(schedule: Schedule, step) -> float:
     ``learning_rate_at(schedule, applied_steps(opt_state))`` is what DeepSpeed's ``engine.get_lr()`` reports.
     """
     return float(schedule(jnp.asarray(step, jnp.int32)))
+
+
+def resolved_params(optimizer) -> dict:
+    """The parameters ``optimizer`` trains with: the given ones over DeepSpeed's defaults for its type
+    (:func:`jzero.optim.default_params`), so that building the optimizer from them is building it from the given
+    ones. Under ``torch_adam: true`` the defaults are torch's (no ``bias_correction`` / ``set_grad_none``; AdamW's
+    ``weight_decay`` 0.01, as :func:`jzero.optim.build_optimizer`). Types other than Adam / AdamW / Lamb (the
+    1-bit family, a misspelt type that the engine refuses) keep ``params`` as given."""
+    name, given = optimizer.type.lower(), dict(optimizer.params)
+    if name not in {t.lower() for t in VALID_OPTIMIZERS}:
+        return given
+    defaults = default_params(name)
+    if name != "lamb" and given.get("torch_adam") is True:
+        defaults = {k: v for k, v in defaults.items() if k not in ("bias_correction", "set_grad_none")}
+        if name == "adamw" or given.get("adam_w_mode", defaults["adam_w_mode"]) is True:
+            defaults["weight_decay"] = 0.01   # torch.optim.AdamW's default
+    out = {**defaults, **given}
+    if isinstance(out.get("betas"), tuple):
+        out["betas"] = list(out["betas"])
+    return out
