@@ -428,9 +428,14 @@ def _source_of(key: str, source: str, overrides: list[str]) -> str:
     return source
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+def load_config(path: str | Path | dict | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> JzeroConfig:
-    """Build a validated config from a file (or ``base`` dict, or the defaults) plus dotted overrides."""
+    """Build a validated config from a file (or ``base`` dict, or the defaults) plus dotted overrides. A dict as
+    ``path`` is taken as the config itself, as ``deepspeed.initialize(config=dict)`` takes one."""
+    if isinstance(path, dict):
+        if base is not None:
+            raise ConfigError("load_config: a dict config and base= both given; pass one of them")
+        path, base = None, path
     data = read_config_file(path) if path is not None else copy.deepcopy(base or {})
     data = apply_overrides(data, overrides or [])
     return validate(data, source=str(path) if path else "config", overrides=overrides or [])

@@ -507,3 +507,13 @@ def test_recorded_optimizer_params_build_the_same_optimizer(optimizer):
     assert jnp.array_equal(*updates)
     assert resolve(load_config(base={"train_batch_size": 8, "optimizer": recorded}), 8).optimizer.params == \
         recorded["params"]
+
+
+def test_a_dict_config_is_taken_as_the_config():
+    """deepspeed.initialize(config=dict) takes a dict: load_config(dict) too (it used to be a pathlib TypeError)."""
+    cfg = load_config({"train_batch_size": 8, "optimizer": {"type": "Adam", "params": {"lr": 0.01}}},
+                      overrides=["gradient_clipping=0.5"])
+    assert (cfg.train_batch_size, cfg.optimizer.type, cfg.optimizer.params["lr"], cfg.gradient_clipping) == \
+        (8, "Adam", 0.01, 0.5)
+    with pytest.raises(ConfigError, match="load_config: a dict config and base= both given; pass one of them"):
+        load_config({"train_batch_size": 8}, base={"train_batch_size": 4})
