@@ -250,8 +250,9 @@ class TrainConfig(Section):
 
 class CheckpointConfig(Section):
     """Checkpoints (see :mod:`jzero.checkpoint`): ``dir`` defaults to ``<train.output_dir>/checkpoints``;
-    ``max_to_keep`` newest steps are kept (null = all); ``async_save`` writes in a background thread while
-    training goes on (the main waits for it before exiting)."""
+    ``max_to_keep`` newest steps are kept (null = all, as DeepSpeed; with rotation on, saving a step below the
+    directory's highest is refused, since orbax rotates by write order); ``async_save`` writes in a background
+    thread while training goes on (the main waits for it before exiting)."""
 
     dir: str | None = None
     max_to_keep: int | None = Field(3, gt=0)
