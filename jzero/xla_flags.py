@@ -19,6 +19,11 @@ have not yet been timed on a GPU:
   same flag, with the deferred residual and the q/k/v gradients summed in the norm's kernel
   (:mod:`jzero.kernels.layer_norm` ``DEFER_RESIDUAL``, ``MULTI_DY``), made the Llama-1B main 1.0% faster on an
   H100 (238.2 vs 240.7 ms, 2 rounds; BENCHMARKS.md, "Session 14").
+- ``--xla_gpu_enable_triton_gemm=false`` (GPT-2, Llama): XLA's autotuner may run a GEMM as a Triton fusion (GPT-2's
+  MLP projection forward, [16384, 3072] x [3072, 768]: 115 us where cuBLAS runs the same shape in 105); with
+  the Triton emitter off every GEMM is cuBLAS's. GPT-2 main on an H100: 31.77 vs 32.12 ms (-1.1%, 2 rounds
+  interleaved), compile 10.5 vs 13-15 s; Llama-1B: one 30-step window 233.3 vs 235.2 ms (-0.8%, not paired:
+  to confirm), compile 12.6 vs 23.2 s (BENCHMARKS.md, "Session 16").
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ import os
 
 #: model family -> XLA flags (GPU only; harmless on CPU, where these options are unused)
 FLAGS: dict[str, tuple[str, ...]] = {
-    "gpt2": ("--xla_gpu_dot_merger_threshold_mb=0",),
-    "llama": ("--xla_gpu_dot_merger_threshold_mb=0",),
+    "gpt2": ("--xla_gpu_dot_merger_threshold_mb=0", "--xla_gpu_enable_triton_gemm=false"),
+    "llama": ("--xla_gpu_dot_merger_threshold_mb=0", "--xla_gpu_enable_triton_gemm=false"),
 }
 
 

@@ -112,14 +112,18 @@ def test_bucket_sizes_become_xla_combine_thresholds():
     assert xla_flags.apply(cfg, env=env) == flags   # idempotent
 
 
-def test_model_family_flags_turn_the_dot_merger_off_for_gpt2_and_llama():
+def test_model_family_flags_turn_the_dot_merger_and_triton_gemms_off_for_gpt2_and_llama():
     from jzero import xla_flags
 
+    measured = ("--xla_gpu_dot_merger_threshold_mb=0", "--xla_gpu_enable_triton_gemm=false")
     for family in ("gpt2", "llama"):
         cfg = load_config(base={"train_batch_size": 8, "model": {"family": family}})
-        assert "--xla_gpu_dot_merger_threshold_mb=0" in xla_flags.flags_for(cfg)
+        assert all(f in xla_flags.flags_for(cfg) for f in measured)
+        # a flag the user already set wins: only the missing one is added
+        env = {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=true"}
+        assert xla_flags.apply(cfg, env=env) == "--xla_gpu_enable_triton_gemm=true --xla_gpu_dot_merger_threshold_mb=0"
     cfg = load_config(base={"train_batch_size": 8, "model": {"family": "bert"}})
-    assert "--xla_gpu_dot_merger_threshold_mb=0" not in xla_flags.flags_for(cfg)
+    assert not any(f in xla_flags.flags_for(cfg) for f in measured)
 
 
 def test_deepspeed_offload_section_at_its_defaults_is_accepted():
