@@ -276,11 +276,13 @@ def _onebit_compressed(engine):
     """The 1-bit train step with the optimizer built for its compression stage only (``phase='compressed'``)."""
     import jax
 
+    from jzero.optim import layer_stacked_axes
     from jzero.optim.onebit import OneBit, build_onebit
 
     rc = engine.config
     tx = build_onebit(rc.optimizer.type, rc.optimizer.params, engine.schedule, data_size=engine.mesh.shape["data"],
-                      gradient_clipping=rc.gradient_clipping, phase="compressed")
+                      gradient_clipping=rc.gradient_clipping, phase="compressed",
+                      stacked_axes=layer_stacked_axes(engine.plan.param_names))
     strategy = OneBit.build(tx, engine.state.opt_state, engine.mesh, jax.numpy.float32, fp16=False)
     loss_fn = lambda p, b: engine.task.loss(engine.model.apply, p, b)  # noqa: E731
     fn = strategy.train_fn(loss_fn, None, engine.schedule, skip_nonfinite=False, context=None)

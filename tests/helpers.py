@@ -55,7 +55,8 @@ def numpy_compressed_allreduce(xs, worker_errors, server_errors, segments=None):
     chunk r of every worker's compressed values, adds its error, compresses again; everyone gets all chunks.
     """
     n, size = len(xs), xs[0].size
-    segments = list(segments or [size])
+    # (count, size): count segments of that size (a stacked leaf's layers), as jzero.optim.comm takes them
+    segments = [x for s in (segments or [size]) for x in ([s] if np.ndim(s) == 0 else [s[1]] * s[0])]
     offsets = np.cumsum([0] + segments)
 
     def compress(v, sizes):
@@ -126,11 +127,11 @@ def _run(tx, grads_seq, n=N, params=PARAMS, history=False):
     return (seen, state) if history else (p, state, seen[-1][1])
 
 
-def _grads(steps, n=N, seed=0):
+def _grads(steps, n=N, seed=0, params=None):
     rng = np.random.default_rng(seed)
     # a shared signal plus per-rank noise, as data-parallel gradients look
     return [{k: (rng.standard_normal(v.shape) + 0.5 * rng.standard_normal((n,) + v.shape)).astype(np.float32)
-             for k, v in PARAMS.items()} for _ in range(steps)]
+             for k, v in (PARAMS if params is None else params).items()} for _ in range(steps)]
 
 
 # ----------------------------------------------------------------------------- NumPy references
@@ -141,6 +142,14 @@ def _flat(tree, n, fused):
         return np.pad(flat, (0, padded_size(flat.size, n) - flat.size)), [padded_size(flat.size, n)]
     parts = [np.pad(x, (0, padded_size(x.size, n) - x.size)) for x in leaves]
     return np.concatenate(parts), [x.size for x in parts]
+
+
+def unroll_layers(tree, key, axis=0):
+    """A dict with leaf ``key`` stacked over layers (on ``axis``) -> the same with one leaf per layer, ``key_0``,
+    ``key_1``, ... in its place (sorted keys keep the flat order: fewer than 10 layers)."""
+    out = {k: v for k, v in tree.items() if k != key}
+    out.update({f"{key}_{i}": np.take(np.asarray(tree[key]), i, axis=axis) for i in range(tree[key].shape[axis])})
+    return out
 
 
 def _unflat(flat, like, n, fused):

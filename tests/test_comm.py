@@ -34,8 +34,10 @@ def _sharded_car(segments):
                                  axis_names={"data"}))
 
 
-@pytest.mark.parametrize("segments", [None, (64, 128, 64)])
+@pytest.mark.parametrize("segments", [None, (64, 128, 64), (64, (2, 64), 64)])
 def test_compressed_allreduce_matches_numpy_over_three_calls(segments):
+    """(2, 64): two segments of 64 (a stacked leaf's layers), each chunked over the ranks on its own (rank r serves
+    elements 8r..8r+7 of each), as two separate tensors in DeepSpeed."""
     size = 256
     rng = np.random.default_rng(0)
     car = _sharded_car(segments)
@@ -79,6 +81,24 @@ def test_flat_layout_round_trip_and_padding():
         back = layout.unflatten(layout.flatten(tree))
         for k in tree:
             np.testing.assert_array_equal(back[k], tree[k])
+
+
+def test_flat_layout_of_a_stacked_leaf_pads_and_scales_each_layer():
+    """A leaf stacked over 3 layers of 10 numbers: 3 segments of padded_size(10) (a (count, size) group), where the
+    unstacked leaf is one segment of padded_size(30); round trip; stacked_axes of 0 everywhere is the old layout."""
+    tree = {"a": jnp.arange(6.0), "s": jnp.arange(30.0).reshape(3, 2, 5), "z": jnp.zeros((2, 0))}
+    stacked = FlatLayout.of(tree, n_ranks=2, stacked_axes={"a": 0, "s": 1, "z": 1})
+    assert stacked.segments == (16, (3, 16)) and stacked.total == 64 and stacked.chunk == 32
+    assert FlatLayout.of(tree, n_ranks=2).segments == (16, 32)
+    assert FlatLayout.of(tree, n_ranks=2, stacked_axes={"a": 0, "s": 0, "z": 0}) == FlatLayout.of(tree, n_ranks=2)
+    flat = np.asarray(stacked.flatten(tree))
+    for i in range(3):   # layer i at 16 + 16 i, zero padded to 16
+        np.testing.assert_array_equal(flat[16 + 16 * i:32 + 16 * i], np.pad(np.arange(10.0 * i, 10.0 * i + 10), (0, 6)))
+    back = stacked.unflatten(stacked.flatten(tree))
+    for k in tree:
+        np.testing.assert_array_equal(back[k], tree[k])
+    with pytest.raises(ValueError, match="stacked axes"):
+        FlatLayout.of(tree, n_ranks=2, stacked_axes={"a": 2, "s": 1, "z": 1})
 
 
 HLO_SNIPPET = """HloModule jit_step, is_scheduled=true, num_partitions=8

@@ -14,10 +14,10 @@ from jzero.optim.onebit_adam import onebit_adam
 from jzero.optim.onebit_lamb import onebit_lamb
 from jzero.optim.zero_one_adam import zero_one_adam
 from helpers import BIG, N, PARAMS, _PARAMS, _Car, _clip, _close, _compiled_update_hlo, _fp32_allreduce_hlo, _grads, \
-    _mesh, _run
+    _mesh, _run, unroll_layers
 
-def ref_onebit_adam(grads_seq, lr, b1, b2, eps, wd, freeze_step, clip=0.0, n=N):
-    p = {k: v.copy() for k, v in PARAMS.items()}
+def ref_onebit_adam(grads_seq, lr, b1, b2, eps, wd, freeze_step, clip=0.0, n=N, params=None):
+    p = {k: v.copy() for k, v in (PARAMS if params is None else params).items()}
     m = {k: np.zeros_like(v) for k, v in p.items()}
     v = {k: np.zeros_like(x) for k, x in p.items()}
     car = _Car(p, n)
@@ -258,6 +258,52 @@ def test_zero_one_adam_without_bias_correction_is_deepspeeds_step():
     assert (int(state.var_interval), int(state.local_interval)) == intervals == (4, 4)
 
 
+# a leaf of 3 layers at scales 1e3 apart (a shared scale would be the big layer's), each layer 80 numbers (padded
+# to 128 per layer on 8 ranks: 3 x 16 per rank, where the whole leaf would pad 240 to 256: 32 per rank)
+LAYER_SCALES = np.array([0.01, 1.0, 10.0], np.float32)[:, None, None]
+STACKED = {"b": PARAMS["b"],
+           "w": np.random.default_rng(2).standard_normal((3, 4, 20)).astype(np.float32) * LAYER_SCALES}
+
+
+def _stacked_grads(steps, seed):
+    """Per-rank gradients of STACKED whose layers are at the layers' scales, and the same unrolled (w_0, w_1, ...)."""
+    grads = [dict(g, w=g["w"] * LAYER_SCALES[None]) for g in _grads(steps, seed=seed, params=STACKED)]
+    return grads, [unroll_layers(g, "w", axis=1) for g in grads]
+
+
+def test_onebit_adam_compresses_each_layer_of_a_stacked_leaf():
+    """stacked_axes: each layer of a stacked leaf is its own DeepSpeed tensor in the compressed all-reduce (own
+    worker and server scales, own padding and chunking over the ranks): the NumPy reference on the unrolled params,
+    across the freeze; one scale for the whole leaf is not that."""
+    hp = dict(b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.01)
+    grads, grads_u = _stacked_grads(6, seed=21)
+    tx = onebit_adam(0.05, data_size=N, freeze_step=2, stacked_axes={"b": 0, "w": 1}, **hp)
+    p, state, p_local = _run(tx, grads, params=STACKED)
+    want = ref_onebit_adam(grads_u, 0.05, *hp.values(), 2, params=unroll_layers(STACKED, "w"))
+    assert state.worker_error.shape == (N, padded_size(6, N) + 3 * padded_size(80, N))
+    _close(unroll_layers({k: np.asarray(v) for k, v in p.items()}, "w"), want)
+    for r in range(N):
+        _close(unroll_layers({k: v[r] for k, v in p_local.items()}, "w"), want)
+    whole, _, _ = _run(onebit_adam(0.05, data_size=N, freeze_step=2, **hp), grads, params=STACKED)
+    assert not np.allclose(np.asarray(whole["w"][0]), want["w_0"], rtol=1e-2)
+
+
+def test_zero_one_adam_stacked_leaf_steps_as_unrolled_layers():
+    """0/1 Adam with stacked_axes gives every rank the model of the unrolled params (one leaf per layer), step by
+    step through 1-bit gradient steps, the error reset and the 1-bit syncs of local steps."""
+    hp = dict(b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.01, var_freeze_step=4, var_update_scaler=1,
+              local_step_scaler=2, local_step_clipper=2)
+    grads, grads_u = _stacked_grads(9, seed=22)
+    seen, _ = _run(zero_one_adam(0.05, data_size=N, stacked_axes={"b": 0, "w": 1}, **hp), grads, params=STACKED,
+                   history=True)
+    want, _ = _run(zero_one_adam(0.05, data_size=N, **hp), grads_u, params=unroll_layers(STACKED, "w"),
+                   history=True)
+    for (_, got), (_, ref) in zip(seen, want):   # each rank's own model after every step
+        _close(unroll_layers(got, "w", axis=1), ref)
+    whole, _ = _run(zero_one_adam(0.05, data_size=N, **hp), grads, params=STACKED, history=True)
+    assert not np.allclose(whole[-1][0]["w"][0], want[-1][0]["w_0"], rtol=1e-2)
+
+
 def test_onebit_lamb_matches_numpy_reference_across_freeze():
     hp = dict(b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.01, freeze_step=4, max_coeff=10.0, min_coeff=0.01,
               coeff_beta=0.9, factor_max=4.0, factor_min=0.5, factor_threshold=0.1)
@@ -367,6 +413,23 @@ def test_compression_stage_moves_packed_bits_only(build):
     numel = sum(x.size for x in BIG.values())
     assert exact["all-reduce"] == exact["total"] == round(2 * 7 / 8 * 4 * numel)
     assert compressed <= exact["total"] / 16, (compressed, exact["total"])
+
+
+def test_per_layer_compression_keeps_the_same_four_collectives():
+    """Per-layer scales for stacked leaves (12 layers x 2 leaves + 1 unstacked leaf = 25 tensors) ride in the same
+    one all-to-all and three all-gathers as the per-leaf ones: no collective per layer, the bits still packed u8,
+    25 scales per rank in each scale all-gather."""
+    params = {"w": np.zeros((12, 64, 32), np.float32), "b": np.zeros((12, 32), np.float32),
+              "e": np.zeros((100, 64), np.float32)}
+    build = lambda **k: onebit_adam(1e-3, data_size=N, freeze_step=10, phase="compressed", **k)  # noqa: E731
+    per_leaf = collective_ops(_compiled_update_hlo(build(), params))
+    per_layer = collective_ops(_compiled_update_hlo(build(stacked_axes={"w": 1, "b": 1, "e": 0}), params))
+    kinds = lambda ops: sorted((o["op"], tuple(o["dtypes"])) for o in ops)  # noqa: E731
+    assert kinds(per_layer) == kinds(per_leaf) == [("all-gather", ("f32",))] * 2 + [("all-gather", ("u8",)),
+                                                                                     ("all-to-all", ("u8",))]
+    assert sorted(o["result_bytes"] for o in per_layer if o["dtypes"] == ["f32"]) == [N * 25 * 4] * 2
+    bits = sum(padded_size(x, N) for x in [64 * 32] * 12 + [32] * 12 + [6400]) // 8
+    assert [o["result_bytes"] for o in per_layer if o["op"] == "all-to-all"] == [bits]
 
 
 def test_warmup_and_auto_programs_hold_the_exact_allreduce():

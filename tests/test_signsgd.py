@@ -78,3 +78,22 @@ def test_build_rejects_bad_params(params, match):
         build_onebit("SignSGD", params, data_size=N)
     with pytest.raises(ConfigError, match="no warm-up"):
         build_onebit("SignSGD", {}, data_size=N, phase="warmup")
+
+
+def test_a_stacked_leaf_steps_as_its_unrolled_layers():
+    """stacked_axes: a layer-stacked leaf is compressed one layer at a time (own scales, padding and chunks), so
+    every rank's model equals the same run on the unrolled params; one scale for the whole leaf does not."""
+    from helpers import unroll_layers
+
+    scales = np.array([0.01, 1.0, 10.0], np.float32)[:, None, None]
+    stacked = {"b": np.zeros((6,), np.float32),
+               "w": np.random.default_rng(3).standard_normal((3, 4, 20)).astype(np.float32) * scales}
+    grads = [dict(g, w=g["w"] * scales[None]) for g in _grads(4, seed=31, params=stacked)]
+    grads_u = [unroll_layers(g, "w", axis=1) for g in grads]
+    hp = dict(data_size=N, momentum=0.9, weight_decay=0.01)
+    seen, _ = _run(signsgd(0.05, stacked_axes={"b": 0, "w": 1}, **hp), grads, params=stacked, history=True)
+    want, _ = _run(signsgd(0.05, **hp), grads_u, params=unroll_layers(stacked, "w"), history=True)
+    for (_, got), (_, ref) in zip(seen, want):   # each rank's own model after every step
+        _close(unroll_layers(got, "w", axis=1), ref)
+    whole, _ = _run(signsgd(0.05, **hp), grads, params=stacked, history=True)
+    assert not np.allclose(whole[-1][0]["w"][0], want[-1][0]["w_0"], rtol=1e-2)

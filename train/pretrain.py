@@ -134,8 +134,10 @@ def _communication(engine):
     rc = engine.config
     if not is_onebit(rc.optimizer.type):
         return None
+    from jzero.optim import layer_stacked_axes
+
     report = communication_report(rc.optimizer.type, rc.optimizer.params, engine.state.params, engine.mesh,
-                                  rc.gradient_clipping)
+                                  rc.gradient_clipping, stacked_axes=layer_stacked_axes(engine.plan.param_names))
     if jax.process_index() == 0:
         if "compression" in report:
             warm = f"warm-up {report['warmup']:,} B, " if "warmup" in report else "no warm-up, "

@@ -19,7 +19,10 @@ Segments: a flat buffer may hold several tensors, each with its own worker/serve
 1-bit Adam compresses each parameter separately; here all segments travel in the same four collectives
 (one all-to-all, three all-gathers) instead of four per tensor. Every segment's size is a multiple of
 8 * n_ranks so that each rank's chunk of each segment is whole bytes. `FlatLayout` builds such buffers
-from a pytree (one segment per leaf, or one fused segment as 1-bit LAMB does). DeepSpeed pads each tensor
+from a pytree (one segment per tensor, or one fused segment as 1-bit LAMB does). A leaf stacked over layers
+(``stacked``: its leading stacked dims) holds one tensor per layer, as DeepSpeed's per-layer params: each layer
+is padded, scaled and chunked over the ranks on its own (a group of equal segments, ``(count, size)``, computed
+batched: no per-layer ops or collectives). DeepSpeed pads each tensor
 to a multiple of n * lcm(8, n); we pad to the smallest multiple of 8 * n, which is the same for n in
 {1, 2, 4, 8} and smaller otherwise (the scale counts padded zeros in numel, so numbers differ slightly
 from DeepSpeed's for other n).
@@ -43,41 +46,69 @@ def padded_size(numel: int, n_ranks: int) -> int:
     return -(-numel // unit) * unit
 
 
+Segments = Sequence["int | tuple[int, int]"]
+
+
+def segment_groups(segments: Segments) -> tuple[tuple[int, int], ...]:
+    """Segments as ``(count, size)`` groups: an int is one segment, ``(count, size)`` count consecutive ones."""
+    return tuple((1, int(s)) if isinstance(s, (int, np.integer)) else (int(s[0]), int(s[1])) for s in segments)
+
+
 @dataclasses.dataclass(frozen=True)
 class FlatLayout:
     """Where each leaf of a pytree sits in one flat f32 buffer that `compressed_allreduce` can carry.
 
-    fused=False: each non-empty leaf is padded to `padded_size` on its own and is its own segment (its own
-    scale), as DeepSpeed's 1-bit Adam / 0/1 Adam. fused=True: all leaves are concatenated, then padded once;
-    one segment, as DeepSpeed's 1-bit LAMB (which first equalises the leaves' magnitudes).
+    fused=False: each non-empty tensor is padded to `padded_size` on its own and is its own segment (its own
+    scale), as DeepSpeed's 1-bit Adam / 0/1 Adam. A leaf with ``stacked`` k > 0 leading dims (layers) is
+    prod(shape[:k]) tensors of prod(shape[k:]) each, laid out one after another, each padded on its own (one
+    ``(count, size)`` group of segments). fused=True: all leaves are concatenated, then padded once; one segment,
+    as DeepSpeed's 1-bit LAMB (which first equalises the tensors' magnitudes; ``stacked`` is then ignored).
     """
 
     treedef: Any
     shapes: tuple[tuple[int, ...], ...]
     n_ranks: int
     fused: bool
+    stacked: tuple[int, ...] | None = None
 
     @classmethod
-    def of(cls, tree, n_ranks: int, fused: bool = False) -> "FlatLayout":
+    def of(cls, tree, n_ranks: int, fused: bool = False, stacked_axes: Any = None) -> "FlatLayout":
+        """stacked_axes: a pytree like ``tree`` of each leaf's leading stacked dims (None: all 0)."""
         leaves, treedef = jax.tree.flatten(tree)
-        return cls(treedef, tuple(tuple(np.shape(x)) for x in leaves), n_ranks, fused)
+        shapes = tuple(tuple(np.shape(x)) for x in leaves)
+        stacked = None
+        if stacked_axes is not None and not fused:
+            ks = tuple(int(k) for k in treedef.flatten_up_to(stacked_axes))
+            for k, shape in zip(ks, shapes):
+                if not 0 <= k <= len(shape):
+                    raise ValueError(f"FlatLayout: {k} leading stacked axes for a leaf of shape {shape}")
+            stacked = ks if any(ks) else None
+        return cls(treedef, shapes, n_ranks, fused, stacked)
 
     @property
     def sizes(self) -> tuple[int, ...]:
         return tuple(math.prod(s) for s in self.shapes)
 
     @property
-    def segments(self) -> tuple[int, ...]:
-        """Padded sizes of the compression segments, in buffer order (empty leaves have none)."""
+    def tensors(self) -> tuple[tuple[int, int], ...]:
+        """Per leaf (count, numel): how many tensors it holds (its layers) and the size of each."""
+        ks = self.stacked or (0,) * len(self.shapes)
+        return tuple((math.prod(s[:k]), math.prod(s[k:])) for s, k in zip(self.shapes, ks))
+
+    @property
+    def segments(self) -> tuple:
+        """The compression segments in buffer order (empty tensors have none): the padded size of each unstacked
+        leaf, ``(layers, padded size of one layer)`` for a stacked one (what `compressed_allreduce` takes)."""
         if self.fused:
             total = padded_size(sum(self.sizes), self.n_ranks)
             return (total,) if total else ()
-        return tuple(padded_size(s, self.n_ranks) for s in self.sizes if s)
+        return tuple(padded_size(m, self.n_ranks) if c == 1 else (c, padded_size(m, self.n_ranks))
+                     for c, m in self.tensors if c * m)
 
     @property
     def total(self) -> int:
         """Length of the flat buffer (and of worker_error)."""
-        return sum(self.segments)
+        return sum(c * s for c, s in segment_groups(self.segments))
 
     @property
     def chunk(self) -> int:
@@ -90,51 +121,83 @@ class FlatLayout:
         if self.fused:
             flat = jnp.concatenate(leaves) if leaves else jnp.zeros((0,), jnp.float32)
             return jnp.pad(flat, (0, self.total - flat.shape[0]))
-        parts = [jnp.pad(x, (0, padded_size(x.shape[0], self.n_ranks) - x.shape[0])) for x in leaves if x.shape[0]]
+        parts = []
+        for x, (c, m) in zip(leaves, self.tensors):
+            if not c * m:
+                continue
+            pad = padded_size(m, self.n_ranks) - m
+            parts.append(jnp.pad(x, (0, pad)) if c == 1 else jnp.pad(x.reshape(c, m), ((0, 0), (0, pad))).ravel())
         return jnp.concatenate(parts) if parts else jnp.zeros((0,), jnp.float32)
 
     def unflatten(self, flat: jax.Array) -> Any:
         """f32[total] -> leaves (f32, padding dropped)."""
         leaves, offset = [], 0
-        for shape, size in zip(self.shapes, self.sizes):
-            leaves.append(flat[offset:offset + size].reshape(shape))
-            offset += size if self.fused else padded_size(size, self.n_ranks)
+        for shape, size, (c, m) in zip(self.shapes, self.sizes, self.tensors):
+            if self.fused or c == 1 or not size:
+                leaves.append(flat[offset:offset + size].reshape(shape))
+                offset += size if self.fused else padded_size(size, self.n_ranks)
+            else:
+                padded = padded_size(m, self.n_ranks)
+                leaves.append(flat[offset:offset + c * padded].reshape(c, padded)[:, :m].reshape(shape))
+                offset += c * padded
         return self.treedef.unflatten(leaves)
 
 
 # ------------------------------------------------------------------------ compressed all-reduce
-def _segment_scales(x: jax.Array, sizes: Sequence[int]) -> jax.Array:
-    """f32[len(sizes)]: ||x_seg||_2 / sqrt(numel_seg) for consecutive segments of the flat x."""
+# Segments are (count, size) groups; a group of one segment takes the exact ops it always took (bit-identical
+# results for unstacked layouts), a group of `count` equal segments (a stacked leaf's layers) the batched ones.
+def _segment_scales(x: jax.Array, groups: Sequence[tuple[int, int]]) -> jax.Array:
+    """f32[number of segments]: ||x_seg||_2 / sqrt(numel_seg) for consecutive segments of the flat x."""
     out, offset = [], 0
-    for size in sizes:
-        seg = x[offset:offset + size]
-        out.append(jnp.sqrt(jnp.sum(seg * seg)) / np.float32(math.sqrt(size)))
-        offset += size
-    return jnp.stack(out)
+    for count, size in groups:
+        if count == 1:
+            seg = x[offset:offset + size]
+            out.append(jnp.sqrt(jnp.sum(seg * seg))[None] / np.float32(math.sqrt(size)))
+        else:
+            seg = x[offset:offset + count * size].reshape(count, size)
+            out.append(jnp.sqrt(jnp.sum(seg * seg, axis=1)) / np.float32(math.sqrt(size)))
+        offset += count * size
+    return jnp.concatenate(out)
 
 
-def _expand(per_segment: jax.Array, sizes: Sequence[int]) -> jax.Array:
-    """Repeat value j of the last axis sizes[j] times (static sizes, no index constants)."""
+def _expand(per_segment: jax.Array, groups: Sequence[tuple[int, int]]) -> jax.Array:
+    """Repeat value j of the last axis (segment j) over its segment's size (static sizes, no index constants)."""
     lead = per_segment.shape[:-1]
-    return jnp.concatenate(
-        [jnp.broadcast_to(per_segment[..., j:j + 1], lead + (size,)) for j, size in enumerate(sizes)], axis=-1)
+    parts, j = [], 0
+    for count, size in groups:
+        if count == 1:
+            parts.append(jnp.broadcast_to(per_segment[..., j:j + 1], lead + (size,)))
+        else:
+            parts.append(jnp.broadcast_to(per_segment[..., j:j + count, None], lead + (count, size))
+                         .reshape(lead + (count * size,)))
+        j += count
+    return jnp.concatenate(parts, axis=-1)
 
 
-def _to_rows(x: jax.Array, sizes: Sequence[int], n: int) -> jax.Array:
-    """f32[S] -> [n, S / n]: row r holds chunk r of every segment, segments side by side."""
+def _to_rows(x: jax.Array, groups: Sequence[tuple[int, int]], n: int) -> jax.Array:
+    """f32[S] -> [n, S / n]: row r holds chunk r of every segment, segments side by side (in buffer order)."""
     parts, offset = [], 0
-    for size in sizes:
-        parts.append(x[offset:offset + size].reshape(n, size // n))
-        offset += size
+    for count, size in groups:
+        if count == 1:
+            parts.append(x[offset:offset + size].reshape(n, size // n))
+        else:
+            parts.append(x[offset:offset + count * size].reshape(count, n, size // n).transpose(1, 0, 2)
+                         .reshape(n, count * size // n))
+        offset += count * size
     return jnp.concatenate(parts, axis=1)
 
 
-def _from_rows(x_nC: jax.Array, sizes: Sequence[int], n: int) -> jax.Array:
+def _from_rows(x_nC: jax.Array, groups: Sequence[tuple[int, int]], n: int) -> jax.Array:
     """Inverse of `_to_rows`."""
     parts, offset = [], 0
-    for size in sizes:
-        parts.append(x_nC[:, offset:offset + size // n].reshape(size))
-        offset += size // n
+    for count, size in groups:
+        width = count * size // n
+        if count == 1:
+            parts.append(x_nC[:, offset:offset + width].reshape(size))
+        else:
+            parts.append(x_nC[:, offset:offset + width].reshape(n, count, size // n).transpose(1, 0, 2)
+                         .reshape(count * size))
+        offset += width
     return jnp.concatenate(parts)
 
 
@@ -144,54 +207,56 @@ def _signs(bits: jax.Array) -> jax.Array:
 
 
 def compressed_allreduce(x_flat: jax.Array, worker_error: jax.Array, server_error: jax.Array, axis_name: str,
-                         segments: Sequence[int] | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                         segments: Segments | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """1-bit error-feedback average of x_flat over `axis_name`; call inside shard_map (manual over it).
 
     Args:
       x_flat: f32[S], this rank's values; S a multiple of 8 * n (see `padded_size` / `FlatLayout`).
       worker_error: f32[S], this rank's worker compression error from the previous call (zeros at first).
       server_error: f32[S / n], this rank's server error for the chunk it serves.
-      segments: static sizes (each a multiple of 8 * n, summing to S); each has its own scales.
-        None = one segment.
+      segments: static, in buffer order: a size (one segment) or ``(count, size)`` (count consecutive segments
+        of that size: a stacked leaf's layers); every size a multiple of 8 * n, all summing to S. Each segment
+        has its own worker and server scales and is chunked over the ranks on its own (rank r serves chunk r
+        of every segment), as DeepSpeed's compressed_allreduce of each tensor. None = one segment.
     Returns (avg f32[S], the same on every rank; new worker_error; new server_error).
     """
     n = jax.lax.axis_size(axis_name)
     size = x_flat.shape[0]
-    sizes = tuple(segments) if segments is not None else ((size,) if size else ())
+    groups = segment_groups(segments) if segments is not None else (((1, size),) if size else ())
     if x_flat.ndim != 1 or worker_error.shape != x_flat.shape or server_error.shape != (size // n,):
         raise ValueError(f"compressed_allreduce: want x f32[S], worker_error f32[S], server_error f32[S/{n}]; "
                          f"got {x_flat.shape}, {worker_error.shape}, {server_error.shape}")
-    if sum(sizes) != size or any(s <= 0 or s % (8 * n) for s in sizes):
-        raise ValueError(f"compressed_allreduce: segments {sizes} must be positive multiples of 8*{n} "
-                         f"summing to {size}; pad with padded_size/FlatLayout")
+    if sum(c * s for c, s in groups) != size or any(c <= 0 or s <= 0 or s % (8 * n) for c, s in groups):
+        raise ValueError(f"compressed_allreduce: segments {tuple(segments or ())} must be positive multiples of "
+                         f"8*{n} summing to {size}; pad with padded_size/FlatLayout")
     if size == 0:
         return x_flat, worker_error, server_error
-    chunk_sizes = tuple(s // n for s in sizes)
+    chunk_groups = tuple((c, s // n) for c, s in groups)
 
     # worker side: compress x + error, keep what the 1-bit code lost.
     x = x_flat.astype(jnp.float32) + worker_error
     bits = x >= 0
-    worker_scale_L = _segment_scales(x, sizes)
-    new_worker_error = x - _expand(worker_scale_L, sizes) * _signs(bits)
-    packed_nB = jnp.packbits(_to_rows(bits, sizes, n), axis=1)             # u8[n, S / (8n)]
+    worker_scale_L = _segment_scales(x, groups)
+    new_worker_error = x - _expand(worker_scale_L, groups) * _signs(bits)
+    packed_nB = jnp.packbits(_to_rows(bits, groups, n), axis=1)             # u8[n, S / (8n)]
 
     # phase 1: rank r gets chunk r of every rank's bits, and every rank's scales.
     recv_nB = jax.lax.all_to_all(packed_nB, axis_name, 0, 0, tiled=True)  # row i: from rank i
     worker_scales_nL = jax.lax.all_gather(worker_scale_L, axis_name)        # [n, L]
     recv_signs_nC = _signs(jnp.unpackbits(recv_nB, axis=1))
-    avg_C = jnp.sum(recv_signs_nC * _expand(worker_scales_nL / n, chunk_sizes), axis=0)
+    avg_C = jnp.sum(recv_signs_nC * _expand(worker_scales_nL / n, chunk_groups), axis=0)
 
     # server side: compress this rank's chunk of the average plus its error.
     y = avg_C + server_error
     server_bits = y >= 0
-    server_scale_L = _segment_scales(y, chunk_sizes)
-    new_server_error = y - _expand(server_scale_L, chunk_sizes) * _signs(server_bits)
+    server_scale_L = _segment_scales(y, chunk_groups)
+    new_server_error = y - _expand(server_scale_L, chunk_groups) * _signs(server_bits)
 
     # phase 2: everyone gets every rank's compressed chunk; the result is the same on every rank.
     all_bits_nB = jax.lax.all_gather(jnp.packbits(server_bits), axis_name, to="invarying")
     server_scales_nL = jax.lax.all_gather(server_scale_L, axis_name, to="invarying")
-    out_nC = _signs(jnp.unpackbits(all_bits_nB, axis=1)) * _expand(server_scales_nL, chunk_sizes)
-    return _from_rows(out_nC, sizes, n), new_worker_error, new_server_error
+    out_nC = _signs(jnp.unpackbits(all_bits_nB, axis=1)) * _expand(server_scales_nL, chunk_groups)
+    return _from_rows(out_nC, groups, n), new_worker_error, new_server_error
 
 
 # --------------------------------------------------------------------------- HLO byte counting

@@ -95,8 +95,9 @@ def build_onebit(optimizer_type: str, params: Mapping[str, Any] | None, schedule
     inside the optimizer (to the exact average while there is one, else to local gradients, as DeepSpeed);
     do not chain another clip in front. phase: 'auto' (one program, stages picked by lax.cond), or
     'warmup' / 'compressed' for one stage only (OneBitAdam / OneBitLamb; see onebit_adam.py). stacked_axes: per
-    param leaf, its leading layer-stacking dims (jzero.optim.layer_stacked_axes), for OneBitLamb's per-layer trust
-    ratios (the others ignore it)."""
+    param leaf, its leading layer-stacking dims (jzero.optim.layer_stacked_axes): OneBitAdam and ZeroOneAdam
+    compress each layer as its own tensor (per-layer scales, as DeepSpeed's per-parameter compression), OneBitLamb
+    keeps per-layer trust ratios (its all-reduce is fused); SignSGD ignores it."""
     key = optimizer_type.lower()
     if key not in ONEBIT_TYPES:
         raise ConfigError(f"optimizer.type: {optimizer_type!r} is not one of {sorted(ONEBIT_TYPES.values())}")
@@ -140,17 +141,18 @@ def build_onebit(optimizer_type: str, params: Mapping[str, Any] | None, schedule
         if phase not in ("auto", "compressed"):
             raise ConfigError(f"SignSGD compresses from the first step (no warm-up): phase={phase!r} does not exist")
         return signsgd(lr, data_size=data_size, axis_name=axis_name, momentum=float(cfg["momentum"]),
-                       weight_decay=float(cfg["weight_decay"]), gradient_clipping=float(gradient_clipping))
+                       weight_decay=float(cfg["weight_decay"]), gradient_clipping=float(gradient_clipping),
+                       stacked_axes=stacked_axes)
     common = dict(data_size=data_size, axis_name=axis_name, b1=float(betas[0]), b2=float(betas[1]),
                   gradient_clipping=float(gradient_clipping))
     if name == "ZeroOneAdam":
         if phase != "auto":
             raise ConfigError(f"ZeroOneAdam switches stage every few steps and runs with phase='auto' only, "
                               f"got {phase!r}")
-        return zero_one_adam(lr, **common, **cfg)
+        return zero_one_adam(lr, **common, stacked_axes=stacked_axes, **cfg)
     if name == "OneBitLamb":
         return onebit_lamb(lr, **common, phase=phase, stacked_axes=stacked_axes, **cfg)
-    return onebit_adam(lr, **common, phase=phase, **cfg)
+    return onebit_adam(lr, **common, phase=phase, stacked_axes=stacked_axes, **cfg)
 
 
 def _find_states(opt_state) -> list:
@@ -237,13 +239,14 @@ class OneBit(OnDevice):
 
 
 def communication_report(optimizer_type: str, opt_params: Mapping[str, Any] | None, abstract_params, mesh,
-                         gradient_clipping: float = 0.0) -> dict[str, Any]:
+                         gradient_clipping: float = 0.0, stacked_axes: Any = None) -> dict[str, Any]:
     """Bytes one device sends per optimizer step, counted from compiled HLO (:func:`jzero.optim.comm.collective_bytes`,
     ring conventions), for the model's real parameter shapes on ``mesh``'s ``data`` axis:
 
     ``fp32_allreduce`` (what an exact fp32 gradient all-reduce moves), ``warmup`` and ``compression`` (the
     optimizer's two stages compiled apart; ZeroOneAdam runs one program holding all its stages, reported as
     ``one_program``), and ``compression_vs_fp32`` (the fraction). What train.pretrain writes to summary.json.
+    ``stacked_axes``: as :func:`build_onebit` (per-layer scales of stacked leaves: a few more scale bytes).
     """
     from jzero.optim.comm import collective_bytes
 
@@ -258,7 +261,8 @@ def communication_report(optimizer_type: str, opt_params: Mapping[str, Any] | No
         return collective_bytes(f.lower(*args).compile().as_text())["total"]
 
     def optimizer_bytes(phase: str) -> int:
-        tx = build_onebit(optimizer_type, opt_params, data_size=n, gradient_clipping=gradient_clipping, phase=phase)
+        tx = build_onebit(optimizer_type, opt_params, data_size=n, gradient_clipping=gradient_clipping, phase=phase,
+                          stacked_axes=stacked_axes)
         state = jax.eval_shape(tx.init, shapes)
         specs = onebit_state_specs(state)
 

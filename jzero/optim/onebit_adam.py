@@ -15,6 +15,11 @@ optimizer averages them itself, exactly in warm-up, compressed afterwards). para
 on every rank (in_specs P()), the error buffers differ per rank and are stored [data_size, ...] sharded over
 `axis_name` (see `jzero.optim.onebit.onebit_state_specs`). The returned updates are the same on every rank.
 
+Per tensor means per layer: as DeepSpeed compresses each parameter tensor with its own scales, a leaf stacked over
+layers (``stacked_axes``, as the engine passes it for a scanned model) is one tensor per layer in the compressed
+all-reduce: each layer is padded, scaled (worker and server) and chunked over the ranks on its own, so a scanned and
+an unrolled model take the same steps (`comm.FlatLayout`; all layers still share the same four collectives).
+
 Phases: phase='auto' picks the stage each step with `lax.cond` on the count (one program holding both);
 'warmup' / 'compressed' build a program with one stage only, so the engine can compile two step functions
 and switch at freeze_step (and so the compression stage's HLO can be checked on its own).
@@ -67,13 +72,26 @@ def clip_tree_by_global_norm(tree, max_norm: float):
     return jax.tree.map(lambda x: x * scale, tree)
 
 
-def error_buffers(params, data_size: int, fused: bool = False) -> tuple[FlatLayout, jax.Array, jax.Array]:
+def error_buffers(params, data_size: int, fused: bool = False,
+                  stacked_axes: Any = None) -> tuple[FlatLayout, jax.Array, jax.Array]:
     """The layout of the compressed buffer and zero worker/server errors [data_size, S] and [data_size, S/D].
-    With data_size 1 nothing is compressed and the buffers are empty."""
-    layout = FlatLayout.of(params, data_size, fused)
+    With data_size 1 nothing is compressed and the buffers are empty. stacked_axes: see `FlatLayout.of`."""
+    layout = FlatLayout.of(params, data_size, fused, stacked_axes)
     total = layout.total if data_size > 1 else 0
     return layout, jnp.zeros((data_size, total), jnp.float32), jnp.zeros((data_size, total // data_size),
                                                                             jnp.float32)
+
+
+def checked_layout(grads, n: int, stacked_axes: Any, worker_error: jax.Array, name: str) -> FlatLayout:
+    """The per-tensor layout of grads (one tensor per layer of a stacked leaf), checked against the state's
+    per-rank worker_error (local row): a state made by init with other stacked_axes has another length."""
+    layout = FlatLayout.of(grads, n, stacked_axes=stacked_axes)
+    want = layout.total if n > 1 else 0
+    if worker_error.shape != (want,):
+        raise ValueError(f"{name}: the state's worker_error has shape {worker_error.shape}, this transform's layout "
+                         f"wants ({want},): build the state with init() of a transform of the same stacked_axes "
+                         f"and data_size")
+    return layout
 
 
 def check_hyperparams(data_size: int, phase: str, gradient_clipping: float, **steps: int) -> None:
@@ -92,17 +110,21 @@ def check_hyperparams(data_size: int, phase: str, gradient_clipping: float, **st
 def onebit_adam(learning_rate, *, data_size: int, axis_name: str = "data", b1: float = 0.9, b2: float = 0.999,
                 eps: float = 1e-8, weight_decay: float = 0.0, freeze_step: int = 100000,
                 bias_correction: bool = True, gradient_clipping: float = 0.0,
-                phase: str = "auto") -> optax.GradientTransformation:
+                phase: str = "auto", stacked_axes: Any = None) -> optax.GradientTransformation:
     """1-bit Adam; the updates include -learning_rate (apply with optax.apply_updates).
 
     data_size: size of `axis_name` (shapes the per-rank error buffers). weight_decay is decoupled as in
     DeepSpeed (update += weight_decay * param, then scaled by the learning rate). gradient_clipping: see
     `clip_tree_by_global_norm` (do not chain another clip in front: it would see local gradients in warm-up).
+    stacked_axes: a pytree like the params of each leaf's leading layer-stacking dims
+    (:func:`jzero.optim.layer_stacked_axes`; None: every leaf is one tensor): each layer of a stacked leaf is
+    compressed as its own tensor (its own worker and server scales, its own chunking over the ranks), as
+    DeepSpeed's per-parameter compressed_allreduce of an unrolled model.
     """
     check_hyperparams(data_size, phase, gradient_clipping, freeze_step=freeze_step)
 
     def init(params):
-        _, worker_error, server_error = error_buffers(params, data_size)
+        _, worker_error, server_error = error_buffers(params, data_size, stacked_axes=stacked_axes)
         zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
         return OneBitAdamState(jnp.zeros([], jnp.int32), zeros, zeros, worker_error, server_error)
 
@@ -110,9 +132,9 @@ def onebit_adam(learning_rate, *, data_size: int, axis_name: str = "data", b1: f
         if params is None and weight_decay:
             raise ValueError("onebit_adam with weight_decay needs params in update()")
         n = axis_size_checked(axis_name, data_size)
-        layout = FlatLayout.of(grads, n)
-        g = jax.tree.map(lambda x: x.astype(jnp.float32), grads)
         errors = (local_row(state.worker_error), local_row(state.server_error))
+        layout = checked_layout(grads, n, stacked_axes, errors[0], "onebit_adam")
+        g = jax.tree.map(lambda x: x.astype(jnp.float32), grads)
         t = state.count + 1
 
         def warmup(mu, nu, errors):

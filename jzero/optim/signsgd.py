@@ -45,12 +45,15 @@ class SignSGDState(NamedTuple):
 
 
 def signsgd(learning_rate, *, data_size: int, axis_name: str = "data", momentum: float = 0.9,
-            weight_decay: float = 0.0, gradient_clipping: float = 0.0) -> optax.GradientTransformation:
+            weight_decay: float = 0.0, gradient_clipping: float = 0.0,
+            stacked_axes=None) -> optax.GradientTransformation:
     """EF-SignSGD (momentum 0) / EF-Signum (momentum in (0, 1)); updates include -learning_rate.
 
     data_size: the size of `axis_name` (shapes the per-rank error buffers). weight_decay: decoupled (added to the
     update, scaled by the lr). gradient_clipping: DeepSpeed's global-norm clip, applied to each rank's LOCAL
-    gradient (ranks never see the exact average).
+    gradient (ranks never see the exact average). stacked_axes: each leaf's leading layer-stacking dims (a pytree
+    like the params; :func:`jzero.optim.layer_stacked_axes`): a stacked leaf is compressed one layer at a time, each
+    with its own scale, as the same model with its layers unrolled would be.
     """
     if not isinstance(data_size, int) or data_size < 1:
         raise ValueError(f"data_size must be an int >= 1, got {data_size!r}")
@@ -61,7 +64,7 @@ def signsgd(learning_rate, *, data_size: int, axis_name: str = "data", momentum:
                          f"{gradient_clipping!r}")
 
     def init(params):
-        layout = FlatLayout.of(params, data_size)
+        layout = FlatLayout.of(params, data_size, stacked_axes=stacked_axes)
         zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
         return SignSGDState(jnp.zeros([], jnp.int32), zeros, jnp.zeros((data_size, layout.total), jnp.float32),
                             jnp.zeros((data_size, layout.chunk), jnp.float32))
@@ -70,7 +73,7 @@ def signsgd(learning_rate, *, data_size: int, axis_name: str = "data", momentum:
         if params is None and weight_decay:
             raise ValueError("signsgd with weight_decay needs params in update()")
         n = axis_size_checked(axis_name, data_size)
-        layout = FlatLayout.of(grads, n)
+        layout = FlatLayout.of(grads, n, stacked_axes=stacked_axes)
         g = clip_tree_by_global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), grads), gradient_clipping)
         m_local = jax.tree.map(lambda m, x: momentum * m + (1 - momentum) * x, state.mu, g)
         avg, worker_error, server_error = compressed_allreduce(

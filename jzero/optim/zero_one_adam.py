@@ -48,8 +48,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jzero.optim.comm import FlatLayout, axis_size_checked, compressed_allreduce, local_row, to_varying
-from jzero.optim.onebit_adam import check_hyperparams, clip_tree_by_global_norm, error_buffers, lr_at
+from jzero.optim.comm import axis_size_checked, compressed_allreduce, local_row, to_varying
+from jzero.optim.onebit_adam import check_hyperparams, checked_layout, clip_tree_by_global_norm, error_buffers, \
+    lr_at
 
 
 class ZeroOneAdamState(NamedTuple):
@@ -80,15 +81,18 @@ def _tmap(fn, *trees):
 def zero_one_adam(learning_rate, *, data_size: int, axis_name: str = "data", b1: float = 0.9, b2: float = 0.999,
                   eps: float = 1e-8, weight_decay: float = 0.0, var_freeze_step: int = 100000,
                   var_update_scaler: int = 16, local_step_scaler: int = 32678, local_step_clipper: int = 16,
-                  bias_correction: bool = True, gradient_clipping: float = 0.0) -> optax.GradientTransformation:
+                  bias_correction: bool = True, gradient_clipping: float = 0.0,
+                  stacked_axes: Any = None) -> optax.GradientTransformation:
     """0/1 Adam; the updates include -learning_rate. Parameter names and defaults are DeepSpeed's;
-    gradient_clipping clips the exact average on variance steps and the local gradients otherwise."""
+    gradient_clipping clips the exact average on variance steps and the local gradients otherwise.
+    stacked_axes: each leaf's leading layer-stacking dims; each layer is compressed as its own tensor (see
+    :func:`jzero.optim.onebit_adam.onebit_adam`)."""
     check_hyperparams(data_size, "auto", gradient_clipping, var_freeze_step=var_freeze_step,
                       var_update_scaler=var_update_scaler, local_step_scaler=local_step_scaler,
                       local_step_clipper=local_step_clipper)
 
     def init(params):
-        _, worker_error, server_error = error_buffers(params, data_size)
+        _, worker_error, server_error = error_buffers(params, data_size, stacked_axes=stacked_axes)
         zeros = _tmap(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
         rows = _tmap(lambda p: jnp.zeros((data_size,) + jnp.shape(p), jnp.float32), params)
         one, zero = jnp.ones([], jnp.int32), jnp.zeros([], jnp.int32)
@@ -97,7 +101,7 @@ def zero_one_adam(learning_rate, *, data_size: int, axis_name: str = "data", b1:
 
     def update(grads, state, params):
         n = axis_size_checked(axis_name, data_size)
-        layout = FlatLayout.of(grads, n)
+        layout = checked_layout(grads, n, stacked_axes, local_row(state.worker_error), "zero_one_adam")
         g = _tmap(lambda x: x.astype(jnp.float32), grads)
         p32 = _tmap(lambda p: p.astype(jnp.float32), params)
         t = state.count + 1
