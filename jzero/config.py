@@ -264,10 +264,11 @@ class FinetuneConfig(Section):
 
     ``train_file``/``val_file``: JSONL (see :mod:`jzero.finetune_data`); null ``train_file`` = the embedded
     synthetic set for ``task`` (``synthetic_train_examples`` / ``synthetic_val_examples`` examples); null
-    ``val_file`` with a ``train_file`` holds out ``val_fraction`` of it. ``tokenizer``: ``bytes``, ``words`` (a
-    word vocabulary of the training set) or the path of a tokenizer.json. ``init_from``: a jzero checkpoint
-    directory or a safetensors file from
-    ``python -m train.export``; params with the same path and shape are loaded, the task's head starts fresh.
+    ``val_file`` with a ``train_file`` holds out ``val_fraction`` of it. ``tokenizer``: ``words`` (default: a
+    word vocabulary of the training set, or of the ``init_from`` run), ``bytes`` or the path of a tokenizer.json.
+    ``init_from``: a jzero checkpoint directory or a safetensors file from ``python -m train.export``; params with
+    the same path and shape are loaded, the task's head only when the checkpoint's labels are this run's, in the
+    same order (else it starts fresh, and the run says so).
     """
 
     task: Literal["classification", "token_classification"] = "classification"
@@ -276,7 +277,7 @@ class FinetuneConfig(Section):
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     synthetic_train_examples: int = Field(2000, gt=0)
     synthetic_val_examples: int = Field(400, gt=0)
-    tokenizer: str = "bytes"
+    tokenizer: str = "words"
     init_from: str | None = None
     epochs: int = Field(3, gt=0)
 

@@ -3,6 +3,9 @@
 Files are JSON Lines, one example a line:
 
     classification:        {"text": "the striker scored twice", "label": "sports"}     (label: string or int)
+
+Labels are all strings or all ints (not a mix, so ``1`` and ``"1"`` never merge; booleans are refused); int
+labels are classes in numeric order (``2`` before ``10``), named by their decimal string.
     token_classification:  {"tokens": ["Alice", "met", "Bob"], "tags": ["B-PER", "O", "B-PER"]}   (IOB2 tags)
 
 Encoding adds ``[CLS] ... [SEP]``, truncates to ``seq_len`` (flagging each cut example and its full length, which
@@ -128,13 +131,26 @@ def word_encoder(vocab: list[str]) -> Encoder:
                    lambda t: ids(t.split()), lambda ws: (ids(ws), list(range(len(ws)))))
 
 
-def make_encoder(tokenizer: str, train_examples: list[dict]) -> Encoder:
-    """``bytes``, ``words`` (built from ``train_examples``) or a tokenizer.json path."""
+def make_encoder(tokenizer: str, train_examples: list[dict], vocab: list[str] | None = None) -> Encoder:
+    """``bytes``, ``words`` (``vocab``, e.g. the one a checkpoint was trained with, else built from
+    ``train_examples``) or a tokenizer.json path."""
     if tokenizer == "bytes":
         return byte_encoder()
     if tokenizer == "words":
-        return word_encoder(build_word_vocab(train_examples))
+        return word_encoder(vocab if vocab is not None else build_word_vocab(train_examples))
     return tokenizer_encoder(tokenizer)
+
+
+def read_word_vocab(path: str | Path) -> list[str]:
+    """A ``vocab.json`` written by ``train.finetune`` (a JSON list of words, the specials first)."""
+    try:
+        vocab = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} is not a readable vocab.json ({exc})") from None
+    if not (isinstance(vocab, list) and all(isinstance(w, str) for w in vocab) and set(WORD_SPECIALS) <= set(vocab)):
+        raise DataError(f"{path} is not a train.finetune vocab.json (a JSON list of words with "
+                        f"{' '.join(WORD_SPECIALS)})")
+    return vocab
 
 
 # --------------------------------------------------------------------------- reading
@@ -157,7 +173,7 @@ def read_jsonl(path: str | Path, task: str, key: str = "finetune.train_file") ->
         data = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{key}={path} cannot be read ({exc.strerror}); check its permissions") from None
-    out = []
+    out, first_label = [], {}   # label type -> (line, label) of its first use: a mix of int and str is an error
     for n, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").splitlines(), 1):
         try:
             line = raw.decode("utf-8")
@@ -171,7 +187,16 @@ def read_jsonl(path: str | Path, task: str, key: str = "finetune.train_file") ->
             ex = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{n} is not JSON ({exc.msg}); each line must be {_FORMAT[task]}") from None
-        out.append(_check_example(ex, task, f"{path}:{n}"))
+        ex = _check_example(ex, task, f"{path}:{n}")
+        if task == "classification":
+            kind = type(ex["label"])
+            first_label.setdefault(kind, (n, ex["label"]))
+            if len(first_label) > 1:
+                other_n, other = first_label[str if kind is int else int]
+                raise DataError(f"{path}:{n}: label {ex['label']!r} is {_KIND[kind]} but {path}:{other_n} has "
+                                f"{_KIND[type(other)]} label {other!r}; use one type for every label (1 and "
+                                f"\"1\" would be two classes)")
+        out.append(ex)
     if not out:
         raise DataError(f"{path} holds no examples; each line must be {_FORMAT[task]}")
     return out
@@ -181,11 +206,17 @@ _FORMAT = {"classification": '{"text": "...", "label": "..."}',
            "token_classification": '{"tokens": ["..."], "tags": ["B-PER", "O", ...]}'}
 
 
+_KIND = {int: "an int", str: "a string"}
+
+
 def _check_example(ex: Any, task: str, where: str) -> dict:
     if task == "classification":
+        if isinstance(ex, dict) and isinstance(ex.get("label"), bool):
+            raise DataError(f"{where}: label {json.dumps(ex['label'])} is a boolean; use strings (e.g. \"yes\"/"
+                            f"\"no\") or ints (0/1) as labels")
         if not (isinstance(ex, dict) and isinstance(ex.get("text"), str) and isinstance(ex.get("label"), (str, int))):
             raise DataError(f"{where}: expected {_FORMAT[task]}, got {str(ex)[:80]}")
-        return {"text": ex["text"], "label": str(ex["label"])}
+        return {"text": ex["text"], "label": ex["label"]}   # int or str: label_names orders and names them
     if not (isinstance(ex, dict) and isinstance(ex.get("tokens"), list) and isinstance(ex.get("tags"), list)):
         raise DataError(f"{where}: expected {_FORMAT[task]}, got {str(ex)[:80]}")
     if len(ex["tokens"]) != len(ex["tags"]):
@@ -197,7 +228,9 @@ def _check_example(ex: Any, task: str, where: str) -> dict:
 
 
 def label_names(train: list[dict], val: list[dict], task: str, source: str = "the training set") -> list[str]:
-    """Classes (sorted) or IOB2 tags ('O' first, then sorted); a validation label unseen in training is an error,
+    """Classes (sorted; int labels numerically, named by their decimal string, which :func:`encode` maps them by)
+    or IOB2 tags ('O' first, then sorted); int labels in one split and string labels in the other are an error, and
+    so is a validation label unseen in training,
     and so is a training set with a single label (``source`` names it in the message): a head with one class
     has nothing to learn, and for tagging ('O' is always a label) it means the set has no entity tags at all,
     e.g. every tag 'O' or every token list empty."""
@@ -207,6 +240,12 @@ def label_names(train: list[dict], val: list[dict], task: str, source: str = "th
         return {t for ex in exs for t in ex["tags"]}
 
     names = seen(train) | ({"O"} if task != "classification" else set())
+    if task == "classification":
+        kinds = {type(x) for x in names}, {type(x) for x in seen(val)}
+        if len(kinds[0] | kinds[1]) > 1:
+            tr, va = (" and ".join(sorted(_KIND[k].split()[1] for k in ks)) for ks in kinds)
+            raise DataError(f"the training set ({source}) has {tr} labels but the validation set has {va} labels; "
+                            f"use one type for every label (1 and \"1\" would be two classes)")
     unseen = seen(val) - names
     if unseen:
         raise DataError(f"validation labels {sorted(unseen)[:5]} never occur in the training set; the model "
@@ -215,7 +254,7 @@ def label_names(train: list[dict], val: list[dict], task: str, source: str = "th
         if len(names) < 2:
             raise DataError(f"the training set ({source}) has {len(names)} class(es); classification needs at "
                             f"least 2 (add examples of another label)")
-        return sorted(names)
+        return [str(x) for x in sorted(names)]   # ints numerically (all one type: checked above)
     if len(names) < 2:
         what = ("every token list is empty" if not any(ex["tokens"] for ex in train) else "every tag is 'O'")
         raise DataError(f"the training set ({source}) has 1 class(es): {what}; token_classification needs "
@@ -252,7 +291,7 @@ def encode(examples: list[dict], task: str, enc: Encoder, seq_len: int, names: l
     truncated = np.zeros((N,), bool)
     length = np.zeros((N,), np.int64)
     if task == "classification":
-        labels = np.array([index[ex["label"]] for ex in examples], np.int32)
+        labels = np.array([index[str(ex["label"])] for ex in examples], np.int32)
         for r, ex in enumerate(examples):
             body = enc.encode_text(ex["text"])
             ids, kept = _frame(body, enc, seq_len)

@@ -14,7 +14,8 @@ from jzero.config import load_config
 from jzero.errors import CheckpointError, DataError
 from jzero.tasks import IGNORE, classification_task
 from helpers import assert_config_round_trip
-from train.finetune import DEFAULT_CONFIG, check_config, config_dict, load_pretrained, main, truncation_note
+from train.finetune import (DEFAULT_CONFIG, check_config, config_dict, epoch_order, load_pretrained, main, scores,
+                            truncation_note)
 
 SMALL = ["steps_per_print=1000", "scheduler.params.warmup_num_steps=4", "finetune.epochs=2", "train_batch_size=16"]
 
@@ -68,15 +69,17 @@ def test_ner_from_jsonl_files_starting_from_exported_weights(tmp_path):
     train, val = fd.synthetic_ner(480, seed=1), fd.synthetic_ner(96, seed=2)
     for name, exs in (("train.jsonl", train), ("val.jsonl", val)):
         (tmp_path / name).write_text("".join(json.dumps(e) + "\n" for e in exs))
-    vocab = fd.padded_vocab(len(fd.build_word_vocab(train)))
+    words = fd.build_word_vocab(train)
+    vocab = fd.padded_vocab(len(words))
     flat = _mlm_safetensors(tmp_path / "mlm.safetensors", vocab)
+    (tmp_path / "vocab.json").write_text(json.dumps(words))   # the word ids its embedding rows were trained with
     out = tmp_path / "run"
     assert main([f"train.output_dir={out}", "finetune.task=token_classification",
                  f"finetune.train_file={tmp_path / 'train.jsonl'}", f"finetune.val_file={tmp_path / 'val.jsonl'}",
                  f"finetune.init_from={tmp_path / 'mlm.safetensors'}"] + SMALL) == 0
     report = read(out / "report.json")
     init = report["init_from"]
-    assert init["fresh"] == ["classifier_bias", "classifier_kernel"]
+    assert init["fresh"] == ["classifier_bias", "classifier_kernel"] and init["head"] == "fresh: the checkpoint has none"
     assert init["unused"] == sorted(k for k in flat if k.startswith("mlm_"))
     assert init["loaded"] == len(flat) - len(init["unused"])
     final = report["final"]
@@ -279,3 +282,122 @@ def test_divergence_stops_finetuning_with_one_line(tmp_path, capsys):
     assert "\n" not in err and err.startswith("error: step ") and "training diverged: loss nan" in err, err
     assert "(2 consecutive non-finite steps >= train.max_nonfinite_steps=2); last good checkpoint: none in " in err
     assert not (tmp_path / "report.json").exists()   # no report of a diverged run
+
+
+TINY = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.d_ff=64", "finetune.epochs=1",
+        "steps_per_print=1000", "scheduler.params.warmup_num_steps=2", "train_batch_size=16"]
+
+
+def _write(path, exs):
+    path.write_text("".join(json.dumps(e) + "\n" for e in exs))
+    return path
+
+
+def test_init_from_keeps_the_head_only_for_the_same_labels_and_reuses_the_word_vocab(tmp_path, capsys):
+    """A fine-tuned checkpoint: the next run loads its head only with the same labels in the same order (renamed,
+    reordered or more labels: fresh, with a line why, not a shape error), and with tokenizer=words keeps its word
+    ids (vocab.json) instead of renumbering them from the new training set. The source run also shows the
+    left-out rows (120 rows, batch 16: 8 a epoch) and the epoch-mean train loss."""
+    src = _write(tmp_path / "src.jsonl", fd.synthetic_classification(120, seed=1))
+    assert main([f"train.output_dir={tmp_path}/a", f"finetune.train_file={src}", "train.checkpoint_interval=1000",
+                 "train.log_interval=1", "finetune.val_fraction=0.2"] + TINY) == 0
+    a = read(tmp_path / "a" / "report.json")
+    assert a["left_out_per_epoch"] == 96 % 16 == 0
+    assert main([f"train.output_dir={tmp_path}/a2", f"finetune.train_file={src}", "train.log_interval=1"]
+                + TINY) == 0
+    out = capsys.readouterr().out
+    a2 = read(tmp_path / "a2" / "report.json")   # 108 train rows: 6 batches of 16, 12 rows left out
+    assert a2["left_out_per_epoch"] == 12 and "each epoch leaves out 12 (a different random set each epoch)" in out
+    assert "- 12 of 108 training examples left out of each epoch" in (tmp_path / "a2" / "report.md").read_text()
+    steps = [json.loads(x) for x in (tmp_path / "a2" / "metrics.jsonl").read_text().splitlines()]
+    step_losses = [e["loss"] for e in steps if "loss" in e and "accuracy" not in e]
+    assert len(step_losses) == 6
+    assert a2["per_epoch"][0]["train_loss_mean"] == pytest.approx(np.mean(step_losses), rel=1e-5)
+    assert "train loss (epoch mean)" in (tmp_path / "a2" / "report.md").read_text()
+
+    ckpt = tmp_path / "a" / "checkpoints"
+    vocab_a = read(tmp_path / "a" / "vocab.json")
+    # other sentences (other word frequencies: a rebuilt vocabulary would renumber the words), same labels
+    other = fd.synthetic_classification(64, seed=7) + [{"text": "zzznew words only", "label": "food"}]
+    assert fd.build_word_vocab(other) != vocab_a
+    same = _write(tmp_path / "same.jsonl", other)
+    assert main([f"train.output_dir={tmp_path}/b", f"finetune.train_file={same}", f"finetune.init_from={ckpt}"]
+                + TINY) == 0
+    out = capsys.readouterr().out
+    b = read(tmp_path / "b" / "report.json")
+    assert b["init_from"]["head"] == "loaded" and "classifier_kernel" not in b["init_from"]["fresh"]
+    assert read(tmp_path / "b" / "vocab.json") == vocab_a
+    assert "the word vocabulary of the checkpoint's run" in out and "map to [UNK]" in out
+    assert b["model"]["vocab_size"] == a["model"]["vocab_size"]
+
+    # labels renamed so that they sort in reverse: the head's rows would mean other classes
+    rename = {"food": "z", "music": "y", "sports": "x", "weather": "w"}
+    renamed = _write(tmp_path / "renamed.jsonl", [{**e, "label": rename[e["label"]]} for e in other])
+    assert main([f"train.output_dir={tmp_path}/c", f"finetune.train_file={renamed}", f"finetune.init_from={ckpt}"]
+                + TINY) == 0
+    out = capsys.readouterr().out
+    init = read(tmp_path / "c" / "report.json")["init_from"]
+    assert {"classifier_bias", "classifier_kernel"} <= set(init["fresh"]), init
+    assert init["head"].startswith("fresh: the checkpoint's labels [food, music, sports, weather] are not this run's")
+    assert f"finetune.init_from: the classification head (classifier_*) starts {init['head']}" in out
+    # three labels: another head shape starts fresh instead of failing
+    three = _write(tmp_path / "three.jsonl", [e for e in other if e["label"] != "music"])
+    assert main([f"train.output_dir={tmp_path}/d", f"finetune.train_file={three}", f"finetune.init_from={ckpt}"]
+                + TINY) == 0
+    assert {"classifier_bias", "classifier_kernel"} <= set(read(tmp_path / "d" / "report.json")["init_from"]["fresh"])
+
+
+def test_words_init_from_without_its_vocab_is_refused(tmp_path, capsys):
+    _mlm_safetensors(tmp_path / "mlm.safetensors", 320)
+    line = _error_line(tmp_path, capsys, [f"finetune.init_from={tmp_path / 'mlm.safetensors'}"])
+    assert line.startswith(f"error: finetune.tokenizer=words with finetune.init_from={tmp_path / 'mlm.safetensors'}: "
+                           f"the word vocabulary its embedding rows were trained with (vocab.json) is in none of "
+                           f"{tmp_path}; copy the vocab.json"), line
+
+
+def test_keys_finetune_ignores_are_refused_and_shuffle_false_is_honoured(tmp_path, capsys):
+    assert _error_line(tmp_path, capsys, ["train.profile_steps=3"]).startswith(
+        "error: train.profile_steps does not apply to train.finetune (")
+    assert _error_line(tmp_path, capsys, ["data.default_corpus_bytes=1000"]).startswith(
+        "error: data.default_corpus_bytes does not apply to train.finetune (")
+    cfg = load_config(base=DEFAULT_CONFIG, overrides=["data.default_corpus_bytes=8000000", "train.profile_steps=0"])
+    check_config(cfg)   # set to the defaults they change nothing
+    assert "default_corpus_bytes" not in config_dict(cfg)["data"] and "profile_steps" not in config_dict(cfg)["train"]
+    assert epoch_order(5, 0, 1, shuffle=False).tolist() == epoch_order(5, 0, 2, shuffle=False).tolist() == [0, 1, 2,
+                                                                                                           3, 4]
+    assert sorted(epoch_order(50, 0, 1)) == list(range(50)) and not np.array_equal(epoch_order(50, 0, 1),
+                                                                                   epoch_order(50, 0, 2))
+    assert main([f"train.output_dir={tmp_path}/s", "data.shuffle=false", "finetune.synthetic_train_examples=40",
+                 "finetune.synthetic_val_examples=8"] + TINY) == 0
+    out = capsys.readouterr().out
+    assert "each epoch leaves out 8 (the last ones in file order, every epoch (data.shuffle=false))" in out
+    assert read(tmp_path / "s" / "report.json")["shuffle"] is False
+
+
+def test_baseline_is_the_training_sets_majority_class():
+    """Train mostly class 0, val mostly class 1: the baseline predicts 0 (what a model that learnt only the training
+    frequencies predicts), scoring val's share of 0, not val's own majority."""
+    val = {"labels": np.array([1, 1, 1, 0], np.int32)}
+    got = scores("classification", np.array([1, 1, 1, 0]), val, None, ["a", "b"], np.array([0, 0, 0, 1]))
+    assert got["baseline_accuracy"] == 0.25 and got["accuracy"] == 1.0
+
+
+def test_int_labels_sort_numerically_and_bool_or_mixed_labels_are_refused(tmp_path, capsys):
+    ints = _write(tmp_path / "ints.jsonl", [{"text": f"t{i}", "label": i % 12} for i in range(24)])
+    train = fd.read_jsonl(ints, "classification")
+    names = fd.label_names(train, train[:3], "classification")
+    assert names == [str(i) for i in range(12)]
+    arr = fd.encode(train[:12], "classification", fd.byte_encoder(), 8, names)
+    assert arr["labels"].tolist() == list(range(12))
+    boolean = tmp_path / "bool.jsonl"
+    boolean.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": true}\n')
+    assert _error_line(tmp_path, capsys, [f"finetune.train_file={boolean}"]) == (
+        f'error: {boolean}:2: label true is a boolean; use strings (e.g. "yes"/"no") or ints (0/1) as labels')
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"text": "a", "label": 1}\n\n{"text": "b", "label": "1"}\n')
+    assert _error_line(tmp_path, capsys, [f"finetune.train_file={mixed}"]) == (
+        f"error: {mixed}:3: label '1' is a string but {mixed}:1 has an int label 1; use one type for every label "
+        f"(1 and \"1\" would be two classes)")
+    with pytest.raises(DataError, match=r"has int labels but the validation set has string labels"):
+        fd.label_names([{"text": "a", "label": 1}, {"text": "b", "label": 2}], [{"text": "c", "label": "1"}],
+                       "classification")

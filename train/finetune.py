@@ -5,12 +5,17 @@ e.g. NER); data are JSONL files (:mod:`jzero.finetune_data`), tokenised by bytes
 training set, or by a ``tokenizer.json``. With no arguments it runs the embedded default (``DEFAULT_CONFIG``, also
 ``configs/finetune_default.yaml``): a tiny BERT from scratch on a generated 4-topic classification set with a word
 vocabulary, on whatever devices JAX sees. ``finetune.init_from`` starts from a checkpoint's weights (a jzero
-checkpoint directory or an exported safetensors file).
+checkpoint directory or an exported safetensors file): the encoder's params are loaded, the classification head only
+when the checkpoint's run had the same labels in the same order (else it starts fresh), and with
+``finetune.tokenizer=words`` the word vocabulary is the checkpoint's run's (its ``vocab.json``), not rebuilt.
 
-Each epoch ends with an evaluation on the whole validation set: accuracy and macro-F1, or for tagging entity-level
+Each epoch goes over the training set in ``train_batch_size`` batches, reshuffled per epoch (``data.shuffle=false``:
+in file order); the rows that do not fill a last batch are left out of that epoch (counted at start and in the
+report). Each epoch ends with an evaluation on the whole validation set: accuracy and macro-F1, or for tagging entity-level
 precision/recall/F1 as seqeval computes them (:mod:`jzero.metrics`). Written to ``train.output_dir``:
-``config.json``, ``metrics.jsonl`` (train steps and per-epoch evals), ``report.json`` / ``report.md`` (the
-scores per epoch against a majority baseline) and ``summary.json``.
+``config.json``, ``metrics.jsonl`` (train steps and per-epoch evals, with the epoch's mean train loss),
+``report.json`` / ``report.md`` (the scores per epoch against a baseline: the training set's majority class, or all
+'O' for tagging) and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -60,7 +65,12 @@ def main(argv=None) -> int:
 #: the file loads back with --config, and train.plot / sweeps do not show a default that never applied)
 NOT_APPLICABLE = {"steps": "the run length is finetune.epochs over the training set",
                   "eval_interval": "evaluation runs after every epoch on the whole validation set",
-                  "eval_batches": "evaluation covers the whole validation set"}
+                  "eval_batches": "evaluation covers the whole validation set",
+                  "profile_steps": "train.finetune does not trace steps (python -m train.pretrain does)",
+                  "profile_start": "train.finetune does not trace steps (python -m train.pretrain does)"}
+#: the same for ``data`` keys (``data.path`` has its own message in :func:`check_config`)
+DATA_NOT_APPLICABLE = {"default_corpus_bytes": "it sizes pretraining's embedded corpus; fine-tuning reads "
+                                               "finetune.train_file or its embedded synthetic set"}
 
 
 def config_dict(cfg) -> dict:
@@ -69,7 +79,13 @@ def config_dict(cfg) -> dict:
 
     d = to_dict(cfg)
     d["train"] = {k: v for k, v in d["train"].items() if k not in NOT_APPLICABLE}
+    d["data"] = {k: v for k, v in d["data"].items() if k not in DATA_NOT_APPLICABLE}
     return d
+
+
+def _given(section, key) -> bool:
+    """``key`` set in ``section`` to a value other than its default (set to the default, it changes nothing)."""
+    return key in section.model_fields_set and getattr(section, key) != type(section).model_fields[key].default
 
 
 def check_config(cfg) -> None:
@@ -82,8 +98,12 @@ def check_config(cfg) -> None:
     if cfg.data.path is not None:
         raise ConfigError("data.path is pretraining token data; fine-tuning reads finetune.train_file (JSONL)")
     for key, why in NOT_APPLICABLE.items():
-        if key in cfg.train.model_fields_set:
+        if key in cfg.train.model_fields_set and (key in ("steps", "eval_interval", "eval_batches")
+                                                  or _given(cfg.train, key)):
             raise ConfigError(f"train.{key} does not apply to train.finetune ({why}); remove it")
+    for key, why in DATA_NOT_APPLICABLE.items():
+        if _given(cfg.data, key):
+            raise ConfigError(f"data.{key} does not apply to train.finetune ({why}); remove it")
     ft = cfg.finetune
     if cfg.model.head is not None and cfg.model.head != ft.task:
         raise ConfigError(f"model.head='{cfg.model.head}' but finetune.task='{ft.task}'; drop model.head "
@@ -141,9 +161,53 @@ def truncation_note(cfg, train_arr: dict, val_arr: dict) -> str | None:
             f"(shorten the examples to keep them)")
 
 
-def load_pretrained(engine, path) -> dict:
+def saved_state(path) -> dict:
+    """What the run that wrote ``path`` saved beside the weights: a checkpoint directory's latest ``client_state``
+    (``train.finetune`` saves ``labels``, and with ``tokenizer=words`` its ``vocab``), or an exported file's
+    metadata (with ``source``: the checkpoint it came from); ``{}`` when there is none."""
+    from jzero import checkpoint, export
+
+    path = Path(path)
+    if not path.is_dir():
+        return export.load_safetensors(path)[1]
+    step, _ = checkpoint.read_meta(path)
+    try:
+        client = checkpoint._restore_item(path, step, "client", f"checkpoint {checkpoint.location(path)}/{step}")
+    except Exception:   # noqa: BLE001 -- a checkpoint without a client item saved nothing beside its weights
+        return {}
+    return client if isinstance(client, dict) else {}
+
+
+def init_vocab(path) -> tuple[list[str], str]:
+    """``(vocab, where)``: the word vocabulary the run that wrote checkpoint ``path`` trained with, so that ids mean
+    the same words as in its embedding rows: its ``client_state["vocab"]``, else the ``vocab.json`` of its run
+    directory (the checkpoint directory itself or the one above it, for an exported file also those of the
+    checkpoint it came from, or the file's own directory). Not found: a CheckpointError naming the fix."""
+    from jzero import finetune_data as fd
+    from jzero.errors import CheckpointError
+
+    path = Path(path)
+    saved = saved_state(path)
+    if isinstance(saved.get("vocab"), list):
+        return saved["vocab"], f"{path} (its client_state)"
+    dirs = [path, path.parent] if path.is_dir() else [path.parent]
+    if not path.is_dir() and saved.get("source"):
+        dirs += [Path(saved["source"]), Path(saved["source"]).parent]
+    for d in dirs:
+        if (d / "vocab.json").is_file():
+            return fd.read_word_vocab(d / "vocab.json"), str(d / "vocab.json")
+    raise CheckpointError(f"finetune.tokenizer=words with finetune.init_from={path}: the word vocabulary its "
+                          f"embedding rows were trained with (vocab.json) is in none of "
+                          f"{', '.join(str(d) for d in dict.fromkeys(dirs))}; copy the vocab.json of the run that "
+                          f"wrote it into {dirs[0]}, or set finetune.tokenizer to that run's tokenizer")
+
+
+def load_pretrained(engine, path, labels: list[str] | None = None, log=print) -> dict:
     """Put the params of ``path`` (checkpoint dir or exported safetensors) with the same path and shape into
-    ``engine.state``, in the engine's layout; the rest (the task's head) keep their fresh init."""
+    ``engine.state``, in the engine's layout; the rest keep their fresh init. The task's head (``classifier_*``)
+    is loaded only when the checkpoint's run saved its label names (``client_state["labels"]``) and they are
+    ``labels``, in the same order: otherwise its rows would mean other classes (or it has another shape), so it
+    starts fresh, in ``fresh``, with a line through ``log`` saying why."""
     import jax
     import numpy as np
 
@@ -153,11 +217,18 @@ def load_pretrained(engine, path) -> dict:
     path = Path(path)
     tree = export.load_params(path)[1] if path.is_dir() else export.load_safetensors(path)[0]
     source = export.flatten(tree)
+    saved = saved_state(path).get("labels")
+    if isinstance(saved, str):   # an exported file's metadata holds JSON strings
+        try:
+            saved = json.loads(saved)
+        except ValueError:
+            saved = None
+    head_ok = labels is not None and saved == list(labels)
     loaded, fresh = [], []
 
     def one(key_path, cur):
         name = ".".join(str(getattr(k, "key", k)) for k in key_path)
-        if name not in source:
+        if name not in source or (name.startswith("classifier_") and not head_ok):
             fresh.append(name)
             return cur
         src = np.asarray(source[name])
@@ -172,8 +243,28 @@ def load_pretrained(engine, path) -> dict:
         raise CheckpointError(f"finetune.init_from {path}: none of its {len(source)} params matches this model's "
                               f"names (e.g. {sorted(source)[:2]}); is it a model.family=bert checkpoint?")
     engine.set_params(params)
+    head = "loaded"
+    if any(k.startswith("classifier_") for k in source) and not head_ok:
+        def short(xs):
+            return "[" + ", ".join(map(str, xs[:6])) + (", ..." if len(xs) > 6 else "") + "]"
+        head = ("fresh: the checkpoint saved no label names" if not isinstance(saved, list) else
+                f"fresh: the checkpoint's labels {short(saved)} are not this run's {short(list(labels or []))}"
+                if sorted(map(str, saved)) != sorted(labels or []) else
+                f"fresh: the checkpoint's labels {short(saved)} are this run's in another order {short(labels)}")
+        if jax.process_index() == 0:
+            log(f"finetune.init_from: the classification head (classifier_*) starts {head}")
+    elif not any(k.startswith("classifier_") for k in source):
+        head = "fresh: the checkpoint has none"
     return {"path": str(path), "loaded": len(loaded), "fresh": sorted(fresh),
-            "unused": sorted(set(source) - set(loaded))}
+            "unused": sorted(set(source) - set(loaded)), "head": head}
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True):
+    """The training rows of ``epoch`` in the order they are batched: a seeded permutation per epoch, or with
+    ``data.shuffle=false`` the file order every epoch."""
+    import numpy as np
+
+    return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
 
 
 def _local_rows(x, axis: int):
@@ -221,8 +312,9 @@ def make_evaluator(engine):
     return evaluate
 
 
-def scores(task: str, pred, arrays, examples, names) -> dict:
-    """The task's metrics plus the majority baseline's."""
+def scores(task: str, pred, arrays, examples, names, train_labels) -> dict:
+    """The task's metrics plus the baseline's: for classification always predicting the training set's majority
+    class (``train_labels``; what a model that learnt only the class frequencies does), for tagging all 'O'."""
     import numpy as np
 
     from jzero import finetune_data as fd
@@ -230,7 +322,7 @@ def scores(task: str, pred, arrays, examples, names) -> dict:
 
     labels = arrays["labels"]
     if task == "classification":
-        majority = np.bincount(labels, minlength=len(names)).argmax()
+        majority = np.bincount(train_labels, minlength=len(names)).argmax()
         return {"accuracy": metrics.accuracy(pred, labels), "macro_f1": metrics.macro_f1(pred, labels, len(names)),
                 "baseline_accuracy": metrics.accuracy(np.full_like(labels, majority), labels)}
     true_tags = [ex["tags"] for ex in examples]
@@ -255,14 +347,18 @@ def write_report(out: Path, report: dict) -> None:
              f"mesh {report['mesh']}, ZeRO-{report['zero_stage']}, {report['time_s']:.0f} s",
              f"- seq_len {report['seq_len']}: {report['truncated']['train']} train / {report['truncated']['val']} "
              f"val examples truncated (longest {max(report['longest'].values())} tokens with [CLS]/[SEP])"]
+    if report["left_out_per_epoch"]:
+        lines.append(f"- {report['left_out_per_epoch']} of {report['n_train']} training examples left out of each "
+                     f"epoch (they do not fill a batch of {report['train_batch_size']})")
     if report["truncation_note"]:
         lines.append(f"- **{report['truncation_note']}**")
-    lines += ["", f"| epoch | step | train loss | val loss | {main_key} |", "|---|---|---|---|---|"]
+    lines += ["", f"| epoch | step | train loss (epoch mean) | val loss | {main_key} |", "|---|---|---|---|---|"]
     for e in report["per_epoch"]:
-        lines.append(f"| {e['epoch']} | {e['step']} | {e['train_loss']:.4f} | {e['val_loss']:.4f} | "
+        lines.append(f"| {e['epoch']} | {e['step']} | {e['train_loss_mean']:.4f} | {e['val_loss']:.4f} | "
                      f"{e[main_key]:.4f} |")
     final = report["final"]
-    lines += ["", f"Final {main_key}: **{final[main_key]:.4f}** (majority baseline {final[base_key]:.4f})."]
+    base = "training-set majority class" if main_key == "accuracy" else "all 'O'"
+    lines += ["", f"Final {main_key}: **{final[main_key]:.4f}** (baseline, {base}: {final[base_key]:.4f})."]
     if "per_type" in final:
         lines.append("Per-type entity F1: " + ", ".join(f"{k} {v:.3f}" for k, v in final["per_type"].items()) + ".")
     (out / "report.md").write_text("\n".join(lines) + "\n")
@@ -288,8 +384,20 @@ def run(cfg) -> dict:
     check_config(cfg)
     ft, T = cfg.finetune, cfg.data.seq_len
     train_ex, val_ex, source = load_examples(ft, cfg.train.seed)
-    enc = fd.make_encoder(ft.tokenizer, train_ex)
     names = fd.label_names(train_ex, val_ex, ft.task, source=ft.train_file or source)
+    vocab = None
+    if ft.tokenizer == "words":
+        if ft.init_from:   # the checkpoint's ids: a vocabulary rebuilt from this training set would renumber them
+            vocab, where = init_vocab(ft.init_from)
+            known = set(vocab)
+            words = {w for ex in train_ex for w in fd.words_of(ex)}
+            if jax.process_index() == 0:
+                print(f"finetune.init_from: the word vocabulary of the checkpoint's run ({len(vocab)} entries, "
+                      f"{where}); {len(words - known)} of the training set's {len(words)} distinct words are not "
+                      f"in it and map to [UNK]", flush=True)
+        else:
+            vocab = fd.build_word_vocab(train_ex)
+    enc = fd.make_encoder(ft.tokenizer, train_ex, vocab)
     if cfg.model.num_labels is not None and cfg.model.num_labels != len(names):
         raise ConfigError(f"model.num_labels={cfg.model.num_labels} but the data has {len(names)} labels "
                           f"({', '.join(names[:8])}); drop model.num_labels (the data sets it)")
@@ -303,6 +411,12 @@ def run(cfg) -> dict:
     steps_per_epoch = len(train_ex) // G
     if steps_per_epoch == 0:
         raise DataError(f"{len(train_ex)} training examples are fewer than train_batch_size={G}; lower the batch")
+    left_out = len(train_ex) - steps_per_epoch * G
+    if left_out and jax.process_index() == 0:
+        which = ("a different random set each epoch" if cfg.data.shuffle else
+                 "the last ones in file order, every epoch (data.shuffle=false)")
+        print(f"note: {len(train_ex)} training examples fill {steps_per_epoch} batches of train_batch_size={G}; "
+              f"each epoch leaves out {left_out} ({which})", flush=True)
     total = ft.epochs * steps_per_epoch
     cfg = cfg.model_copy(deep=True)
     cfg.model.head, cfg.model.num_labels = ft.task, len(names)
@@ -311,13 +425,13 @@ def run(cfg) -> dict:
 
     engine = jzero.initialize(cfg, vocab_size=fd.padded_vocab(enc.n_ids), task=TASKS[ft.task](T))
     rc, pi = engine.config, jax.process_index()
-    init = load_pretrained(engine, ft.init_from) if ft.init_from else None
+    init = load_pretrained(engine, ft.init_from, names) if ft.init_from else None
     out = Path(rc.train.output_dir)
     if pi == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config_dict(rc), indent=2))
         if ft.tokenizer == "words":
-            (out / "vocab.json").write_text(json.dumps(fd.build_word_vocab(train_ex)))
+            (out / "vocab.json").write_text(json.dumps(vocab))
     ckpt_dir = checkpoint_dir(rc)
     if rc.train.checkpoint_interval:
         checkpoint.require_no_steps(ckpt_dir, "set train.output_dir (or checkpoint.dir) to a new directory, or "
@@ -334,13 +448,14 @@ def run(cfg) -> dict:
                  steps_per_print=rc.steps_per_print, wall_clock_breakdown=rc.wall_clock_breakdown,
                  train_batch_size=rc.train_batch_size, fp16=rc.fp16.enabled) as monitor:
         for epoch in range(1, ft.epochs + 1):
-            order = np.random.default_rng([rc.train.seed, epoch]).permutation(len(train_ex))
-            losses, t_mark, since = [], time.perf_counter(), 0
+            order = epoch_order(len(train_ex), rc.train.seed, epoch, rc.data.shuffle)
+            losses, t_mark, since, loss_sum = [], time.perf_counter(), 0, 0.0
             for s in range(steps_per_epoch):
                 idx = order[s * G:(s + 1) * G]
                 batch = {k: _local_rows(train_arr[k][idx].reshape((A, G // A) + train_arr[k].shape[1:]), 1)
                          for k in ("tokens", "mask", "labels")}
                 metrics = guard.watch(engine, engine.train_step(batch))
+                loss_sum = loss_sum + metrics["loss"]   # on the device: no host sync per step
                 step, since = step + 1, since + 1
                 if step % rc.train.log_interval == 0 or s == steps_per_epoch - 1:
                     m = {k: float(v) for k, v in jax.device_get(metrics).items()}   # the one host sync per log
@@ -350,10 +465,11 @@ def run(cfg) -> dict:
                     monitor.log(step, m)
                     t_mark, since = time.perf_counter(), 0
                 if rc.train.checkpoint_interval and (step % rc.train.checkpoint_interval == 0 or step == total):
-                    engine.save_checkpoint(ckpt_dir, client_state={"epoch": epoch, "labels": names})
+                    engine.save_checkpoint(ckpt_dir, client_state={"epoch": epoch, "labels": names,
+                                                                   **({"vocab": vocab} if vocab else {})})
             pred, val_loss = evaluate(val_arr)
-            ev = {"epoch": epoch, "step": step, "train_loss": losses[-1], "val_loss": val_loss,
-                  **scores(ft.task, pred, val_arr, val_ex, names)}
+            ev = {"epoch": epoch, "step": step, "train_loss_mean": float(loss_sum) / steps_per_epoch,
+                  "val_loss": val_loss, **scores(ft.task, pred, val_arr, val_ex, names, train_arr["labels"])}
             per_epoch.append(ev)
             monitor.log_eval(step, {k: v for k, v in ev.items() if k not in ("per_type", "step")})
         if rc.train.checkpoint_interval:
@@ -364,7 +480,7 @@ def run(cfg) -> dict:
             "tokenizer": enc.name, "seq_len": T,
             "truncated": {"train": int(train_arr["truncated"].sum()), "val": int(val_arr["truncated"].sum())},
             "longest": {"train": int(train_arr["length"].max()), "val": int(val_arr["length"].max())},
-            "truncation_note": truncation,
+            "truncation_note": truncation, "left_out_per_epoch": left_out, "shuffle": rc.data.shuffle,
             "model": {"family": rc.model.family, "preset": rc.model.preset, "n_layer": mc.n_layer,
                       "d_model": mc.d_model, "n_head": mc.n_head, "vocab_size": mc.vocab_size,
                       "n_params": engine.n_params()},
