@@ -401,3 +401,71 @@ def test_int_labels_sort_numerically_and_bool_or_mixed_labels_are_refused(tmp_pa
     with pytest.raises(DataError, match=r"has int labels but the validation set has string labels"):
         fd.label_names([{"text": "a", "label": 1}, {"text": "b", "label": 2}], [{"text": "c", "label": "1"}],
                        "classification")
+
+
+RESUMABLE = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.d_ff=64", "steps_per_print=1000",
+             "scheduler.params.warmup_num_steps=2", "train_batch_size=16", "finetune.epochs=3",
+             "finetune.synthetic_train_examples=88", "finetune.synthetic_val_examples=32", "train.log_interval=1",
+             "train.checkpoint_interval=2", "checkpoint.max_to_keep=null", "csv_monitor.enabled=true"]
+
+
+def _logged(out):
+    """metrics.jsonl's train steps ``(step, loss)`` and its evaluations (without timings), and the CSV train losses."""
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and "val_loss" not in r]
+    evals = [{k: v for k, v in r.items() if not k.endswith("_s") and k != "time"} for r in rows if "val_loss" in r]
+    csv = [p.read_text() for p in sorted(out.rglob("*train_loss.csv"))]
+    return train, evals, csv
+
+
+@pytest.mark.parametrize("interrupted_at", [4, 10, 12])   # mid epoch 1; epoch 2's end (after its eval); mid epoch 3
+def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path, capsys, interrupted_at):
+    """88 examples in batches of 16: 5 steps an epoch (8 rows left out, another set each epoch), 15 steps in 3 epochs,
+    a checkpoint every 2 steps. The run interrupted after the checkpoint of step R (its later steps, evaluations and
+    report left on disk as a killed run leaves its logs) and resumed with --resume logs the same per-step losses bit
+    for bit, each step once, and writes the same evaluations and report as the run that was never interrupted."""
+    import shutil
+
+    a = tmp_path / "a"
+    assert main([f"train.output_dir={a}"] + RESUMABLE) == 0
+    straight = read(a / "report.json")
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    for d in (b / "checkpoints").iterdir():   # the steps after R were never written
+        if d.name.isdigit() and int(d.name) > interrupted_at:
+            shutil.rmtree(d)
+    for name in ("report.json", "report.md", "summary.json"):
+        (b / name).unlink()
+    capsys.readouterr()
+    assert main([f"train.output_dir={b}", "--resume"] + RESUMABLE) == 0
+    out = capsys.readouterr().out
+    assert f"resume: continuing from step {interrupted_at} " in out
+    resumed = read(b / "report.json")
+    assert resumed["resumed_from"] == interrupted_at and straight["resumed_from"] == 0
+    train_a, evals_a, csv_a = _logged(a)
+    train_b, evals_b, csv_b = _logged(b)
+    assert [s for s, _ in train_a] == list(range(1, 16))
+    assert train_b == train_a                 # bit for bit, each step once
+    assert evals_b == evals_a and [e["epoch"] for e in evals_b] == [1, 2, 3]
+    assert csv_b == csv_a and csv_a
+    drop = ("time_s", "resumed_from")
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in straight.items() if k not in drop}
+
+
+def test_resume_refuses_other_labels_and_starts_fresh_without_a_checkpoint(tmp_path, capsys):
+    exs = fd.synthetic_classification(64, seed=1)
+    src = _write(tmp_path / "src.jsonl", exs)
+    out = tmp_path / "run"
+    assert main([f"train.output_dir={out}", f"finetune.train_file={src}", "train.checkpoint_interval=2", "--resume"]
+                + TINY) == 0
+    assert f"resume: no checkpoint in {out / 'checkpoints'}; starting from step 0" in capsys.readouterr().out
+    # without --resume the directory's steps are refused, and the message names --resume
+    assert main([f"train.output_dir={out}", f"finetune.train_file={src}", "train.checkpoint_interval=2"] + TINY) == 2
+    assert "pass --resume to continue that run" in capsys.readouterr().err
+    renamed = _write(tmp_path / "renamed.jsonl", [{**e, "label": e["label"].upper()} for e in exs])
+    assert main([f"train.output_dir={out}", f"finetune.train_file={renamed}", "train.checkpoint_interval=2",
+                 "--resume"] + TINY) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: --resume: checkpoint {out / 'checkpoints'}/") and "was trained on labels " \
+        "[food, music, sports, weather] but this run's data gives [FOOD, MUSIC, SPORTS, WEATHER]" in err, err

@@ -15,7 +15,10 @@ report). Each epoch ends with an evaluation on the whole validation set: accurac
 precision/recall/F1 as seqeval computes them (:mod:`jzero.metrics`). Written to ``train.output_dir``:
 ``config.json``, ``metrics.jsonl`` (train steps and per-epoch evals, with the epoch's mean train loss),
 ``report.json`` / ``report.md`` (the scores per epoch against a baseline: the training set's majority class, or all
-'O' for tagging) and ``summary.json``.
+'O' for tagging) and ``summary.json``. With ``train.checkpoint_interval`` set, ``--resume`` continues an
+interrupted run from the latest loadable checkpoint in its checkpoint directory: engine state, epoch and step within
+it (the steps done are skipped, so it sees the batches the uninterrupted run would), the checkpointed run's labels
+(other labels are refused) and word vocabulary, and its logs without duplicates (:mod:`train.finetune_run`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+from train.finetune_run import scores  # noqa: F401 -- re-exported: it was defined here
 
 DEFAULT_CONFIG: dict = {
     "train_batch_size": 32,
@@ -48,6 +53,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m train.finetune", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="DeepSpeed-style JSON or YAML config (default: the embedded default)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. finetune.task=token_classification")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest loadable checkpoint in checkpoint.dir (default "
+                        "OUTPUT_DIR/checkpoints): its epoch and step, optimizer state, labels and word vocabulary")
     add_distributed_args(p)
     return p.parse_intermixed_args(argv)   # overrides may come before or after the flags
 
@@ -55,7 +63,8 @@ def parse_args(argv):
 def main(argv=None) -> int:
     from train._main import run_main
 
-    return run_main(parse_args(sys.argv[1:] if argv is None else argv), DEFAULT_CONFIG, run)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    return run_main(args, DEFAULT_CONFIG, lambda cfg: run(cfg, resume=args.resume))
 
 
 # --------------------------------------------------------------------------- pieces
@@ -312,63 +321,12 @@ def make_evaluator(engine):
     return evaluate
 
 
-def scores(task: str, pred, arrays, examples, names, train_labels) -> dict:
-    """The task's metrics plus the baseline's: for classification always predicting the training set's majority
-    class (``train_labels``; what a model that learnt only the class frequencies does), for tagging all 'O'."""
-    import numpy as np
-
-    from jzero import finetune_data as fd
-    from jzero import metrics
-
-    labels = arrays["labels"]
-    if task == "classification":
-        majority = np.bincount(train_labels, minlength=len(names)).argmax()
-        return {"accuracy": metrics.accuracy(pred, labels), "macro_f1": metrics.macro_f1(pred, labels, len(names)),
-                "baseline_accuracy": metrics.accuracy(np.full_like(labels, majority), labels)}
-    true_tags = [ex["tags"] for ex in examples]
-    ent = metrics.entity_scores(true_tags, fd.word_tags(pred, arrays["word_pos"], examples, names))
-    return {"entity_f1": ent["f1"], "entity_precision": ent["precision"], "entity_recall": ent["recall"],
-            "token_accuracy": metrics.accuracy(pred, labels),
-            "baseline_token_accuracy": metrics.accuracy(np.zeros_like(labels), labels),   # all 'O'
-            "baseline_entity_f1": 0.0,                                                    # all 'O' finds none
-            "per_type": {k: round(v["f1"], 4) for k, v in ent["per_type"].items()}}
-
-
-def write_report(out: Path, report: dict) -> None:
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    main_key = "accuracy" if report["task"] == "classification" else "entity_f1"
-    base_key = "baseline_accuracy" if main_key == "accuracy" else "baseline_entity_f1"
-    lines = [f"# Fine-tune report: {report['task']}", "",
-             f"- data: {report['data']} ({report['n_train']} train / {report['n_val']} val examples, "
-             f"{len(report['labels'])} labels)",
-             f"- model: {report['model']['preset'] or report['model']['family']}, {report['model']['n_params']:,} "
-             f"params; init: {report['init_from']['path'] if report['init_from'] else 'from scratch'}",
-             f"- {report['epochs']} epochs, {report['steps']} steps, batch {report['train_batch_size']}, "
-             f"mesh {report['mesh']}, ZeRO-{report['zero_stage']}, {report['time_s']:.0f} s",
-             f"- seq_len {report['seq_len']}: {report['truncated']['train']} train / {report['truncated']['val']} "
-             f"val examples truncated (longest {max(report['longest'].values())} tokens with [CLS]/[SEP])"]
-    if report["left_out_per_epoch"]:
-        lines.append(f"- {report['left_out_per_epoch']} of {report['n_train']} training examples left out of each "
-                     f"epoch (they do not fill a batch of {report['train_batch_size']})")
-    if report["truncation_note"]:
-        lines.append(f"- **{report['truncation_note']}**")
-    lines += ["", f"| epoch | step | train loss (epoch mean) | val loss | {main_key} |", "|---|---|---|---|---|"]
-    for e in report["per_epoch"]:
-        lines.append(f"| {e['epoch']} | {e['step']} | {e['train_loss_mean']:.4f} | {e['val_loss']:.4f} | "
-                     f"{e[main_key]:.4f} |")
-    final = report["final"]
-    base = "training-set majority class" if main_key == "accuracy" else "all 'O'"
-    lines += ["", f"Final {main_key}: **{final[main_key]:.4f}** (baseline, {base}: {final[base_key]:.4f})."]
-    if "per_type" in final:
-        lines.append("Per-type entity F1: " + ", ".join(f"{k} {v:.3f}" for k, v in final["per_type"].items()) + ".")
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-
-
 # --------------------------------------------------------------------------- the run
 
 
-def run(cfg) -> dict:
-    """Fine-tune per ``cfg``; return the report (also written to ``report.json``)."""
+def run(cfg, resume: bool = False) -> dict:
+    """Fine-tune per ``cfg``; return the report (also written to ``report.json``). ``resume`` continues from the
+    latest loadable checkpoint in the run's checkpoint directory (:mod:`train.finetune_run`)."""
     import jax
     import numpy as np
 
@@ -379,15 +337,26 @@ def run(cfg) -> dict:
     from jzero.errors import ConfigError, DataError
     from jzero.monitor import Monitor
     from jzero.tasks import TASKS
+    from train import finetune_run as fr
 
     t_start = time.perf_counter()
     check_config(cfg)
     ft, T = cfg.finetune, cfg.data.seq_len
     train_ex, val_ex, source = load_examples(ft, cfg.train.seed)
     names = fd.label_names(train_ex, val_ex, ft.task, source=ft.train_file or source)
+    ckpt_dir = checkpoint_dir(cfg)
+    if cfg.train.checkpoint_interval and not resume:   # before anything compiles
+        checkpoint.require_no_steps(ckpt_dir, "pass --resume to continue that run, set train.output_dir (or "
+                                    "checkpoint.dir) to a new directory, or fine-tune from them with "
+                                    "finetune.init_from")
+    prior = fr.latest_client(ckpt_dir) if resume else None   # its labels and vocabulary size the model
+    if prior is not None:
+        fr.check_client(prior[1], ckpt_dir, prior[0], names, len(train_ex))
     vocab = None
     if ft.tokenizer == "words":
-        if ft.init_from:   # the checkpoint's ids: a vocabulary rebuilt from this training set would renumber them
+        if prior is not None and isinstance(prior[1].get("vocab"), list):
+            vocab = prior[1]["vocab"]   # the checkpointed run's word ids (built from the same data, or init_from's)
+        elif ft.init_from:   # the checkpoint's ids: a vocabulary rebuilt from this training set would renumber them
             vocab, where = init_vocab(ft.init_from)
             known = set(vocab)
             words = {w for ex in train_ex for w in fd.words_of(ex)}
@@ -425,32 +394,42 @@ def run(cfg) -> dict:
 
     engine = jzero.initialize(cfg, vocab_size=fd.padded_vocab(enc.n_ids), task=TASKS[ft.task](T))
     rc, pi = engine.config, jax.process_index()
-    init = load_pretrained(engine, ft.init_from, names) if ft.init_from else None
     out = Path(rc.train.output_dir)
     if pi == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config_dict(rc), indent=2))
         if ft.tokenizer == "words":
             (out / "vocab.json").write_text(json.dumps(vocab))
-    ckpt_dir = checkpoint_dir(rc)
-    if rc.train.checkpoint_interval:
-        checkpoint.require_no_steps(ckpt_dir, "set train.output_dir (or checkpoint.dir) to a new directory, or "
-                                    "fine-tune from them with finetune.init_from")
+    if rc.train.checkpoint_interval:   # open the writer now: an unwritable checkpoint.dir fails before training
         checkpoint.writer(ckpt_dir, rc.checkpoint.max_to_keep, rc.checkpoint.async_save)
+    pos = fr.restore(engine, ckpt_dir, names, len(train_ex), steps_per_epoch, total, pi) if resume else None
+    if pos is None:   # a fresh run (the checkpoint's weights replace init_from's when resuming)
+        pos = fr.Position(init_from=load_pretrained(engine, ft.init_from, names) if ft.init_from else None)
     evaluate = make_evaluator(engine)
     A = rc.gradient_accumulation_steps
     from jzero.guard import TrainingGuard
-
     guard = TrainingGuard(rc, ckpt_dir)   # divergence and a stuck fp16 loss scale stop the run (jzero.guard)
 
-    per_epoch, step = [], 0
+    def saving(at: int) -> bool:
+        return bool(rc.train.checkpoint_interval) and (at % rc.train.checkpoint_interval == 0 or at == total)
+
+    def save(epoch_step):
+        pos.step, pos.epoch_step = step, epoch_step
+        engine.save_checkpoint(ckpt_dir, client_state=fr.client_state(pos, steps_per_epoch, len(train_ex), names,
+                                                                       vocab))
+
+    step, per_epoch, losses, first = pos.step, pos.per_epoch, pos.losses, pos.epoch_step
+    resumed_from = step   # 0 = a fresh run
     with Monitor(out, total, tensorboard=rc.tensorboard.model_dump(), csv_monitor=rc.csv_monitor.model_dump(),
                  steps_per_print=rc.steps_per_print, wall_clock_breakdown=rc.wall_clock_breakdown,
-                 train_batch_size=rc.train_batch_size, fp16=rc.fp16.enabled) as monitor:
-        for epoch in range(1, ft.epochs + 1):
+                 train_batch_size=rc.train_batch_size, fp16=rc.fp16.enabled, append=step > 0,
+                 resume_step=step) as monitor:
+        for epoch in range(pos.epoch, ft.epochs + 1):
             order = epoch_order(len(train_ex), rc.train.seed, epoch, rc.data.shuffle)
-            losses, t_mark, since, loss_sum = [], time.perf_counter(), 0, 0.0
-            for s in range(steps_per_epoch):
+            t_mark, since = time.perf_counter(), 0
+            # the epoch's summed train loss (float32, as the loop adds it on the device), from the checkpoint's
+            loss_sum, pos.epoch = np.float32(pos.loss_sum) if first else 0.0, epoch
+            for s in range(first, steps_per_epoch):   # a resumed epoch skips the steps it had done
                 idx = order[s * G:(s + 1) * G]
                 batch = {k: _local_rows(train_arr[k][idx].reshape((A, G // A) + train_arr[k].shape[1:]), 1)
                          for k in ("tokens", "mask", "labels")}
@@ -464,14 +443,18 @@ def run(cfg) -> dict:
                     losses.append(m["loss"])
                     monitor.log(step, m)
                     t_mark, since = time.perf_counter(), 0
-                if rc.train.checkpoint_interval and (step % rc.train.checkpoint_interval == 0 or step == total):
-                    engine.save_checkpoint(ckpt_dir, client_state={"epoch": epoch, "labels": names,
-                                                                   **({"vocab": vocab} if vocab else {})})
+                if saving(step) and s < steps_per_epoch - 1:   # (an epoch's last step: saved after its evaluation)
+                    pos.loss_sum = float(loss_sum)
+                    save(s + 1)
+            first = 0
             pred, val_loss = evaluate(val_arr)
             ev = {"epoch": epoch, "step": step, "train_loss_mean": float(loss_sum) / steps_per_epoch,
-                  "val_loss": val_loss, **scores(ft.task, pred, val_arr, val_ex, names, train_arr["labels"])}
+                  "val_loss": val_loss, **fr.scores(ft.task, pred, val_arr, val_ex, names, train_arr["labels"])}
             per_epoch.append(ev)
             monitor.log_eval(step, {k: v for k, v in ev.items() if k not in ("per_type", "step")})
+            if saving(step):
+                pos.loss_sum = float(loss_sum)
+                save(steps_per_epoch)
         if rc.train.checkpoint_interval:
             checkpoint.wait_until_finished(ckpt_dir)
         mc = engine.model_config
@@ -484,14 +467,15 @@ def run(cfg) -> dict:
             "model": {"family": rc.model.family, "preset": rc.model.preset, "n_layer": mc.n_layer,
                       "d_model": mc.d_model, "n_head": mc.n_head, "vocab_size": mc.vocab_size,
                       "n_params": engine.n_params()},
-            "init_from": init, "epochs": ft.epochs, "steps": total, "train_batch_size": rc.train_batch_size,
+            "init_from": pos.init_from, "resumed_from": resumed_from,   # 0 = a fresh run, else the step resumed at
+            "epochs": ft.epochs, "steps": total, "train_batch_size": rc.train_batch_size,
             "mesh": {"data": rc.mesh.data, "tensor": rc.mesh.tensor, "pipeline": rc.mesh.pipeline},
             "zero_stage": rc.zero_optimization.stage, "per_epoch": per_epoch, "final": per_epoch[-1],
             "final_loss": statistics.fmean(losses[-10:]),   # as pretrain's: the last 10 logged train losses
             "time_s": time.perf_counter() - t_start,
         }
         if pi == 0:
-            write_report(out, report)
+            fr.write_report(out, report)
         monitor.summary(report)
     return report
 
