@@ -144,6 +144,11 @@ def check_compatible(meta: dict, state, optimizer_type: str, where: str, prefix:
             f"(load_module_only=True)")
     missing = [k for k in now if k not in saved]
     extra = [k for k in saved if k not in now]
+    stacked = lambda d: any(".blocks." in f".{k}" for k in d if k.startswith("params."))  # noqa: E731
+    if missing and extra and stacked(saved) != stacked(now):
+        was = "true (layers stacked in 'blocks')" if stacked(saved) else "false (one 'block_<i>' per layer)"
+        raise CheckpointError(f"{where} was written with model.scan_layers={was}, this run has the other setting; "
+                              f"resume with model.scan_layers={'true' if stacked(saved) else 'false'}")
     differ = [k for k in now if k in saved and saved[k] != now[k]]
     if differ:
         k = differ[0]

@@ -58,6 +58,9 @@ def check_supported(cfg: JzeroConfig) -> None:
     if cfg.data_types.grad_accum_dtype == "fp16" and not cfg.fp16.enabled:
         unsupported.append(("data_types.grad_accum_dtype", "fp16 accumulation needs fp16.enabled; use fp32 or bf16"))
     unsupported += onebit_unsupported(cfg) + offload_unsupported(cfg)
+    if cfg.mesh.sequence_parallel and cfg.mesh.tensor == 1:
+        unsupported.append(("mesh.sequence_parallel", "true splits activations over mesh.tensor, which is 1 here, so "
+                            "it would have no effect; set mesh.tensor > 1 or drop it"))
     if z.offload_param.device != "none":
         unsupported.append(("zero_optimization.offload_param.device", "parameter offload is not implemented (the "
                             "device needs each layer's weights in its scan step, and jzero streams only the "

@@ -169,25 +169,29 @@ def logical_names(boxed_params):
 
 def make_plan(abstract_params, param_names, mesh: Mesh, zero_stage: int, rules: LogicalRules = DEFAULT_RULES,
               threshold: int = 0) -> ShardingPlan:
-    """Build the plan from abstract params (ShapeDtypeStructs) and their logical names (same tree)."""
+    """Build the plan from abstract params (ShapeDtypeStructs) and their logical names (same tree).
+
+    ``threshold`` (DeepSpeed's ``stage3_param_persistence_threshold``) keeps leaves with fewer elements whole in
+    ZeRO-3's *parameter* storage only; optimizer state (stage >= 1) and gradients (stage >= 2) are partitioned
+    whatever their size, as DeepSpeed partitions them."""
     is_names = lambda x: isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x)  # noqa: E731
     names_leaves = jax.tree.leaves(param_names, is_leaf=is_names)
     shape_leaves, treedef = jax.tree.flatten(abstract_params)
     if len(names_leaves) != len(shape_leaves):
         raise ValueError(f"param_names has {len(names_leaves)} leaves but params have {len(shape_leaves)}")
-    compute, zero = [], []
+    compute, zero, storage = [], [], []
     for names, leaf in zip(names_leaves, shape_leaves):
         spec = logical_to_spec(names, rules)
         _check_divisible(spec, leaf.shape, names, mesh)
         compute.append(NamedSharding(mesh, spec))
-        zero.append(NamedSharding(mesh, zero_spec(spec, leaf.shape, names, mesh, threshold)))
-    compute = jax.tree.unflatten(treedef, compute)
-    zero = jax.tree.unflatten(treedef, zero)
+        zero.append(NamedSharding(mesh, zero_spec(spec, leaf.shape, names, mesh, 0)))
+        storage.append(NamedSharding(mesh, zero_spec(spec, leaf.shape, names, mesh, threshold)))
+    compute, zero, storage = (jax.tree.unflatten(treedef, x) for x in (compute, zero, storage))
     return ShardingPlan(
         mesh=mesh, rules=rules, zero_stage=zero_stage,
         param_names=jax.tree.unflatten(treedef, names_leaves),
         param_compute=compute,
-        param_storage=zero if zero_stage >= 3 else compute,
+        param_storage=storage if zero_stage >= 3 else compute,
         grad=zero if zero_stage >= 2 else compute,
         zero=zero,
     )

@@ -116,6 +116,15 @@ def test_mismatched_state_is_refused_naming_both(saved):
     # another model size: the first differing leaf is named with both shapes
     step, meta = checkpoint.read_meta(d)
     checkpoint.check_compatible(meta, at_save, "AdamW", "ckpt")          # the saved state itself fits
+    # the layer stack flipped (model.scan_layers): named, not "144 leaves missing"
+    unrolled = {f"params.block_{i}.{k.removeprefix('params.blocks.')}": v for i in range(2)
+                for k, v in meta["state"].items() if k.startswith("params.blocks.")}
+    flipped = dict(meta, state={**{k: v for k, v in meta["state"].items() if not k.startswith("params.blocks.")},
+                                **unrolled})
+    with pytest.raises(CheckpointError, match=r"ckpt was written with model.scan_layers=false \(one 'block_<i>' per "
+                                              r"layer\), this run has the other setting; resume with "
+                                              r"model.scan_layers=false"):
+        checkpoint.check_compatible(flipped, at_save, "AdamW", "ckpt")
     meta["state"]["params.wte"] = "float32[512,64]"
     with pytest.raises(CheckpointError, match=r"state leaf 'params.wte' is float32\[512,64\] in the checkpoint but "
                                               r"float32\[256,64\] in this run"):

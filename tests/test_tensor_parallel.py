@@ -243,3 +243,15 @@ def test_sequence_parallel_block_gathers_before_and_scatters_after(family):
     assert not found["all-to-all"] and not found["collective-permute"], found
     out = jax.tree.leaves(compiled.output_shardings)[0]
     assert tuple(out.spec)[:2] == ("data", "tensor"), out.spec
+
+
+def test_sequence_parallel_without_a_tensor_axis_is_refused():
+    """mesh.sequence_parallel splits activations over mesh.tensor: with tensor 1 it would do nothing, so it is a
+    one-line error (not accepted and ignored)."""
+    from jzero.errors import ConfigError
+
+    cfg = load_config(base={}, overrides=COMMON + FAMILY["gpt2"] + ["mesh.tensor=1", "mesh.sequence_parallel=true"])
+    with pytest.raises(ConfigError) as e:
+        jzero.initialize(cfg)
+    assert str(e.value) == ("mesh.sequence_parallel: true splits activations over mesh.tensor, which is 1 here, so it "
+                            "would have no effect; set mesh.tensor > 1 or drop it")
