@@ -172,8 +172,9 @@ def make_plan(abstract_params, param_names, mesh: Mesh, zero_stage: int, rules: 
     """Build the plan from abstract params (ShapeDtypeStructs) and their logical names (same tree).
 
     ``threshold`` (DeepSpeed's ``stage3_param_persistence_threshold``) keeps leaves with fewer elements whole in
-    ZeRO-3's *parameter* storage only; optimizer state (stage >= 1) and gradients (stage >= 2) are partitioned
-    whatever their size, as DeepSpeed partitions them."""
+    ZeRO-3's storage (its parameters, their gradients and optimizer state) only, since it is ZeRO-3's knob; under
+    ZeRO-1/2 optimizer state and (stage 2) gradients are partitioned whatever their size, as DeepSpeed partitions
+    them."""
     is_names = lambda x: isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x)  # noqa: E731
     names_leaves = jax.tree.leaves(param_names, is_leaf=is_names)
     shape_leaves, treedef = jax.tree.flatten(abstract_params)
@@ -192,8 +193,10 @@ def make_plan(abstract_params, param_names, mesh: Mesh, zero_stage: int, rules: 
         param_names=jax.tree.unflatten(treedef, names_leaves),
         param_compute=compute,
         param_storage=storage if zero_stage >= 3 else compute,
-        grad=zero if zero_stage >= 2 else compute,
-        zero=zero,
+        # stage 3: gradients and optimizer state in the parameters' storage layout (a persisted leaf's update runs
+        # whole where its weight lives: no gather of updated weights); stages 1-2: every leaf partitioned
+        grad=storage if zero_stage >= 3 else zero if zero_stage == 2 else compute,
+        zero=storage if zero_stage >= 3 else zero,
     )
 
 

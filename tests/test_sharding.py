@@ -46,9 +46,10 @@ def test_plan_trees_per_stage():
         assert data_in(plan.zero)
 
 
-def test_persistence_threshold_keeps_only_zero3_params_whole():
-    """stage3_param_persistence_threshold is about ZeRO-3's parameters (DeepSpeed): optimizer state (stage >= 1) and
-    gradients (stage >= 2) of a leaf below it are partitioned all the same (ZeRO-1 used to keep them whole)."""
+def test_persistence_threshold_is_zero3s_knob_only():
+    """stage3_param_persistence_threshold is ZeRO-3's (DeepSpeed): under ZeRO-1/2 the optimizer state and stage-2
+    gradients of a leaf below it are partitioned all the same (they used to stay whole); under ZeRO-3 such a leaf
+    stays whole with its gradient and optimizer state (its update runs where it lives, no gather after it)."""
     mesh = make_mesh({"data": 8})
     params = {"w": jax.ShapeDtypeStruct((4, 64, 128), jnp.float32), "b": jax.ShapeDtypeStruct((4, 128), jnp.float32)}
     names = {"w": ("layers", "embed", "mlp"), "b": ("layers", "mlp")}
@@ -56,8 +57,8 @@ def test_persistence_threshold_keeps_only_zero3_params_whole():
     for stage in (1, 2, 3):
         plan = shd.make_plan(params, names, mesh, stage, threshold=10_000)   # b (512 elements) below, w above
         shard = lambda tree, k: tree[k].shard_shape(params[k].shape)  # noqa: E731
-        assert shard(plan.zero, "b") == split_b and shard(plan.zero, "w") == split_w
-        assert shard(plan.grad, "b") == (split_b if stage >= 2 else whole_b)
+        assert shard(plan.zero, "b") == (whole_b if stage == 3 else split_b) and shard(plan.zero, "w") == split_w
+        assert shard(plan.grad, "b") == (split_b if stage == 2 else whole_b)   # stage 3: as its storage
         assert shard(plan.param_storage, "b") == whole_b                      # kept whole: below the threshold
         assert shard(plan.param_storage, "w") == (split_w if stage == 3 else whole_w)
 
