@@ -390,6 +390,21 @@ def restore_partial(directory, step: int, item, restore_args):
         ckptr.close()
 
 
+def read_client(directory, step: int):
+    """The ``client_state`` saved with ``step`` (no array read)."""
+    return _restore_item(directory, step, "client", f"checkpoint {_key(directory)}/{step}")
+
+
+def config_changes_line(directory, step: int, cfg) -> str | None:
+    """``"resume: config differs from the checkpoint's in N keys: ..."`` for a run resumed from ``step`` with the
+    config ``cfg``, or None when they agree (what the mains print on ``--resume``)."""
+    from jzero.config import to_dict
+
+    changes = config_changes(read_meta(directory, step)[1]["config"], to_dict(cfg))
+    return (f"resume: config differs from the checkpoint's in {len(changes)} keys: " + "; ".join(changes[:8])
+            if changes else None)
+
+
 def _restore_item(directory, step: int, item: str, where: str):
     try:
         return getattr(reader(directory).restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})), item)

@@ -245,7 +245,7 @@ class Engine:
         :func:`jzero.checkpoint.load` (which returns the client_state alone)."""
         from jzero import checkpoint
 
-        step = checkpoint.read_meta(load_dir, tag)[0]
+        step = checkpoint._pick_step(checkpoint.reader(load_dir), load_dir, tag)   # (no meta read twice)
         client = checkpoint.load(self, load_dir, step, data_iterator, load_module_only)
         return f"{checkpoint.location(load_dir)}/{step}", client
 

@@ -181,7 +181,7 @@ def saved_state(path) -> dict:
         return export.load_safetensors(path)[1]
     step, _ = checkpoint.read_meta(path)
     try:
-        client = checkpoint._restore_item(path, step, "client", f"checkpoint {checkpoint.location(path)}/{step}")
+        client = checkpoint.read_client(path, step)
     except Exception:   # noqa: BLE001 -- a checkpoint without a client item saved nothing beside its weights
         return {}
     return client if isinstance(client, dict) else {}

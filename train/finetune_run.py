@@ -53,7 +53,7 @@ def latest_client(ckpt_dir) -> tuple[int, dict] | None:
 
     for step in reversed(checkpoint.steps(ckpt_dir)):
         try:
-            client = checkpoint._restore_item(ckpt_dir, step, "client", f"checkpoint {ckpt_dir}/{step}")
+            client = checkpoint.read_client(ckpt_dir, step)
         except Exception:   # noqa: BLE001 -- partial or corrupted: restore_latest reports it and falls back
             continue
         if isinstance(client, dict):
@@ -88,7 +88,6 @@ def restore(engine, ckpt_dir: Path, labels, n_train: int, steps_per_epoch: int, 
     """Load the latest loadable checkpoint of ``ckpt_dir`` into ``engine`` (falling back past unreadable steps,
     logged) and return its position, or None (with a line) when there is none: the run starts fresh."""
     from jzero import checkpoint
-    from jzero.config import to_dict
     from jzero.errors import CheckpointError
 
     log = (lambda msg: print(msg, flush=True)) if pi == 0 else (lambda msg: None)
@@ -110,9 +109,9 @@ def restore(engine, ckpt_dir: Path, labels, n_train: int, steps_per_epoch: int, 
         pos.epoch, pos.epoch_step, pos.loss_sum = pos.epoch + 1, 0, 0.0
     log(f"resume: continuing from step {start} (epoch {pos.epoch}, step {pos.epoch_step} of {steps_per_epoch}) "
         f"({ckpt_dir}/{found[0]})")
-    changes = checkpoint.config_changes(checkpoint.read_meta(ckpt_dir, found[0])[1]["config"], to_dict(engine.config))
+    changes = checkpoint.config_changes_line(ckpt_dir, found[0], engine.config)
     if changes:
-        log(f"resume: config differs from the checkpoint's in {len(changes)} keys: " + "; ".join(changes[:8]))
+        log(changes)
     return pos   # the Monitor drops what the interrupted run logged after this step (resume_step)
 
 

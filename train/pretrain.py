@@ -82,11 +82,9 @@ def _resume(engine, ckpt_dir: Path, batches, pi: int) -> int:
         raise CheckpointError(f"checkpoint {ckpt_dir}/{found[0]} is at step {start} >= train.steps="
                               f"{engine.config.train.steps}; raise train.steps to train further")
     log(f"resume: continuing from step {start} ({ckpt_dir}/{found[0]})")
-    from jzero.config import to_dict
-
-    changes = checkpoint.config_changes(checkpoint.read_meta(ckpt_dir, found[0])[1]["config"], to_dict(engine.config))
+    changes = checkpoint.config_changes_line(ckpt_dir, found[0], engine.config)
     if changes:
-        log(f"resume: config differs from the checkpoint's in {len(changes)} keys: " + "; ".join(changes[:8]))
+        log(changes)
     return start   # the Monitor drops what the interrupted run logged after this step (resume_step)
 
 
