@@ -45,6 +45,10 @@ class StepTimer:
 
     def restart(self) -> None:
         """Open a new window now (after an eval or a checkpoint sync, which are not step time)."""
+        self._open()
+        self._inexact: tuple[float, dict[str, float], int, int] | None = None   # see `window`
+
+    def _open(self) -> None:
         self.t_mark = self.clock()
         self.steps = 0
         self.phase_s = dict.fromkeys(_TIMED, 0.0)
@@ -62,17 +66,29 @@ class StepTimer:
     def step(self) -> None:
         self.steps += 1
 
-    def window(self, steps: int) -> dict[str, float]:
+    def window(self, steps: int, exact: bool = True) -> dict[str, float]:
         """Per-step figures of the ``steps`` steps that finished since the window opened (call when the last of
-        them is ready); host phases are averaged over the loop iterations they were timed in."""
-        n = max(self.steps, 1)
-        avg = {k: v / n for k, v in self.phase_s.items()}
+        them is ready); host phases are averaged over the loop iterations they were timed in.
+
+        ``exact=False`` says a step was still running at this close (not counted here, so part of its time is in
+        this window and the rest in the next): that happens when the loop is host-bound, and the next window
+        then reads short by up to one step. The errors cancel between the two, so a window that ends exactly
+        (its last step waited for, nothing running after it) after an inexact close is returned merged with the
+        window before it: one span over both, its steps and host phases summed. Without this, a run's last
+        window on a host-bound loop could read a third of a step."""
+        now = self.clock()
+        span, count, iters, sums = now - self.t_mark, steps, self.steps, dict(self.phase_s)
+        if exact and self._inexact is not None:
+            t0, p_sums, p_iters, p_steps = self._inexact
+            span, count, iters = now - t0, count + p_steps, iters + p_iters
+            sums = {k: v + p_sums[k] for k, v in sums.items()}
+        self._inexact = None if exact else (self.t_mark, dict(self.phase_s), self.steps, steps)
+        avg = {k: v / max(iters, 1) for k, v in sums.items()}
         call = avg.pop("dispatch_call_s")
         cost = call if self.dispatch_cost_s is None else min(call, self.dispatch_cost_s)
-        out = {"step_time_s": (self.clock() - self.t_mark) / max(steps, 1), **avg,
-               "dispatch_time_s": cost, "queue_wait_s": call - cost}
+        out = {"step_time_s": span / max(count, 1), **avg, "dispatch_time_s": cost, "queue_wait_s": call - cost}
         out["host_time_s"] = sum(out[k] for k in PHASES)
-        self.restart()
+        self._open()
         return out
 
     @contextmanager

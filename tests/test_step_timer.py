@@ -71,3 +71,28 @@ def test_host_phases_average_over_timed_iterations_not_window_steps():
         _iteration(timer, clock, data=0.0, place=0.0, call=1e-3)
     w = timer.window(steps=4)
     assert w["dispatch_time_s"] == pytest.approx(1e-3) and w["step_time_s"] == pytest.approx(5e-3 / 4)
+
+
+def test_window_after_an_inexact_close_is_merged_with_it():
+    """Host-bound loop: a close that finds the next step still running (exact=False) leaves part of that step's
+    time to the next window, which would read short; the next exact close reports one span over both windows."""
+    clock = Clock()
+    timer = StepTimer(clock)
+    for _ in range(3):   # 3 steps of 10 ms; the close comes 7 ms into the 4th, which is not counted
+        _iteration(timer, clock, data=0.0, place=0.0, call=1e-3, device=9e-3)
+    clock.t += 7e-3
+    w1 = timer.window(steps=3, exact=False)
+    assert w1["step_time_s"] == pytest.approx(37e-3 / 3)
+    clock.t += 3e-3   # the 4th step ends: the run's last close, exact, counts it alone in 3 ms
+    timer.step()
+    w2 = timer.window(steps=1)
+    assert w2["step_time_s"] == pytest.approx(0.010)   # (40 ms over 4 steps, not 3 ms for one)
+    assert w2["dispatch_time_s"] == pytest.approx(3e-3 / 4)   # host phases over the 4 iterations of both
+    clock.t += 0.010   # merged once: the next window is its own again
+    timer.step()
+    assert timer.window(steps=1)["step_time_s"] == pytest.approx(0.010)
+    clock.t += 0.005   # an external restart (eval, save) forgets an inexact close
+    timer.window(steps=1, exact=False)
+    timer.restart()
+    clock.t += 0.020
+    assert timer.window(steps=1)["step_time_s"] == pytest.approx(0.020)

@@ -226,6 +226,7 @@ def run(cfg, resume: bool = False) -> dict:
         millions). A close that finds no step finished since the last one keeps the window open, and its lines
         show the last closed window's figures."""
         nonlocal pending, last_logged, done_through, profile, last_window
+        waited = not pending[-1][1]["loss"].is_ready()   # the fetch below waits for the logged step to finish
         fetched = [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(pending)]   # the one sync
         pending = []
         step = fetched[-1][0]
@@ -233,10 +234,13 @@ def run(cfg, resume: bool = False) -> dict:
             guard.check(s, m)   # diverged / fp16 scale stuck at its minimum: one line, exit 2
         ahead = next_metrics is not None and next_metrics["loss"].is_ready()   # (the step's own program's output)
         finished = step + 1 if ahead else step
+        # the close falls on a step boundary unless the next step was already running before the fetch (a
+        # host-bound loop) and is still running now: then StepTimer.window merges the next window into this one
+        exact = next_metrics is None or ahead or waited
         first, last_logged = last_logged + 1, step
         with timer.phase("log_time_s"):
             if finished > done_through:
-                window = timer.window(finished - done_through)
+                window = timer.window(finished - done_through, exact)
                 done_through, last_window = finished, window
                 tps = tokens_per_step / window["step_time_s"]
                 timed = not tracing.covers(step)   # a window of traced steps has the profiler's overhead: logged only
