@@ -308,7 +308,10 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
     if abstract:
         state, state_shardings = _abstract_state(cfg, plan, strategy, abstract_params)
     else:
-        params = jax.jit(lambda k: nn.unbox(init(k))["params"], out_shardings=plan.param_storage)(seed_key)
+        from models.layers import init_as_scanned   # (an unrolled jzero model starts from its scanned twin's weights)
+
+        params = jax.jit(lambda k: init_as_scanned(model, k, *task.init_inputs())["params"],
+                         out_shardings=plan.param_storage)(seed_key)
         params, opt_state, opt_shardings = strategy.init(params)
         rep = plan.replicated
         loss_scale = jax.device_put(init_loss_scale(cfg.fp16), rep)

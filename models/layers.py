@@ -401,3 +401,26 @@ def stack_blocks(block_cls, cfg, x):
 
 def _has_field(cls, name: str) -> bool:
     return dataclasses.is_dataclass(cls) and any(f.name == name for f in dataclasses.fields(cls))
+
+
+def init_as_scanned(module: nn.Module, key, *inputs) -> dict:
+    """``module.init(key, *inputs)``'s variables, unboxed, drawn as its scanned twin draws them.
+
+    Flax derives each parameter's random key from its module path, so an unrolled model (``scan_layers=False``:
+    ``block_<i>``) and the scanned one (``blocks``, split per layer by ``nn.scan``) would start from different
+    weights under the same ``train.seed``: flipping the flag for speed changed the run. Here an unrolled jzero model
+    is initialised as its scanned twin and layer ``i`` of each stacked leaf becomes ``block_<i>``'s, so both
+    layouts start from the same weights (a scanned model, or a module without the flag, inits as it is)."""
+    cfg = getattr(module, "cfg", None)
+    if getattr(cfg, "scan_layers", True) or not dataclasses.is_dataclass(cfg):
+        return nn.unbox(module.init(key, *inputs))
+    twin = module.clone(cfg=dataclasses.replace(cfg, scan_layers=True))
+    variables = dict(nn.unbox(twin.init(key, *inputs)))
+    params = dict(variables["params"])
+    if "blocks" not in params or any(f"block_{i}" in params for i in range(cfg.n_layer)):
+        return nn.unbox(module.init(key, *inputs))   # not a jzero layer stack: its own init
+    stacked = params.pop("blocks")
+    for i in range(cfg.n_layer):
+        params[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    variables["params"] = params
+    return variables

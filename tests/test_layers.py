@@ -122,3 +122,26 @@ def test_unrolled_blocks_hand_the_residual_add_to_the_next_norm_kernel(family, m
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         assert np.linalg.norm(a - b) <= 2e-2 * np.linalg.norm(b) + 1e-6
+
+
+def test_unrolled_model_starts_from_the_scanned_models_weights():
+    """Same seed, model.scan_layers flipped: block_<i> holds layer i of the scanned stack (flax's path-derived keys
+    alone would draw other weights), and both layouts compute the same loss."""
+    import flax.linen as nn
+
+    from models import GPT2, GPT2Config, replace
+    from models.layers import init_as_scanned
+
+    c = GPT2Config(n_layer=2, n_head=2, d_model=16, d_ff=32, vocab_size=32, max_len=8, attention="xla")
+    ids = jnp.arange(8, dtype=jnp.int32)[None] % 32
+    scanned, unrolled = GPT2(c), GPT2(replace(c, scan_layers=False))
+    key = jax.random.key(3)
+    ps = init_as_scanned(scanned, key, ids)["params"]
+    pu = init_as_scanned(unrolled, key, ids)["params"]
+    assert set(pu) == set(ps) - {"blocks"} | {"block_0", "block_1"}
+    for i in range(2):
+        jax.tree.map(lambda s, u, i=i: np.testing.assert_array_equal(s[i], u), ps["blocks"], pu[f"block_{i}"])
+    plain = nn.unbox(unrolled.init(key, ids))["params"]   # what flax alone draws: other weights
+    assert not np.array_equal(plain["block_0"]["mlp"]["fc_kernel"], pu["block_0"]["mlp"]["fc_kernel"])
+    np.testing.assert_allclose(unrolled.apply({"params": pu}, ids), scanned.apply({"params": ps}, ids),
+                               rtol=1e-5, atol=1e-5)
