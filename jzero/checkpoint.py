@@ -44,8 +44,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jzero.checkpoint_meta import (FORMAT, _unsaveable, check_compatible, describe,  # noqa: F401  (re-exported)
-                                  make_meta, restore_target, saveable, state_is_finite)
+from jzero.checkpoint_meta import (FORMAT, _unsaveable, check_compatible, config_changes,  # noqa: F401  (re-exported)
+                                  describe, make_meta, restore_target, saveable, state_is_finite, unflatten)
 from jzero.checksum import checksums, mismatches
 from jzero.errors import CheckpointError
 from jzero.orbax_noise import drop_closed_loop_callbacks, first_line, quiet_absl, quiet_background_failures
@@ -413,80 +413,7 @@ def _restore_item(directory, step: int, item: str, where: str):
                                         f"({type(exc).__name__}: {first_line(exc)})") from None
 
 
-# --------------------------------------------------------------------------- the weights alone, on the host
-
-
-def location(directory) -> str:
-    """The absolute path a checkpoint directory is known by (in messages, and export's metadata)."""
-    return _key(directory)
-
-
-def read_params(directory, step: int | None = None) -> tuple[int, dict, dict]:
-    """``(step, params, meta)``: the checkpoint's fp32 weights as host numpy arrays (a nested dict), read alone:
-    no mesh, no optimizer state (except an offloaded run's masters, which are its weights)."""
-    step, meta = read_meta(directory, step)
-    where = f"checkpoint {_key(directory)}/{step}"
-    if meta.get("offload"):   # the fp32 masters are the host chunks in the optimizer state, not the device params
-        return step, _read_offloaded_masters(directory, step, meta, where), meta
-    shapes = {k.removeprefix("params."): v for k, v in meta["state"].items() if k.startswith("params.")}
-    if not shapes:
-        raise CheckpointError(f"{where} holds no params (state leaves: {list(meta['state'])[:3]}...)")
-    item = {"params": unflatten({k: _struct(v) for k, v in shapes.items()})}
-    return step, _verified(meta, _read_host(directory, step, item, where, "params"), where)["params"], meta
-
-
-def _read_offloaded_masters(directory, step: int, meta: dict, where: str) -> dict:
-    """Params of a run saved under ``offload_optimizer``: its fp32 master chunks, re-stacked per leaf."""
-    from jzero.offload import restack_masters
-
-    chunks = meta["offload"]["chunks"]
-    keys = [f"opt_state.master.{i}" for i in range(len(chunks))]
-    missing = [k for k in keys if k not in meta["state"]]
-    if missing:
-        raise CheckpointError(f"{where}: its meta lists {len(chunks)} offloaded master chunks but the state has no "
-                              f"{missing[0]}; the checkpoint is inconsistent, export another step")
-    item = {"opt_state": {"master": [_struct(meta["state"][k]) for k in keys]}}
-    masters = _verified(meta, _read_host(directory, step, item, where, "master weights"), where)["opt_state"]["master"]
-    return unflatten(restack_masters(chunks, masters))
-
-
-def _read_host(directory, step: int, item, where: str, what: str):
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    try:
-        return restore_partial(directory, step, item, restore_args)
-    except Exception as exc:
-        raise UnreadableCheckpointError(f"{where} is unreadable: its {what} failed to load ({type(exc).__name__}: "
-                                        f"{first_line(exc)}); export an earlier --step") from None
-
-
-def _struct(desc: str):
-    """ShapeDtypeStruct from a :func:`describe` entry like ``float32[2,64]``."""
-    dtype, dims = desc[:-1].split("[")
-    return jax.ShapeDtypeStruct(tuple(int(d) for d in dims.split(",") if d), np.dtype(dtype))
-
-
-def unflatten(flat: dict) -> dict:
-    """``{'a.b': x}`` -> ``{'a': {'b': x}}`` (dotted leaf names back into a nested tree)."""
-    out: dict = {}
-    for name, v in flat.items():
-        node = out
-        *parents, leaf = name.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
-
-
-def config_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:
-    """``['optimizer.params.lr: 0.001 -> 0.0003', ...]``: where a resumed run's config differs from the saved one."""
-    out = []
-    for k in sorted(set(saved) | set(now)):
-        a, b = saved.get(k), now.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_changes(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
+# --------------------------------------------------------------------------- resume
 
 
 def restore_latest(engine, directory, data_iterator=None, log: Callable[[str], None] = print,
@@ -531,3 +458,18 @@ def _set_aside(directory, step: int, log: Callable[[str], None]) -> None:
         multihost_utils.sync_global_devices(f"jzero_checkpoint_set_aside_{step}")
     if _key(directory) in _WRITERS:
         _WRITERS[_key(directory)][0].reload()
+
+
+# --------------------------------------------------------------------------- the weights alone, on the host
+
+
+def location(directory) -> str:
+    """The absolute path a checkpoint directory is known by (in messages, and export's metadata)."""
+    return _key(directory)
+
+
+def read_params(directory, step: int | None = None) -> tuple[int, dict, dict]:
+    """``(step, params, meta)``: the checkpoint's fp32 weights as host numpy (:mod:`jzero.checkpoint_weights`)."""
+    from jzero.checkpoint_weights import read_params as read
+
+    return read(directory, step)

@@ -178,3 +178,27 @@ def state_is_finite(state) -> bool:
               if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.inexact)
               and getattr(x.sharding, "memory_kind", None) in (None, "device")]
     return bool(jax.device_get(_all_finite(leaves))) if leaves else True
+
+
+def config_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """``['optimizer.params.lr: 0.001 -> 0.0003', ...]``: where a resumed run's config differs from the saved one."""
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def unflatten(flat: dict) -> dict:
+    """``{'a.b': x}`` -> ``{'a': {'b': x}}`` (dotted leaf names back into a nested tree)."""
+    out: dict = {}
+    for name, v in flat.items():
+        node = out
+        *parents, leaf = name.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
