@@ -81,3 +81,12 @@ def test_overrides_may_follow_resume():
 
     args = parse_args(["a.b=1", "--resume", "c.d=2", "--config", "x.yaml", "e=3"])
     assert args.resume and args.overrides == ["a.b=1", "c.d=2", "e=3"] and args.config == "x.yaml"
+
+
+def test_deepspeed_config_flag_is_config():
+    """A DeepSpeed launch line's --deepspeed_config names the config, as --config does."""
+    from train.finetune import parse_args as finetune_args
+    from train.pretrain import parse_args
+
+    assert parse_args(["--deepspeed_config", "ds.json", "mesh.data=8"]).config == "ds.json"
+    assert finetune_args(["--deepspeed_config", "ds.json"]).config == "ds.json"

@@ -51,7 +51,8 @@ def parse_args(argv):
     from jzero.distributed import add_distributed_args
 
     p = argparse.ArgumentParser(prog="python -m train.finetune", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="DeepSpeed-style JSON or YAML config (default: the embedded default)")
+    p.add_argument("--config", "--deepspeed_config", dest="config",   # (DeepSpeed scripts pass --deepspeed_config)
+                   help="DeepSpeed-style JSON or YAML config (default: the embedded default)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. finetune.task=token_classification")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest loadable checkpoint in checkpoint.dir (default "

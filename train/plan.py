@@ -19,7 +19,8 @@ def parse_args(argv):
     from jzero.plan import CANDIDATES
 
     p = argparse.ArgumentParser(prog="python -m train.plan", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="DeepSpeed-style JSON/YAML (default: the embedded pretrain default)")
+    p.add_argument("--config", "--deepspeed_config", dest="config",
+                   help="DeepSpeed-style JSON/YAML (default: the embedded pretrain default)")
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, required=True)
     p.add_argument("--nvlink-GBps", type=float, default=450.0, help="per-GPU NVLink bandwidth, GB/s")

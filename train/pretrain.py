@@ -36,7 +36,8 @@ N_PROBES = 3
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="DeepSpeed-style JSON or YAML config (default: the embedded default)")
+    p.add_argument("--config", "--deepspeed_config", dest="config",   # (DeepSpeed scripts pass --deepspeed_config)
+                   help="DeepSpeed-style JSON or YAML config (default: the embedded default)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. zero_optimization.stage=3")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest loadable checkpoint in checkpoint.dir "
