@@ -150,6 +150,13 @@ def check_compatible(meta: dict, state, optimizer_type: str, where: str, prefix:
         raise CheckpointError(f"{where} was written with model.scan_layers={was}, this run has the other setting; "
                               f"resume with model.scan_layers={'true' if stacked(saved) else 'false'}")
     differ = [k for k in now if k in saved and saved[k] != now[k]]
+    if differ and all(k.startswith("opt_state") for k in differ):   # same weights, other optimizer-state shapes
+        k = differ[0]
+        raise CheckpointError(f"{where}: optimizer state leaf '{k}' is {saved[k]} in the checkpoint but {now[k]} "
+                              f"in this run ({len(differ)} leaves differ) while the weights match: the optimizer's "
+                              f"state layout differs (other optimizer params, or a jzero version that kept it "
+                              f"otherwise); resume with the checkpoint's optimizer settings, or load only the weights "
+                              f"(load_module_only=True)")
     if differ:
         k = differ[0]
         raise CheckpointError(f"{where}: state leaf '{k}' is {saved[k]} in the checkpoint but {now[k]} in this run "

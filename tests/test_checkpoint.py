@@ -485,3 +485,21 @@ def test_a_flipped_byte_is_refused_by_the_checksums_and_resume_falls_back(saved,
     assert tree_equal(host(eng.state), before)   # nothing of the corrupted step reached the engine
     assert "falling back to an earlier checkpoint" in capsys.readouterr().out
     assert any(p.name.startswith(f"{SAVE_AT}.unreadable") for p in d.iterdir())   # set aside, not deleted
+
+
+def test_optimizer_state_shapes_differing_alone_name_the_optimizer_not_the_model():
+    """Same weights, other optimizer-state shapes (e.g. a 1-bit checkpoint of a scanned model from before its
+    per-layer scales): the error says the optimizer state differs and offers the weights alone."""
+    import numpy as np
+
+    from jzero.checkpoint_meta import check_compatible, describe
+
+    now = {"params": {"w": np.zeros((2, 4), np.float32)}, "opt_state": {"scale": np.zeros((2,), np.float32)}}
+    saved = {"params": {"w": np.zeros((2, 4), np.float32)}, "opt_state": {"scale": np.zeros((), np.float32)}}
+    meta = {"state": describe(saved), "model": {"n_layer": 2}, "optimizer": {"type": "OneBitAdam", "state": []}}
+    with pytest.raises(CheckpointError, match=r"ck: optimizer state leaf 'opt_state.scale' is float32\[\] in the "
+                                              r"checkpoint but float32\[2\] in this run .*load_module_only=True"):
+        check_compatible(meta, now, "OneBitAdam", "ck")
+    now["params"]["w"] = np.zeros((3, 4), np.float32)   # the weights differ too: the model is named
+    with pytest.raises(CheckpointError, match=r"use the checkpoint's model \{'n_layer': 2\}"):
+        check_compatible(meta, now, "OneBitAdam", "ck")
