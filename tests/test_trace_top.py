@@ -72,3 +72,27 @@ def test_library_report_joins_gemm_kernels_to_their_custom_calls(tmp_path, capsy
     # a kernel inside a CUDA graph carries the graph's thunk: said so, with the flag that names the op instead
     assert ("### nvjet_NTT <- command_buffer_3: 0.010 ms/step, x0.5/step, 20.0 us each\n  (inside a CUDA graph: the "
             "trace names the graph; XLA_FLAGS=--xla_gpu_enable_command_buffer= names the op)") in out
+
+
+def test_memset_sources_group_by_hlo_op_or_the_next_kernel_on_the_stream(tmp_path, capsys):
+    from benchmarks import memset_sources
+
+    ev = lambda name, ts, dur, tid=1, **args: {"ph": "X", "pid": 7, "tid": tid, "name": name, "ts": ts,  # noqa: E731
+                                               "dur": dur, "args": args}
+    events = [ev("Memset 3", 0, 2, memset_size="1024"), ev("input_reduce_fusion_50", 3, 10),
+              ev("Memset 3", 20, 4), ev("Memset 3", 25, 4), ev("sdpa_bwd", 30, 50),
+              ev("Memset 3", 5, 3, tid=2, hlo_op="scatter.1"), ev("other", 1, 1, tid=2),
+              ev("Memset 3", 90, 1)]
+    rows = memset_sources.memset_sources(events)
+    assert rows == {"before input_reduce_fusion_50": {"n": 1, "us": 2.0, "bytes": [1024]},
+                    "before sdpa_bwd": {"n": 2, "us": 8.0, "bytes": []},
+                    "hlo_op scatter.1": {"n": 1, "us": 3.0, "bytes": []},
+                    "before (end of trace)": {"n": 1, "us": 1.0, "bytes": []}}
+    meta = [{"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/device:GPU:0"}}]
+    with gzip.open(tmp_path / "x.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": meta + events}, f)
+    memset_sources.report(str(tmp_path), steps=1)
+    out = capsys.readouterr().out
+    assert "first memset event: name 'Memset 3', args keys ['memset_size']" in out
+    assert "5 memsets per step, 0.014 ms per step, 4 sources" in out
+    assert out.splitlines()[2].split()[-1] == "sdpa_bwd"   # the most time first
