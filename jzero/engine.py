@@ -321,7 +321,10 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
 
     loss_fn = lambda p, b: task.loss(model.apply, p, b)  # noqa: E731
     context = _step_context(cfg, layout, plan, abstract_params)
-    train_fn = strategy.train_fn(loss_fn, _grads_of(cfg, layout, plan, abstract_params), schedule, context=context,
+    # the pipeline applies the model once to all micro-batches; the loss stays the mean of the micro-batch means
+    train_loss = (pipeline.micro_batch_mean(task.loss, model.apply, layout.run.spec.micro_batches)
+                  if layout.run is not None else loss_fn)
+    train_fn = strategy.train_fn(train_loss, _grads_of(cfg, layout, plan, abstract_params), schedule, context=context,
                                  skip_nonfinite=skips_nonfinite_steps(cfg.fp16, cfg.bf16))
 
     def eval_fn(params, batch):

@@ -15,9 +15,10 @@ N / (tensor x pipeline); with hpZ (a ``node`` axis) node = N / G and data = G / 
 collective over ``node`` alone moves ZeRO storage sharded over ``data`` (hpZ's gradient shard), so its S_c scales
 by compiled data / target data. bw(c) is NVLink when the group stays in one node and InfiniBand (per GPU) when it
 spans nodes; trips_c is the trip count of the while loops around it (a scanned layer's gather runs once per
-layer). t_compute is the measured single-GPU step (weak scaling: the per-GPU micro-batch stays, tokens/s = N x
-tokens per GPU step / t). Memory per device at N: XLA's temporaries at the compiled size plus every state leaf's
-bytes divided by its shard count at N.
+layer). t_compute is the measured single-GPU step t_1 (the whole model, the config's micro-batch) shared by the
+T x P GPUs of one tensor x pipeline group, idle for the pipeline's bubble: t_1 / (T P (1 - bubble)); weak scaling:
+each data rank's micro-batch stays, tokens/s = data ranks x tokens per data rank's step / t. Memory per device at
+N: XLA's temporaries at the compiled size plus every state leaf's bytes divided by its shard count at N.
 """
 
 from __future__ import annotations
@@ -219,7 +220,8 @@ class Profile:
     temp_bytes: int
     leaves: list[tuple[int, tuple[str, ...], bool]]   # (bytes at the compiled size, spec axes, per-rank leaf)
     compiled_sizes: dict[str, int]
-    tokens_per_gpu_step: int
+    tokens_per_rank_step: int    # tokens one data rank (one tensor x pipeline group) trains on per step
+    bubble: float = 0.0          # the pipeline's idle share (S-1)/(R*M+S-1); 0 without a pipeline
 
 
 def memory_bytes(prof: Profile, sizes: dict[str, int]) -> float:
@@ -264,7 +266,8 @@ def profile_of(engine, compiled, name: str) -> Profile:
                         and x.shape[0] == sizes["data"])
         leaves.append((int(x.size * x.dtype.itemsize), axes, per_rank))
     tokens = rc.train_micro_batch_size_per_gpu * rc.gradient_accumulation_steps * rc.data.seq_len
-    return Profile(name, cols, int(compiled.memory_analysis().temp_size_in_bytes), leaves, sizes, tokens)
+    bubble = engine.pipeline.spec.bubble if engine.pipeline is not None else 0.0
+    return Profile(name, cols, int(compiled.memory_analysis().temp_size_in_bytes), leaves, sizes, tokens, bubble)
 
 
 def profile(cfg, name: str, mesh=None) -> Profile:
@@ -291,12 +294,17 @@ def _onebit_compressed(engine):
 
 def predict(prof: Profile, gpus: int, gpus_per_node: int, t_compute: float, links: Links,
             overlap: float = 0.0) -> dict[str, Any]:
-    """Predicted step (s), tokens/s, weak-scaling efficiency, per-device memory and bytes of a candidate on ``gpus``."""
+    """Predicted step (s), tokens/s, weak-scaling efficiency, per-device memory and bytes of a candidate on ``gpus``.
+
+    ``t_compute`` is the single-GPU step t_1; the T x P GPUs of a tensor x pipeline group share it and idle for the
+    bubble, and only the data ranks (gpus / (T P)) train on batches of their own. Efficiency is tokens/s over
+    ``gpus`` x the single GPU's (tokens per rank's step / t_1): t_1 / (T P t), 1 for perfect linear scaling."""
     sizes = target_sizes(prof.compiled_sizes, gpus, gpus_per_node)
+    group = sizes.get("tensor", 1) * sizes.get("pipeline", 1)
     t_comm = comm_seconds(prof.cols, sizes, gpus_per_node, links, prof.compiled_sizes)
-    t = step_seconds(t_compute, t_comm, overlap)
+    t = step_seconds(t_compute / group / (1.0 - prof.bubble), t_comm, overlap)
     return {"gpus": gpus, "sizes": sizes, "step_s": t, "comm_s": t_comm,
-            "tokens_per_s": gpus * prof.tokens_per_gpu_step / t, "efficiency": t_compute / t,
+            "tokens_per_s": gpus // group * prof.tokens_per_rank_step / t, "efficiency": t_compute / (group * t),
             "memory_bytes": memory_bytes(prof, sizes),
             "bytes": bytes_per_device(prof.cols, sizes, prof.compiled_sizes)}
 

@@ -4,6 +4,7 @@ HLO-counted in the program compiled for 4 (ZeRO-3-like layer scan), hpZ's bytes 
 2 x 4 program equal the 4 x 2 program's, the node axis carries exactly topology.inter_node_bytes' bytes, and at
 8 GPUs every candidate reproduces the bytes comm.collective_bytes counts in its own program."""
 
+import dataclasses
 import math
 
 import jax
@@ -118,6 +119,15 @@ def test_memory_and_prediction():
     t = 0.1 + 2 * 15 / 16 * 1e8 / 10e9
     assert r["step_s"] == pytest.approx(t) and r["tokens_per_s"] == pytest.approx(16 * 4096 / t)
     assert r["efficiency"] == pytest.approx(0.1 / t)
+    # tensor 2 x pipeline 2 (gpipe, 4 micro-batches: bubble 1/5): 16 GPUs are 4 data ranks, each group of 4 shares
+    # the single-GPU step and idles for the bubble; step x tokens/s = the step's tokens (it used to be t_1 + comm
+    # with 16 ranks' tokens: 4x the tokens the step trains on)
+    mp = dataclasses.replace(prof, compiled_sizes={"pipeline": 2, "data": 2, "tensor": 2}, bubble=1 / 5)
+    r = predict(mp, 16, 8, 0.1, Links(ib_GBps=10.0, ib_alpha=0.0, nvlink_alpha=0.0))
+    t = 0.1 / 4 / (1 - 1 / 5) + 2 * 3 / 4 * 1e8 / 450e9
+    assert r["sizes"]["data"] == 4 and r["step_s"] == pytest.approx(t)
+    assert r["tokens_per_s"] * r["step_s"] == pytest.approx(4 * 4096)
+    assert r["efficiency"] == pytest.approx(0.1 / (4 * t))
     assert gpu_counts(16, 8) == [1, 2, 4, 8, 16, 32, 64, 128] and gpu_counts(200, 8)[-1] == 1024
     assert gpu_counts(2, 6) == [1, 2, 4, 6, 12]
 
@@ -176,7 +186,7 @@ def test_profile_of_the_engine_step_counts_the_gradient_allreduce_and_the_1bit_s
     # values XLA combined into the same all-reduce; not traced further)
     assert 2 * 7 / 8 * 4 * numel <= sent <= 1.02 * (2 * 7 / 8 * 4 * numel)
     assert any(c.trips == 2 for c in z0.cols)
-    assert z0.tokens_per_gpu_step == 2 * 32
+    assert z0.tokens_per_rank_step == 2 * 32 and z0.bubble == 0.0
     ob = compiled["onebit_adam"][2]
     assert 0 < bytes_per_device(ob.cols, ob.compiled_sizes)["data"] <= sent / 16
     assert any(per_rank for _, _, per_rank in ob.leaves)

@@ -25,8 +25,9 @@ def parse_args(argv):
     p.add_argument("--gpus-per-node", type=int, required=True)
     p.add_argument("--nvlink-GBps", type=float, default=450.0, help="per-GPU NVLink bandwidth, GB/s")
     p.add_argument("--ib-GBps", type=float, default=50.0, help="per-GPU InfiniBand bandwidth, GB/s (400 Gb/s NIC)")
-    p.add_argument("--step-ms-1gpu", type=float, help="measured single-GPU step at the config's micro-batch "
-                   "(default: BENCHMARKS.md's for the shipped configs)")
+    p.add_argument("--step-ms-1gpu", type=float, help="measured single-GPU step at the config's micro-batch, "
+                   "whole model (with mesh.tensor x mesh.pipeline > 1 the planner splits it over that group; "
+                   "default: BENCHMARKS.md's for the shipped configs)")
     p.add_argument("--gpu-mem-GiB", type=float, default=80.0)
     p.add_argument("--overlap", type=float, default=0.0, help="fraction of compute that hides communication (0-1)")
     p.add_argument("--candidates", default=",".join(CANDIDATES))
