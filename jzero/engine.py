@@ -378,6 +378,13 @@ class Layout:
 
 
 def _layout(cfg: JzeroConfig, mesh, rules) -> Layout:
+    if rules is not None:   # the table must agree with the config's mesh.sequence_parallel, which it overrides
+        sp_rules = dict(rules).get("residual_length") == "tensor"
+        if sp_rules != cfg.mesh.sequence_parallel:
+            raise ConfigError(f"initialize: rules= map 'residual_length' to {dict(rules).get('residual_length')!r} "
+                              f"but mesh.sequence_parallel={str(cfg.mesh.sequence_parallel).lower()}; pass rules "
+                              f"that {'shard' if cfg.mesh.sequence_parallel else 'do not shard'} it over 'tensor' "
+                              f"(jzero.sharding.rules_for(cfg.mesh) as a base), or leave rules= out")
     rules = rules if rules is not None else shd.rules_for(cfg.mesh)   # mesh.sequence_parallel picks the table
     spec = pipeline.spec_from_config(cfg)
     run = pipeline.PipelineRun(spec) if spec is not None else None

@@ -256,3 +256,19 @@ def test_weight_copies_only_where_the_plain_gradient_path_runs(monkeypatch):
     monkeypatch.setenv("JZERO_WEIGHT_COPIES", "off")
     with pytest.raises(ConfigError, match="JZERO_WEIGHT_COPIES='off': use 0"):
         dtype(["bf16.enabled=true"])
+
+
+def test_rules_passed_in_must_agree_with_sequence_parallel():
+    """rules= replaces the table mesh.sequence_parallel picks: one that contradicts it is refused, not a run that
+    reports sequence parallelism on and plans without it."""
+    from jzero import sharding as shd
+
+    cfg = load_config(base={}, overrides=BASE + ["train_batch_size=16", "mesh.data=4", "mesh.tensor=2",
+                                                 "mesh.sequence_parallel=true"])
+    with pytest.raises(ConfigError, match=r"initialize: rules= map 'residual_length' to None but "
+                                          r"mesh.sequence_parallel=true; pass rules that shard it over 'tensor'"):
+        jzero.initialize(cfg, rules=shd.DEFAULT_RULES, abstract=True)
+    off = load_config(base={}, overrides=BASE + ["train_batch_size=16", "mesh.data=4", "mesh.tensor=2"])
+    with pytest.raises(ConfigError, match=r"mesh.sequence_parallel=false; pass rules that do not shard it"):
+        jzero.initialize(off, rules=shd.SEQUENCE_PARALLEL_RULES, abstract=True)
+    assert jzero.initialize(cfg, rules=shd.SEQUENCE_PARALLEL_RULES, abstract=True).plan is not None
