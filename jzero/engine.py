@@ -33,7 +33,7 @@ from jzero.config import JzeroConfig, resolve
 from jzero.batch import check_global_batch, check_global_eval_batch, check_local_batch, check_local_eval_batch
 from jzero.errors import CheckpointError, ConfigError, DataError
 from jzero.loss import cross_entropy, logsumexp_one_pass  # noqa: F401  (re-exported: their old home)
-from jzero.mesh import make_mesh
+from jzero.layout import Layout, build_layout
 from jzero.offload import OptimizerOffload, offloaded, unsupported as offload_unsupported
 from jzero.optim import build_optimizer
 from jzero.optim.onebit import OneBit, build_onebit, is_onebit, unsupported as onebit_unsupported
@@ -280,7 +280,7 @@ def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config
     """
     cfg = resolve(config, mesh.devices.size if mesh is not None else jax.device_count())
     check_supported(cfg)
-    layout = _layout(cfg, mesh, rules)
+    layout = build_layout(cfg, mesh, rules)
     own_model = model is None
     if model is not None and vocab_size is not None:
         raise ConfigError(f"initialize: vocab_size={vocab_size} is for the model built from the config; with a model "
@@ -366,44 +366,6 @@ def _abstract_state(cfg: JzeroConfig, plan, strategy, abstract_params) -> tuple[
     return state, shardings
 
 
-@dataclass(frozen=True)
-class Layout:
-    """The mesh and the logical rules the step traces under (the pipeline's and hpZ's rules applied)."""
-
-    mesh: jax.sharding.Mesh
-    rules: shd.LogicalRules          # storage/compute rules (hpZ: ZeRO over data within the node)
-    flat_rules: shd.LogicalRules     # the rules before hpZ (its node-first gradient reduction needs them)
-    run: pipeline.PipelineRun | None
-    hpz: int
-
-
-def _layout(cfg: JzeroConfig, mesh, rules) -> Layout:
-    if rules is not None:   # the table must agree with the config's mesh.sequence_parallel, which it overrides
-        sp_rules = dict(rules).get("residual_length") == "tensor"
-        if sp_rules != cfg.mesh.sequence_parallel:
-            raise ConfigError(f"initialize: rules= map 'residual_length' to {dict(rules).get('residual_length')!r} "
-                              f"but mesh.sequence_parallel={str(cfg.mesh.sequence_parallel).lower()}; pass rules "
-                              f"that {'shard' if cfg.mesh.sequence_parallel else 'do not shard'} it over 'tensor' "
-                              f"(jzero.sharding.rules_for(cfg.mesh) as a base), or leave rules= out")
-    rules = rules if rules is not None else shd.rules_for(cfg.mesh)   # mesh.sequence_parallel picks the table
-    spec = pipeline.spec_from_config(cfg)
-    run = pipeline.PipelineRun(spec) if spec is not None else None
-    if run is not None:
-        rules = pipeline.pipeline_rules(rules)   # the stacked 'layers' dim stored over the pipeline axis
-    hpz = cfg.zero_optimization.zero_hpz_partition_size
-    flat_rules = rules
-    if hpz > 1:   # ZeRO++ hpZ: batch over node x data, ZeRO over data (within the node)
-        rules = topology.hierarchical_rules(rules)
-    if mesh is None:
-        mesh = make_mesh(cfg.mesh, hpz=hpz)
-    else:
-        _check_given_mesh(mesh, cfg)
-    if hpz > 1 and "node" not in mesh.axis_names:
-        raise ConfigError(f"zero_optimization.zero_hpz_partition_size={hpz}: the given mesh has no 'node' axis; "
-                          "build it with jzero.mesh.make_mesh(cfg.mesh, hpz=...) or leave mesh out")
-    return Layout(mesh=mesh, rules=rules, flat_rules=flat_rules, run=run, hpz=hpz)
-
-
 def _check_save_names(cfg: JzeroConfig) -> None:
     """jzero's own models name only :data:`jzero.remat.MODEL_ACTIVATION_NAMES`: another name in
     ``activation_checkpointing.save_names`` would match nothing and silently save nothing (full remat)."""
@@ -414,23 +376,6 @@ def _check_save_names(cfg: JzeroConfig) -> None:
         raise ConfigError(f"activation_checkpointing.save_names: {unknown[0]!r} names no activation of jzero's models; "
                           f"use some of {', '.join(MODEL_ACTIVATION_NAMES)} (a model you pass to initialize may name "
                           "its own)")
-
-
-def _check_given_mesh(mesh, cfg: JzeroConfig) -> None:
-    """A mesh passed to :func:`initialize` must have the config's axis sizes (``node`` x ``data`` counting as the
-    data axis under hpZ): a pipeline or tensor axis the config does not know of would be left unused (every
-    device doing the same work) while the config reports another layout."""
-    got = dict(mesh.shape)
-    have = {"data": got.get("data", 1) * got.get("node", 1), "tensor": got.get("tensor", 1),
-            "pipeline": got.get("pipeline", 1)}
-    want = {"data": cfg.mesh.data, "tensor": cfg.mesh.tensor, "pipeline": cfg.mesh.pipeline}
-    unknown = sorted(set(got) - {"data", "node", "tensor", "pipeline"})
-    if unknown or have != want:
-        sizes = ", ".join(f"{k}={v}" for k, v in got.items())
-        raise ConfigError(f"the mesh given to initialize has {sizes} but the config's mesh is "
-                          f"{', '.join(f'{k}={v}' for k, v in want.items())}"
-                          f"{f' (jzero knows no axis {unknown[0]!r})' if unknown else ''}; set mesh.data/tensor/"
-                          "pipeline to the mesh's sizes, or leave mesh out (jzero.mesh.make_mesh(cfg.mesh) builds it)")
 
 
 def _default_model(cfg: JzeroConfig, vocab_size: int | None):

@@ -242,7 +242,7 @@ def test_weight_copies_only_where_the_plain_gradient_path_runs(monkeypatch):
 
     def dtype(over, own=True):
         cfg = resolve(load_config(base={}, overrides=BASE + ["train_batch_size=16"] + over), 8)
-        return E._copy_dtype(cfg, E._layout(cfg, None, None), own)
+        return E._copy_dtype(cfg, E.build_layout(cfg), own)
 
     assert dtype(["bf16.enabled=true"]) == jax.numpy.bfloat16
     assert dtype(["fp16.enabled=true"]) == jax.numpy.float16
