@@ -15,12 +15,18 @@ FAKE_TRAINER = textwrap.dedent("""
     import json, os, sys, yaml
     args = sys.argv[1:]
     assert args[0] == "--config" and os.path.isfile(args[1]), args
-    kv = dict(a.split("=", 1) for a in args[2:])
+    resume = args[-1] == "--resume"
+    kv = dict(a.split("=", 1) for a in args[2:len(args) - resume])
     with open(os.environ["FAKE_CALLS"], "a") as f:
-        f.write(json.dumps(kv) + "\\n")
+        f.write(json.dumps({**kv, "--resume": True} if resume else kv) + "\\n")
     if kv.get("train.fail") == "true":
         print("boom: told to fail"); sys.exit(3)
     out = kv["train.output_dir"]
+    ckpt = os.path.join(out, "checkpoints")
+    if os.path.isdir(ckpt) and os.listdir(ckpt) and not resume:   # as train.pretrain refuses
+        print("error: checkpoint directory already holds steps; pass --resume"); sys.exit(2)
+    if kv.get("train.killed_after_step") and not resume:   # a checkpoint at step 1, then SIGKILL
+        os.makedirs(os.path.join(ckpt, "1")); sys.exit(137)
     os.makedirs(out, exist_ok=True)
     stage = int(kv.get("zero_optimization.stage", 0))
     lr = float(kv.get("optimizer.params.lr", 1.0))
@@ -107,6 +113,24 @@ def test_failed_point_is_reported_and_sweep_goes_on(sweep_dir, capsys):
     # a rerun retries only the failed point
     assert main([str(sweep)]) == 1
     assert len(_calls(sweep_dir)) == 3
+
+
+def test_a_point_killed_after_a_checkpoint_resumes_from_it(sweep_dir, capsys):
+    """A point killed mid-run (preempted, a time limit) left checkpoint steps: a rerun of the sweep passes the trainer
+    --resume instead of starting it fresh into that directory, which the trainer refuses (every rerun failed)."""
+    sweep = _write_sweep(sweep_dir, {"train.killed_after_step": [1]})
+    assert main([str(sweep)]) == 1
+    assert "train.killed_after_step=1: failed (exit 137)" in capsys.readouterr().out
+    assert main([str(sweep)]) == 0
+    assert "train.killed_after_step=1: resuming its earlier attempt (--resume)" in capsys.readouterr().out
+    calls = _calls(sweep_dir)
+    assert len(calls) == 2 and "--resume" not in calls[0] and calls[1]["--resume"] is True
+    point = sweep_dir / "out" / "train.killed_after_step=1"
+    assert (point / "summary.json").is_file() and not (point / "FAILED").exists()
+    # a point whose earlier attempt ran other settings is not resumed: the trainer's refusal stands
+    (point / "summary.json").unlink()
+    sweep.write_text(sweep.read_text().replace("train.steps: 3", "train.steps: 4"))
+    assert main([str(sweep)]) == 1 and "--resume" not in _calls(sweep_dir)[-1]
 
 
 def test_dry_run_runs_nothing(sweep_dir, capsys):

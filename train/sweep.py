@@ -18,7 +18,9 @@ the swept keys (sanitised for file names); its directory is ``output_dir/<name>`
 ``--config BASE <overrides> <point values> train.output_dir=<dir>`` with its output in ``<dir>/train.log``.
 
 Resume: a point whose directory has summary.json is skipped, so rerunning the same command only does what is
-left. A failed point is recorded (``<dir>/FAILED``), the sweep goes on, and the exit code is 1 at the end.
+left; a point stopped mid-run (killed, preempted) after writing checkpoints continues from them (the trainer
+gets ``--resume``; the command must accept it, as train.pretrain and train.finetune do). A failed point is recorded (``<dir>/FAILED``), the sweep goes on,
+and the exit code is 1 at the end.
 After the points, ``output_dir/results.md`` (one row per point) and ``output_dir/loss.png`` are written.
 
 ``--slurm`` writes ``points.json`` and an array job ``sweep.sbatch`` (one point per task, ``--point
@@ -292,16 +294,41 @@ def _env() -> dict:
     return env
 
 
-def run_point(point: Point) -> str:
-    """Run one point's trainer (output to <dir>/train.log); returns 'done' or 'failed (...)'."""
+def _checkpoint_dir(point: Point) -> Path:
+    """The point's checkpoint directory: a ``checkpoint.dir=`` it passes, else ``<dir>/checkpoints`` (the
+    trainers' default)."""
+    given = [a.split("=", 1)[1] for a in point.argv if a.startswith("checkpoint.dir=")]
+    return Path(given[-1]) if given else point.dir / "checkpoints"
+
+
+def resumes(point: Point) -> bool:
+    """Whether an unfinished point continues its earlier attempt (``--resume``): that attempt ran the same command
+    (``sweep_point.json``) and left checkpoint steps. Without it a point killed mid-run (preempted, a time limit,
+    Ctrl-C) after a checkpoint could never finish: the trainer refuses a fresh run into a checkpoint directory
+    that holds steps, so every rerun of the sweep would fail it again."""
+    record = point.dir / "sweep_point.json"
+    if is_done(point) or not record.is_file():
+        return False
+    if json.loads(record.read_text()).get("argv", [])[1:] != point.argv[1:]:
+        return False   # other settings: the trainer's own refusal names the directory and the fix
+    from jzero import checkpoint
+
+    return bool(checkpoint.steps(_checkpoint_dir(point)))
+
+
+def run_point(point: Point, resume: Optional[bool] = None) -> str:
+    """Run one point's trainer (output to <dir>/train.log, appended to when it resumes an earlier attempt:
+    ``resume``, default :func:`resumes`); returns 'done' or 'failed (...)'."""
+    resume = resumes(point) if resume is None else resume
     point.dir.mkdir(parents=True, exist_ok=True)
     (point.dir / "sweep_point.json").write_text(json.dumps({"argv": point.argv}))
     marker = point.dir / "FAILED"
     marker.unlink(missing_ok=True)
     log_path = point.dir / "train.log"
-    with open(log_path, "w") as log:
+    with open(log_path, "a" if resume else "w") as log:
         try:
-            rc = subprocess.run(point.argv, stdout=log, stderr=subprocess.STDOUT, env=_env()).returncode
+            rc = subprocess.run(point.argv + (["--resume"] if resume else []), stdout=log,
+                                stderr=subprocess.STDOUT, env=_env()).returncode
         except OSError as e:
             rc, why = None, f"failed (cannot start {point.argv[0]}: {e.strerror})"
     if rc is not None:
@@ -444,8 +471,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             statuses.append("done")
             print(f"{head}: done earlier, skipped", flush=True)
             continue
-        print(f"{head}: running, log in {p.dir / 'train.log'}", flush=True)
-        status = run_point(p)
+        resume = resumes(p)
+        print(f"{head}: {'resuming its earlier attempt (--resume)' if resume else 'running'}, log in "
+              f"{p.dir / 'train.log'}", flush=True)
+        status = run_point(p, resume)
         statuses.append(status)
         print(f"{head}: {status}" + ("" if status == "done" else f", see {p.dir / 'train.log'}:\n"
                                      f"{_tail(p.dir / 'train.log')}"), flush=True)
