@@ -1,6 +1,6 @@
 """Consolidated export (DeepSpeed's ``zero_to_fp32``): full weights from a sharded checkpoint, no GPU, no mesh.
 
-    python -m train.export CKPT_DIR --out model.safetensors [--dtype fp32|bf16|fp16] [--step N]
+    python -m train.export CKPT_DIR --out model.safetensors [--dtype fp32|bf16|fp16] [--step N]   # or the RUN_DIR
     python -m train.export CKPT_DIR --format hf --out gpt2_dir [--vocab-size 50257]
 
 DeepSpeed needs ``zero_to_fp32.py`` because each rank wrote its own flat fp32 partition that must be stitched
@@ -40,10 +40,19 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
     return out
 
 
+def checkpoint_location(directory) -> Path:
+    """``directory``, or its ``checkpoints/`` when it is a run directory (``train.output_dir``, what
+    ``python -m train.generate --checkpoint`` takes too) holding no steps itself."""
+    directory = Path(directory)
+    if (directory / "checkpoints").is_dir() and not checkpoint.steps(directory):
+        return directory / "checkpoints"
+    return directory
+
+
 def load_params(directory, step: int | None = None) -> tuple[int, dict, dict]:
     """``(step, params, meta)``: the checkpoint's params as host numpy arrays (fp32 masters), read alone
-    (:func:`jzero.checkpoint.read_params`)."""
-    return checkpoint.read_params(directory, step)
+    (:func:`jzero.checkpoint.read_params`); ``directory`` is a checkpoint directory or a run directory."""
+    return checkpoint.read_params(checkpoint_location(directory), step)
 
 
 def export_safetensors(directory, out, dtype: str = "fp32", step: int | None = None) -> tuple[Path, int, int]:
@@ -56,7 +65,7 @@ def export_safetensors(directory, out, dtype: str = "fp32", step: int | None = N
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(flat, str(out), metadata={"format": "jzero", "step": str(step), "dtype": dtype,
                                          "model": json.dumps(meta.get("model", {})),
-                                         "source": checkpoint.location(directory)})
+                                         "source": checkpoint.location(checkpoint_location(directory))})
     return out, step, int(sum(v.size for v in flat.values()))
 
 

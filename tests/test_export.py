@@ -64,6 +64,19 @@ def test_export_bf16_and_older_step(ckpt, tmp_path):
     assert not np.array_equal(params[1]["wte"], params[2]["wte"])
 
 
+def test_export_from_the_run_directory(ckpt, tmp_path, capsys):
+    """The run directory (what train.generate --checkpoint takes) exports its checkpoints/: it used to fail with
+    "no complete checkpoint in RUN; train with train.checkpoint_interval>0", a fix the user had already made."""
+    d, params = ckpt
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").symlink_to(d)
+    assert main([str(run), "--out", str(tmp_path / "m.safetensors"), "--step", "1"]) == 0
+    assert "params from step 1" in capsys.readouterr().out
+    flat, meta = export.load_safetensors(tmp_path / "m.safetensors")
+    assert np.array_equal(flat["wte"], params[1]["wte"]) and meta["source"].endswith("checkpoints")
+
+
 def test_export_errors_name_the_problem(ckpt, tmp_path, capsys):
     d, _ = ckpt
     assert main([str(tmp_path / "nope"), "--out", str(tmp_path / "x.safetensors")]) == 2
