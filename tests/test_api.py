@@ -1,0 +1,24 @@
+"""The public ``import jzero`` API as README.md shows it: what each call takes, and one-line errors for what it
+does not (never an AttributeError from deep inside)."""
+import json
+
+import pytest
+
+import jzero
+from jzero.errors import ConfigError
+
+TINY = {"train_batch_size": 8, "model": {"n_layer": 1, "d_model": 32, "n_head": 2, "d_ff": 64},
+        "data": {"seq_len": 16}}
+
+
+def test_initialize_takes_a_config_path_or_dict_as_deepspeed_does(tmp_path):
+    """deepspeed.initialize(config=) takes a path or a dict; jzero.initialize("ds_config.json") used to fail with
+    "AttributeError: 'str' object has no attribute 'mesh'"."""
+    path = tmp_path / "ds_config.json"
+    path.write_text(json.dumps(TINY))
+    for config in (str(path), path, TINY):
+        eng = jzero.initialize(config, abstract=True)   # abstract: nothing allocated, nothing compiled
+        assert eng.batch_shape() == (1, 8, 17) and eng.config.model.d_model == 32
+    with pytest.raises(ConfigError, match=r"^initialize: config has type int; pass jzero.load_config\(PATH_OR_DICT\)"):
+        jzero.initialize(3)
+
