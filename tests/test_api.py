@@ -22,3 +22,10 @@ def test_initialize_takes_a_config_path_or_dict_as_deepspeed_does(tmp_path):
     with pytest.raises(ConfigError, match=r"^initialize: config has type int; pass jzero.load_config\(PATH_OR_DICT\)"):
         jzero.initialize(3)
 
+
+def test_load_config_refuses_one_string_of_overrides():
+    """load_config(path, "a=b") iterated the string: "override 'z' is not key=value"; now it names the fix."""
+    with pytest.raises(ConfigError) as e:
+        jzero.load_config(TINY, "zero_optimization.stage=3")
+    assert str(e.value) == ("load_config: overrides='zero_optimization.stage=3' is one string; pass a list of "
+                            "key=value strings, e.g. ['zero_optimization.stage=3']")
