@@ -17,7 +17,7 @@ The two programs (:mod:`models.kv_cache` holds the cache layout):
   in place. Between chunks the host streams the chunk's tokens (``on_tokens``) and stops early when every row has
   hit a stop token; with neither, chunks are dispatched back to back without a host sync.
 
-Sampling is :mod:`jzero.sampling`; step ``i``'s random key is ``fold_in(PRNGKey(seed), i)``, so a seed gives the
+Sampling is :mod:`jzero.sampling`; step ``i``'s random key is ``fold_in(seed_key(seed), i)``, so a seed gives the
 same tokens whatever the chunk size. A row that emitted a stop token keeps decoding (the batch is one program)
 but its later tokens are ``pad_id`` and dropped from ``tokens``. Logits of padded vocabulary rows (jzero pads
 50257 -> 50304 so tensor sizes divide it) are ``-inf``: only the real ``vocab_size`` ids are ever sampled.
@@ -44,7 +44,7 @@ from jax.sharding import AxisType, Mesh
 from jzero import kernels
 from jzero import sharding as shd
 from jzero.errors import ConfigError
-from jzero.sampling import SamplingConfig, sample
+from jzero.sampling import SamplingConfig, sample, seed_key
 from models.kv_cache import CACHE_AXES, KVCache
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
@@ -192,7 +192,7 @@ class Generator:
         for r, p in enumerate(prompts):
             tokens[r, P - len(p):] = p
         start = np.asarray([P - len(p) for p in prompts], np.int32)
-        key = jax.random.PRNGKey(seed)
+        key = seed_key(seed)
         stop = sorted(set(int(s) for s in stop_tokens))
         stop_ids = np.asarray(stop or [-1], np.int32)   # traced: another stop set does not recompile
         knobs = np.asarray([sampling.temperature, sampling.top_p], np.float32)

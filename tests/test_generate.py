@@ -71,7 +71,8 @@ def test_seed_chunking_stop_tokens_and_streaming(gens):
     a = gen.generate(PROMPTS, NEW, chunk=4, **kw).tokens
     b = gen.generate(PROMPTS, NEW, chunk=1, **kw).tokens          # same seed, other chunking: same tokens
     c = gen.generate(PROMPTS, NEW, chunk=4, **{**kw, "seed": 4}).tokens
-    assert a == b and a != c
+    d = gen.generate(PROMPTS, NEW, chunk=4, **{**kw, "seed": 3 + 2 ** 32}).tokens   # was seed 3's (low 32 bits)
+    assert a == b and a != c and a != d
     assert all(t < REAL for row in a + c for t in row)
     stop = a[0][3]                      # row 0's 4th token as a stop token: row 0 ends there (kept), row 1 goes on
     streamed = []
