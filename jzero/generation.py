@@ -277,15 +277,21 @@ def _dtype(name: str):
 
 
 def generate(prompts: Sequence[Sequence[int]], *, checkpoint=None, hf=None, model: nn.Module | None = None,
-             params: Any = None, tensor: int = 1, dtype: str = "bf16", **kwargs) -> GenerationResult:
+             params: Any = None, tensor: int = 1, dtype: str | None = None, **kwargs) -> GenerationResult:
     """One call: build a :class:`Generator` from exactly one of ``checkpoint=DIR``, ``hf=DIR`` or
     ``model=..., params=...`` and run :meth:`Generator.generate` (``max_new_tokens``, sampling, ``stop_tokens``,
-    ``seed``, ``on_tokens`` ... as keywords). Reuse a Generator to generate repeatedly without recompiling."""
+    ``seed``, ``on_tokens`` ... as keywords). Reuse a Generator to generate repeatedly without recompiling.
+    ``dtype`` (default bf16) is the loaded weights' compute dtype; a ``model=`` computes in its own ``cfg.dtype``."""
     given = [n for n, v in (("checkpoint", checkpoint), ("hf", hf), ("model", model)) if v is not None]
     if len(given) != 1:
         raise ConfigError(f"pass exactly one of checkpoint=, hf=, model= (got {given or 'none'})")
     if model is not None and params is None:
         raise ConfigError("model= needs params= (the model's param tree)")
+    if model is not None and dtype is not None:   # it would be ignored: the model's cfg.dtype decides
+        raise ConfigError(f"dtype={dtype!r} applies to checkpoint= and hf=; a model= computes in its own cfg.dtype "
+                          f"({jnp.dtype(model.cfg.dtype).name}): build the model with the dtype you want and drop "
+                          "dtype=")
+    dtype = dtype or "bf16"
     gen_keys = ("vocab_size", "devices", "rules", "prompt_bucket", "unroll_layers")
     gkw = {k: kwargs.pop(k) for k in gen_keys if k in kwargs}
     if checkpoint is not None:

@@ -210,6 +210,10 @@ def test_errors_name_the_fix(gens, tmp_path, capsys):
         gen.generate([[1]], 2, top_k=5)
     with pytest.raises(ConfigError, match="exactly one of checkpoint=, hf=, model="):
         jzero.generate([[1]], hf="x", checkpoint="y")
+    model, _, _ = gens["gpt2"]   # a model passed in computes in its cfg.dtype: dtype= was accepted and ignored
+    with pytest.raises(ConfigError, match=r"^dtype='bf16' applies to checkpoint= and hf=; a model= computes in its "
+                                          r"own cfg.dtype \(float32\): build the model"):
+        jzero.generate([[1]], model=model, params={}, dtype="bf16")
     from train.generate import main
 
     assert main(["--hf", str(tmp_path / "none"), "--prompt-ids", "1,2"]) == 2
