@@ -208,6 +208,17 @@ def test_format_value_round_trips_through_yaml():
     assert point_name({"a.b": "x/y z"}) == "a.b=x_y_z"
 
 
+def test_values_that_sanitise_to_one_name_are_separate_points(sweep_dir, capsys):
+    """data/a, data_a and "data a" all sanitise to data.path=data_a: only the first used to run, the other two
+    dropped as "repeats"; each now runs, in a directory of its own."""
+    sweep = _write_sweep(sweep_dir, {"data.path": ["data/a", "data_a", "data a"]})
+    points = plan(load_sweep(sweep), sweep)
+    assert [p.values["data.path"] for p in points] == ["data/a", "data_a", "data a"]
+    assert points[0].name == "data.path=data_a" and len({p.dir for p in points}) == 3
+    assert all(p.name.startswith("data.path=data_a-") for p in points[1:])
+    assert main([str(sweep), "--dry-run"]) == 0 and "distinct points" not in capsys.readouterr().out
+
+
 def test_shipped_example_plans_a_2x2_grid(tmp_path):
     from pathlib import Path
 

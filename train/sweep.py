@@ -14,7 +14,8 @@ The sweep file::
 
 Points are the product of the grid and the random draws (either alone is fine). Random floats are rounded to 4
 significant digits so the value passed equals the value in the name. A point's name is ``key=value,...`` over
-the swept keys (sanitised for file names); its directory is ``output_dir/<name>``; the trainer gets
+the swept keys (sanitised for file names; a name another point's values already gave once sanitised ends in a
+hash of its own values); its directory is ``output_dir/<name>``; the trainer gets
 ``--config BASE <overrides> <point values> train.output_dir=<dir>`` with its output in ``<dir>/train.log``.
 
 Resume: a point whose directory has summary.json is skipped, so rerunning the same command only does what is
@@ -182,12 +183,20 @@ def format_value(v: Any) -> str:
     return str(v)
 
 
+def _full_name(values: dict) -> str:
+    return ",".join(f"{k}={format_value(v)}" for k, v in values.items())
+
+
+def _hash(full: str) -> str:
+    return hashlib.sha1(full.encode()).hexdigest()[:8]
+
+
 def point_name(values: dict) -> str:
     """``k1=v1,k2=v2`` with file-name-unsafe characters replaced; long names end in a hash of the full one."""
-    full = ",".join(f"{k}={format_value(v)}" for k, v in values.items())
+    full = _full_name(values)
     name = re.sub(r"[^A-Za-z0-9._=,+-]", "_", full)
     if len(name) > 150:
-        name = name[:140] + "-" + hashlib.sha1(full.encode()).hexdigest()[:8]
+        name = name[:140] + "-" + _hash(full)
     return name
 
 
@@ -224,12 +233,17 @@ def plan(spec: SweepSpec, sweep_file: str | Path) -> list[Point]:
     fixed = [f"{k}={format_value(v)}" for k, v in spec.overrides.items()]
     out_root = Path(spec.output_dir).resolve()
     points, seen = [], set()
+    names = set()
     for g, r in itertools.product(grid, draws):
         values = {**g, **r}
-        name = point_name(values)
-        if name in seen:
+        full = _full_name(values)
+        if full in seen:   # the same values again (random draws repeating): run once
             continue
-        seen.add(name)
+        seen.add(full)
+        name = point_name(values)
+        if name in names:   # other values, same name once sanitised (data/a and data_a): a directory of its own
+            name = f"{name}-{_hash(full)}"
+        names.add(name)
         pdir = out_root / name
         argv = command + base + fixed + [f"{k}={format_value(v)}" for k, v in values.items()]
         points.append(Point(len(points), name, values, pdir, argv + [f"train.output_dir={pdir}"]))
