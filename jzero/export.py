@@ -106,6 +106,9 @@ def export_hf(directory, out_dir, dtype: str = "fp32", step: int | None = None,
     """Write an HF GPT-2 directory (config.json + model.safetensors) from a jzero GPT-2 checkpoint."""
     from models.hf_gpt2 import save_hf_gpt2
 
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
+        raise ConfigError(f"vocab_size={vocab_size!r}: give the tokenizer's vocabulary size (an int >= 1), or None "
+                          "for the model's")
     step, params, meta = load_params(directory, step)
     cfg = model_config_from_meta(meta)
     path = save_hf_gpt2(params, cfg, out_dir, vocab_size=vocab_size, dtype=dtype)

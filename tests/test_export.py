@@ -85,6 +85,13 @@ def test_export_errors_name_the_problem(ckpt, tmp_path, capsys):
     assert f"error: checkpoint step 9 is not in {d} (complete steps: [1, 2])" in capsys.readouterr().err
     assert main([str(d), "--out", str(tmp_path / "x.safetensors"), "--vocab-size", "100"]) == 2
     assert "--vocab-size applies to --format hf only" in capsys.readouterr().err
+    for bad in ("0", "-5"):   # 0 was ignored (the model's 256 rows), -5 wrote config vocab_size -5 and 251 rows
+        assert main([str(d), "--out", str(tmp_path / "hf"), "--format", "hf", "--vocab-size", bad]) == 2
+        assert capsys.readouterr().err == (f"error: --vocab-size {bad}: give the tokenizer's vocabulary size (>= 1), "
+                                           "or leave it out to keep the model's\n")
+    assert not (tmp_path / "hf").exists()
+    with pytest.raises(jzero.errors.ConfigError, match="vocab_size=0: give the tokenizer's vocabulary size"):
+        export.export_hf(d, tmp_path / "hf", vocab_size=0)
     with pytest.raises(jzero.errors.CheckpointError, match="is not a jzero export"):
         from safetensors.numpy import save_file
 

@@ -32,6 +32,9 @@ def main(argv=None) -> int:
     try:
         from jzero import export
 
+        if args.vocab_size is not None and args.vocab_size < 1:   # 0 was ignored, -5 wrote 5 rows fewer
+            raise ConfigError(f"--vocab-size {args.vocab_size}: give the tokenizer's vocabulary size (>= 1), or leave "
+                              "it out to keep the model's")
         if args.format == "hf":
             path, step, n = export.export_hf(args.checkpoint_dir, args.out, args.dtype, args.step, args.vocab_size)
         else:
