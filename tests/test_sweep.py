@@ -133,6 +133,26 @@ def test_a_point_killed_after_a_checkpoint_resumes_from_it(sweep_dir, capsys):
     assert main([str(sweep)]) == 1 and "--resume" not in _calls(sweep_dir)[-1]
 
 
+def test_a_checkpoint_dir_shared_by_points_is_refused_and_never_resumed(sweep_dir, tmp_path):
+    """overrides: {checkpoint.dir: X} gives every point one checkpoint directory: the trainer refused each point
+    after the first (X holds its steps), and a rerun must never --resume a point from another point's steps."""
+    from train.sweep import Point, resumes
+
+    (sweep_dir / "sweep.yaml").write_text("base: base.yaml\noutput_dir: out\ngrid: {zero_optimization.stage: [1, 3]}\n"
+                                          "overrides: {checkpoint.dir: ck, train.checkpoint_interval: 5}\n")
+    with pytest.raises(ConfigError) as e:
+        main([str(sweep_dir / "sweep.yaml"), "--dry-run"])
+    assert "1 of 2 points have an invalid config, first [2/2] zero_optimization.stage=3: checkpoint.dir=ck is " \
+           "point [1/2]'s too" in str(e.value)
+    for ckpt_arg, expected in (([], True), ([f"checkpoint.dir={tmp_path / 'shared'}"], False)):
+        point = Point(0, "p", {}, tmp_path / "p", ["python", "t.py"] + ckpt_arg)
+        point.dir.mkdir(exist_ok=True)
+        (point.dir / "sweep_point.json").write_text(json.dumps({"argv": point.argv}))
+        for d in (point.dir / "checkpoints" / "4", tmp_path / "shared" / "4"):
+            d.mkdir(parents=True, exist_ok=True)
+        assert resumes(point) is expected
+
+
 def test_dry_run_runs_nothing(sweep_dir, capsys):
     sweep = _write_sweep(sweep_dir, {"zero_optimization.stage": [1, 3]})
     assert main([str(sweep), "--dry-run"]) == 0

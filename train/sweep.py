@@ -261,12 +261,19 @@ def check_points(points: list[Point], spec: SweepSpec, sweep_file: str | Path) -
         return {}
     base = (Path(sweep_file).parent / spec.base).resolve() if spec.base is not None else None
     fixed = [f"{k}={format_value(v)}" for k, v in spec.overrides.items()]
-    bad = {}
+    bad, owner = {}, {}
     for p in points:
         try:
             cfg = load_config(base, fixed + [f"{k}={format_value(v)}" for k, v in p.values.items()],
                               base=None if base else DEFAULT_CONFIG)
             _check_built(cfg)
+            if cfg.checkpoint.dir and cfg.train.checkpoint_interval:
+                first = owner.setdefault(str(Path(cfg.checkpoint.dir).expanduser().resolve()), p.index)
+                if first != p.index:   # the trainer would refuse it a directory holding the first point's steps
+                    raise ConfigError(f"checkpoint.dir={cfg.checkpoint.dir} is point [{first + 1}/{len(points)}]'s "
+                                      "too, and a point's run refuses a checkpoint directory holding another run's "
+                                      "steps; leave checkpoint.dir unset (each point checkpoints into its own "
+                                      "<dir>/checkpoints) or sweep it per point")
         except ConfigError as exc:
             bad[p.index] = str(exc)
     return bad
@@ -310,7 +317,7 @@ def _env() -> dict:
 
 def _checkpoint_dir(point: Point) -> Path:
     """The point's checkpoint directory: a ``checkpoint.dir=`` it passes, else ``<dir>/checkpoints`` (the
-    trainers' default)."""
+    trainers' default; a ``checkpoint.dir`` in the base config is not seen here, so such a point never resumes)."""
     given = [a.split("=", 1)[1] for a in point.argv if a.startswith("checkpoint.dir=")]
     return Path(given[-1]) if given else point.dir / "checkpoints"
 
@@ -325,9 +332,12 @@ def resumes(point: Point) -> bool:
         return False
     if json.loads(record.read_text()).get("argv", [])[1:] != point.argv[1:]:
         return False   # other settings: the trainer's own refusal names the directory and the fix
+    ckpt = _checkpoint_dir(point)
+    if not ckpt.resolve().is_relative_to(point.dir.resolve()):
+        return False   # a directory outside the point's may hold another point's steps: never continue those
     from jzero import checkpoint
 
-    return bool(checkpoint.steps(_checkpoint_dir(point)))
+    return bool(checkpoint.steps(ckpt))
 
 
 def run_point(point: Point, resume: Optional[bool] = None) -> str:
