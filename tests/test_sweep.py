@@ -223,8 +223,14 @@ def test_bad_sweep_files_name_the_key(tmp_path, body, message):
 def test_format_value_round_trips_through_yaml():
     import yaml
 
+    from jzero.config import apply_overrides
+
     for v in (1e-5, 3e-3, 0.1, 2, True, None, "gelu", [1, 2], 1.5e20):
         assert yaml.safe_load(format_value(v)) == v
+    # strings the override parser would read as another type (None, True, 1, None, 62) reach the trainer as text
+    for v in ("", "on", "001", "null", "1:2", "a b", "é", ["on", "x"]):
+        assert apply_overrides({}, [f"k={format_value(v)}"])["k"] == v, v
+    assert format_value("gelu") == "gelu" and format_value("on") == '"on"'
     assert point_name({"a.b": "x/y z"}) == "a.b=x_y_z"
 
 

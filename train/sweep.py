@@ -48,7 +48,7 @@ from typing import Any, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from jzero.config import load_yaml
+from jzero.config import apply_overrides, load_yaml
 from jzero.errors import ConfigError, JzeroError
 from train.plot import load_run, plot_losses, results_table
 
@@ -180,6 +180,9 @@ def format_value(v: Any) -> str:
         return s
     if isinstance(v, (list, dict)):
         return json.dumps(v, separators=(",", ":"))
+    if isinstance(v, str) and apply_overrides({}, [f"v={v}"])["v"] != v:
+        # "", "on", "001", "null", "1:2" would reach the trainer as None, True, 1, None, 62: quoted, they stay text
+        return json.dumps(v, ensure_ascii=False)
     return str(v)
 
 
