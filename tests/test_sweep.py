@@ -142,8 +142,8 @@ def test_a_checkpoint_dir_shared_by_points_is_refused_and_never_resumed(sweep_di
                                           "overrides: {checkpoint.dir: ck, train.checkpoint_interval: 5}\n")
     with pytest.raises(ConfigError) as e:
         main([str(sweep_dir / "sweep.yaml"), "--dry-run"])
-    assert "1 of 2 points have an invalid config, first [2/2] zero_optimization.stage=3: checkpoint.dir=ck is " \
-           "point [1/2]'s too" in str(e.value)
+    assert "1 of 2 points have an invalid config, first [2/2] zero_optimization.stage=3: checkpoint.dir puts this " \
+           f"point's files in {sweep_dir / 'ck'}, as it does point [1/2]'s" in str(e.value)
     for ckpt_arg, expected in (([], True), ([f"checkpoint.dir={tmp_path / 'shared'}"], False)):
         point = Point(0, "p", {}, tmp_path / "p", ["python", "t.py"] + ckpt_arg)
         point.dir.mkdir(exist_ok=True)
@@ -151,6 +151,22 @@ def test_a_checkpoint_dir_shared_by_points_is_refused_and_never_resumed(sweep_di
         for d in (point.dir / "checkpoints" / "4", tmp_path / "shared" / "4"):
             d.mkdir(parents=True, exist_ok=True)
         assert resumes(point) is expected
+
+
+def test_a_csv_or_tensorboard_path_shared_by_points_is_refused(sweep_dir, capsys):
+    """DeepSpeed's csv_monitor / tensorboard output_path in the base config is one directory for every point: each
+    point's CSV files were truncated by the next point's run. Refused, naming the override that fixes it."""
+    (sweep_dir / "base.yaml").write_text("csv_monitor: {enabled: true, output_path: csv_logs, job_name: j}\n")
+    sweep = sweep_dir / "sweep.yaml"
+    sweep.write_text("base: base.yaml\noutput_dir: out\ngrid: {zero_optimization.stage: [1, 3]}\n")
+    with pytest.raises(ConfigError) as e:
+        main([str(sweep), "--dry-run"])
+    assert f"csv_monitor.output_path puts this point's files in {sweep_dir / 'csv_logs' / 'j'}, as it does point " \
+           "[1/2]'s, and each point's run would write its curves over the earlier points' there; add " \
+           'csv_monitor.output_path: "" to the sweep\'s overrides' in str(e.value)
+    capsys.readouterr()
+    sweep.write_text(sweep.read_text() + 'overrides: {csv_monitor.output_path: ""}\n')
+    assert main([str(sweep), "--dry-run"]) == 0 and capsys.readouterr().out.count("would run") == 2
 
 
 def test_dry_run_runs_nothing(sweep_dir, capsys):

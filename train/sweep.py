@@ -270,16 +270,33 @@ def check_points(points: list[Point], spec: SweepSpec, sweep_file: str | Path) -
             cfg = load_config(base, fixed + [f"{k}={format_value(v)}" for k, v in p.values.items()],
                               base=None if base else DEFAULT_CONFIG)
             _check_built(cfg)
-            if cfg.checkpoint.dir and cfg.train.checkpoint_interval:
-                first = owner.setdefault(str(Path(cfg.checkpoint.dir).expanduser().resolve()), p.index)
-                if first != p.index:   # the trainer would refuse it a directory holding the first point's steps
-                    raise ConfigError(f"checkpoint.dir={cfg.checkpoint.dir} is point [{first + 1}/{len(points)}]'s "
-                                      "too, and a point's run refuses a checkpoint directory holding another run's "
-                                      "steps; leave checkpoint.dir unset (each point checkpoints into its own "
-                                      "<dir>/checkpoints) or sweep it per point")
+            for key, directory, why, fix in _shared_dirs(cfg):
+                directory = directory.expanduser().resolve()   # relative: to the trainer's (this) directory
+                first = owner.setdefault((key, directory), p.index)
+                if first != p.index:
+                    raise ConfigError(f"{key} puts this point's files in {directory}, as it does point "
+                                      f"[{first + 1}/{len(points)}]'s, and {why}; {fix}")
         except ConfigError as exc:
             bad[p.index] = str(exc)
     return bad
+
+
+def _shared_dirs(cfg) -> list[tuple[str, Path, str, str]]:
+    """``(key, directory, why, fix)`` for each directory the point's config names outside its ``train.output_dir``
+    (base config or overrides: the same for every point): its checkpoints, and DeepSpeed's TensorBoard / CSV
+    ``output_path`` (empty = the run's own directory)."""
+    out = []
+    if cfg.checkpoint.dir and cfg.train.checkpoint_interval:
+        out.append(("checkpoint.dir", Path(cfg.checkpoint.dir), "a point's run refuses a checkpoint directory "
+                    "holding another run's steps", "leave checkpoint.dir unset (each point checkpoints into its own "
+                    "<dir>/checkpoints) or sweep it per point"))
+    for section in ("tensorboard", "csv_monitor"):
+        sec = getattr(cfg, section)
+        if sec.enabled and sec.output_path:
+            out.append((f"{section}.output_path", Path(sec.output_path) / sec.job_name, "each point's run would "
+                        "write its curves over the earlier points' there", f'add {section}.output_path: "" to the '
+                        "sweep's overrides (each point logs into its own directory)"))
+    return out
 
 
 def _check_built(cfg) -> None:
