@@ -55,8 +55,8 @@ class GenerationResult:
     """New tokens per prompt (cut after the first stop token, which is kept) and where the time went."""
 
     tokens: list[list[int]]
-    prefill_s: float = 0.0          # prefill program incl. the first token (after compile)
-    decode_s: float = 0.0           # all decode chunks
+    prefill_s: float = 0.0          # prefill program incl. the first token, and its compile on a new shape
+    decode_s: float = 0.0           # all decode chunks, and their compile on a new shape
     steps: int = 0                  # decode steps run (the batch's tokens after the first; early stop cuts them)
     logits: np.ndarray | None = None   # [B, steps + 1, V] fp32 when asked for (return_logits=True; tests)
 
