@@ -29,3 +29,13 @@ def test_load_config_refuses_one_string_of_overrides():
         jzero.load_config(TINY, "zero_optimization.stage=3")
     assert str(e.value) == ("load_config: overrides='zero_optimization.stage=3' is one string; pass a list of "
                             "key=value strings, e.g. ['zero_optimization.stage=3']")
+
+
+def test_make_mesh_names_what_it_takes():
+    """jzero.make_mesh((1, 8, 1)) (jax.make_mesh's habit) was "AttributeError: 'tuple' object has no attribute
+    'data'"; sizes by axis name, a config's .mesh or None are what it takes."""
+    assert dict(jzero.make_mesh({"data": 4, "tensor": 2}).shape) == {"pipeline": 1, "data": 4, "tensor": 2}
+    assert dict(jzero.make_mesh(jzero.load_config(TINY).mesh).shape)["data"] == 8
+    with pytest.raises(ConfigError, match=r"^make_mesh: mesh_cfg=\(1, 8, 1\) has type tuple; pass sizes by axis name, "
+                                          r"e.g. \{'data': 4, 'tensor': 2\}"):
+        jzero.make_mesh((1, 8, 1))
