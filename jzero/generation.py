@@ -106,6 +106,25 @@ def place_params(model: nn.Module, params, mesh: Mesh, dtype, rules: shd.Logical
     return jax.tree.unflatten(treedef, [put(x, n, s) for x, n, s in zip(flat_p, flat_names, flat_s)])
 
 
+def token_id_lists(prompts) -> list[list[int]]:
+    """``prompts`` as lists of Python ints: a list (or array) of token-id sequences. Text, a flat list of ids
+    and non-integer ids (2.7 used to be cut to 2, "Hello" failed as ``int('H')``) are one-line ConfigErrors."""
+    fix = ("pass a list of token-id lists, e.g. [[15496, 11], [40]] (text goes through the model's tokenizer "
+           "first; python -m train.generate --prompt does that)")
+    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
+        raise ConfigError(f"prompts={prompts!r:.60}: {fix}")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)) or not hasattr(p, "__iter__"):
+            raise ConfigError(f"prompt {i} is {p!r:.60}, not a sequence of token ids: {fix}")
+        ids = list(p)
+        bad = [t for t in ids if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer))]
+        if bad:
+            raise ConfigError(f"prompt {i} holds {bad[0]!r:.60}, not an integer token id: {fix}")
+        out.append([int(t) for t in ids])
+    return out
+
+
 class Generator:
     """A model, its placed params and its compiled prefill/decode programs (compiled on first use per shape)."""
 
@@ -179,7 +198,7 @@ class Generator:
         """New tokens for each prompt (token-id lists). ``on_tokens(step, tokens_NxB)`` streams each decoded
         chunk (step 0 is the prefill's token, ``[1, B]``); ``pad_id`` fills the left padding and the finished rows."""
         sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
-        prompts = [list(map(int, p)) for p in prompts]
+        prompts = token_id_lists(prompts)
         self.check(prompts, max_new_tokens, chunk, stop_tokens, pad_id)
         B = len(prompts)
         longest = max(len(p) for p in prompts)
@@ -237,6 +256,7 @@ class Generator:
         """Raise the one-line ConfigError :meth:`generate` would for these arguments (empty prompts, counts < 1,
         token ids outside the vocabulary, prompt + new tokens past ``max_len``), without running anything; a CLI
         calls it before it prints the prompt."""
+        prompts = token_id_lists(prompts)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ConfigError("every prompt needs at least one token (an empty prompt has nothing to continue)")
         if max_new_tokens < 1 or chunk < 1:
@@ -303,4 +323,4 @@ def generate(prompts: Sequence[Sequence[int]], *, checkpoint=None, hf=None, mode
     return gen.generate(prompts, **kwargs)
 
 
-__all__ = ["Generator", "GenerationResult", "generate", "generation_mesh", "place_params"]
+__all__ = ["Generator", "GenerationResult", "generate", "generation_mesh", "place_params", "token_id_lists"]
