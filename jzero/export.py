@@ -41,12 +41,25 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
 
 
 def checkpoint_location(directory) -> Path:
-    """``directory``, or its ``checkpoints/`` when it is a run directory (``train.output_dir``, what
-    ``python -m train.generate --checkpoint`` takes too) holding no steps itself."""
+    """``directory``, or when it is a run directory (``train.output_dir``, what ``python -m train.generate
+    --checkpoint`` takes too) holding no steps itself, that run's checkpoint directory: the ``checkpoint.dir`` its
+    ``config.json`` records (checkpoints on other storage), else its ``checkpoints/``."""
     directory = Path(directory)
-    if (directory / "checkpoints").is_dir() and not checkpoint.steps(directory):
-        return directory / "checkpoints"
-    return directory
+    is_run = (directory / "checkpoints").is_dir() or (directory / "config.json").is_file()
+    if not is_run or checkpoint.steps(directory):
+        return directory
+    try:
+        recorded = (json.loads((directory / "config.json").read_text()).get("checkpoint") or {}).get("dir")
+    except (OSError, ValueError, AttributeError):
+        recorded = None   # no readable config.json: the default layout
+    if recorded and not Path(recorded).expanduser().is_dir():
+        raise CheckpointError(f"run directory {directory}: its config.json records checkpoint.dir={recorded}, which "
+                              "does not exist (moved, or relative to where the run started?); pass the checkpoint "
+                              "directory itself")
+    if not recorded and not (directory / "checkpoints").is_dir():
+        raise CheckpointError(f"run directory {directory} has no checkpoints/; it saved none (train with "
+                              "train.checkpoint_interval>0), or pass its checkpoint directory")
+    return Path(recorded).expanduser() if recorded else directory / "checkpoints"
 
 
 def load_params(directory, step: int | None = None) -> tuple[int, dict, dict]:

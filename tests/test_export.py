@@ -75,6 +75,24 @@ def test_export_from_the_run_directory(ckpt, tmp_path, capsys):
     assert "params from step 1" in capsys.readouterr().out
     flat, meta = export.load_safetensors(tmp_path / "m.safetensors")
     assert np.array_equal(flat["wte"], params[1]["wte"]) and meta["source"].endswith("checkpoints")
+    # a run that checkpointed elsewhere (checkpoint.dir, recorded in its config.json): found there
+    import json
+
+    elsewhere = tmp_path / "run2"
+    elsewhere.mkdir()
+    (elsewhere / "config.json").write_text(json.dumps({"checkpoint": {"dir": str(d)}}))
+    assert main([str(elsewhere), "--out", str(tmp_path / "m2.safetensors")]) == 0
+    assert "params from step 2" in capsys.readouterr().out
+    from jzero.weights import checkpoint_dir   # train.generate --checkpoint RUN reads the same directory
+
+    assert checkpoint_dir(elsewhere) == d
+    for cfg, err in (({"checkpoint": {"dir": None}}, "has no checkpoints/; it saved none (train with "
+                                                      "train.checkpoint_interval>0), or pass its checkpoint directory"),
+                     ({"checkpoint": {"dir": str(tmp_path / "gone")}}, f"checkpoint.dir={tmp_path / 'gone'}, which "
+                                                                        "does not exist")):
+        (elsewhere / "config.json").write_text(json.dumps(cfg))
+        assert main([str(elsewhere), "--out", str(tmp_path / "m3.safetensors")]) == 2
+        assert err in capsys.readouterr().err
 
 
 def test_export_errors_name_the_problem(ckpt, tmp_path, capsys):
