@@ -435,6 +435,9 @@ def load_config(path: str | Path | dict | None = None, overrides: list[str] | No
                 base: dict | None = None) -> JzeroConfig:
     """Build a validated config from a file (or ``base`` dict, or the defaults) plus dotted overrides. A dict as
     ``path`` is taken as the config itself, as ``deepspeed.initialize(config=dict)`` takes one."""
+    if isinstance(overrides, str):   # iterated, it would be one-character overrides ("override 'z' is not key=value")
+        raise ConfigError(f"load_config: overrides={overrides!r} is one string; pass a list of key=value strings, "
+                          f"e.g. [{overrides!r}]")
     if isinstance(path, dict):
         if base is not None:
             raise ConfigError("load_config: a dict config and base= both given; pass one of them")

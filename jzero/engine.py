@@ -264,20 +264,28 @@ def _placed(x: jax.Array, sharding, what: str, fix: str) -> jax.Array:
 # --------------------------------------------------------------------------- wiring
 
 
-def initialize(config: JzeroConfig, model: nn.Module | None = None, model_config: Any = None,
-               mesh: jax.sharding.Mesh | None = None, vocab_size: int | None = None,
+def initialize(config: JzeroConfig | str | os.PathLike | dict, model: nn.Module | None = None,
+               model_config: Any = None, mesh: jax.sharding.Mesh | None = None, vocab_size: int | None = None,
                tx: optax.GradientTransformation | None = None, schedule: Callable | None = None,
                rules: shd.LogicalRules | None = None, task: Task | None = None, abstract: bool = False) -> Engine:
     """Build mesh, model, optimizer and the sharded train state; jit the steps (compiled on first use).
 
-    ``model`` defaults to the config's ``model`` section; ``vocab_size`` is the data's vocabulary (default 256;
-    only for that default model). ``tx`` and ``schedule`` (given together) replace the config's optimizer and
-    scheduler; ``gradient_clipping`` still applies, chained before ``tx`` as DeepSpeed clips before a client
-    optimizer;
+    ``config``: a :func:`jzero.load_config` result, or what it takes (a config file path, or a dict), as
+    ``deepspeed.initialize(config=...)`` takes either. ``model`` defaults to the config's ``model`` section;
+    ``vocab_size`` is the data's vocabulary (default 256; only for that default model). ``tx`` and ``schedule``
+    (given together) replace the config's optimizer and scheduler; ``gradient_clipping`` still applies, chained
+    before ``tx`` as DeepSpeed clips before a client optimizer;
     ``task`` defaults to causal LM on ``data.seq_len`` tokens (pass another for BERT heads and the like).
     ``abstract=True`` runs nothing and allocates nothing: the state is ShapeDtypeStructs with their shardings, for
     lowering and compiling the step on a topology this process cannot run (a mock GPU cluster, plan's fake one).
     """
+    if isinstance(config, (str, os.PathLike, dict)):
+        from jzero.config import load_config
+
+        config = load_config(config)
+    elif not isinstance(config, JzeroConfig):
+        raise ConfigError(f"initialize: config has type {type(config).__name__}; pass "
+                          "jzero.load_config(PATH_OR_DICT), a config file path or a dict")
     cfg = resolve(config, mesh.devices.size if mesh is not None else jax.device_count())
     check_supported(cfg)
     layout = build_layout(cfg, mesh, rules)

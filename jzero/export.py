@@ -1,6 +1,6 @@
 """Consolidated export (DeepSpeed's ``zero_to_fp32``): full weights from a sharded checkpoint, no GPU, no mesh.
 
-    python -m train.export CKPT_DIR --out model.safetensors [--dtype fp32|bf16|fp16] [--step N]
+    python -m train.export CKPT_DIR --out model.safetensors [--dtype fp32|bf16|fp16] [--step N]   # or the RUN_DIR
     python -m train.export CKPT_DIR --format hf --out gpt2_dir [--vocab-size 50257]
 
 DeepSpeed needs ``zero_to_fp32.py`` because each rank wrote its own flat fp32 partition that must be stitched
@@ -40,10 +40,32 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
     return out
 
 
+def checkpoint_location(directory) -> Path:
+    """``directory``, or when it is a run directory (``train.output_dir``, what ``python -m train.generate
+    --checkpoint`` takes too) holding no steps itself, that run's checkpoint directory: the ``checkpoint.dir`` its
+    ``config.json`` records (checkpoints on other storage), else its ``checkpoints/``."""
+    directory = Path(directory)
+    is_run = (directory / "checkpoints").is_dir() or (directory / "config.json").is_file()
+    if not is_run or checkpoint.steps(directory):
+        return directory
+    try:
+        recorded = (json.loads((directory / "config.json").read_text()).get("checkpoint") or {}).get("dir")
+    except (OSError, ValueError, AttributeError):
+        recorded = None   # no readable config.json: the default layout
+    if recorded and not Path(recorded).expanduser().is_dir():
+        raise CheckpointError(f"run directory {directory}: its config.json records checkpoint.dir={recorded}, which "
+                              "does not exist (moved, or relative to where the run started?); pass the checkpoint "
+                              "directory itself")
+    if not recorded and not (directory / "checkpoints").is_dir():
+        raise CheckpointError(f"run directory {directory} has no checkpoints/; it saved none (train with "
+                              "train.checkpoint_interval>0), or pass its checkpoint directory")
+    return Path(recorded).expanduser() if recorded else directory / "checkpoints"
+
+
 def load_params(directory, step: int | None = None) -> tuple[int, dict, dict]:
     """``(step, params, meta)``: the checkpoint's params as host numpy arrays (fp32 masters), read alone
-    (:func:`jzero.checkpoint.read_params`)."""
-    return checkpoint.read_params(directory, step)
+    (:func:`jzero.checkpoint.read_params`); ``directory`` is a checkpoint directory or a run directory."""
+    return checkpoint.read_params(checkpoint_location(directory), step)
 
 
 def export_safetensors(directory, out, dtype: str = "fp32", step: int | None = None) -> tuple[Path, int, int]:
@@ -56,7 +78,7 @@ def export_safetensors(directory, out, dtype: str = "fp32", step: int | None = N
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(flat, str(out), metadata={"format": "jzero", "step": str(step), "dtype": dtype,
                                          "model": json.dumps(meta.get("model", {})),
-                                         "source": checkpoint.location(directory)})
+                                         "source": checkpoint.location(checkpoint_location(directory))})
     return out, step, int(sum(v.size for v in flat.values()))
 
 
@@ -97,6 +119,9 @@ def export_hf(directory, out_dir, dtype: str = "fp32", step: int | None = None,
     """Write an HF GPT-2 directory (config.json + model.safetensors) from a jzero GPT-2 checkpoint."""
     from models.hf_gpt2 import save_hf_gpt2
 
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
+        raise ConfigError(f"vocab_size={vocab_size!r}: give the tokenizer's vocabulary size (an int >= 1), or None "
+                          "for the model's")
     step, params, meta = load_params(directory, step)
     cfg = model_config_from_meta(meta)
     path = save_hf_gpt2(params, cfg, out_dir, vocab_size=vocab_size, dtype=dtype)

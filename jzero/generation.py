@@ -17,7 +17,7 @@ The two programs (:mod:`models.kv_cache` holds the cache layout):
   in place. Between chunks the host streams the chunk's tokens (``on_tokens``) and stops early when every row has
   hit a stop token; with neither, chunks are dispatched back to back without a host sync.
 
-Sampling is :mod:`jzero.sampling`; step ``i``'s random key is ``fold_in(PRNGKey(seed), i)``, so a seed gives the
+Sampling is :mod:`jzero.sampling`; step ``i``'s random key is ``fold_in(seed_key(seed), i)``, so a seed gives the
 same tokens whatever the chunk size. A row that emitted a stop token keeps decoding (the batch is one program)
 but its later tokens are ``pad_id`` and dropped from ``tokens``. Logits of padded vocabulary rows (jzero pads
 50257 -> 50304 so tensor sizes divide it) are ``-inf``: only the real ``vocab_size`` ids are ever sampled.
@@ -44,7 +44,7 @@ from jax.sharding import AxisType, Mesh
 from jzero import kernels
 from jzero import sharding as shd
 from jzero.errors import ConfigError
-from jzero.sampling import SamplingConfig, sample
+from jzero.sampling import SamplingConfig, sample, seed_key
 from models.kv_cache import CACHE_AXES, KVCache
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
@@ -55,8 +55,8 @@ class GenerationResult:
     """New tokens per prompt (cut after the first stop token, which is kept) and where the time went."""
 
     tokens: list[list[int]]
-    prefill_s: float = 0.0          # prefill program incl. the first token (after compile)
-    decode_s: float = 0.0           # all decode chunks
+    prefill_s: float = 0.0          # prefill program incl. the first token, and its compile on a new shape
+    decode_s: float = 0.0           # all decode chunks, and their compile on a new shape
     steps: int = 0                  # decode steps run (the batch's tokens after the first; early stop cuts them)
     logits: np.ndarray | None = None   # [B, steps + 1, V] fp32 when asked for (return_logits=True; tests)
 
@@ -104,6 +104,25 @@ def place_params(model: nn.Module, params, mesh: Mesh, dtype, rules: shd.Logical
     flat_p, treedef = jax.tree.flatten(params)
     flat_s = jax.tree.leaves(plan.param_compute)
     return jax.tree.unflatten(treedef, [put(x, n, s) for x, n, s in zip(flat_p, flat_names, flat_s)])
+
+
+def token_id_lists(prompts) -> list[list[int]]:
+    """``prompts`` as lists of Python ints: a list (or array) of token-id sequences. Text, a flat list of ids
+    and non-integer ids (2.7 used to be cut to 2, "Hello" failed as ``int('H')``) are one-line ConfigErrors."""
+    fix = ("pass a list of token-id lists, e.g. [[15496, 11], [40]] (text goes through the model's tokenizer "
+           "first; python -m train.generate --prompt does that)")
+    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
+        raise ConfigError(f"prompts={prompts!r:.60}: {fix}")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)) or not hasattr(p, "__iter__"):
+            raise ConfigError(f"prompt {i} is {p!r:.60}, not a sequence of token ids: {fix}")
+        ids = list(p)
+        bad = [t for t in ids if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer))]
+        if bad:
+            raise ConfigError(f"prompt {i} holds {bad[0]!r:.60}, not an integer token id: {fix}")
+        out.append([int(t) for t in ids])
+    return out
 
 
 class Generator:
@@ -179,7 +198,7 @@ class Generator:
         """New tokens for each prompt (token-id lists). ``on_tokens(step, tokens_NxB)`` streams each decoded
         chunk (step 0 is the prefill's token, ``[1, B]``); ``pad_id`` fills the left padding and the finished rows."""
         sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
-        prompts = [list(map(int, p)) for p in prompts]
+        prompts = token_id_lists(prompts)
         self.check(prompts, max_new_tokens, chunk, stop_tokens, pad_id)
         B = len(prompts)
         longest = max(len(p) for p in prompts)
@@ -192,7 +211,7 @@ class Generator:
         for r, p in enumerate(prompts):
             tokens[r, P - len(p):] = p
         start = np.asarray([P - len(p) for p in prompts], np.int32)
-        key = jax.random.PRNGKey(seed)
+        key = seed_key(seed)
         stop = sorted(set(int(s) for s in stop_tokens))
         stop_ids = np.asarray(stop or [-1], np.int32)   # traced: another stop set does not recompile
         knobs = np.asarray([sampling.temperature, sampling.top_p], np.float32)
@@ -237,6 +256,7 @@ class Generator:
         """Raise the one-line ConfigError :meth:`generate` would for these arguments (empty prompts, counts < 1,
         token ids outside the vocabulary, prompt + new tokens past ``max_len``), without running anything; a CLI
         calls it before it prints the prompt."""
+        prompts = token_id_lists(prompts)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ConfigError("every prompt needs at least one token (an empty prompt has nothing to continue)")
         if max_new_tokens < 1 or chunk < 1:
@@ -277,15 +297,21 @@ def _dtype(name: str):
 
 
 def generate(prompts: Sequence[Sequence[int]], *, checkpoint=None, hf=None, model: nn.Module | None = None,
-             params: Any = None, tensor: int = 1, dtype: str = "bf16", **kwargs) -> GenerationResult:
+             params: Any = None, tensor: int = 1, dtype: str | None = None, **kwargs) -> GenerationResult:
     """One call: build a :class:`Generator` from exactly one of ``checkpoint=DIR``, ``hf=DIR`` or
     ``model=..., params=...`` and run :meth:`Generator.generate` (``max_new_tokens``, sampling, ``stop_tokens``,
-    ``seed``, ``on_tokens`` ... as keywords). Reuse a Generator to generate repeatedly without recompiling."""
+    ``seed``, ``on_tokens`` ... as keywords). Reuse a Generator to generate repeatedly without recompiling.
+    ``dtype`` (default bf16) is the loaded weights' compute dtype; a ``model=`` computes in its own ``cfg.dtype``."""
     given = [n for n, v in (("checkpoint", checkpoint), ("hf", hf), ("model", model)) if v is not None]
     if len(given) != 1:
         raise ConfigError(f"pass exactly one of checkpoint=, hf=, model= (got {given or 'none'})")
     if model is not None and params is None:
         raise ConfigError("model= needs params= (the model's param tree)")
+    if model is not None and dtype is not None:   # it would be ignored: the model's cfg.dtype decides
+        raise ConfigError(f"dtype={dtype!r} applies to checkpoint= and hf=; a model= computes in its own cfg.dtype "
+                          f"({jnp.dtype(model.cfg.dtype).name}): build the model with the dtype you want and drop "
+                          "dtype=")
+    dtype = dtype or "bf16"
     gen_keys = ("vocab_size", "devices", "rules", "prompt_bucket", "unroll_layers")
     gkw = {k: kwargs.pop(k) for k in gen_keys if k in kwargs}
     if checkpoint is not None:
@@ -297,4 +323,4 @@ def generate(prompts: Sequence[Sequence[int]], *, checkpoint=None, hf=None, mode
     return gen.generate(prompts, **kwargs)
 
 
-__all__ = ["Generator", "GenerationResult", "generate", "generation_mesh", "place_params"]
+__all__ = ["Generator", "GenerationResult", "generate", "generation_mesh", "place_params", "token_id_lists"]

@@ -29,6 +29,12 @@ def make_mesh(mesh_cfg: MeshConfig | dict | None = None, devices=None, hpz: int 
         from jzero.config import validate_section
 
         mesh_cfg = validate_section(MeshConfig, mesh_cfg, "mesh")
+    elif not isinstance(mesh_cfg, MeshConfig):   # e.g. jax.make_mesh's shape tuple: an AttributeError deep inside
+        from jzero.errors import ConfigError
+
+        raise ConfigError(f"make_mesh: mesh_cfg={mesh_cfg!r} has type {type(mesh_cfg).__name__}; pass sizes by axis "
+                          "name, e.g. {'data': 4, 'tensor': 2} (one may be -1), a config's .mesh, or None for all "
+                          "devices on data")
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_mesh_shape(mesh_cfg, len(devices))
     if hpz > 1:

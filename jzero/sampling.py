@@ -74,3 +74,15 @@ def sample(logits_BxV: jax.Array, key: jax.Array, mode: tuple[bool, int, bool], 
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     logits = filter_logits(logits_BxV, temperature, top_k, top_p if nucleus else None)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def seed_key(seed: int) -> jax.Array:
+    """The PRNG key of a 64-bit ``seed`` (``-2**63 .. 2**64 - 1``). ``jax.random.PRNGKey`` keeps only the low 32
+    bits without x64 (seeds 0 and 2**32 gave the same tokens, -1 and 2**32 - 1 too); the high 32 bits of the seed
+    as an unsigned 64-bit number are folded in when not zero, so a seed below 2**32 keeps ``PRNGKey(seed)``."""
+    seed = int(seed)
+    if not -2 ** 63 <= seed < 2 ** 64:
+        raise ConfigError(f"seed={seed}: give an integer that fits in 64 bits")
+    seed %= 2 ** 64
+    key = jax.random.PRNGKey(seed & 0xFFFFFFFF)
+    return jax.random.fold_in(key, seed >> 32) if seed >> 32 else key

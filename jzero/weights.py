@@ -19,11 +19,14 @@ from jzero.errors import CheckpointError, ConfigError
 
 
 def checkpoint_dir(path) -> Path:
-    """``path/checkpoints`` for a run directory, else ``path`` itself."""
+    """A run directory's checkpoint directory (its config.json's ``checkpoint.dir``, else ``path/checkpoints``),
+    else ``path`` itself (:func:`jzero.export.checkpoint_location`)."""
+    from jzero.export import checkpoint_location
+
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory; pass a jzero run directory or its checkpoints/ directory")
-    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    return checkpoint_location(path)
 
 
 def model_from_meta(model_meta: dict, dtype):

@@ -64,6 +64,37 @@ def test_export_bf16_and_older_step(ckpt, tmp_path):
     assert not np.array_equal(params[1]["wte"], params[2]["wte"])
 
 
+def test_export_from_the_run_directory(ckpt, tmp_path, capsys):
+    """The run directory (what train.generate --checkpoint takes) exports its checkpoints/: it used to fail with
+    "no complete checkpoint in RUN; train with train.checkpoint_interval>0", a fix the user had already made."""
+    d, params = ckpt
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").symlink_to(d)
+    assert main([str(run), "--out", str(tmp_path / "m.safetensors"), "--step", "1"]) == 0
+    assert "params from step 1" in capsys.readouterr().out
+    flat, meta = export.load_safetensors(tmp_path / "m.safetensors")
+    assert np.array_equal(flat["wte"], params[1]["wte"]) and meta["source"].endswith("checkpoints")
+    # a run that checkpointed elsewhere (checkpoint.dir, recorded in its config.json): found there
+    import json
+
+    elsewhere = tmp_path / "run2"
+    elsewhere.mkdir()
+    (elsewhere / "config.json").write_text(json.dumps({"checkpoint": {"dir": str(d)}}))
+    assert main([str(elsewhere), "--out", str(tmp_path / "m2.safetensors")]) == 0
+    assert "params from step 2" in capsys.readouterr().out
+    from jzero.weights import checkpoint_dir   # train.generate --checkpoint RUN reads the same directory
+
+    assert checkpoint_dir(elsewhere) == d
+    for cfg, err in (({"checkpoint": {"dir": None}}, "has no checkpoints/; it saved none (train with "
+                                                      "train.checkpoint_interval>0), or pass its checkpoint directory"),
+                     ({"checkpoint": {"dir": str(tmp_path / "gone")}}, f"checkpoint.dir={tmp_path / 'gone'}, which "
+                                                                        "does not exist")):
+        (elsewhere / "config.json").write_text(json.dumps(cfg))
+        assert main([str(elsewhere), "--out", str(tmp_path / "m3.safetensors")]) == 2
+        assert err in capsys.readouterr().err
+
+
 def test_export_errors_name_the_problem(ckpt, tmp_path, capsys):
     d, _ = ckpt
     assert main([str(tmp_path / "nope"), "--out", str(tmp_path / "x.safetensors")]) == 2
@@ -72,6 +103,13 @@ def test_export_errors_name_the_problem(ckpt, tmp_path, capsys):
     assert f"error: checkpoint step 9 is not in {d} (complete steps: [1, 2])" in capsys.readouterr().err
     assert main([str(d), "--out", str(tmp_path / "x.safetensors"), "--vocab-size", "100"]) == 2
     assert "--vocab-size applies to --format hf only" in capsys.readouterr().err
+    for bad in ("0", "-5"):   # 0 was ignored (the model's 256 rows), -5 wrote config vocab_size -5 and 251 rows
+        assert main([str(d), "--out", str(tmp_path / "hf"), "--format", "hf", "--vocab-size", bad]) == 2
+        assert capsys.readouterr().err == (f"error: --vocab-size {bad}: give the tokenizer's vocabulary size (>= 1), "
+                                           "or leave it out to keep the model's\n")
+    assert not (tmp_path / "hf").exists()
+    with pytest.raises(jzero.errors.ConfigError, match="vocab_size=0: give the tokenizer's vocabulary size"):
+        export.export_hf(d, tmp_path / "hf", vocab_size=0)
     with pytest.raises(jzero.errors.CheckpointError, match="is not a jzero export"):
         from safetensors.numpy import save_file
 

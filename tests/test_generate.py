@@ -71,7 +71,8 @@ def test_seed_chunking_stop_tokens_and_streaming(gens):
     a = gen.generate(PROMPTS, NEW, chunk=4, **kw).tokens
     b = gen.generate(PROMPTS, NEW, chunk=1, **kw).tokens          # same seed, other chunking: same tokens
     c = gen.generate(PROMPTS, NEW, chunk=4, **{**kw, "seed": 4}).tokens
-    assert a == b and a != c
+    d = gen.generate(PROMPTS, NEW, chunk=4, **{**kw, "seed": 3 + 2 ** 32}).tokens   # was seed 3's (low 32 bits)
+    assert a == b and a != c and a != d
     assert all(t < REAL for row in a + c for t in row)
     stop = a[0][3]                      # row 0's 4th token as a stop token: row 0 ends there (kept), row 1 goes on
     streamed = []
@@ -209,6 +210,19 @@ def test_errors_name_the_fix(gens, tmp_path, capsys):
         gen.generate([[1]], 2, top_k=5)
     with pytest.raises(ConfigError, match="exactly one of checkpoint=, hf=, model="):
         jzero.generate([[1]], hf="x", checkpoint="y")
+    # text, a flat id list or a float id: one line naming the fix (2.7 was cut to 2, "Hello" failed as int('H'))
+    for prompts, where in (("Hello", "prompts='Hello'"), ([1, 2], "prompt 0 is 1, not a sequence of token ids"),
+                           ([[1, 2.7]], "prompt 0 holds 2.7, not an integer token id"),
+                           ([[1], [True]], "prompt 1 holds True, not an integer token id")):
+        with pytest.raises(ConfigError) as e:
+            gen.generate(prompts, 2)
+        assert str(e.value) == f"{where}: pass a list of token-id lists, e.g. [[15496, 11], [40]] (text goes " \
+                               "through the model's tokenizer first; python -m train.generate --prompt does that)"
+    assert gen.generate(np.asarray([[1, 2]], np.int64), 2).tokens == gen.generate([[1, 2]], 2).tokens
+    model, _, _ = gens["gpt2"]   # a model passed in computes in its cfg.dtype: dtype= was accepted and ignored
+    with pytest.raises(ConfigError, match=r"^dtype='bf16' applies to checkpoint= and hf=; a model= computes in its "
+                                          r"own cfg.dtype \(float32\): build the model"):
+        jzero.generate([[1]], model=model, params={}, dtype="bf16")
     from train.generate import main
 
     assert main(["--hf", str(tmp_path / "none"), "--prompt-ids", "1,2"]) == 2

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from jzero.errors import JzeroError
-from train.plot import curve, differing_keys, load_run, main, read_jsonl, result_cells
+from train.plot import curve, differing_keys, eval_curve, load_run, main, read_jsonl, result_cells
 
 
 def _make_run(d, lr, losses, summary=True, config_extra=None):
@@ -40,7 +40,10 @@ def test_curve_dedupes_resumed_steps_and_reads_eval():
     metrics = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.9}, {"step": 2, "loss": 2.5},
                {"step": 3, "loss": 2.0}, {"step": 3, "eval_loss": 2.2}]
     assert curve(metrics) == ([1, 2, 3], [3.0, 2.5, 2.0])
-    assert curve(metrics, "eval_loss") == ([3], [2.2])
+    assert curve(metrics, "eval_loss") == ([3], [2.2]) == eval_curve(metrics)
+    # train.finetune's eval lines carry val_loss: the plot drew no eval curve for a fine-tune
+    assert eval_curve([{"step": 5, "loss": 1.4}, {"step": 5, "epoch": 1, "val_loss": 1.0, "accuracy": 0.5}]) == \
+        ([5], [1.0])
 
 
 def test_differing_keys_and_missing_files(tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jzero.errors import ConfigError
-from jzero.sampling import SamplingConfig, filter_logits, sample
+from jzero.sampling import SamplingConfig, filter_logits, sample, seed_key
 
 LOGITS = np.asarray([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0],
                      [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]], np.float32)
@@ -49,3 +49,15 @@ def test_bad_knobs_are_errors():
                     (dict(temperature=1, top_k=-2), "top_k=-2"), (dict(top_p=0.5), "need sampling")]:
         with pytest.raises(ConfigError, match=msg):
             SamplingConfig(**kw)
+
+
+def test_every_64_bit_seed_has_its_own_key():
+    """PRNGKey keeps a seed's low 32 bits (no x64): seeds 0 and 2**32 sampled the same tokens, as did -1 and
+    2**32 - 1, while the CLI accepts any 64-bit --seed. A seed below 2**32 keeps PRNGKey(seed)'s key."""
+    data = lambda s: tuple(np.asarray(jax.random.key_data(seed_key(s))).tolist())  # noqa: E731
+    assert data(7) == tuple(np.asarray(jax.random.key_data(jax.random.PRNGKey(7))).tolist())
+    seeds = [0, 1, 2 ** 32 - 1, 2 ** 32, 2 ** 32 + 1, 5_000_000_000, 5_000_000_000 % 2 ** 32, -1, -2 ** 63,
+             2 ** 63 - 1, 2 ** 64 - 1]
+    assert len({data(s) for s in seeds}) == len(seeds) - 1    # -1 and 2**64 - 1 are the same 64 bits
+    with pytest.raises(ConfigError, match=r"seed=18446744073709551616: give an integer that fits in 64 bits"):
+        seed_key(2 ** 64)

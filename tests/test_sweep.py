@@ -15,12 +15,18 @@ FAKE_TRAINER = textwrap.dedent("""
     import json, os, sys, yaml
     args = sys.argv[1:]
     assert args[0] == "--config" and os.path.isfile(args[1]), args
-    kv = dict(a.split("=", 1) for a in args[2:])
+    resume = args[-1] == "--resume"
+    kv = dict(a.split("=", 1) for a in args[2:len(args) - resume])
     with open(os.environ["FAKE_CALLS"], "a") as f:
-        f.write(json.dumps(kv) + "\\n")
+        f.write(json.dumps({**kv, "--resume": True} if resume else kv) + "\\n")
     if kv.get("train.fail") == "true":
         print("boom: told to fail"); sys.exit(3)
     out = kv["train.output_dir"]
+    ckpt = os.path.join(out, "checkpoints")
+    if os.path.isdir(ckpt) and os.listdir(ckpt) and not resume:   # as train.pretrain refuses
+        print("error: checkpoint directory already holds steps; pass --resume"); sys.exit(2)
+    if kv.get("train.killed_after_step") and not resume:   # a checkpoint at step 1, then SIGKILL
+        os.makedirs(os.path.join(ckpt, "1")); sys.exit(137)
     os.makedirs(out, exist_ok=True)
     stage = int(kv.get("zero_optimization.stage", 0))
     lr = float(kv.get("optimizer.params.lr", 1.0))
@@ -109,6 +115,60 @@ def test_failed_point_is_reported_and_sweep_goes_on(sweep_dir, capsys):
     assert len(_calls(sweep_dir)) == 3
 
 
+def test_a_point_killed_after_a_checkpoint_resumes_from_it(sweep_dir, capsys):
+    """A point killed mid-run (preempted, a time limit) left checkpoint steps: a rerun of the sweep passes the trainer
+    --resume instead of starting it fresh into that directory, which the trainer refuses (every rerun failed)."""
+    sweep = _write_sweep(sweep_dir, {"train.killed_after_step": [1]})
+    assert main([str(sweep)]) == 1
+    assert "train.killed_after_step=1: failed (exit 137)" in capsys.readouterr().out
+    assert main([str(sweep)]) == 0
+    assert "train.killed_after_step=1: resuming its earlier attempt (--resume)" in capsys.readouterr().out
+    calls = _calls(sweep_dir)
+    assert len(calls) == 2 and "--resume" not in calls[0] and calls[1]["--resume"] is True
+    point = sweep_dir / "out" / "train.killed_after_step=1"
+    assert (point / "summary.json").is_file() and not (point / "FAILED").exists()
+    # a point whose earlier attempt ran other settings is not resumed: the trainer's refusal stands
+    (point / "summary.json").unlink()
+    sweep.write_text(sweep.read_text().replace("train.steps: 3", "train.steps: 4"))
+    assert main([str(sweep)]) == 1 and "--resume" not in _calls(sweep_dir)[-1]
+
+
+def test_a_checkpoint_dir_shared_by_points_is_refused_and_never_resumed(sweep_dir, tmp_path):
+    """overrides: {checkpoint.dir: X} gives every point one checkpoint directory: the trainer refused each point
+    after the first (X holds its steps), and a rerun must never --resume a point from another point's steps."""
+    from train.sweep import Point, resumes
+
+    (sweep_dir / "sweep.yaml").write_text("base: base.yaml\noutput_dir: out\ngrid: {zero_optimization.stage: [1, 3]}\n"
+                                          "overrides: {checkpoint.dir: ck, train.checkpoint_interval: 5}\n")
+    with pytest.raises(ConfigError) as e:
+        main([str(sweep_dir / "sweep.yaml"), "--dry-run"])
+    assert "1 of 2 points have an invalid config, first [2/2] zero_optimization.stage=3: checkpoint.dir puts this " \
+           f"point's files in {sweep_dir / 'ck'}, as it does point [1/2]'s" in str(e.value)
+    for ckpt_arg, expected in (([], True), ([f"checkpoint.dir={tmp_path / 'shared'}"], False)):
+        point = Point(0, "p", {}, tmp_path / "p", ["python", "t.py"] + ckpt_arg)
+        point.dir.mkdir(exist_ok=True)
+        (point.dir / "sweep_point.json").write_text(json.dumps({"argv": point.argv}))
+        for d in (point.dir / "checkpoints" / "4", tmp_path / "shared" / "4"):
+            d.mkdir(parents=True, exist_ok=True)
+        assert resumes(point) is expected
+
+
+def test_a_csv_or_tensorboard_path_shared_by_points_is_refused(sweep_dir, capsys):
+    """DeepSpeed's csv_monitor / tensorboard output_path in the base config is one directory for every point: each
+    point's CSV files were truncated by the next point's run. Refused, naming the override that fixes it."""
+    (sweep_dir / "base.yaml").write_text("csv_monitor: {enabled: true, output_path: csv_logs, job_name: j}\n")
+    sweep = sweep_dir / "sweep.yaml"
+    sweep.write_text("base: base.yaml\noutput_dir: out\ngrid: {zero_optimization.stage: [1, 3]}\n")
+    with pytest.raises(ConfigError) as e:
+        main([str(sweep), "--dry-run"])
+    assert f"csv_monitor.output_path puts this point's files in {sweep_dir / 'csv_logs' / 'j'}, as it does point " \
+           "[1/2]'s, and each point's run would write its curves over the earlier points' there; add " \
+           'csv_monitor.output_path: "" to the sweep\'s overrides' in str(e.value)
+    capsys.readouterr()
+    sweep.write_text(sweep.read_text() + 'overrides: {csv_monitor.output_path: ""}\n')
+    assert main([str(sweep), "--dry-run"]) == 0 and capsys.readouterr().out.count("would run") == 2
+
+
 def test_dry_run_runs_nothing(sweep_dir, capsys):
     sweep = _write_sweep(sweep_dir, {"zero_optimization.stage": [1, 3]})
     assert main([str(sweep), "--dry-run"]) == 0
@@ -179,9 +239,26 @@ def test_bad_sweep_files_name_the_key(tmp_path, body, message):
 def test_format_value_round_trips_through_yaml():
     import yaml
 
+    from jzero.config import apply_overrides
+
     for v in (1e-5, 3e-3, 0.1, 2, True, None, "gelu", [1, 2], 1.5e20):
         assert yaml.safe_load(format_value(v)) == v
+    # strings the override parser would read as another type (None, True, 1, None, 62) reach the trainer as text
+    for v in ("", "on", "001", "null", "1:2", "a b", "é", ["on", "x"]):
+        assert apply_overrides({}, [f"k={format_value(v)}"])["k"] == v, v
+    assert format_value("gelu") == "gelu" and format_value("on") == '"on"'
     assert point_name({"a.b": "x/y z"}) == "a.b=x_y_z"
+
+
+def test_values_that_sanitise_to_one_name_are_separate_points(sweep_dir, capsys):
+    """data/a, data_a and "data a" all sanitise to data.path=data_a: only the first used to run, the other two
+    dropped as "repeats"; each now runs, in a directory of its own."""
+    sweep = _write_sweep(sweep_dir, {"data.path": ["data/a", "data_a", "data a"]})
+    points = plan(load_sweep(sweep), sweep)
+    assert [p.values["data.path"] for p in points] == ["data/a", "data_a", "data a"]
+    assert points[0].name == "data.path=data_a" and len({p.dir for p in points}) == 3
+    assert all(p.name.startswith("data.path=data_a-") for p in points[1:])
+    assert main([str(sweep), "--dry-run"]) == 0 and "distinct points" not in capsys.readouterr().out
 
 
 def test_shipped_example_plans_a_2x2_grid(tmp_path):

@@ -13,7 +13,8 @@ import sys
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint_dir", help="checkpoint directory (checkpoint.dir of the run; holds step folders)")
+    p.add_argument("checkpoint_dir", help="checkpoint directory (checkpoint.dir of the run; holds step folders), "
+                                          "or the run directory (train.output_dir) holding checkpoints/")
     p.add_argument("--out", required=True, help="output .safetensors file (--format jzero) or directory (--format hf)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the written weights")
     p.add_argument("--step", type=int, help="checkpoint step to export (default: the latest complete one)")
@@ -31,6 +32,9 @@ def main(argv=None) -> int:
     try:
         from jzero import export
 
+        if args.vocab_size is not None and args.vocab_size < 1:   # 0 was ignored, -5 wrote 5 rows fewer
+            raise ConfigError(f"--vocab-size {args.vocab_size}: give the tokenizer's vocabulary size (>= 1), or leave "
+                              "it out to keep the model's")
         if args.format == "hf":
             path, step, n = export.export_hf(args.checkpoint_dir, args.out, args.dtype, args.step, args.vocab_size)
         else:

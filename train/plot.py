@@ -2,8 +2,8 @@
 
     python -m train.plot RUN_DIR [RUN_DIR...] [--out loss.png] [--table results.md]
 
-A run directory is what ``train.pretrain`` writes: ``config.json``, ``metrics.jsonl`` (train lines carry
-``loss``, eval lines ``eval_loss``) and, once finished, ``summary.json``. The table's leading columns are the
+A run directory is what ``train.pretrain`` or ``train.finetune`` writes: ``config.json``, ``metrics.jsonl`` (train
+lines carry ``loss``, eval lines ``eval_loss``, or ``val_loss`` for a fine-tune) and, once finished, ``summary.json``. The table's leading columns are the
 config keys whose values differ between the runs; ``train.sweep`` calls the same functions with its swept keys.
 matplotlib is imported only when a plot is drawn (Agg canvas, no display, no pyplot global state).
 """
@@ -76,6 +76,19 @@ def curve(metrics: Iterable[dict], key: str = "loss") -> tuple[list[int], list[f
     return steps, [by_step[s] for s in steps]
 
 
+#: the eval loss of each main's metrics.jsonl: train.pretrain's ``eval_loss`` lines, train.finetune's ``val_loss``
+EVAL_KEYS = ("eval_loss", "val_loss")
+
+
+def eval_curve(metrics: Sequence[dict]) -> tuple[list[int], list[float]]:
+    """(steps, values) of the run's eval loss, whichever main wrote it (:data:`EVAL_KEYS`)."""
+    for key in EVAL_KEYS:
+        steps, values = curve(metrics, key)
+        if steps:
+            return steps, values
+    return [], []
+
+
 def plot_losses(runs: Sequence[Run], out: str | Path, title: str = "loss") -> Path:
     """All runs' training loss (solid) and eval loss (dashed, same colour) on one PNG; returns its path."""
     try:
@@ -89,7 +102,7 @@ def plot_losses(runs: Sequence[Run], out: str | Path, title: str = "loss") -> Pa
     for run in runs:
         steps, losses = curve(run.metrics, "loss")
         (line,) = ax.plot(steps, losses, label=run.name, linewidth=1.2)
-        esteps, elosses = curve(run.metrics, "eval_loss")
+        esteps, elosses = eval_curve(run.metrics)
         if esteps:
             ax.plot(esteps, elosses, linestyle="--", marker="o", markersize=3, color=line.get_color())
     ax.set_xlabel("step")

@@ -14,11 +14,14 @@ The sweep file::
 
 Points are the product of the grid and the random draws (either alone is fine). Random floats are rounded to 4
 significant digits so the value passed equals the value in the name. A point's name is ``key=value,...`` over
-the swept keys (sanitised for file names); its directory is ``output_dir/<name>``; the trainer gets
+the swept keys (sanitised for file names; a name another point's values already gave once sanitised ends in a
+hash of its own values); its directory is ``output_dir/<name>``; the trainer gets
 ``--config BASE <overrides> <point values> train.output_dir=<dir>`` with its output in ``<dir>/train.log``.
 
 Resume: a point whose directory has summary.json is skipped, so rerunning the same command only does what is
-left. A failed point is recorded (``<dir>/FAILED``), the sweep goes on, and the exit code is 1 at the end.
+left; a point stopped mid-run (killed, preempted) after writing checkpoints continues from them (the trainer
+gets ``--resume``; the command must accept it, as train.pretrain and train.finetune do). A failed point is recorded (``<dir>/FAILED``), the sweep goes on,
+and the exit code is 1 at the end.
 After the points, ``output_dir/results.md`` (one row per point) and ``output_dir/loss.png`` are written.
 
 ``--slurm`` writes ``points.json`` and an array job ``sweep.sbatch`` (one point per task, ``--point
@@ -45,7 +48,7 @@ from typing import Any, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from jzero.config import load_yaml
+from jzero.config import apply_overrides, load_yaml
 from jzero.errors import ConfigError, JzeroError
 from train.plot import load_run, plot_losses, results_table
 
@@ -177,15 +180,26 @@ def format_value(v: Any) -> str:
         return s
     if isinstance(v, (list, dict)):
         return json.dumps(v, separators=(",", ":"))
+    if isinstance(v, str) and apply_overrides({}, [f"v={v}"])["v"] != v:
+        # "", "on", "001", "null", "1:2" would reach the trainer as None, True, 1, None, 62: quoted, they stay text
+        return json.dumps(v, ensure_ascii=False)
     return str(v)
+
+
+def _full_name(values: dict) -> str:
+    return ",".join(f"{k}={format_value(v)}" for k, v in values.items())
+
+
+def _hash(full: str) -> str:
+    return hashlib.sha1(full.encode()).hexdigest()[:8]
 
 
 def point_name(values: dict) -> str:
     """``k1=v1,k2=v2`` with file-name-unsafe characters replaced; long names end in a hash of the full one."""
-    full = ",".join(f"{k}={format_value(v)}" for k, v in values.items())
+    full = _full_name(values)
     name = re.sub(r"[^A-Za-z0-9._=,+-]", "_", full)
     if len(name) > 150:
-        name = name[:140] + "-" + hashlib.sha1(full.encode()).hexdigest()[:8]
+        name = name[:140] + "-" + _hash(full)
     return name
 
 
@@ -222,12 +236,17 @@ def plan(spec: SweepSpec, sweep_file: str | Path) -> list[Point]:
     fixed = [f"{k}={format_value(v)}" for k, v in spec.overrides.items()]
     out_root = Path(spec.output_dir).resolve()
     points, seen = [], set()
+    names = set()
     for g, r in itertools.product(grid, draws):
         values = {**g, **r}
-        name = point_name(values)
-        if name in seen:
+        full = _full_name(values)
+        if full in seen:   # the same values again (random draws repeating): run once
             continue
-        seen.add(name)
+        seen.add(full)
+        name = point_name(values)
+        if name in names:   # other values, same name once sanitised (data/a and data_a): a directory of its own
+            name = f"{name}-{_hash(full)}"
+        names.add(name)
         pdir = out_root / name
         argv = command + base + fixed + [f"{k}={format_value(v)}" for k, v in values.items()]
         points.append(Point(len(points), name, values, pdir, argv + [f"train.output_dir={pdir}"]))
@@ -245,15 +264,39 @@ def check_points(points: list[Point], spec: SweepSpec, sweep_file: str | Path) -
         return {}
     base = (Path(sweep_file).parent / spec.base).resolve() if spec.base is not None else None
     fixed = [f"{k}={format_value(v)}" for k, v in spec.overrides.items()]
-    bad = {}
+    bad, owner = {}, {}
     for p in points:
         try:
             cfg = load_config(base, fixed + [f"{k}={format_value(v)}" for k, v in p.values.items()],
                               base=None if base else DEFAULT_CONFIG)
             _check_built(cfg)
+            for key, directory, why, fix in _shared_dirs(cfg):
+                directory = directory.expanduser().resolve()   # relative: to the trainer's (this) directory
+                first = owner.setdefault((key, directory), p.index)
+                if first != p.index:
+                    raise ConfigError(f"{key} puts this point's files in {directory}, as it does point "
+                                      f"[{first + 1}/{len(points)}]'s, and {why}; {fix}")
         except ConfigError as exc:
             bad[p.index] = str(exc)
     return bad
+
+
+def _shared_dirs(cfg) -> list[tuple[str, Path, str, str]]:
+    """``(key, directory, why, fix)`` for each directory the point's config names outside its ``train.output_dir``
+    (base config or overrides: the same for every point): its checkpoints, and DeepSpeed's TensorBoard / CSV
+    ``output_path`` (empty = the run's own directory)."""
+    out = []
+    if cfg.checkpoint.dir and cfg.train.checkpoint_interval:
+        out.append(("checkpoint.dir", Path(cfg.checkpoint.dir), "a point's run refuses a checkpoint directory "
+                    "holding another run's steps", "leave checkpoint.dir unset (each point checkpoints into its own "
+                    "<dir>/checkpoints) or sweep it per point"))
+    for section in ("tensorboard", "csv_monitor"):
+        sec = getattr(cfg, section)
+        if sec.enabled and sec.output_path:
+            out.append((f"{section}.output_path", Path(sec.output_path) / sec.job_name, "each point's run would "
+                        "write its curves over the earlier points' there", f'add {section}.output_path: "" to the '
+                        "sweep's overrides (each point logs into its own directory)"))
+    return out
 
 
 def _check_built(cfg) -> None:
@@ -292,16 +335,44 @@ def _env() -> dict:
     return env
 
 
-def run_point(point: Point) -> str:
-    """Run one point's trainer (output to <dir>/train.log); returns 'done' or 'failed (...)'."""
+def _checkpoint_dir(point: Point) -> Path:
+    """The point's checkpoint directory: a ``checkpoint.dir=`` it passes, else ``<dir>/checkpoints`` (the
+    trainers' default; a ``checkpoint.dir`` in the base config is not seen here, so such a point never resumes)."""
+    given = [a.split("=", 1)[1] for a in point.argv if a.startswith("checkpoint.dir=")]
+    return Path(given[-1]) if given else point.dir / "checkpoints"
+
+
+def resumes(point: Point) -> bool:
+    """Whether an unfinished point continues its earlier attempt (``--resume``): that attempt ran the same command
+    (``sweep_point.json``) and left checkpoint steps. Without it a point killed mid-run (preempted, a time limit,
+    Ctrl-C) after a checkpoint could never finish: the trainer refuses a fresh run into a checkpoint directory
+    that holds steps, so every rerun of the sweep would fail it again."""
+    record = point.dir / "sweep_point.json"
+    if is_done(point) or not record.is_file():
+        return False
+    if json.loads(record.read_text()).get("argv", [])[1:] != point.argv[1:]:
+        return False   # other settings: the trainer's own refusal names the directory and the fix
+    ckpt = _checkpoint_dir(point)
+    if not ckpt.resolve().is_relative_to(point.dir.resolve()):
+        return False   # a directory outside the point's may hold another point's steps: never continue those
+    from jzero import checkpoint
+
+    return bool(checkpoint.steps(ckpt))
+
+
+def run_point(point: Point, resume: Optional[bool] = None) -> str:
+    """Run one point's trainer (output to <dir>/train.log, appended to when it resumes an earlier attempt:
+    ``resume``, default :func:`resumes`); returns 'done' or 'failed (...)'."""
+    resume = resumes(point) if resume is None else resume
     point.dir.mkdir(parents=True, exist_ok=True)
     (point.dir / "sweep_point.json").write_text(json.dumps({"argv": point.argv}))
     marker = point.dir / "FAILED"
     marker.unlink(missing_ok=True)
     log_path = point.dir / "train.log"
-    with open(log_path, "w") as log:
+    with open(log_path, "a" if resume else "w") as log:
         try:
-            rc = subprocess.run(point.argv, stdout=log, stderr=subprocess.STDOUT, env=_env()).returncode
+            rc = subprocess.run(point.argv + (["--resume"] if resume else []), stdout=log,
+                                stderr=subprocess.STDOUT, env=_env()).returncode
         except OSError as e:
             rc, why = None, f"failed (cannot start {point.argv[0]}: {e.strerror})"
     if rc is not None:
@@ -444,8 +515,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             statuses.append("done")
             print(f"{head}: done earlier, skipped", flush=True)
             continue
-        print(f"{head}: running, log in {p.dir / 'train.log'}", flush=True)
-        status = run_point(p)
+        resume = resumes(p)
+        print(f"{head}: {'resuming its earlier attempt (--resume)' if resume else 'running'}, log in "
+              f"{p.dir / 'train.log'}", flush=True)
+        status = run_point(p, resume)
         statuses.append(status)
         print(f"{head}: {status}" + ("" if status == "done" else f", see {p.dir / 'train.log'}:\n"
                                      f"{_tail(p.dir / 'train.log')}"), flush=True)
