@@ -42,9 +42,9 @@ CSV, as DeepSpeed's ``csvMonitor`` (``deepspeed/monitor/csv_monitor.py``) writes
 ``tag.replace('/', '_').replace(' ', '_') + '.csv'`` (``Train/Samples/train_loss`` ->
 ``Train_Samples_train_loss.csv``, ``jzero/Train/Samples/grad_norm`` -> ``jzero_Train_Samples_grad_norm.csv``);
 rows by ``csv.writer`` (``\r\n`` line ends), the first ``step,<last part of the tag>`` (``step,train_loss``), then
-``<x>,<value>``. Unlike DeepSpeed, which appends to the files and repeats the header each time a process first
-writes one, a fresh run truncates the files it writes and a resumed run (``append``) continues them without a
-second header.
+``<x>,<value>``. As DeepSpeed's, files are appended to, never truncated, and a fresh run writes the header again
+when it first writes a file (so a directory shared by runs keeps every run's rows, each under its header); a
+resumed run (``append``) continues them without a second header.
 
 Resuming (``append`` + ``resume_step`` R): records of steps after R (the interrupted run logged them; the resumed
 run logs them again) are dropped from metrics.jsonl and the CSV files (``train_loss`` rows with ``x > (R - 1) * S``,
@@ -334,7 +334,7 @@ class Monitor:
                 loss_file = csv_filename(TRAIN_LOSS_TAG)
                 for path in self._log_dir(self.csv_config).glob("*.csv"):
                     last = self._samples(resume_step - 1 if path.name == loss_file else resume_step)
-                    _keep_rows_until(path, last, _csv_step)
+                    _keep_rows_until(path, last, _csv_step, from_last="step,")
             self._csv = _CSVWriter(self._log_dir(self.csv_config), append)
         self._jsonl = open(jsonl, "a" if append else "w")
         self.is_tty = bool(getattr(self.stream, "isatty", lambda: False)())

@@ -52,12 +52,15 @@ class _TensorboardWriter:
         self._writer.close()
 
 
-def _keep_rows_until(path: Path, step: int, row_step) -> None:
-    """Rewrite ``path`` without its records past ``step`` (``row_step(line)``: the line's step, None to keep it)."""
+def _keep_rows_until(path: Path, step: int, row_step, from_last: str | None = None) -> None:
+    """Rewrite ``path`` without its records past ``step`` (``row_step(line)``: the line's step, None to keep it).
+    ``from_last``: only the lines after the last one starting with it are the resumed run's (a CSV file that
+    earlier runs appended to holds their rows above that run's header: those are never touched)."""
     if path.is_file():
         with open(path, newline="") as f:   # (\r\n stays \r\n)
             lines = f.read().splitlines(keepends=True)
-        kept = [ln for ln in lines if (s := row_step(ln)) is None or s <= step]
+        first = max((i for i, ln in enumerate(lines) if from_last and ln.startswith(from_last)), default=0)
+        kept = lines[:first] + [ln for ln in lines[first:] if (s := row_step(ln)) is None or s <= step]
         if len(kept) != len(lines):
             with open(path, "w", newline="") as f:
                 f.write("".join(kept))
@@ -75,8 +78,10 @@ def _csv_step(line: str):
 class _CSVWriter:
     """DeepSpeed csvMonitor layout: ``<dir>/<csv_filename(tag)>``, header ``step,<last part of tag>``, rows ``x,value``.
 
-    Without ``append`` a tag's file is truncated when this run first writes it; files of tags this run does not
-    write are left alone (the directory may be shared).
+    Rows are appended, never truncated (the directory may be shared by runs, as DeepSpeed's csvMonitor allows):
+    without ``append`` (a fresh run) a tag's file gets a ``step,<name>`` header when this run first writes it, as
+    DeepSpeed's does, so each run's rows start under their own header; with ``append`` (a resumed run) the rows
+    continue the file without a second header.
     """
 
     def __init__(self, log_dir: Path, append: bool):
@@ -92,7 +97,7 @@ class _CSVWriter:
             if entry is None:
                 path = self.log_dir / name
                 new = not self.append or not path.exists() or path.stat().st_size == 0
-                f = open(path, "a" if self.append else "w", newline="")
+                f = open(path, "a", newline="")
                 entry = self._files[name] = (f, csv.writer(f))   # csv.writer's \r\n, as csvMonitor's
                 if new:
                     entry[1].writerow(["step", tag.split("/")[-1]])

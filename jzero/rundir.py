@@ -66,3 +66,28 @@ def claim(directory, key: str = "train.output_dir") -> Iterator[Path]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+#: what a run writes into its output directory and a fresh run there would overwrite
+RESULT_FILES = ("config.json", "metrics.jsonl", "summary.json")
+
+
+def keep_earlier_results(directory, names=RESULT_FILES) -> Path | None:
+    """Move an earlier run's result files (``names``) out of a fresh run's way, into ``DIR/earlier/<UTC time>/``,
+    and return that directory (None when ``DIR`` holds none). A second run into one ``train.output_dir`` (a
+    rerun of the quickstart, a retried sweep point) would otherwise overwrite the first run's metrics and summary
+    with nothing said. A resumed run continues those files instead and does not call this."""
+    path = Path(directory)
+    found = [path / n for n in names if (path / n).is_file()]
+    if not found:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    dest = path / "earlier" / stamp
+    n = 1
+    while dest.exists():   # two fresh runs within a second
+        n += 1
+        dest = path / "earlier" / f"{stamp}-{n}"
+    dest.mkdir(parents=True)
+    for f in found:
+        os.replace(f, dest / f.name)
+    return dest

@@ -192,7 +192,10 @@ def test_tty_progress_bar_shows_step_and_loss(tmp_path):
     assert "step 2/4 |" not in text  # no plain lines in TTY mode
 
 
-def test_append_keeps_previous_lines_fresh_run_truncates(tmp_path):
+def test_append_continues_and_a_fresh_run_adds_its_own_header_never_truncating(tmp_path):
+    """metrics.jsonl restarts with a fresh run (the mains move an earlier run's aside first: jzero.rundir); the CSV
+    files, which a directory shared by runs may hold, are appended to as DeepSpeed's csvMonitor does."""
+    header = ["step", "train_loss"]
     for start, append in ((1, False), (3, True), (5, False)):
         with Monitor(tmp_path, 6, csv_monitor={"enabled": True, "job_name": "c"}, is_writer=True, append=append,
                      train_batch_size=2, stream=io.StringIO()) as mon:
@@ -200,9 +203,12 @@ def test_append_keeps_previous_lines_fresh_run_truncates(tmp_path):
             mon.log(start + 1, {"loss": 0.5})
         steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
         rows = list(csv.reader(open(tmp_path / "c" / "Train_Samples_train_loss.csv", newline="")))
-        assert rows[0] == ["step", "train_loss"] and ["step", "train_loss"] not in rows[1:]   # one header
         assert steps == ([1, 2, 3, 4] if append else [start, start + 1])
-        assert [int(r[0]) for r in rows[1:]] == [2 * (s - 1) for s in steps]
+        if start < 5:   # the resumed run continued the first run's file without a second header
+            assert rows[0] == header and header not in rows[1:]
+            assert [int(r[0]) for r in rows[1:]] == [2 * (s - 1) for s in steps]
+    assert rows == [header, ["0", "1.0"], ["2", "0.5"], ["4", "1.0"], ["6", "0.5"], header, ["8", "1.0"],
+                    ["10", "0.5"]]
 
 
 def _train(step, run):
@@ -270,3 +276,19 @@ def test_helpers():
             == "step 5/9 | loss 1 | step 30.0 ms | host 1.0 ms")
     assert format_train_line(3, 9, {"loss": 2.0, "skipped_steps": 2.0}) == "step 3/9 | loss 2 | skipped 2"
     assert format_train_line(3, 9, {"loss": 2.0, "skipped_steps": 0.0}) == "step 3/9 | loss 2"   # none: not shown
+
+
+def test_a_resume_trims_only_its_own_runs_csv_rows(tmp_path):
+    """An earlier run's rows (above the resumed run's header in a shared CSV directory) survive the resume's trim
+    of the rows past its checkpoint, even where their steps are higher."""
+    csv_cfg = {"enabled": True, "job_name": "c"}
+    for start, n, append, resume in ((1, 6, False, None), (1, 4, False, None), (3, 2, True, 2)):
+        with Monitor(tmp_path, 6, csv_monitor=csv_cfg, is_writer=True, append=append, resume_step=resume,
+                     train_batch_size=1, stream=io.StringIO()) as mon:
+            for s in range(start, start + n):
+                mon.log(s, {"loss": float(s)})
+    rows = list(csv.reader(open(tmp_path / "c" / "Train_Samples_train_loss.csv", newline="")))
+    header = ["step", "train_loss"]
+    first = [[str(s - 1), f"{float(s)}"] for s in range(1, 7)]     # run 1, steps 1-6, kept whole
+    second = [[str(s - 1), f"{float(s)}"] for s in range(1, 5)]    # run 2: 1-2 kept, 3-4 logged again by run 3
+    assert rows == [header] + first + [header] + second

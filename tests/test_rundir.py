@@ -67,3 +67,21 @@ def test_unwritable_output_dir_is_one_line(tmp_path, capsys, request, make):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: train.output_dir={out} is not a writable directory (") and "\n" not in err, err
     assert err.endswith("set train.output_dir to a directory this user can write")
+
+
+def test_an_earlier_runs_results_are_moved_aside_not_overwritten(tmp_path):
+    from jzero.rundir import keep_earlier_results
+
+    assert keep_earlier_results(tmp_path) is None   # nothing there: nothing moved
+    (tmp_path / "metrics.jsonl").write_text("first\n")
+    (tmp_path / "summary.json").write_text("{}")
+    (tmp_path / "keep.txt").write_text("x")   # not a result file: stays
+    first = keep_earlier_results(tmp_path)
+    assert first.parent == tmp_path / "earlier" and sorted(p.name for p in first.iterdir()) == \
+        ["metrics.jsonl", "summary.json"]
+    assert (first / "metrics.jsonl").read_text() == "first\n" and (tmp_path / "keep.txt").exists()
+    assert not (tmp_path / "metrics.jsonl").exists()
+    (tmp_path / "metrics.jsonl").write_text("second\n")   # a second rerun within the same second: its own folder
+    second = keep_earlier_results(tmp_path)
+    assert second != first and (second / "metrics.jsonl").read_text() == "second\n"
+    assert (first / "metrics.jsonl").read_text() == "first\n"

@@ -325,6 +325,10 @@ def make_evaluator(engine):
 # --------------------------------------------------------------------------- the run
 
 
+#: a fine-tuning run's own result files besides config/metrics/summary (moved aside with them for a fresh run)
+FINETUNE_RESULTS = ("vocab.json", "report.json", "report.md")
+
+
 def run(cfg, resume: bool = False) -> dict:
     """Fine-tune per ``cfg``; return the report (also written to ``report.json``). ``resume`` continues from the
     latest loadable checkpoint in the run's checkpoint directory (:mod:`train.finetune_run`)."""
@@ -332,7 +336,7 @@ def run(cfg, resume: bool = False) -> dict:
     import numpy as np
 
     import jzero
-    from jzero import checkpoint
+    from jzero import checkpoint, rundir
     from jzero import finetune_data as fd
     from jzero.config import checkpoint_dir, resolve
     from jzero.errors import ConfigError, DataError
@@ -398,6 +402,9 @@ def run(cfg, resume: bool = False) -> dict:
     out = Path(rc.train.output_dir)
     if pi == 0:
         out.mkdir(parents=True, exist_ok=True)
+        earlier = None if resume else rundir.keep_earlier_results(out, rundir.RESULT_FILES + FINETUNE_RESULTS)
+        if earlier is not None:
+            print(f"{out} held an earlier run's results: moved to {earlier}", flush=True)
         (out / "config.json").write_text(json.dumps(config_dict(rc), indent=2))
         if ft.tokenizer == "words":
             (out / "vocab.json").write_text(json.dumps(vocab))

@@ -158,7 +158,7 @@ def run(cfg, resume: bool = False) -> dict:
     import jax
 
     import jzero
-    from jzero import checkpoint, flops
+    from jzero import checkpoint, flops, rundir
     from jzero.config import checkpoint_dir, resolve, to_dict
     from jzero.data import BatchIterator, eval_batches, read_meta
     from jzero.guard import TrainingGuard
@@ -182,6 +182,9 @@ def run(cfg, resume: bool = False) -> dict:
     out = Path(rc.train.output_dir)
     if pi == 0:
         out.mkdir(parents=True, exist_ok=True)
+        earlier = None if resume else rundir.keep_earlier_results(out)
+        if earlier is not None:
+            print(f"{out} held an earlier run's results: moved to {earlier}", flush=True)
         (out / "config.json").write_text(json.dumps(to_dict(rc), indent=2))
     if rc.train.checkpoint_interval:   # open the writer now: an unwritable checkpoint.dir fails before training
         checkpoint.writer(ckpt_dir, rc.checkpoint.max_to_keep, rc.checkpoint.async_save)
