@@ -90,3 +90,18 @@ def test_deepspeed_config_flag_is_config():
 
     assert parse_args(["--deepspeed_config", "ds.json", "mesh.data=8"]).config == "ds.json"
     assert finetune_args(["--deepspeed_config", "ds.json"]).config == "ds.json"
+
+
+def test_a_bad_flag_is_one_line_exit_2(capsys):
+    """argparse's usage errors too are one `error:` line (train._main.ArgumentParser), in every main."""
+    from train.launch import main as launch_main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--bogus"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err == ("error: python -m train.pretrain: unrecognized arguments: --bogus; see python -m train.pretrain "
+                   "--help\n")
+    with pytest.raises(SystemExit) as exc:
+        launch_main(["--nproc", "x", "--", "true"])
+    assert exc.value.code == 2 and capsys.readouterr().err.count("\n") == 1

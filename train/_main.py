@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, its usage errors one line (``error: PROG: MESSAGE; see PROG --help``, exit 2) like every
+    other bad input of the mains, instead of the usage block and a second line."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}; see {self.prog} --help\n")
 
 
 def run_main(args, default_config: dict, run: Callable) -> int:

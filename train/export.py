@@ -7,12 +7,13 @@ directory that ``GPT2LMHeadModel.from_pretrained`` loads (``--format hf``, ``--o
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from train._main import ArgumentParser
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m train.export", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint_dir", help="checkpoint directory (checkpoint.dir of the run; holds step folders), "
                                           "or the run directory (train.output_dir) holding checkpoints/")
     p.add_argument("--out", required=True, help="output .safetensors file (--format jzero) or directory (--format hf)")

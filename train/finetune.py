@@ -23,7 +23,6 @@ it (the steps done are skipped, so it sees the batches the uninterrupted run wou
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 
 from train.finetune_run import scores  # noqa: F401 -- re-exported: it was defined here
+from train._main import ArgumentParser
 
 DEFAULT_CONFIG: dict = {
     "train_batch_size": 32,
@@ -50,7 +50,7 @@ DEFAULT_CONFIG: dict = {
 def parse_args(argv):
     from jzero.distributed import add_distributed_args
 
-    p = argparse.ArgumentParser(prog="python -m train.finetune", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m train.finetune", description=__doc__.splitlines()[0])
     p.add_argument("--config", "--deepspeed_config", dest="config",   # (DeepSpeed scripts pass --deepspeed_config)
                    help="DeepSpeed-style JSON or YAML config (default: the embedded default)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. finetune.task=token_classification")

@@ -13,14 +13,15 @@ byte-level or a tokenizer.json), the HF directory's ``tokenizer.json``, or ``--t
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from train._main import ArgumentParser
+
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m train.generate", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m train.generate", description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="jzero run directory (with checkpoints/) or checkpoint directory")
     src.add_argument("--hf", help="local Hugging Face GPT-2 or Llama directory (config.json + safetensors)")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from jzero.distributed import (CONNECTING, ENV_COORDINATOR, ENV_HEARTBEAT_TIMEOUT, ENV_INIT_TIMEOUT,
                                ENV_NUM_PROCESSES, ENV_PROCESS_ID)
+from train._main import ArgumentParser
 
 EXIT_USAGE = 2
 EXIT_STALLED = 124          # like timeout(1)
@@ -201,7 +202,7 @@ class Launcher:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m train.launch", description=__doc__.splitlines()[0],
+    p = ArgumentParser(prog="python -m train.launch", description=__doc__.splitlines()[0],
                                 usage="python -m train.launch --nproc N [options] -- CMD [ARGS ...]")
     p.add_argument("--nproc", type=int, required=True, help="number of processes (ranks) to start")
     p.add_argument("--devices-per-proc", type=int, default=1, help="fake CPU devices per process (default 1)")

@@ -8,17 +8,18 @@ docs/plan.md).
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
 from pathlib import Path
 
+from train._main import ArgumentParser
+
 
 def parse_args(argv):
     from jzero.plan import CANDIDATES
 
-    p = argparse.ArgumentParser(prog="python -m train.plan", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m train.plan", description=__doc__.splitlines()[0])
     p.add_argument("--config", "--deepspeed_config", dest="config",
                    help="DeepSpeed-style JSON/YAML (default: the embedded pretrain default)")
     p.add_argument("--nodes", type=int, required=True)

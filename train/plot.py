@@ -9,7 +9,6 @@ matplotlib is imported only when a plot is drawn (Agg canvas, no display, no pyp
 """
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from jzero.errors import JzeroError
 from jzero.monitor import human_bytes
+from train._main import ArgumentParser
 
 RESULT_COLUMNS = ("final_loss", "tokens/s", "mfu", "memory/device", "status")
 
@@ -197,7 +197,7 @@ def _names(paths: Sequence[Path]) -> list[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.plot", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m train.plot", description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", type=Path, help="run directories (train.output_dir of each run)")
     ap.add_argument("--out", type=Path, default=Path("loss.png"), help="PNG of the loss curves (default loss.png)")
     ap.add_argument("--table", type=Path, help="also write the markdown table to this file")

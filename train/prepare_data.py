@@ -20,10 +20,11 @@ import sys
 
 from jzero.data import prepare
 from jzero.errors import JzeroError
+from train._main import ArgumentParser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m train.prepare_data", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m train.prepare_data", description=__doc__.split("\n")[0])
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
                         help="text files or directories (recursive, sorted)")
     parser.add_argument("--output-dir", required=True, metavar="DIR", help="where train.bin, val.bin, meta.json go")

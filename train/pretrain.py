@@ -7,12 +7,13 @@ Writes ``config.json``, ``metrics.jsonl`` and ``summary.json`` into ``train.outp
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import statistics
 import sys
 from pathlib import Path
+
+from train._main import ArgumentParser
 
 DEFAULT_CONFIG: dict = {
     "train_batch_size": 32,
@@ -35,7 +36,7 @@ N_PROBES = 3
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m train.pretrain", description=__doc__.splitlines()[0])
     p.add_argument("--config", "--deepspeed_config", dest="config",   # (DeepSpeed scripts pass --deepspeed_config)
                    help="DeepSpeed-style JSON or YAML config (default: the embedded default)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. zero_optimization.stage=3")

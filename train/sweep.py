@@ -30,7 +30,6 @@ $SLURM_ARRAY_TASK_ID``) and submits it with ``sbatch`` if that is on PATH, follo
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
@@ -51,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from jzero.config import apply_overrides, load_yaml
 from jzero.errors import ConfigError, JzeroError
 from train.plot import load_run, plot_losses, results_table
+from train._main import ArgumentParser
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _RESERVED = ("train.output_dir",)
@@ -454,7 +454,7 @@ def submit_slurm(script: Path, sweep_file: Path, out_root: Path) -> int:
 # main
 # ----------------------------------------------------------------------------------------------------------
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.sweep", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m train.sweep", description=__doc__.split("\n")[0])
     ap.add_argument("sweep", type=Path, help="sweep YAML file")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print the points and commands, run nothing")
