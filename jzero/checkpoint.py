@@ -27,143 +27,33 @@ Restoring builds its targets from ``engine.state`` as it is now (shape, dtype, s
 checkpoint written on 8 devices at ZeRO-3 loads onto 4 devices at ZeRO-1 or with tensor parallelism with no
 conversion step: orbax reads each new shard's slice from the saved chunks. The saved tree must match the new
 one leaf for leaf; when it does not (another optimizer, another model size) the error names both sides.
+
+Modules: this one saves, loads and resumes; :mod:`jzero.checkpoint_io` holds the orbax managers and the reads
+they share, :mod:`jzero.checkpoint_meta` the meta and compatibility check, :mod:`jzero.checkpoint_weights` the
+host-side weights reader (their public names are re-exported here).
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import json
-import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from jzero.checkpoint_meta import (FORMAT, _unsaveable, check_compatible, config_changes,  # noqa: F401  (re-exported)
                                   describe, make_meta, restore_target, saveable, state_is_finite, unflatten)
-from jzero.checksum import checksums, mismatches
+from jzero.checkpoint_io import (ITEMS, NonFiniteStateError, UnreadableCheckpointError,  # noqa: F401 (re-exported)
+                                _WRITERS, _finish, _key, _pick_step, _restore_item, _tag_step, _verified, _wait,
+                                close, read_meta, reader, restore_partial, steps, wait_until_finished, writer)
+from jzero.checkpoint_weights import read_params  # noqa: F401 (re-exported)
 from jzero.errors import CheckpointError
-from jzero.orbax_noise import drop_closed_loop_callbacks, first_line, quiet_absl, quiet_background_failures
+from jzero.orbax_noise import drop_closed_loop_callbacks, first_line
 
-ITEMS = ("state", "meta", "client")
 UNREADABLE_SUFFIX = ".unreadable"
-
-
-class UnreadableCheckpointError(CheckpointError):
-    """A step directory exists but cannot be read (partial, corrupted, not a jzero checkpoint)."""
-
-
-class NonFiniteStateError(CheckpointError):
-    """The state to save holds inf/nan: it is never written (it would rotate out the last good checkpoints)."""
-
-
-# --------------------------------------------------------------------------- managers
-
-
-_WRITERS: dict[str, tuple[ocp.CheckpointManager, tuple]] = {}
-
-
-def _key(directory) -> str:
-    return str(Path(directory).expanduser().absolute())
-
-
-def writer(directory, max_to_keep: int | None = 3, async_save: bool = True) -> ocp.CheckpointManager:
-    """The process's manager that saves into ``directory`` (kept open so async saves can run on)."""
-    key = _key(directory)
-    opts = (max_to_keep, async_save)
-    if key in _WRITERS:
-        mgr, old = _WRITERS[key]
-        if old == opts:
-            return mgr
-        _finish(key)
-    quiet_background_failures()
-    try:
-        with quiet_absl():
-            mgr = ocp.CheckpointManager(
-                key, item_names=ITEMS,
-                options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                                     cleanup_tmp_directories=True, create=True))
-    except OSError as exc:
-        raise CheckpointError(f"checkpoint directory {key} cannot be created ({exc.strerror or exc}); "
-                              f"set checkpoint.dir to a writable directory") from None
-    _WRITERS[key] = (mgr, opts)
-    return mgr
-
-
-def reader(directory) -> ocp.CheckpointManager:
-    """A manager for reading ``directory`` (the open writer after its saves finish, else a read-only one)."""
-    key = _key(directory)
-    if key in _WRITERS:
-        _wait(key)
-        return _WRITERS[key][0]
-    if not Path(key).is_dir():
-        raise CheckpointError(f"checkpoint directory {key} does not exist; pass the directory that "
-                              f"save_checkpoint / train.checkpoint_interval wrote")
-    with quiet_absl():
-        return ocp.CheckpointManager(key, item_names=ITEMS,
-                                     options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-
-
-def _wait(key: str) -> None:
-    """Wait for ``key``'s writer; a background failure is raised once, and the writer dropped (the next save
-    opens a fresh one, e.g. after space was freed)."""
-    mgr = _WRITERS[key][0]
-    try:
-        mgr.wait_until_finished()
-        mgr.check_for_errors()
-    except Exception as exc:  # the background writer's error, re-raised here
-        _WRITERS.pop(key, None)
-        with contextlib.suppress(Exception):
-            mgr.close()
-        raise CheckpointError(f"writing a checkpoint into {key} failed: {type(exc).__name__}: "
-                              f"{first_line(exc)}") from exc
-
-
-def _finish(key: str) -> None:
-    _wait(key)
-    mgr, _ = _WRITERS.pop(key)
-    mgr.close()
-
-
-def wait_until_finished(directory=None) -> None:
-    """Block until the async saves into ``directory`` (default: every directory) are on disk; raise their errors."""
-    keys = [_key(directory)] if directory is not None else list(_WRITERS)
-    for key in keys:
-        if key in _WRITERS:
-            _wait(key)
-
-
-def close(directory=None) -> None:
-    """Wait for and close the writers (all by default); later saves open new ones."""
-    keys = [_key(directory)] if directory is not None else list(_WRITERS)
-    for key in keys:
-        if key in _WRITERS:
-            _finish(key)
-
-
-atexit.register(close)
-
-
-def steps(directory) -> list[int]:
-    """Complete checkpoint steps in ``directory``, ascending ([] if it does not exist)."""
-    if _key(directory) not in _WRITERS and not Path(directory).expanduser().is_dir():
-        return []
-    return sorted(reader(directory).all_steps())
-
-
-def _tag_step(tag) -> int:
-    if isinstance(tag, (int, np.integer)) and not isinstance(tag, bool) and tag >= 0:
-        return int(tag)
-    m = re.fullmatch(r"(?:global_step)?(\d+)", str(tag))
-    if m is None:
-        raise CheckpointError(f"checkpoint tag {tag!r} is not a step number; jzero names checkpoints by step "
-                              f"(orbax's layout): pass an int such as 100 or 'global_step100'")
-    return int(m.group(1))
 
 
 # --------------------------------------------------------------------------- save / load
@@ -228,39 +118,6 @@ def _string_keys(obj, where: str = "client_state") -> None:
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             _string_keys(v, f"{where}[{i}]")
-
-
-def read_meta(directory, step: int | None = None) -> tuple[int, dict]:
-    """``(step, meta)`` of ``step`` (default: the latest complete step) without reading any array."""
-    mgr = reader(directory)
-    step = _pick_step(mgr, directory, step)
-    where = f"checkpoint {_key(directory)}/{step}"
-    try:
-        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    except Exception as exc:
-        drop_closed_loop_callbacks()
-        raise UnreadableCheckpointError(f"{where} is unreadable: its meta item failed to load "
-                                        f"({type(exc).__name__}: {first_line(exc)}); it is partial or corrupted, "
-                                        f"load an earlier step or delete it") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "state" not in meta:
-        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise UnreadableCheckpointError(f"{where} is not a jzero checkpoint (meta format {found!r}, expected "
-                                        f"{FORMAT}); write it with engine.save_checkpoint")
-    return step, meta
-
-
-def _pick_step(mgr, directory, step) -> int:
-    available = sorted(mgr.all_steps())
-    if not available:
-        raise CheckpointError(f"no complete checkpoint in {_key(directory)}; train with train.checkpoint_interval>0 "
-                              f"or call engine.save_checkpoint first")
-    if step is None:
-        return available[-1]
-    step = _tag_step(step)
-    if step not in available:
-        raise CheckpointError(f"checkpoint step {step} is not in {_key(directory)} (complete steps: {available}); "
-                              f"pick one of those")
-    return step
 
 
 def load(engine, directory, tag=None, data_iterator=None, load_module_only: bool = False,
@@ -358,38 +215,6 @@ def _restore_state(directory, step: int, target, where: str, partial: bool = Fal
                                         f"or delete it") from None
 
 
-def _verified(meta: dict, restored, where: str):
-    """``restored`` (a saveable tree, or a sub-tree of one), after checking its leaves' checksums against the ones
-    saved in ``meta``; changed bytes raise :class:`UnreadableCheckpointError` (so a resume falls back a step).
-    Checkpoints written before checksums existed carry none and are not checked."""
-    saved = meta.get("checksums")
-    if saved:
-        now = checksums(restored)
-        bad = mismatches(saved, now)
-        if bad:
-            raise UnreadableCheckpointError(
-                f"{where} is corrupted: state leaf '{bad[0]}' read back with checksum {now[bad[0]]}, but it was "
-                f"saved with {saved[bad[0]]} ({len(bad)} of {len(now)} leaves differ: its files changed on disk "
-                f"after the save); load an earlier step or delete it")
-    return restored
-
-
-def restore_partial(directory, step: int, item, restore_args):
-    """Read only the leaves of ``item`` (a sub-tree of the saved state, e.g. ``{'params': ...}``) of ``step``.
-
-    ``restore_args`` says where each leaf goes: ``ocp.ArrayRestoreArgs(sharding=...)`` for device arrays,
-    ``ocp.RestoreArgs(restore_type=np.ndarray)`` for host numpy (export, no mesh needed).
-    """
-    if _key(directory) in _WRITERS:
-        _wait(_key(directory))
-    ckptr = ocp.PyTreeCheckpointer()
-    try:
-        return ckptr.restore(Path(_key(directory)) / str(step) / "state",
-                             args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
-    finally:
-        ckptr.close()
-
-
 def read_client(directory, step: int):
     """The ``client_state`` saved with ``step`` (no array read)."""
     return _restore_item(directory, step, "client", f"checkpoint {_key(directory)}/{step}")
@@ -403,14 +228,6 @@ def config_changes_line(directory, step: int, cfg) -> str | None:
     changes = config_changes(read_meta(directory, step)[1]["config"], to_dict(cfg))
     return (f"resume: config differs from the checkpoint's in {len(changes)} keys: " + "; ".join(changes[:8])
             if changes else None)
-
-
-def _restore_item(directory, step: int, item: str, where: str):
-    try:
-        return getattr(reader(directory).restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})), item)
-    except Exception as exc:
-        raise UnreadableCheckpointError(f"{where} is unreadable: its {item} item failed to load "
-                                        f"({type(exc).__name__}: {first_line(exc)})") from None
 
 
 # --------------------------------------------------------------------------- resume
@@ -466,10 +283,3 @@ def _set_aside(directory, step: int, log: Callable[[str], None]) -> None:
 def location(directory) -> str:
     """The absolute path a checkpoint directory is known by (in messages, and export's metadata)."""
     return _key(directory)
-
-
-def read_params(directory, step: int | None = None) -> tuple[int, dict, dict]:
-    """``(step, params, meta)``: the checkpoint's fp32 weights as host numpy (:mod:`jzero.checkpoint_weights`)."""
-    from jzero.checkpoint_weights import read_params as read
-
-    return read(directory, step)

@@ -1,6 +1,6 @@
 """A checkpoint's weights alone, as host numpy: no mesh, no optimizer state (``train.export``, ``load_module_only``
 under optimizer offload). An offloaded run's weights are its fp32 master chunks, re-stacked per leaf. The I/O and
-the checksum check are :mod:`jzero.checkpoint`'s."""
+the checksum check are :mod:`jzero.checkpoint_io`'s."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jzero.checkpoint import UnreadableCheckpointError, _key, _verified, read_meta, restore_partial
+from jzero.checkpoint_io import UnreadableCheckpointError, _key, _verified, read_meta, restore_partial
 from jzero.checkpoint_meta import unflatten
 from jzero.errors import CheckpointError
 from jzero.orbax_noise import first_line
