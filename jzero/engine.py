@@ -37,7 +37,7 @@ from jzero.layout import Layout, build_layout
 from jzero.offload import OptimizerOffload, offloaded, unsupported as offload_unsupported
 from jzero.optim import build_optimizer
 from jzero.optim.onebit import OneBit, build_onebit, is_onebit, unsupported as onebit_unsupported
-from jzero.optim.schedules import build_schedule
+from jzero.optim.schedules import build_momentum_schedule, build_schedule
 from jzero.precision import dtype_from_name, init_loss_scale, skips_nonfinite_steps
 from jzero.step import (OnDevice, TrainState, accumulate_grads, apply_update,  # noqa: F401  (re-exported)
                         compute_copies, copy_shardings, micro_batch_grads, weight_matrices)
@@ -495,7 +495,8 @@ def _build_tx(cfg: JzeroConfig, mesh, clipping: bool = True, param_names=None):
         schedule = build_schedule(sched["type"] if sched else None, sched["params"] if sched else {},
                                   float(params.get("lr", 1e-3)))
         tx = build_onebit(cfg.optimizer.type, params, schedule, data_size=mesh.shape["data"],
-                          gradient_clipping=cfg.gradient_clipping, stacked_axes=stacked)
+                          gradient_clipping=cfg.gradient_clipping, stacked_axes=stacked,
+                          momentum=build_momentum_schedule(sched["type"], sched["params"]) if sched else None)
         return tx, schedule
     return build_optimizer(cfg.optimizer.model_dump(), sched, cfg.gradient_clipping if clipping else 0.0,
                            stacked_axes=stacked)

@@ -74,18 +74,23 @@ def accumulate_grads(loss_fn: Callable, params, batch_AxBx: Any, grad_shardings,
         loss, grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch_AxBx))
         return loss, put(grads)
 
+    # A narrow (fp16/bf16) accumulator sums micro-gradients already divided by n_micro, as DeepSpeed's backward
+    # divides each micro-batch loss by gradient_accumulation_steps: an fp16 sum of n loss-scaled gradients
+    # overflows n times sooner than DeepSpeed's (a skipped step and a halved scale). fp32 divides once at the end.
+    narrow = jnp.finfo(accum_dtype).bits < 32
+
     def micro(carry, tokens):
         loss_sum, acc = carry
         loss, g = grad_fn(params, tokens)
         g = put(g)
-        acc = jax.tree.map(lambda a, b: a + b.astype(accum_dtype), acc, g)
+        acc = jax.tree.map(lambda a, b: a + (b / n_micro if narrow else b).astype(accum_dtype), acc, g)
         return (loss_sum + loss, put(acc)), None
 
     refs = jax.tree.leaves((params, batch_AxBx))
     zeros = put(jax.tree.map(lambda p: _varying_like(jnp.zeros(p.shape, accum_dtype), refs), params))
     init = (_varying_like(jnp.zeros((), jnp.float32), refs), zeros)
     (loss_sum, acc), _ = jax.lax.scan(micro, init, batch_AxBx)
-    grads = jax.tree.map(lambda a, p: (a / n_micro).astype(p.dtype), acc, params)
+    grads = jax.tree.map(lambda a, p: (a if narrow else a / n_micro).astype(p.dtype), acc, params)
     return loss_sum / n_micro, grads
 
 

@@ -16,24 +16,30 @@ from jzero.optim.zero_one_adam import zero_one_adam
 from helpers import BIG, N, PARAMS, _PARAMS, _Car, _clip, _close, _compiled_update_hlo, _fp32_allreduce_hlo, _grads, \
     _mesh, _run, unroll_layers
 
+def _beta(b, c):
+    """A reference's beta at 0-based step c: a float, or a per-step list (DeepSpeed's OneCycle betas)."""
+    return b[c] if isinstance(b, (list, tuple)) else b
+
+
 def ref_onebit_adam(grads_seq, lr, b1, b2, eps, wd, freeze_step, clip=0.0, n=N, params=None):
     p = {k: v.copy() for k, v in (PARAMS if params is None else params).items()}
     m = {k: np.zeros_like(v) for k, v in p.items()}
     v = {k: np.zeros_like(x) for k, x in p.items()}
     car = _Car(p, n)
     for c, g in enumerate(grads_seq):
+        b1_c, b2_c = _beta(b1, c), _beta(b2, c)
         t = c + 1
         if c < freeze_step:
             ga = _clip({k: g[k].mean(0) for k in p}, clip)
             for k in p:
-                m[k], v[k] = b1 * m[k] + (1 - b1) * ga[k], b2 * v[k] + (1 - b2) * ga[k] ** 2
+                m[k], v[k] = b1_c * m[k] + (1 - b1_c) * ga[k], b2_c * v[k] + (1 - b2_c) * ga[k] ** 2
             v_steps = t
         else:
             local = [_clip({k: g[k][r] for k in p}, clip) for r in range(n)]
-            m = car([{k: b1 * m[k] + (1 - b1) * local[r][k] for k in p} for r in range(n)])
+            m = car([{k: b1_c * m[k] + (1 - b1_c) * local[r][k] for k in p} for r in range(n)])
             v_steps = freeze_step
         for k in p:
-            p[k] = p[k] - lr * ((m[k] / (1 - b1 ** t)) / (np.sqrt(v[k] / (1 - b2 ** v_steps)) + eps) + wd * p[k])
+            p[k] = p[k] - lr * ((m[k] / (1 - b1_c ** t)) / (np.sqrt(v[k] / (1 - b2_c ** v_steps)) + eps) + wd * p[k])
     return p
 
 
@@ -47,6 +53,7 @@ def ref_zero_one_adam(grads_seq, lr, b1, b2, eps, wd, var_freeze_step, var_updat
     var_interval, var_counter, var_steps, local_interval, local_counter, lrs = 1, 0, 0, 1, 0, 0.0
     car = _Car(PARAMS, n)
     for c, g in enumerate(grads_seq):
+        b1_c, b2_c = _beta(b1, c), _beta(b2, c)
         t = c + 1
         frozen = c > var_freeze_step
         if frozen and c == var_freeze_step + 1:
@@ -54,19 +61,19 @@ def ref_zero_one_adam(grads_seq, lr, b1, b2, eps, wd, var_freeze_step, var_updat
         if not frozen:
             if t % var_interval == 0:
                 ga = _clip({k: g[k].mean(0) for k in PARAMS}, clip)
-                v = {k: b2 * v[k] + (1 - b2) * ga[k] ** 2 for k in PARAMS}
+                v = {k: b2_c * v[k] + (1 - b2_c) * ga[k] ** 2 for k in PARAMS}
                 var_steps += 1
             else:
                 ga = car([_clip({k: g[k][r] for k in PARAMS}, clip) for r in range(n)])
-            ms = [{k: b1 * m[k] + (1 - b1) * ga[k] for k in PARAMS} for m in ms]
+            ms = [{k: b1_c * m[k] + (1 - b1_c) * ga[k] for k in PARAMS} for m in ms]
         else:
             local = [_clip({k: g[k][r] for k in PARAMS}, clip) for r in range(n)]
-            ms = [{k: b1 * m[k] + (1 - b1) * local[r][k] for k in PARAMS} for r, m in enumerate(ms)]
+            ms = [{k: b1_c * m[k] + (1 - b1_c) * local[r][k] for k in PARAMS} for r, m in enumerate(ms)]
             lrs += lr
-        d = {k: np.sqrt(v[k] / (1 - b2 ** var_steps)) + eps for k in PARAMS}
+        d = {k: np.sqrt(v[k] / (1 - b2_c ** var_steps)) + eps for k in PARAMS}
         for r in range(n):
             for k in PARAMS:
-                step = lr * ((ms[r][k] / (1 - b1 ** t)) / d[k] + wd * ps[r][k])
+                step = lr * ((ms[r][k] / (1 - b1_c ** t)) / d[k] + wd * ps[r][k])
                 ps[r][k] = ps[r][k] - step
                 if frozen:
                     us[r][k] = us[r][k] - step
@@ -75,7 +82,7 @@ def ref_zero_one_adam(grads_seq, lr, b1, b2, eps, wd, var_freeze_step, var_updat
             for r in range(n):
                 for k in PARAMS:
                     ps[r][k] = ps[r][k] - us[r][k] + w[k] / d[k]
-                    ms[r][k] = -w[k] / lrs * (1 - b1 ** t)
+                    ms[r][k] = -w[k] / lrs * (1 - b1_c ** t)
                     us[r][k] = np.zeros_like(us[r][k])
             lrs = 0.0
         if not frozen:
@@ -174,12 +181,13 @@ def ref_onebit_lamb(grads_seq, lr, b1, b2, eps, wd, freeze_step, max_coeff, min_
     lcf, last, scaling = {k: 0.0 for k in p}, {k: 1.0 for k in p}, {}
     car = _Car(p, n, fused=True)
     for c, g in enumerate(grads_seq):
+        b1_c, b2_c = _beta(b1, c), _beta(b2, c)
         t = c + 1
         if c < freeze_step:
             ga = _clip({k: g[k].mean(0) for k in p}, clip)
             for k in p:
-                m[k], v[k] = b1 * m[k] + (1 - b1) * ga[k], b2 * v[k] + (1 - b2) * ga[k] ** 2
-                u = (m[k] / bc(b1, t)) / (np.sqrt(v[k] / bc(b2, t)) + eps) + wd * p[k]
+                m[k], v[k] = b1_c * m[k] + (1 - b1_c) * ga[k], b2_c * v[k] + (1 - b2_c) * ga[k] ** 2
+                u = (m[k] / bc(b1_c, t)) / (np.sqrt(v[k] / bc(b2_c, t)) + eps) + wd * p[k]
                 wn, un = np.linalg.norm(p[k]), np.linalg.norm(u)
                 coeff = float(np.clip(wn / un, min_coeff, max_coeff)) if wn > 0 and un > 0 else 1.0
                 if coeff != 1.0:
@@ -193,14 +201,14 @@ def ref_onebit_lamb(grads_seq, lr, b1, b2, eps, wd, freeze_step, max_coeff, min_
             vf = {k: v[k].copy() for k in p}
         m_prev = m
         local = [_clip({k: g[k][r] for k in p}, clip) for r in range(n)]
-        m = car([{k: (b1 * m[k] + (1 - b1) * local[r][k]) * scaling[k] for k in p} for r in range(n)])
+        m = car([{k: (b1_c * m[k] + (1 - b1_c) * local[r][k]) * scaling[k] for k in p} for r in range(n)])
         m = {k: m[k] / scaling[k] for k in p}
         for k in p:
-            vf[k] = b2 * vf[k] + (1 - b2) * ((m[k] - b1 * m_prev[k]) / (1 - b1)) ** 2
-            denom = np.sqrt(v[k] / bc(b2, freeze_step)) + eps
-            prelim = (m[k] / bc(b1, t)) / denom
+            vf[k] = b2_c * vf[k] + (1 - b2_c) * ((m[k] - b1_c * m_prev[k]) / (1 - b1_c)) ** 2
+            denom = np.sqrt(v[k] / bc(b2_c, freeze_step)) + eps
+            prelim = (m[k] / bc(b1_c, t)) / denom
             u = prelim + wd * p[k]
-            factor = np.max(denom / (np.sqrt(vf[k] / bc(b2, t)) + eps))
+            factor = np.max(denom / (np.sqrt(vf[k] / bc(b2_c, t)) + eps))
             ratio = min(1.0, np.linalg.norm(prelim) / np.linalg.norm(u))
             factor = factor * ratio + (1 - ratio)
             factor = np.clip(factor, factor_min, factor_max)
@@ -552,6 +560,44 @@ def test_build_onebit_from_deepspeed_params():
     _close(p, ref_onebit_adam(grads, 0.05, 0.9, 0.99, 1e-8, 0.01, 3))
     assert build_onebit("zerooneadam", {"var_freeze_step": 5}, optax.constant_schedule(1e-3), data_size=N)
     assert build_onebit("OneBitLamb", {"max_coeff": 0.3, "factor_threshold": 0.05}, data_size=N, phase="warmup")
+
+
+# DeepSpeed's OneCycle(cycle_first_step_size=2, cycle_min_mom=0.8, cycle_max_mom=0.9) writes betas (0.8, 0.99) in
+# its constructor, then (mom, 0.99) after each step: mom at last_batch_iteration 0, 1, 2 = 0.85, 0.8, 0.85, then
+# cycle_max_mom once the cycle (4 steps) is over. The 1-bit optimizers read group['betas'] in every step().
+ONE_CYCLE = {"type": "OneCycle", "params": {"cycle_min_lr": 0.05, "cycle_max_lr": 0.05, "cycle_first_step_size": 2,
+                                            "cycle_min_mom": 0.8, "cycle_max_mom": 0.9}}
+ONE_CYCLE_B1 = [0.8, 0.85, 0.8, 0.85, 0.9, 0.9, 0.9]
+
+
+@pytest.mark.parametrize("opt", [
+    {"type": "OneBitAdam", "params": {"freeze_step": 3}},
+    {"type": "ZeroOneAdam", "params": {"var_freeze_step": 3, "var_update_scaler": 2, "local_step_scaler": 2,
+                                       "local_step_clipper": 2}},
+    {"type": "OneBitLamb", "params": {"freeze_step": 3}},
+], ids=lambda o: o["type"])
+def test_one_cycle_momentum_cycles_the_onebit_betas(opt):
+    """OneCycle's cycle_momentum (on by default) drives the 1-bit optimizers' betas as (momentum, 0.99), as
+    DeepSpeed's OneCycle rewrites param_group['betas']: the engine's optimizer against the NumPy references fed
+    those betas per step (the configured betas [0.7, 0.95] are overridden), across the freeze / local steps."""
+    from jzero.config import load_config
+    from jzero.engine import _build_tx
+
+    params = {"lr": 0.05, "betas": [0.7, 0.95], "eps": 1e-8, "weight_decay": 0.01, **opt["params"]}
+    cfg = load_config({"optimizer": {"type": opt["type"], "params": params}, "scheduler": ONE_CYCLE})
+    tx, _ = _build_tx(cfg, _mesh(N))
+    grads = _grads(7, seed=17)
+    seen, _ = _run(tx, grads, history=True)
+    b1, b2 = ONE_CYCLE_B1, [0.99] * 7
+    hp = (0.05, b1, b2, 1e-8, 0.01)
+    if opt["type"] == "OneBitAdam":
+        want = [ref_onebit_adam(grads, *hp, 3)] * N
+    elif opt["type"] == "ZeroOneAdam":
+        want, _ = ref_zero_one_adam(grads, *hp, 3, 2, 2, 2)
+    else:
+        want = [ref_onebit_lamb(grads, *hp, 3, 10.0, 0.01, 0.9, 4.0, 0.5, 0.1)] * N
+    for r in range(N):   # each rank's own model
+        _close({k: v[r] for k, v in seen[-1][1].items()}, want[r])
 
 
 @pytest.mark.parametrize("optimizer_type,params,match", [

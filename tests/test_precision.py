@@ -167,3 +167,26 @@ def test_config_sections():
         DataTypesConfig(grad_accum_dtype="fp8")
     with pytest.raises(ValidationError, match="data_types.param_dtype is not implemented"):
         DataTypesConfig(param_dtype="bf16")
+
+
+@pytest.mark.parametrize("accum", [jnp.float32, jnp.float16])
+def test_fp16_accumulator_overflows_no_sooner_than_deepspeeds(accum):
+    """fp16 loss scaling with gradient accumulation in an fp16 accumulator (data_types.grad_accum_dtype=fp16):
+    DeepSpeed divides each micro-batch loss by gradient_accumulation_steps before its backward, so the fp16
+    accumulator holds the scaled MEAN. Here 4 micro-batches each give a scaled gradient 1.5 * 2**15 = 49152 (finite
+    in fp16): DeepSpeed accumulates 4 x 12288 = 49152, applies the step (w = 1 - 0.1 * 1.5) and keeps the scale; a
+    sum of the undivided ones (196608) overflowed, skipped the step and halved the scale."""
+    import optax
+
+    from jzero.step import TrainState, loss_grads, make_step, micro_batch_grads, optax_update
+
+    loss_fn = lambda w, x: jnp.mean(w * x)  # noqa: E731
+    tx = optax.sgd(0.1)
+    step = jax.jit(make_step(loss_grads(loss_fn, micro_batch_grads(None, accum), fp16=True, check_finite=True),
+                             optax_update(tx), optax.constant_schedule(0.1), skip_nonfinite=True))
+    w = jnp.float32(1.0)
+    state = TrainState(step=jnp.int32(0), params=w, opt_state=tx.init(w),
+                       loss_scale=dynamic_loss_scale(init_scale=2.0 ** 15, delayed_shift=1))
+    new, metrics = step(state, np.full((4, 2), 1.5, np.float32))
+    assert int(metrics["skipped_steps"]) == 0 and float(new.loss_scale.scale) == 2.0 ** 15
+    assert float(new.params) == pytest.approx(1.0 - 0.1 * 1.5, abs=1e-6)

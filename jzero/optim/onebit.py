@@ -32,6 +32,7 @@ from jzero.step import OnDevice, StepGrads, TrainState, accumulate_grads, make_s
 from jzero.optim.comm import local_row
 from jzero.optim.onebit_adam import OneBitAdamState, onebit_adam
 from jzero.optim.onebit_lamb import OneBitLambState, onebit_lamb
+from jzero.optim.schedules import ONE_CYCLE_BETA2
 from jzero.optim.signsgd import SignSGDState, signsgd
 from jzero.optim.zero_one_adam import ZeroOneAdamState, zero_one_adam
 
@@ -89,7 +90,7 @@ def unsupported(cfg) -> list[tuple[str, str]]:
 
 def build_onebit(optimizer_type: str, params: Mapping[str, Any] | None, schedule=None, *, data_size: int,
                  gradient_clipping: float = 0.0, axis_name: str = "data", phase: str = "auto",
-                 stacked_axes: Any = None) -> optax.GradientTransformation:
+                 stacked_axes: Any = None, momentum=None) -> optax.GradientTransformation:
     """The optax transform for config `optimizer: {type, params}`; `schedule` (an optax schedule) replaces
     params.lr when given. data_size: the mesh's data axis size. gradient_clipping: the top-level key, applied
     inside the optimizer (to the exact average while there is one, else to local gradients, as DeepSpeed);
@@ -97,7 +98,10 @@ def build_onebit(optimizer_type: str, params: Mapping[str, Any] | None, schedule
     'warmup' / 'compressed' for one stage only (OneBitAdam / OneBitLamb; see onebit_adam.py). stacked_axes: per
     param leaf, its leading layer-stacking dims (jzero.optim.layer_stacked_axes): OneBitAdam and ZeroOneAdam
     compress each layer as its own tensor (per-layer scales, as DeepSpeed's per-parameter compression), OneBitLamb
-    keeps per-layer trust ratios (its all-reduce is fused); SignSGD ignores it."""
+    keeps per-layer trust ratios (its all-reduce is fused); SignSGD ignores it. momentum: OneCycle's beta1
+    schedule (:func:`jzero.optim.schedules.build_momentum_schedule`; None: no momentum cycling): as DeepSpeed's
+    OneCycle rewrites the optimizer's ``betas`` to ``(momentum, 0.99)`` every step, it replaces params.betas of
+    OneBitAdam / ZeroOneAdam / OneBitLamb (SignSGD has no betas: DeepSpeed's OneCycle then cycles nothing)."""
     key = optimizer_type.lower()
     if key not in ONEBIT_TYPES:
         raise ConfigError(f"optimizer.type: {optimizer_type!r} is not one of {sorted(ONEBIT_TYPES.values())}")
@@ -143,8 +147,8 @@ def build_onebit(optimizer_type: str, params: Mapping[str, Any] | None, schedule
         return signsgd(lr, data_size=data_size, axis_name=axis_name, momentum=float(cfg["momentum"]),
                        weight_decay=float(cfg["weight_decay"]), gradient_clipping=float(gradient_clipping),
                        stacked_axes=stacked_axes)
-    common = dict(data_size=data_size, axis_name=axis_name, b1=float(betas[0]), b2=float(betas[1]),
-                  gradient_clipping=float(gradient_clipping))
+    b1, b2 = (float(betas[0]), float(betas[1])) if momentum is None else (momentum, ONE_CYCLE_BETA2)
+    common = dict(data_size=data_size, axis_name=axis_name, b1=b1, b2=b2, gradient_clipping=float(gradient_clipping))
     if name == "ZeroOneAdam":
         if phase != "auto":
             raise ConfigError(f"ZeroOneAdam switches stage every few steps and runs with phase='auto' only, "

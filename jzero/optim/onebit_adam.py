@@ -60,6 +60,15 @@ def lr_at(learning_rate, count):
     return learning_rate(count) if callable(learning_rate) else jnp.asarray(learning_rate, jnp.float32)
 
 
+def beta_at(beta, count):
+    """A beta (float, used as is) or a schedule ``count -> beta`` evaluated at the 0-based step count.
+
+    DeepSpeed's OneCycle (``cycle_momentum``) rewrites ``param_group['betas']`` after every step and the 1-bit
+    optimizers read the current betas in each ``step()``: in the moment updates, in 1-bit LAMB's reconstructed
+    gradient, and here also in the bias corrections (with the current beta, as FusedAdam/FusedLamb do)."""
+    return beta(count) if callable(beta) else beta
+
+
 def clip_tree_by_global_norm(tree, max_norm: float):
     """DeepSpeed's gradient_clipping: scale by min(1, max_norm / (||tree|| + 1e-6)); max_norm 0 = off.
 
@@ -107,7 +116,7 @@ def check_hyperparams(data_size: int, phase: str, gradient_clipping: float, **st
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
-def onebit_adam(learning_rate, *, data_size: int, axis_name: str = "data", b1: float = 0.9, b2: float = 0.999,
+def onebit_adam(learning_rate, *, data_size: int, axis_name: str = "data", b1: Any = 0.9, b2: Any = 0.999,
                 eps: float = 1e-8, weight_decay: float = 0.0, freeze_step: int = 100000,
                 bias_correction: bool = True, gradient_clipping: float = 0.0,
                 phase: str = "auto", stacked_axes: Any = None) -> optax.GradientTransformation:
@@ -119,7 +128,8 @@ def onebit_adam(learning_rate, *, data_size: int, axis_name: str = "data", b1: f
     stacked_axes: a pytree like the params of each leaf's leading layer-stacking dims
     (:func:`jzero.optim.layer_stacked_axes`; None: every leaf is one tensor): each layer of a stacked leaf is
     compressed as its own tensor (its own worker and server scales, its own chunking over the ranks), as
-    DeepSpeed's per-parameter compressed_allreduce of an unrolled model.
+    DeepSpeed's per-parameter compressed_allreduce of an unrolled model. b1 / b2: floats, or schedules
+    ``count -> beta`` (:func:`beta_at`: OneCycle's cycled momentum).
     """
     check_hyperparams(data_size, phase, gradient_clipping, freeze_step=freeze_step)
 
@@ -136,16 +146,17 @@ def onebit_adam(learning_rate, *, data_size: int, axis_name: str = "data", b1: f
         layout = checked_layout(grads, n, stacked_axes, errors[0], "onebit_adam")
         g = jax.tree.map(lambda x: x.astype(jnp.float32), grads)
         t = state.count + 1
+        b1_t, b2_t = beta_at(b1, state.count), beta_at(b2, state.count)
 
         def warmup(mu, nu, errors):
             g_avg = clip_tree_by_global_norm(jax.lax.pmean(g, axis_name), gradient_clipping)
-            mu = jax.tree.map(lambda m, x: b1 * m + (1 - b1) * x, mu, g_avg)
-            nu = jax.tree.map(lambda v, x: b2 * v + (1 - b2) * x * x, nu, g_avg)
+            mu = jax.tree.map(lambda m, x: b1_t * m + (1 - b1_t) * x, mu, g_avg)
+            nu = jax.tree.map(lambda v, x: b2_t * v + (1 - b2_t) * x * x, nu, g_avg)
             return mu, nu, to_varying(errors, axis_name), t
 
         def compressed(mu, nu, errors):
             g_local = clip_tree_by_global_norm(g, gradient_clipping)
-            mu_local = jax.tree.map(lambda m, x: b1 * m + (1 - b1) * x, mu, g_local)
+            mu_local = jax.tree.map(lambda m, x: b1_t * m + (1 - b1_t) * x, mu, g_local)
             avg, worker_error, server_error = compressed_allreduce(layout.flatten(mu_local), *errors, axis_name,
                                                                    layout.segments)
             return layout.unflatten(avg), nu, to_varying((worker_error, server_error), axis_name), \
@@ -160,8 +171,8 @@ def onebit_adam(learning_rate, *, data_size: int, axis_name: str = "data", b1: f
             mu, nu, errors, nu_steps = jax.lax.cond(state.count < freeze_step, warmup, compressed, *operands)
 
         if bias_correction:
-            mu_scale = 1 / (1 - b1 ** t.astype(jnp.float32))
-            nu_scale = 1 / (1 - b2 ** nu_steps.astype(jnp.float32))
+            mu_scale = 1 / (1 - b1_t ** t.astype(jnp.float32))
+            nu_scale = 1 / (1 - b2_t ** nu_steps.astype(jnp.float32))
         else:
             mu_scale = nu_scale = 1.0
         lr = lr_at(learning_rate, state.count)

@@ -37,7 +37,7 @@ import optax
 
 from jzero.optim.comm import FlatLayout, axis_size_checked, compressed_allreduce, local_row, to_varying
 from jzero.optim.lamb import per_element, stacked_like, tensor_norm
-from jzero.optim.onebit_adam import check_hyperparams, clip_tree_by_global_norm, error_buffers, lr_at
+from jzero.optim.onebit_adam import beta_at, check_hyperparams, clip_tree_by_global_norm, error_buffers, lr_at
 
 
 class OneBitLambState(NamedTuple):
@@ -58,14 +58,15 @@ class OneBitLambState(NamedTuple):
     per_rank_fields = ("worker_error", "server_error")
 
 
-def onebit_lamb(learning_rate, *, data_size: int, axis_name: str = "data", b1: float = 0.9, b2: float = 0.999,
+def onebit_lamb(learning_rate, *, data_size: int, axis_name: str = "data", b1: Any = 0.9, b2: Any = 0.999,
                 eps: float = 1e-8, weight_decay: float = 0.0, freeze_step: int = 100000, max_coeff: float = 10.0,
                 min_coeff: float = 0.01, coeff_beta: float = 0.9, factor_max: float = 4.0, factor_min: float = 0.5,
                 factor_threshold: float = 0.1, bias_correction: bool = True, gradient_clipping: float = 0.0,
                 phase: str = "auto", stacked_axes: Any = None) -> optax.GradientTransformation:
     """1-bit LAMB; the updates include -learning_rate. Parameter names and defaults are DeepSpeed's;
     gradient_clipping clips the exact average in warm-up and the local gradients after. stacked_axes: a pytree
-    like the params of each leaf's leading layer-stacking dims (None: every leaf is one tensor), used by init."""
+    like the params of each leaf's leading layer-stacking dims (None: every leaf is one tensor), used by init.
+    b1 / b2: floats or schedules ``count -> beta`` (:func:`jzero.optim.onebit_adam.beta_at`)."""
     check_hyperparams(data_size, phase, gradient_clipping, freeze_step=freeze_step)
 
     def init(params):
@@ -86,16 +87,17 @@ def onebit_lamb(learning_rate, *, data_size: int, axis_name: str = "data", b1: f
         lead = jax.tree.map(jnp.ndim, state.last_factor)   # per-tensor fields: shape leaf.shape[:lead]
         per_tensor_size = jax.tree.map(lambda p, k: math.prod(jnp.shape(p)[k:]), params, lead)
         lr = lr_at(learning_rate, state.count)
+        b1_t, b2_t = beta_at(b1, state.count), beta_at(b2, state.count)
         t_f = t.astype(jnp.float32)
-        mu_scale = (1 / (1 - b1 ** t_f)) if bias_correction else 1.0
+        mu_scale = (1 / (1 - b1_t ** t_f)) if bias_correction else 1.0
 
         def nu_scale(steps):
-            return (1 / (1 - b2 ** jnp.asarray(steps, jnp.float32))) if bias_correction else 1.0
+            return (1 / (1 - b2_t ** jnp.asarray(steps, jnp.float32))) if bias_correction else 1.0
 
         def warmup(s):
             g_avg = clip_tree_by_global_norm(jax.lax.pmean(g, axis_name), gradient_clipping)
-            mu = jax.tree.map(lambda m, x: b1 * m + (1 - b1) * x, s.mu, g_avg)
-            nu = jax.tree.map(lambda v, x: b2 * v + (1 - b2) * x * x, s.nu, g_avg)
+            mu = jax.tree.map(lambda m, x: b1_t * m + (1 - b1_t) * x, s.mu, g_avg)
+            nu = jax.tree.map(lambda v, x: b2_t * v + (1 - b2_t) * x * x, s.nu, g_avg)
 
             def per_tensor(m, v, p, lcf, k):
                 u = (m * mu_scale) / (jnp.sqrt(v * nu_scale(t)) + eps) + weight_decay * p
@@ -123,13 +125,14 @@ def onebit_lamb(learning_rate, *, data_size: int, axis_name: str = "data", b1: f
                                    rms, s.scaling_coeff)
             nu_fresh = jax.tree.map(lambda vf, v: jnp.where(first, v, vf), s.nu_fresh, s.nu)
 
-            m_local = jax.tree.map(lambda m, x, sc: (b1 * m + (1 - b1) * x) * per_element(sc, m), s.mu,
+            m_local = jax.tree.map(lambda m, x, sc: (b1_t * m + (1 - b1_t) * x) * per_element(sc, m), s.mu,
                                    clip_tree_by_global_norm(g, gradient_clipping), scaling)
             avg, worker_error, server_error = compressed_allreduce(layout.flatten(m_local), s.worker_error,
                                                                    s.server_error, axis_name, layout.segments)
             mu = jax.tree.map(lambda m, sc: m / per_element(sc, m), layout.unflatten(avg), scaling)
-            nu_fresh = jax.tree.map(lambda vf, m, m_prev: b2 * vf + (1 - b2) * ((m - b1 * m_prev) / (1 - b1)) ** 2,
-                                    nu_fresh, mu, s.mu)
+            nu_fresh = jax.tree.map(
+                lambda vf, m, m_prev: b2_t * vf + (1 - b2_t) * ((m - b1_t * m_prev) / (1 - b1_t)) ** 2,
+                nu_fresh, mu, s.mu)
 
             def per_tensor(m, v, vf, p, lcf, last, k, size):
                 denom = jnp.sqrt(v * nu_scale(freeze_step)) + eps

@@ -49,8 +49,8 @@ import jax.numpy as jnp
 import optax
 
 from jzero.optim.comm import axis_size_checked, compressed_allreduce, local_row, to_varying
-from jzero.optim.onebit_adam import check_hyperparams, checked_layout, clip_tree_by_global_norm, error_buffers, \
-    lr_at
+from jzero.optim.onebit_adam import beta_at, check_hyperparams, checked_layout, clip_tree_by_global_norm, \
+    error_buffers, lr_at
 
 
 class ZeroOneAdamState(NamedTuple):
@@ -78,7 +78,7 @@ def _tmap(fn, *trees):
     return jax.tree.map(fn, *trees)
 
 
-def zero_one_adam(learning_rate, *, data_size: int, axis_name: str = "data", b1: float = 0.9, b2: float = 0.999,
+def zero_one_adam(learning_rate, *, data_size: int, axis_name: str = "data", b1: Any = 0.9, b2: Any = 0.999,
                   eps: float = 1e-8, weight_decay: float = 0.0, var_freeze_step: int = 100000,
                   var_update_scaler: int = 16, local_step_scaler: int = 32678, local_step_clipper: int = 16,
                   bias_correction: bool = True, gradient_clipping: float = 0.0,
@@ -86,7 +86,8 @@ def zero_one_adam(learning_rate, *, data_size: int, axis_name: str = "data", b1:
     """0/1 Adam; the updates include -learning_rate. Parameter names and defaults are DeepSpeed's;
     gradient_clipping clips the exact average on variance steps and the local gradients otherwise.
     stacked_axes: each leaf's leading layer-stacking dims; each layer is compressed as its own tensor (see
-    :func:`jzero.optim.onebit_adam.onebit_adam`)."""
+    :func:`jzero.optim.onebit_adam.onebit_adam`). b1 / b2: floats or schedules ``count -> beta``
+    (:func:`jzero.optim.onebit_adam.beta_at`)."""
     check_hyperparams(data_size, "auto", gradient_clipping, var_freeze_step=var_freeze_step,
                       var_update_scaler=var_update_scaler, local_step_scaler=local_step_scaler,
                       local_step_clipper=local_step_clipper)
@@ -106,10 +107,11 @@ def zero_one_adam(learning_rate, *, data_size: int, axis_name: str = "data", b1:
         p32 = _tmap(lambda p: p.astype(jnp.float32), params)
         t = state.count + 1
         lr = lr_at(learning_rate, state.count)
-        mu_scale = (1 / (1 - b1 ** t.astype(jnp.float32))) if bias_correction else 1.0
+        b1_t, b2_t = beta_at(b1, state.count), beta_at(b2, state.count)
+        mu_scale = (1 / (1 - b1_t ** t.astype(jnp.float32))) if bias_correction else 1.0
 
         def denominator(nu, var_steps):
-            nu_scale = (1 / (1 - b2 ** jnp.maximum(var_steps, 1).astype(jnp.float32))) if bias_correction else 1.0
+            nu_scale = (1 / (1 - b2_t ** jnp.maximum(var_steps, 1).astype(jnp.float32))) if bias_correction else 1.0
             return _tmap(lambda v: jnp.sqrt(v * nu_scale) + eps, nu)
 
         def adam_updates(mu, denom):
@@ -119,14 +121,14 @@ def zero_one_adam(learning_rate, *, data_size: int, axis_name: str = "data", b1:
         def stage1(s):
             def exact(mu, nu, var_steps, errors):
                 g_avg = clip_tree_by_global_norm(jax.lax.pmean(g, axis_name), gradient_clipping)
-                mu = _tmap(lambda m, x: b1 * m + (1 - b1) * x, mu, g_avg)
-                nu = _tmap(lambda v, x: b2 * v + (1 - b2) * x * x, nu, g_avg)
+                mu = _tmap(lambda m, x: b1_t * m + (1 - b1_t) * x, mu, g_avg)
+                nu = _tmap(lambda v, x: b2_t * v + (1 - b2_t) * x * x, nu, g_avg)
                 return mu, nu, var_steps + 1, to_varying(errors, axis_name)
 
             def onebit(mu, nu, var_steps, errors):
                 g_local = clip_tree_by_global_norm(g, gradient_clipping)
                 avg, *errors = compressed_allreduce(layout.flatten(g_local), *errors, axis_name, layout.segments)
-                mu = _tmap(lambda m, x: b1 * m + (1 - b1) * x, mu, layout.unflatten(avg))
+                mu = _tmap(lambda m, x: b1_t * m + (1 - b1_t) * x, mu, layout.unflatten(avg))
                 return mu, nu, var_steps, to_varying(tuple(errors), axis_name)
 
             is_var_step = t % s["var_interval"] == 0
@@ -147,7 +149,7 @@ def zero_one_adam(learning_rate, *, data_size: int, axis_name: str = "data", b1:
             first = state.count == var_freeze_step + 1
             errors = tuple(jnp.where(first, 0.0, e) for e in s["errors"])
             denom = denominator(s["nu"], s["var_steps"])
-            m_local = _tmap(lambda m, dm, x: b1 * (m + dm) + (1 - b1) * x, s["mu"], s["mu_delta"],
+            m_local = _tmap(lambda m, dm, x: b1_t * (m + dm) + (1 - b1_t) * x, s["mu"], s["mu_delta"],
                             clip_tree_by_global_norm(g, gradient_clipping))
             move = adam_updates(m_local, denom)  # this rank's step, at its own params p + u
             move = _tmap(lambda mv, u: mv - lr * weight_decay * u, move, s["u"]) if weight_decay else move
