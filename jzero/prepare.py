@@ -212,7 +212,9 @@ def prepare(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike,
     (default: a `notice: ...` line on stderr) hears each file skipped.
     Streams: tokens go to one temporary file as they are made; the last `val_fraction` of that stream is then
     copied to val.bin and the file truncated into train.bin, so memory stays at one block/piece.
-    `max_bytes` caps the input bytes read (the stream is cut there). Files are replaced atomically.
+    `max_bytes` caps the input bytes read (the stream is cut there). Each file is replaced atomically, and
+    meta.json is removed before train.bin/val.bin are replaced and written after them, so a run interrupted
+    there leaves a directory that reads as unprepared (the readers refuse it) rather than mixed.
     """
     if not 0.0 < val_fraction < 1.0:   # 0 would write an empty val.bin that evaluation fails on much later
         raise DataError(f"--val-fraction {val_fraction} is out of range: val.bin gets that fraction of the tokens "
@@ -277,6 +279,9 @@ def _write_prepared(files: list[InputFile], out: Path, tok, tokenizer, vocab_siz
             src.seek(n_train * dtype.itemsize)
             shutil.copyfileobj(src, dst, _BLOCK_BYTES)
         os.truncate(all_tmp, n_train * dtype.itemsize)
+        # the old meta.json goes first and the new one comes last: a run killed between the renames leaves a
+        # directory without meta.json (not prepared), never a new train.bin beside the old val.bin and meta.json
+        (out / "meta.json").unlink(missing_ok=True)
         os.replace(all_tmp, out / "train.bin")
         os.replace(val_tmp, out / "val.bin")
     finally:

@@ -373,3 +373,39 @@ def test_tokenizer_mode_skips_a_walked_non_utf8_file_and_names_the_byte_of_a_nam
         data.prepare([d / "2.txt"], out, tokenizer=tmp_path / "tok.json")
     assert str(e.value) == (f"input {d / '2.txt'} is not UTF-8 text (invalid start byte at byte 20000); convert it "
                             "to UTF-8 or leave it out")
+
+
+def test_an_interrupted_prepare_over_a_dataset_is_never_read_as_complete(tmp_path, monkeypatch):
+    """A prepare killed after renaming its new train.bin used to leave the old val.bin and meta.json beside it,
+    read as complete: a re-run on a.txt + b.txt (2 x 9,200 bytes) over a.txt's dataset gave train.bin 16,560
+    tokens next to a meta.json saying 8,280 and the old val.bin, whose 920 tokens were inside the new train.bin,
+    and train.pretrain evaluated on them. Now meta.json is removed before the renames and written last, and a
+    token file whose size is not meta.json's count is refused."""
+    from jzero import prepare as prep
+    a = _write(tmp_path / "a.txt", "alpha beta gamma delta\n" * 400)   # 9,200 bytes
+    b = _write(tmp_path / "b.txt", "epsilon zeta eta theta\n" * 400)
+    out = tmp_path / "d"
+    assert data.prepare([a], out, val_fraction=0.1)["n_train_tokens"] == 8280
+    real, renamed = prep.os.replace, []
+
+    def killed_after_first_rename(src, dst):
+        real(src, dst)
+        renamed.append(Path(dst).name)
+        raise KeyboardInterrupt   # (SIGKILL in the reproduction; the finally below it must not matter)
+
+    monkeypatch.setattr(prep.os, "replace", killed_after_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        data.prepare([a, b], out, val_fraction=0.1)
+    monkeypatch.setattr(prep.os, "replace", real)
+    assert renamed == ["train.bin"] and np.fromfile(out / "train.bin", np.uint16).size == 16560
+    assert not (out / "meta.json").exists()   # the directory reads as not prepared
+    with pytest.raises(DataError, match=r"meta\.json not found"):
+        data.TokenSource(out / "val.bin", seq_len=8)
+    # a token file whose size is not meta.json's count (replaced by hand, or by an older prepare) is refused too
+    assert data.prepare([a, b], out, val_fraction=0.1)["n_train_tokens"] == 16560
+    (out / "val.bin").write_bytes((out / "val.bin").read_bytes()[:-4])
+    with pytest.raises(DataError, match=rf"data file {out / 'val.bin'} holds 1838 tokens but its meta\.json says "
+                                        r"n_val_tokens=1840: the file was replaced or a prepare was interrupted; "
+                                        r"run python -m train\.prepare_data"):
+        list(data.eval_batches(out / "val.bin", seq_len=8, rows=2, n_batches=1))
+    assert data.TokenSource(out / "train.bin", seq_len=8).n_tokens == 16560
