@@ -84,23 +84,36 @@ class InputFile(NamedTuple):
 def list_input_files(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike | None = None,
                      notice: Callable[[str], None] | None = _print_notice) -> list[InputFile]:
     """Expand `inputs` (files, or directories walked recursively in sorted order, skipping hidden entries,
-    `__pycache__` and prepared token files, see the module docstring) into a list of files."""
+    `__pycache__` and prepared token files, see the module docstring) into a list of files.
+
+    A file reached twice (named twice, named and inside a named directory, two overlapping directories, or two
+    links to one file) is a DataError naming both ways: read twice, its second copy lands at the end of the
+    stream, i.e. in val.bin, and evaluation would score text the model trained on."""
     files: list[InputFile] = []
+    origins: list[str] = []   # how each file was reached, for the error on a file reached twice
     out = Path(output_dir) if output_dir is not None else None
     for item in inputs:
         path = Path(item)
         if path.is_file():
             files.append(InputFile(path, False))
+            origins.append(f"named as {path}")
         elif path.is_dir():
             found = _walk_files(path, output_dir=out, notice=notice)
             if not found:
                 raise DataError(f"input directory {path} holds no files to read (hidden entries, __pycache__ and "
                                 "prepared train.bin/val.bin/meta.json are skipped); pass a directory with text files")
             files.extend(InputFile(p, True) for p in found)
+            origins.extend(f"as {p} in directory {path}" for p in found)
         else:
             raise DataError(f"input {path} not found; pass existing text files or directories to --input")
     if not files:
         raise DataError("no input files given; pass text files or directories to --input")
+    first: dict[Path, int] = {}   # resolved path -> index of its first appearance
+    for i, f in enumerate(files):
+        j = first.setdefault(f.path.resolve(), i)
+        if j != i:
+            raise DataError(f"input file {f.path.resolve()} is reached twice by --input, {origins[j]} and "
+                            f"{origins[i]}; pass each file once (a directory includes every file under it)")
     return files
 
 

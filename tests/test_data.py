@@ -409,3 +409,25 @@ def test_an_interrupted_prepare_over_a_dataset_is_never_read_as_complete(tmp_pat
                                         r"run python -m train\.prepare_data"):
         list(data.eval_batches(out / "val.bin", seq_len=8, rows=2, n_batches=1))
     assert data.TokenSource(out / "train.bin", seq_len=8).n_tokens == 16560
+
+
+def test_a_file_reached_twice_by_input_is_refused_naming_both(tmp_path, capsys):
+    """`--input corpus corpus/b.txt` used to read b.txt twice ("from 3 files" of 2): its second copy is the end of
+    the stream, so val.bin (the last 10%) was text train.bin also held and evaluation scored memorised text."""
+    corpus = tmp_path / "corpus"
+    a, b = _write(corpus / "a.txt", "alpha\n" * 50), _write(corpus / "b.txt", "beta\n" * 50)
+    out = tmp_path / "out"
+    for argv, twice, how in (([corpus, b], b, f"as {b} in directory {corpus} and named as {b}"),
+                             ([a, corpus / "." / "a.txt"], a, f"named as {a} and named as {a}"),
+                             ([corpus, tmp_path / "." / "corpus"], a, f"as {a} in directory {corpus} and as {a} in "
+                                                                      f"directory {corpus}")):
+        assert prepare_data.main(["--input", *map(str, argv), "--output-dir", str(out)]) == 2
+        assert capsys.readouterr().err == (f"error: input file {twice} is reached twice by --input, {how}; pass "
+                                           "each file once (a directory includes every file under it)\n")
+    assert not out.exists()
+    (corpus / "link.txt").symlink_to(b)   # two names of one file inside a directory
+    with pytest.raises(DataError, match=rf"input file {b} is reached twice by --input, as {b} in directory "
+                                        rf"{corpus} and as {corpus / 'link.txt'} in directory {corpus}"):
+        data.prepare([corpus], out)
+    (corpus / "link.txt").unlink()
+    assert data.prepare([corpus], out, val_fraction=0.1)["sources"] == 2
