@@ -249,10 +249,36 @@ def prepare(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike,
                         "space") from None
 
 
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):   # another user's process, or not a pid: leave the file
+        return pid > 0
+    return True
+
+
+def _remove_stale_temporaries(out: Path, notice: Callable[[str], None] | None) -> None:
+    """Delete the temporaries (all.bin.tmp-PID, val.bin.tmp-PID, meta.json.tmp-PID) of earlier prepare runs into
+    `out` that were killed before their `finally` ran (SIGKILL, OOM, power loss): nothing else removes them, and
+    all.bin.tmp-PID is as large as the whole token stream. A running process's temporaries are left alone."""
+    for path in sorted(out.iterdir()):
+        prefix = next((p for p in _TMP_PREFIXES if path.name.startswith(p)), None)
+        pid = path.name[len(prefix):] if prefix else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_running(int(pid)) and path.is_file():
+            size = path.stat().st_size
+            path.unlink()
+            if notice is not None:
+                notice(f"removed {path} ({size} bytes): left by an interrupted prepare (process {pid} is gone)")
+
+
 def _write_prepared(files: list[InputFile], out: Path, tok, tokenizer, vocab_size: int, dtype, val_fraction: float,
                     max_bytes: int | None, extra_meta: dict | None, notice: Callable[[str], None] | None) -> dict:
     """`prepare`'s writing half: tokens to a temporary file, split into train.bin / val.bin, then meta.json.
-    A walked file found not to be text midway has its tokens cut off the temporary file again and is skipped."""
+    A walked file found not to be text midway has its tokens cut off the temporary file again and is skipped.
+    Temporaries that an earlier, killed run left in `out` are removed first (a notice names each)."""
+    _remove_stale_temporaries(out, notice)
     tag = f"tmp-{os.getpid()}"
     all_tmp, val_tmp = out / f"all.bin.{tag}", out / f"val.bin.{tag}"
     n_tokens, used, skipped, budget = 0, 0, 0, max_bytes

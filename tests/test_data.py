@@ -431,3 +431,27 @@ def test_a_file_reached_twice_by_input_is_refused_naming_both(tmp_path, capsys):
         data.prepare([corpus], out)
     (corpus / "link.txt").unlink()
     assert data.prepare([corpus], out, val_fraction=0.1)["sources"] == 2
+
+
+def test_prepare_removes_the_temporaries_a_killed_run_left(tmp_path, capsys):
+    """A prepare killed before its `finally` (SIGKILL, OOM) left all.bin.tmp-PID / val.bin.tmp-PID in --output-dir,
+    and no later run removed them (all.bin.tmp is as large as the token stream). Now the next run removes those of
+    processes that are gone, naming each, and leaves a running process's alone."""
+    import os
+    src = _write(tmp_path / "a.txt", "hello world\n" * 10)
+    out = tmp_path / "out"
+    out.mkdir()
+    dead, alive = 4_194_999, os.getppid()   # above Linux's largest pid_max (2**22): no such process
+    (out / f"all.bin.tmp-{dead}").write_bytes(b"\0" * 240)
+    (out / f"val.bin.tmp-{dead}").write_bytes(b"\0" * 24)
+    (out / f"all.bin.tmp-{alive}").write_bytes(b"\0" * 8)   # (a prepare running beside this one)
+    (out / "all.bin.tmp-notes").write_text("not ours")
+    assert prepare_data.main(["--input", str(src), "--output-dir", str(out), "--val-fraction", "0.1"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"notice: removed {out / f'all.bin.tmp-{dead}'} (240 bytes): left by an interrupted prepare (process {dead} "
+        "is gone)",
+        f"notice: removed {out / f'val.bin.tmp-{dead}'} (24 bytes): left by an interrupted prepare (process {dead} "
+        "is gone)"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["all.bin.tmp-notes", f"all.bin.tmp-{alive}", "meta.json",
+                                                            "train.bin", "val.bin"])
+    assert (data.read_meta(out)["n_train_tokens"], data.read_meta(out)["n_val_tokens"]) == (108, 12)
