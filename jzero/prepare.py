@@ -182,17 +182,39 @@ def _text_pieces(path: Path) -> Iterator[tuple[str, int]]:
             yield "".join(piece), n_bytes
 
 
+def _document_frame(tokenizer) -> tuple[list[int], list[int]] | None:
+    """The ids the tokenizer's post-processor puts before and after one document (BERT's [CLS] / [SEP], Llama's
+    <s>, none for GPT-2), found by post-processing a known encoding; None when its body cannot be located."""
+    encoding = tokenizer.encode("a b", add_special_tokens=False)
+    body, full = encoding.ids, tokenizer.post_process(encoding).ids
+    for k in range(len(full) - len(body) + 1):
+        if body and full[k:k + len(body)] == body:
+            return full[:k], full[k + len(body):]
+    return None
+
+
 def _tokenizer_tokens(path: Path, tokenizer, budget: int | None) -> Iterator[tuple[np.ndarray, int]]:
-    """(token ids, UTF-8 bytes consumed) per text piece of `path`; each piece is encoded as one document."""
+    """(token ids, UTF-8 bytes consumed) per text piece of `path`: the ids of `tokenizer.encode(file text)`, the
+    post-processor's special tokens once around the whole file even when it is read in several pieces (encoding
+    each piece as a document put a [CLS]/[SEP] or <s> pair into a huge file every 16M characters)."""
+    frame = _document_frame(tokenizer)
+    first = True
     for piece, n_bytes in _text_pieces(path):
         if budget is not None and n_bytes > budget:
             piece = piece.encode("utf-8")[:budget].decode("utf-8", errors="ignore")
             n_bytes = budget
-        yield np.asarray(tokenizer.encode(piece).ids, dtype=np.int64), n_bytes
+        if frame is None:   # a post-processor we cannot split: each piece framed as a document
+            ids = tokenizer.encode(piece).ids
+        else:
+            ids = (frame[0] if first else []) + tokenizer.encode(piece, add_special_tokens=False).ids
+        first = False
+        yield np.asarray(ids, dtype=np.int64), n_bytes
         if budget is not None:
             budget -= n_bytes
             if budget <= 0:
                 return
+    if frame is not None and not first and frame[1]:
+        yield np.asarray(frame[1], dtype=np.int64), 0
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -220,7 +242,8 @@ def prepare(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike,
     """Tokenize `inputs` into `output_dir`/{train.bin,val.bin,meta.json}; returns the meta dict.
 
     Byte-level when `tokenizer` is None (vocab 256, token = UTF-8 byte), else the ids of the local
-    tokenizer.json, each file (or 16M-character line-aligned piece of a huge file) encoded as one document.
+    tokenizer.json, each file encoded as one document (a huge file is encoded in 16M-character line-aligned
+    pieces, with the tokenizer's document special tokens only at the file's start and end).
     Which files are read (not prepared token files, only UTF-8 text) is in the module docstring; `notice`
     (default: a `notice: ...` line on stderr) hears each file skipped.
     Streams: tokens go to one temporary file as they are made; the last `val_fraction` of that stream is then

@@ -455,3 +455,28 @@ def test_prepare_removes_the_temporaries_a_killed_run_left(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == sorted(["all.bin.tmp-notes", f"all.bin.tmp-{alive}", "meta.json",
                                                             "train.bin", "val.bin"])
     assert (data.read_meta(out)["n_train_tokens"], data.read_meta(out)["n_val_tokens"]) == (108, 12)
+
+
+@pytest.mark.parametrize("template", ["[CLS] $A [SEP]", "<s> $A", None])
+def test_a_huge_file_read_in_pieces_gets_the_tokenizers_special_tokens_once(tmp_path, monkeypatch, template):
+    """A file over 16M characters is encoded in line-aligned pieces; each piece used to be encoded as a document,
+    so a BERT tokenizer.json put [CLS]/[SEP] (a Llama one <s>) into it every 16M characters: 51 ids where
+    tokenizers' encode of the file gives 47 (3 [CLS]). Now the ids are encode(file) whatever the piece size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from jzero import prepare as prep
+    vocab = {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "<s>": 3, **{w: i + 4 for i, w in enumerate("abcdefgh")}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if template is not None:
+        tok.post_processor = processors.TemplateProcessing(single=template,
+                                                           special_tokens=[(t, vocab[t]) for t in template.split()
+                                                                           if t != "$A"])
+    tok.save(str(tmp_path / "tok.json"))
+    texts = ["a b c d\n" * 12, "e f g\nh x\n"]   # 96 + 10 characters: 3 + 1 pieces of 4 lines
+    files = [_write(tmp_path / "in" / f"{i}.txt", t) for i, t in enumerate(texts)]
+    monkeypatch.setattr(prep, "_PIECE_CHARS", 30)
+    meta = data.prepare(files, tmp_path / "out", tokenizer=tmp_path / "tok.json", val_fraction=0.1)
+    want = [i for t in texts for i in tok.encode(t).ids]
+    assert len(want) == 53 + {"[CLS] $A [SEP]": 4, "<s> $A": 2, None: 0}[template]
+    got = np.concatenate([np.fromfile(tmp_path / "out" / n, np.uint16) for n in ("train.bin", "val.bin")])
+    assert got.tolist() == want and meta["n_train_tokens"] + meta["n_val_tokens"] == len(want)
