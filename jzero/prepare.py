@@ -36,7 +36,8 @@ from jzero.errors import DataError
 DEFAULT_CORPUS_MAX_BYTES = 8_000_000
 _STDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages"})
 _BLOCK_BYTES = 1 << 20  # byte-level streaming block
-_PIECE_CHARS = 1 << 24  # tokenizer mode: files larger than this are encoded in line-aligned pieces
+_PIECE_CHARS = 1 << 20  # tokenizer mode: files larger than this are encoded in pieces (tokenizers needs
+                        # ~220 bytes per character of a piece: 1M characters ~ 230 MB)
 _DATASET_FILES = ("train.bin", "val.bin", "meta.json")
 _TMP_PREFIXES = ("all.bin.tmp-", "val.bin.tmp-", "meta.json.tmp-")  # what prepare writes before the renames
 
@@ -165,21 +166,45 @@ def _byte_tokens(path: Path, budget: int | None) -> Iterator[tuple[np.ndarray, i
             yield np.frombuffer(block, dtype=np.uint8), len(block)
 
 
+def _piece_cut(text: str, force: bool) -> int | None:
+    """Where to end a piece of `text` (in its second half): before a newline or a single space that sits
+    between two non-space characters, the last one. Such a boundary splits no pre-token of the common
+    pre-tokenizers (GPT-2's byte-level regex keeps " word" together and tokenizes "X\nY" as X, \n, Y; whitespace
+    splitters split there anyway), so the pieces' ids are the whole text's. None when there is none, unless
+    `force` (the text is long: cut at its end, the one boundary that may differ from whole-text encoding)."""
+    half = len(text) // 2
+    for sep, start in (("\n", 1), (" ", 0)):   # cut after a newline, before a space
+        i = text.rfind(sep, half, len(text) - 1)
+        while i > half:
+            if not text[i - 1].isspace() and not text[i + 1].isspace():
+                return i + start
+            i = text.rfind(sep, half, i)
+    return len(text) if force else None
+
+
 def _text_pieces(path: Path) -> Iterator[tuple[str, int]]:
-    """(text, UTF-8 bytes) of `path`, newlines kept as written: whole when small, else line-aligned pieces."""
+    """(text, UTF-8 bytes) of `path`, newlines kept as written: whole when small, else pieces of
+    `_PIECE_CHARS` to 4x that many characters cut at a word boundary (`_piece_cut`). A line longer than that is read in parts
+    too (it used to be read whole into one piece: a 19 MB file took 3.7 GB to encode, so a one-line file of a
+    few hundred MB ran out of memory)."""
     reader = _Utf8Reader(path)
     with open(path, "rb") as f:
-        piece, size, n_bytes = [], 0, 0
-        for line in f:
-            piece.append(reader.decode(line))
-            size += len(piece[-1])
-            n_bytes += len(line)
+        parts, size = [], 0
+        while raw := f.readline(_PIECE_CHARS):   # at most _PIECE_CHARS bytes: long lines come in parts
+            parts.append(reader.decode(raw))
+            size += len(parts[-1])
             if size >= _PIECE_CHARS:
-                yield "".join(piece), n_bytes
-                piece, size, n_bytes = [], 0, 0
+                text = "".join(parts)
+                cut = _piece_cut(text, force=size >= 4 * _PIECE_CHARS)
+                if cut is not None:
+                    yield text[:cut], len(text[:cut].encode("utf-8"))
+                    parts, size = [text[cut:]], len(text) - cut
+                else:
+                    parts = [text]
         reader.decode(b"", final=True)
-        if piece:
-            yield "".join(piece), n_bytes
+        text = "".join(parts)
+        if text:
+            yield text, len(text.encode("utf-8"))
 
 
 def _document_frame(tokenizer) -> tuple[list[int], list[int]] | None:
@@ -196,7 +221,7 @@ def _document_frame(tokenizer) -> tuple[list[int], list[int]] | None:
 def _tokenizer_tokens(path: Path, tokenizer, budget: int | None) -> Iterator[tuple[np.ndarray, int]]:
     """(token ids, UTF-8 bytes consumed) per text piece of `path`: the ids of `tokenizer.encode(file text)`, the
     post-processor's special tokens once around the whole file even when it is read in several pieces (encoding
-    each piece as a document put a [CLS]/[SEP] or <s> pair into a huge file every 16M characters)."""
+    each piece as a document put a [CLS]/[SEP] or <s> pair into a huge file at every piece)."""
     frame = _document_frame(tokenizer)
     first = True
     for piece, n_bytes in _text_pieces(path):
@@ -242,8 +267,8 @@ def prepare(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike,
     """Tokenize `inputs` into `output_dir`/{train.bin,val.bin,meta.json}; returns the meta dict.
 
     Byte-level when `tokenizer` is None (vocab 256, token = UTF-8 byte), else the ids of the local
-    tokenizer.json, each file encoded as one document (a huge file is encoded in 16M-character line-aligned
-    pieces, with the tokenizer's document special tokens only at the file's start and end).
+    tokenizer.json, each file encoded as one document (a huge file is encoded in ~1M-character pieces cut
+    at word boundaries, see `_text_pieces`, with the tokenizer's document special tokens only at the file's start and end).
     Which files are read (not prepared token files, only UTF-8 text) is in the module docstring; `notice`
     (default: a `notice: ...` line on stderr) hears each file skipped.
     Streams: tokens go to one temporary file as they are made; the last `val_fraction` of that stream is then

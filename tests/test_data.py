@@ -480,3 +480,27 @@ def test_a_huge_file_read_in_pieces_gets_the_tokenizers_special_tokens_once(tmp_
     assert len(want) == 53 + {"[CLS] $A [SEP]": 4, "<s> $A": 2, None: 0}[template]
     got = np.concatenate([np.fromfile(tmp_path / "out" / n, np.uint16) for n in ("train.bin", "val.bin")])
     assert got.tolist() == want and meta["n_train_tokens"] + meta["n_val_tokens"] == len(want)
+
+
+def test_tokenizer_mode_reads_a_huge_line_in_bounded_pieces_with_the_whole_texts_ids(tmp_path, monkeypatch):
+    """Pieces were whole lines: a one-line file was one piece, and tokenizers takes ~220 bytes per character (a
+    19 MB one-line file peaked at 3.8 GB RSS; with 1M-character pieces 0.33 GB, same ids). Now a long line is
+    cut too, at word boundaries that leave GPT-2's byte-level pre-tokens whole, so the ids are encode(text)'s."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from jzero import prepare as prep
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "the", "fox", ",", "\n", "\n\n\n", "  "]
+    text = " ".join(rng.choice(words, 400)) + "\n" + " ".join(rng.choice(words[:5], 300))   # a 1,500-char line
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "bpe.json"))
+    path = _write(tmp_path / "big.txt", text)
+    monkeypatch.setattr(prep, "_PIECE_CHARS", 64)
+    pieces = [t for t, _ in prep._text_pieces(path)]
+    assert "".join(pieces) == text and max(map(len, pieces)) <= 4 * 64 + 64 and len(pieces) > 3000 // 128
+    data.prepare([path], tmp_path / "out", tokenizer=tmp_path / "bpe.json", val_fraction=0.1)
+    got = np.concatenate([np.fromfile(tmp_path / "out" / n, np.uint16) for n in ("train.bin", "val.bin")])
+    assert got.tolist() == tok.encode(text).ids
