@@ -184,9 +184,9 @@ def _piece_cut(text: str, force: bool) -> int | None:
 
 def _text_pieces(path: Path) -> Iterator[tuple[str, int]]:
     """(text, UTF-8 bytes) of `path`, newlines kept as written: whole when small, else pieces of
-    `_PIECE_CHARS` to 4x that many characters cut at a word boundary (`_piece_cut`). A line longer than that is read in parts
-    too (it used to be read whole into one piece: a 19 MB file took 3.7 GB to encode, so a one-line file of a
-    few hundred MB ran out of memory)."""
+    `_PIECE_CHARS` to 4x that many characters cut at a word boundary (`_piece_cut`). A line longer than that
+    is read in parts too (it used to be read whole into one piece: a 19 MB file took 3.7 GB to encode, so a
+    one-line file of a few hundred MB ran out of memory)."""
     reader = _Utf8Reader(path)
     with open(path, "rb") as f:
         parts, size = [], 0
@@ -268,7 +268,8 @@ def prepare(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike,
 
     Byte-level when `tokenizer` is None (vocab 256, token = UTF-8 byte), else the ids of the local
     tokenizer.json, each file encoded as one document (a huge file is encoded in ~1M-character pieces cut
-    at word boundaries, see `_text_pieces`, with the tokenizer's document special tokens only at the file's start and end).
+    at word boundaries, see `_text_pieces`, with the tokenizer's document special tokens only at the file's start
+    and end).
     Which files are read (not prepared token files, only UTF-8 text) is in the module docstring; `notice`
     (default: a `notice: ...` line on stderr) hears each file skipped.
     Streams: tokens go to one temporary file as they are made; the last `val_fraction` of that stream is then
