@@ -93,13 +93,17 @@ def check_token_ids(path: str | os.PathLike, dtype: str | np.dtype, vocab_size: 
                         + _PREPARE_HINT.format(Path(path).parent))
 
 
+_COUNT_KEYS = {"train.bin": "n_train_tokens", "val.bin": "n_val_tokens"}   # meta.json's count of each file
+
+
 class TokenSource:
     """grain random-access source over a memory-mapped token file: record i = tokens[i*L : i*L + L + 1].
 
     Non-overlapping windows with stride seq_len (as Megatron's GPT dataset): input tokens[:-1], targets
     tokens[1:] share the boundary token with the next record. The dtype comes from meta.json next to the
-    file unless given. The memmap is opened lazily and dropped on pickling, so worker processes reopen it
-    instead of copying the data.
+    file unless given; then the file's token count must be the one meta.json records for it (n_train_tokens /
+    n_val_tokens), so a train.bin from another run, or from an interrupted prepare, is refused. The memmap is
+    opened lazily and dropped on pickling, so worker processes reopen it instead of copying the data.
     """
 
     def __init__(self, path: str | os.PathLike, seq_len: int, dtype: str | np.dtype | None = None,
@@ -115,6 +119,7 @@ class TokenSource:
         if seq_len <= 0:
             raise ConfigError(f"seq_len {seq_len} must be positive")
         self.seq_len = int(seq_len)
+        meta = None
         if dtype is None:
             if not (self.path.parent / "meta.json").is_file():
                 raise DataError(f"{self.path.parent / 'meta.json'} not found to give the dtype of {self.path}; "
@@ -128,6 +133,11 @@ class TokenSource:
             raise DataError(f"data file {self.path} has {size} bytes, not a multiple of {self.dtype.name}'s "
                             f"{self.dtype.itemsize}; the file or its meta.json dtype is wrong, prepare it again")
         self.n_tokens = size // self.dtype.itemsize
+        count_key = _COUNT_KEYS.get(self.path.name)
+        if meta is not None and count_key in meta and meta[count_key] != self.n_tokens:
+            raise DataError(f"data file {self.path} holds {self.n_tokens} tokens but its meta.json says {count_key}="
+                            f"{meta[count_key]}: the file was replaced or a prepare was interrupted; "
+                            + _PREPARE_HINT.format(self.path.parent))
         self._tokens: np.ndarray | None = None
         if vocab_size is not None:
             check_token_ids(self.path, self.dtype, int(vocab_size))

@@ -224,7 +224,12 @@ def _check_example(ex: Any, task: str, where: str) -> dict:
     for t in ex["tags"]:
         if not isinstance(t, str) or not (t == "O" or t[:2] in ("B-", "I-")):
             raise DataError(f"{where}: tag {t!r} is not IOB2 (O, B-TYPE or I-TYPE)")
-    return {"tokens": [str(w) for w in ex["tokens"]], "tags": list(ex["tags"])}
+    for i, w in enumerate(ex["tokens"]):   # str() made null the word "None" and [1, 2] the word "[1, 2]"
+        if not isinstance(w, str):
+            quoted = f" (\"{w}\")" if isinstance(w, (int, float)) and not isinstance(w, bool) else ""
+            raise DataError(f"{where}: token {i} is {json.dumps(w)}, not a string; give every token as a JSON "
+                            f"string{quoted}")
+    return {"tokens": list(ex["tokens"]), "tags": list(ex["tags"])}
 
 
 def label_names(train: list[dict], val: list[dict], task: str, source: str = "the training set") -> list[str]:

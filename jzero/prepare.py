@@ -36,7 +36,8 @@ from jzero.errors import DataError
 DEFAULT_CORPUS_MAX_BYTES = 8_000_000
 _STDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages"})
 _BLOCK_BYTES = 1 << 20  # byte-level streaming block
-_PIECE_CHARS = 1 << 24  # tokenizer mode: files larger than this are encoded in line-aligned pieces
+_PIECE_CHARS = 1 << 20  # tokenizer mode: files larger than this are encoded in pieces (tokenizers needs
+                        # ~220 bytes per character of a piece: 1M characters ~ 230 MB)
 _DATASET_FILES = ("train.bin", "val.bin", "meta.json")
 _TMP_PREFIXES = ("all.bin.tmp-", "val.bin.tmp-", "meta.json.tmp-")  # what prepare writes before the renames
 
@@ -84,23 +85,36 @@ class InputFile(NamedTuple):
 def list_input_files(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike | None = None,
                      notice: Callable[[str], None] | None = _print_notice) -> list[InputFile]:
     """Expand `inputs` (files, or directories walked recursively in sorted order, skipping hidden entries,
-    `__pycache__` and prepared token files, see the module docstring) into a list of files."""
+    `__pycache__` and prepared token files, see the module docstring) into a list of files.
+
+    A file reached twice (named twice, named and inside a named directory, two overlapping directories, or two
+    links to one file) is a DataError naming both ways: read twice, its second copy lands at the end of the
+    stream, i.e. in val.bin, and evaluation would score text the model trained on."""
     files: list[InputFile] = []
+    origins: list[str] = []   # how each file was reached, for the error on a file reached twice
     out = Path(output_dir) if output_dir is not None else None
     for item in inputs:
         path = Path(item)
         if path.is_file():
             files.append(InputFile(path, False))
+            origins.append(f"named as {path}")
         elif path.is_dir():
             found = _walk_files(path, output_dir=out, notice=notice)
             if not found:
                 raise DataError(f"input directory {path} holds no files to read (hidden entries, __pycache__ and "
                                 "prepared train.bin/val.bin/meta.json are skipped); pass a directory with text files")
             files.extend(InputFile(p, True) for p in found)
+            origins.extend(f"as {p} in directory {path}" for p in found)
         else:
             raise DataError(f"input {path} not found; pass existing text files or directories to --input")
     if not files:
         raise DataError("no input files given; pass text files or directories to --input")
+    first: dict[Path, int] = {}   # resolved path -> index of its first appearance
+    for i, f in enumerate(files):
+        j = first.setdefault(f.path.resolve(), i)
+        if j != i:
+            raise DataError(f"input file {f.path.resolve()} is reached twice by --input, {origins[j]} and "
+                            f"{origins[i]}; pass each file once (a directory includes every file under it)")
     return files
 
 
@@ -152,34 +166,80 @@ def _byte_tokens(path: Path, budget: int | None) -> Iterator[tuple[np.ndarray, i
             yield np.frombuffer(block, dtype=np.uint8), len(block)
 
 
+def _piece_cut(text: str, force: bool) -> int | None:
+    """Where to end a piece of `text` (in its second half): before a newline or a single space that sits
+    between two non-space characters, the last one. Such a boundary splits no pre-token of the common
+    pre-tokenizers (GPT-2's byte-level regex keeps " word" together and tokenizes "X\nY" as X, \n, Y; whitespace
+    splitters split there anyway), so the pieces' ids are the whole text's. None when there is none, unless
+    `force` (the text is long: cut at its end, the one boundary that may differ from whole-text encoding)."""
+    half = len(text) // 2
+    for sep, start in (("\n", 1), (" ", 0)):   # cut after a newline, before a space
+        i = text.rfind(sep, half, len(text) - 1)
+        while i > half:
+            if not text[i - 1].isspace() and not text[i + 1].isspace():
+                return i + start
+            i = text.rfind(sep, half, i)
+    return len(text) if force else None
+
+
 def _text_pieces(path: Path) -> Iterator[tuple[str, int]]:
-    """(text, UTF-8 bytes) of `path`, newlines kept as written: whole when small, else line-aligned pieces."""
+    """(text, UTF-8 bytes) of `path`, newlines kept as written: whole when small, else pieces of
+    `_PIECE_CHARS` to 4x that many characters cut at a word boundary (`_piece_cut`). A line longer than that
+    is read in parts too (it used to be read whole into one piece: a 19 MB file took 3.7 GB to encode, so a
+    one-line file of a few hundred MB ran out of memory)."""
     reader = _Utf8Reader(path)
     with open(path, "rb") as f:
-        piece, size, n_bytes = [], 0, 0
-        for line in f:
-            piece.append(reader.decode(line))
-            size += len(piece[-1])
-            n_bytes += len(line)
+        parts, size = [], 0
+        while raw := f.readline(_PIECE_CHARS):   # at most _PIECE_CHARS bytes: long lines come in parts
+            parts.append(reader.decode(raw))
+            size += len(parts[-1])
             if size >= _PIECE_CHARS:
-                yield "".join(piece), n_bytes
-                piece, size, n_bytes = [], 0, 0
+                text = "".join(parts)
+                cut = _piece_cut(text, force=size >= 4 * _PIECE_CHARS)
+                if cut is not None:
+                    yield text[:cut], len(text[:cut].encode("utf-8"))
+                    parts, size = [text[cut:]], len(text) - cut
+                else:
+                    parts = [text]
         reader.decode(b"", final=True)
-        if piece:
-            yield "".join(piece), n_bytes
+        text = "".join(parts)
+        if text:
+            yield text, len(text.encode("utf-8"))
+
+
+def _document_frame(tokenizer) -> tuple[list[int], list[int]] | None:
+    """The ids the tokenizer's post-processor puts before and after one document (BERT's [CLS] / [SEP], Llama's
+    <s>, none for GPT-2), found by post-processing a known encoding; None when its body cannot be located."""
+    encoding = tokenizer.encode("a b", add_special_tokens=False)
+    body, full = encoding.ids, tokenizer.post_process(encoding).ids
+    for k in range(len(full) - len(body) + 1):
+        if body and full[k:k + len(body)] == body:
+            return full[:k], full[k + len(body):]
+    return None
 
 
 def _tokenizer_tokens(path: Path, tokenizer, budget: int | None) -> Iterator[tuple[np.ndarray, int]]:
-    """(token ids, UTF-8 bytes consumed) per text piece of `path`; each piece is encoded as one document."""
+    """(token ids, UTF-8 bytes consumed) per text piece of `path`: the ids of `tokenizer.encode(file text)`, the
+    post-processor's special tokens once around the whole file even when it is read in several pieces (encoding
+    each piece as a document put a [CLS]/[SEP] or <s> pair into a huge file at every piece)."""
+    frame = _document_frame(tokenizer)
+    first = True
     for piece, n_bytes in _text_pieces(path):
         if budget is not None and n_bytes > budget:
             piece = piece.encode("utf-8")[:budget].decode("utf-8", errors="ignore")
             n_bytes = budget
-        yield np.asarray(tokenizer.encode(piece).ids, dtype=np.int64), n_bytes
+        if frame is None:   # a post-processor we cannot split: each piece framed as a document
+            ids = tokenizer.encode(piece).ids
+        else:
+            ids = (frame[0] if first else []) + tokenizer.encode(piece, add_special_tokens=False).ids
+        first = False
+        yield np.asarray(ids, dtype=np.int64), n_bytes
         if budget is not None:
             budget -= n_bytes
             if budget <= 0:
                 return
+    if frame is not None and not first and frame[1]:
+        yield np.asarray(frame[1], dtype=np.int64), 0
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -207,12 +267,16 @@ def prepare(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike,
     """Tokenize `inputs` into `output_dir`/{train.bin,val.bin,meta.json}; returns the meta dict.
 
     Byte-level when `tokenizer` is None (vocab 256, token = UTF-8 byte), else the ids of the local
-    tokenizer.json, each file (or 16M-character line-aligned piece of a huge file) encoded as one document.
+    tokenizer.json, each file encoded as one document (a huge file is encoded in ~1M-character pieces cut
+    at word boundaries, see `_text_pieces`, with the tokenizer's document special tokens only at the file's start
+    and end).
     Which files are read (not prepared token files, only UTF-8 text) is in the module docstring; `notice`
     (default: a `notice: ...` line on stderr) hears each file skipped.
     Streams: tokens go to one temporary file as they are made; the last `val_fraction` of that stream is then
     copied to val.bin and the file truncated into train.bin, so memory stays at one block/piece.
-    `max_bytes` caps the input bytes read (the stream is cut there). Files are replaced atomically.
+    `max_bytes` caps the input bytes read (the stream is cut there). Each file is replaced atomically, and
+    meta.json is removed before train.bin/val.bin are replaced and written after them, so a run interrupted
+    there leaves a directory that reads as unprepared (the readers refuse it) rather than mixed.
     """
     if not 0.0 < val_fraction < 1.0:   # 0 would write an empty val.bin that evaluation fails on much later
         raise DataError(f"--val-fraction {val_fraction} is out of range: val.bin gets that fraction of the tokens "
@@ -234,10 +298,36 @@ def prepare(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike,
                         "space") from None
 
 
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):   # another user's process, or not a pid: leave the file
+        return pid > 0
+    return True
+
+
+def _remove_stale_temporaries(out: Path, notice: Callable[[str], None] | None) -> None:
+    """Delete the temporaries (all.bin.tmp-PID, val.bin.tmp-PID, meta.json.tmp-PID) of earlier prepare runs into
+    `out` that were killed before their `finally` ran (SIGKILL, OOM, power loss): nothing else removes them, and
+    all.bin.tmp-PID is as large as the whole token stream. A running process's temporaries are left alone."""
+    for path in sorted(out.iterdir()):
+        prefix = next((p for p in _TMP_PREFIXES if path.name.startswith(p)), None)
+        pid = path.name[len(prefix):] if prefix else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_running(int(pid)) and path.is_file():
+            size = path.stat().st_size
+            path.unlink()
+            if notice is not None:
+                notice(f"removed {path} ({size} bytes): left by an interrupted prepare (process {pid} is gone)")
+
+
 def _write_prepared(files: list[InputFile], out: Path, tok, tokenizer, vocab_size: int, dtype, val_fraction: float,
                     max_bytes: int | None, extra_meta: dict | None, notice: Callable[[str], None] | None) -> dict:
     """`prepare`'s writing half: tokens to a temporary file, split into train.bin / val.bin, then meta.json.
-    A walked file found not to be text midway has its tokens cut off the temporary file again and is skipped."""
+    A walked file found not to be text midway has its tokens cut off the temporary file again and is skipped.
+    Temporaries that an earlier, killed run left in `out` are removed first (a notice names each)."""
+    _remove_stale_temporaries(out, notice)
     tag = f"tmp-{os.getpid()}"
     all_tmp, val_tmp = out / f"all.bin.{tag}", out / f"val.bin.{tag}"
     n_tokens, used, skipped, budget = 0, 0, 0, max_bytes
@@ -277,6 +367,9 @@ def _write_prepared(files: list[InputFile], out: Path, tok, tokenizer, vocab_siz
             src.seek(n_train * dtype.itemsize)
             shutil.copyfileobj(src, dst, _BLOCK_BYTES)
         os.truncate(all_tmp, n_train * dtype.itemsize)
+        # the old meta.json goes first and the new one comes last: a run killed between the renames leaves a
+        # directory without meta.json (not prepared), never a new train.bin beside the old val.bin and meta.json
+        (out / "meta.json").unlink(missing_ok=True)
         os.replace(all_tmp, out / "train.bin")
         os.replace(val_tmp, out / "val.bin")
     finally:

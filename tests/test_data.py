@@ -373,3 +373,134 @@ def test_tokenizer_mode_skips_a_walked_non_utf8_file_and_names_the_byte_of_a_nam
         data.prepare([d / "2.txt"], out, tokenizer=tmp_path / "tok.json")
     assert str(e.value) == (f"input {d / '2.txt'} is not UTF-8 text (invalid start byte at byte 20000); convert it "
                             "to UTF-8 or leave it out")
+
+
+def test_an_interrupted_prepare_over_a_dataset_is_never_read_as_complete(tmp_path, monkeypatch):
+    """A prepare killed after renaming its new train.bin used to leave the old val.bin and meta.json beside it,
+    read as complete: a re-run on a.txt + b.txt (2 x 9,200 bytes) over a.txt's dataset gave train.bin 16,560
+    tokens next to a meta.json saying 8,280 and the old val.bin, whose 920 tokens were inside the new train.bin,
+    and train.pretrain evaluated on them. Now meta.json is removed before the renames and written last, and a
+    token file whose size is not meta.json's count is refused."""
+    from jzero import prepare as prep
+    a = _write(tmp_path / "a.txt", "alpha beta gamma delta\n" * 400)   # 9,200 bytes
+    b = _write(tmp_path / "b.txt", "epsilon zeta eta theta\n" * 400)
+    out = tmp_path / "d"
+    assert data.prepare([a], out, val_fraction=0.1)["n_train_tokens"] == 8280
+    real, renamed = prep.os.replace, []
+
+    def killed_after_first_rename(src, dst):
+        real(src, dst)
+        renamed.append(Path(dst).name)
+        raise KeyboardInterrupt   # (SIGKILL in the reproduction; the finally below it must not matter)
+
+    monkeypatch.setattr(prep.os, "replace", killed_after_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        data.prepare([a, b], out, val_fraction=0.1)
+    monkeypatch.setattr(prep.os, "replace", real)
+    assert renamed == ["train.bin"] and np.fromfile(out / "train.bin", np.uint16).size == 16560
+    assert not (out / "meta.json").exists()   # the directory reads as not prepared
+    with pytest.raises(DataError, match=r"meta\.json not found"):
+        data.TokenSource(out / "val.bin", seq_len=8)
+    # a token file whose size is not meta.json's count (replaced by hand, or by an older prepare) is refused too
+    assert data.prepare([a, b], out, val_fraction=0.1)["n_train_tokens"] == 16560
+    (out / "val.bin").write_bytes((out / "val.bin").read_bytes()[:-4])
+    with pytest.raises(DataError, match=rf"data file {out / 'val.bin'} holds 1838 tokens but its meta\.json says "
+                                        r"n_val_tokens=1840: the file was replaced or a prepare was interrupted; "
+                                        r"run python -m train\.prepare_data"):
+        list(data.eval_batches(out / "val.bin", seq_len=8, rows=2, n_batches=1))
+    assert data.TokenSource(out / "train.bin", seq_len=8).n_tokens == 16560
+
+
+def test_a_file_reached_twice_by_input_is_refused_naming_both(tmp_path, capsys):
+    """`--input corpus corpus/b.txt` used to read b.txt twice ("from 3 files" of 2): its second copy is the end of
+    the stream, so val.bin (the last 10%) was text train.bin also held and evaluation scored memorised text."""
+    corpus = tmp_path / "corpus"
+    a, b = _write(corpus / "a.txt", "alpha\n" * 50), _write(corpus / "b.txt", "beta\n" * 50)
+    out = tmp_path / "out"
+    for argv, twice, how in (([corpus, b], b, f"as {b} in directory {corpus} and named as {b}"),
+                             ([a, corpus / "." / "a.txt"], a, f"named as {a} and named as {a}"),
+                             ([corpus, tmp_path / "." / "corpus"], a, f"as {a} in directory {corpus} and as {a} in "
+                                                                      f"directory {corpus}")):
+        assert prepare_data.main(["--input", *map(str, argv), "--output-dir", str(out)]) == 2
+        assert capsys.readouterr().err == (f"error: input file {twice} is reached twice by --input, {how}; pass "
+                                           "each file once (a directory includes every file under it)\n")
+    assert not out.exists()
+    (corpus / "link.txt").symlink_to(b)   # two names of one file inside a directory
+    with pytest.raises(DataError, match=rf"input file {b} is reached twice by --input, as {b} in directory "
+                                        rf"{corpus} and as {corpus / 'link.txt'} in directory {corpus}"):
+        data.prepare([corpus], out)
+    (corpus / "link.txt").unlink()
+    assert data.prepare([corpus], out, val_fraction=0.1)["sources"] == 2
+
+
+def test_prepare_removes_the_temporaries_a_killed_run_left(tmp_path, capsys):
+    """A prepare killed before its `finally` (SIGKILL, OOM) left all.bin.tmp-PID / val.bin.tmp-PID in --output-dir,
+    and no later run removed them (all.bin.tmp is as large as the token stream). Now the next run removes those of
+    processes that are gone, naming each, and leaves a running process's alone."""
+    import os
+    src = _write(tmp_path / "a.txt", "hello world\n" * 10)
+    out = tmp_path / "out"
+    out.mkdir()
+    dead, alive = 4_194_999, os.getppid()   # above Linux's largest pid_max (2**22): no such process
+    (out / f"all.bin.tmp-{dead}").write_bytes(b"\0" * 240)
+    (out / f"val.bin.tmp-{dead}").write_bytes(b"\0" * 24)
+    (out / f"all.bin.tmp-{alive}").write_bytes(b"\0" * 8)   # (a prepare running beside this one)
+    (out / "all.bin.tmp-notes").write_text("not ours")
+    assert prepare_data.main(["--input", str(src), "--output-dir", str(out), "--val-fraction", "0.1"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"notice: removed {out / f'all.bin.tmp-{dead}'} (240 bytes): left by an interrupted prepare (process {dead} "
+        "is gone)",
+        f"notice: removed {out / f'val.bin.tmp-{dead}'} (24 bytes): left by an interrupted prepare (process {dead} "
+        "is gone)"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["all.bin.tmp-notes", f"all.bin.tmp-{alive}", "meta.json",
+                                                            "train.bin", "val.bin"])
+    assert (data.read_meta(out)["n_train_tokens"], data.read_meta(out)["n_val_tokens"]) == (108, 12)
+
+
+@pytest.mark.parametrize("template", ["[CLS] $A [SEP]", "<s> $A", None])
+def test_a_huge_file_read_in_pieces_gets_the_tokenizers_special_tokens_once(tmp_path, monkeypatch, template):
+    """A file over 16M characters is encoded in line-aligned pieces; each piece used to be encoded as a document,
+    so a BERT tokenizer.json put [CLS]/[SEP] (a Llama one <s>) into it every 16M characters: 51 ids where
+    tokenizers' encode of the file gives 47 (3 [CLS]). Now the ids are encode(file) whatever the piece size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from jzero import prepare as prep
+    vocab = {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "<s>": 3, **{w: i + 4 for i, w in enumerate("abcdefgh")}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if template is not None:
+        tok.post_processor = processors.TemplateProcessing(single=template,
+                                                           special_tokens=[(t, vocab[t]) for t in template.split()
+                                                                           if t != "$A"])
+    tok.save(str(tmp_path / "tok.json"))
+    texts = ["a b c d\n" * 12, "e f g\nh x\n"]   # 96 + 10 characters: 3 + 1 pieces of 4 lines
+    files = [_write(tmp_path / "in" / f"{i}.txt", t) for i, t in enumerate(texts)]
+    monkeypatch.setattr(prep, "_PIECE_CHARS", 30)
+    meta = data.prepare(files, tmp_path / "out", tokenizer=tmp_path / "tok.json", val_fraction=0.1)
+    want = [i for t in texts for i in tok.encode(t).ids]
+    assert len(want) == 53 + {"[CLS] $A [SEP]": 4, "<s> $A": 2, None: 0}[template]
+    got = np.concatenate([np.fromfile(tmp_path / "out" / n, np.uint16) for n in ("train.bin", "val.bin")])
+    assert got.tolist() == want and meta["n_train_tokens"] + meta["n_val_tokens"] == len(want)
+
+
+def test_tokenizer_mode_reads_a_huge_line_in_bounded_pieces_with_the_whole_texts_ids(tmp_path, monkeypatch):
+    """Pieces were whole lines: a one-line file was one piece, and tokenizers takes ~220 bytes per character (a
+    19 MB one-line file peaked at 3.8 GB RSS; with 1M-character pieces 0.33 GB, same ids). Now a long line is
+    cut too, at word boundaries that leave GPT-2's byte-level pre-tokens whole, so the ids are encode(text)'s."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from jzero import prepare as prep
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "the", "fox", ",", "\n", "\n\n\n", "  "]
+    text = " ".join(rng.choice(words, 400)) + "\n" + " ".join(rng.choice(words[:5], 300))   # a 1,500-char line
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "bpe.json"))
+    path = _write(tmp_path / "big.txt", text)
+    monkeypatch.setattr(prep, "_PIECE_CHARS", 64)
+    pieces = [t for t, _ in prep._text_pieces(path)]
+    assert "".join(pieces) == text and max(map(len, pieces)) <= 4 * 64 + 64 and len(pieces) > 3000 // 128
+    data.prepare([path], tmp_path / "out", tokenizer=tmp_path / "bpe.json", val_fraction=0.1)
+    got = np.concatenate([np.fromfile(tmp_path / "out" / n, np.uint16) for n in ("train.bin", "val.bin")])
+    assert got.tolist() == tok.encode(text).ids

@@ -469,3 +469,15 @@ def test_resume_refuses_other_labels_and_starts_fresh_without_a_checkpoint(tmp_p
     assert len(err.splitlines()) == 1, err
     assert err.startswith(f"error: --resume: checkpoint {out / 'checkpoints'}/") and "was trained on labels " \
         "[food, music, sports, weather] but this run's data gives [FOOD, MUSIC, SPORTS, WEATHER]" in err, err
+
+
+def test_a_token_that_is_not_a_string_names_file_line_and_index(tmp_path):
+    """Tokens went through str(): a JSON null became the word "None" (a list the word "[1, 2]") and trained
+    silently; now the line is refused, naming the token."""
+    f = tmp_path / "ner.jsonl"
+    for token, shown, hint in ((None, "null", ""), (3, "3", ' ("3")'), ([1, 2], "[1, 2]", "")):
+        f.write_text('{"tokens": ["EU", "rejects"], "tags": ["B-ORG", "O"]}\n'
+                     + json.dumps({"tokens": ["a", token], "tags": ["O", "O"]}) + "\n")
+        with pytest.raises(DataError) as e:
+            fd.read_jsonl(f, "token_classification")
+        assert str(e.value) == f"{f}:2: token 1 is {shown}, not a string; give every token as a JSON string{hint}"

@@ -11,7 +11,8 @@ DIR/train.bin, DIR/val.bin (the last --val-fraction of the token stream) and DIR
 Never read as input: prepared token files (train.bin, val.bin, meta.json in DIR, or in any directory holding
 meta.json and train.bin), so running again with DIR inside an input directory gives the same data. A file that
 is not UTF-8 text (binary, UTF-16, a NUL byte) is an error when named in --input and skipped with a `notice:`
-line when found in a directory.
+line when found in a directory. A file reached twice (named twice, or named and inside a named directory) is an
+error: its second copy would be the end of the stream, i.e. val.bin, text the model also trains on.
 """
 from __future__ import annotations
 
