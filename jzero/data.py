@@ -187,6 +187,21 @@ def _check_split(rows: int, accum_steps: int, process_count: int, process_index:
         raise ConfigError(f"process_index {process_index} is out of range for process_count {process_count}")
 
 
+def token_fingerprint(tokens: np.ndarray, samples: int = 16, width: int = 4096) -> str:
+    """A short hash of a token file's contents: its length and ``samples`` evenly spaced runs of ``width`` tokens
+    (~0.5 MB read, whatever the file's size). A resumed iterator checks it, so training data prepared again into
+    the same directory with the same record count (other text, another tokenizer) is not continued as if it were
+    the data the checkpoint's position counts in."""
+    import hashlib
+
+    h = hashlib.sha1(f"{tokens.size}:{tokens.dtype.name}".encode())
+    n = tokens.size
+    for i in range(samples if n else 0):
+        start = (n - min(width, n)) * i // max(samples - 1, 1)
+        h.update(np.ascontiguousarray(tokens[start:start + width]).tobytes())
+    return h.hexdigest()[:16]
+
+
 class BatchIterator:
     """Endless iterator over this process's share of each global training step, built on grain.
 
@@ -254,7 +269,14 @@ class BatchIterator:
 
     def _order_keys(self) -> dict:
         return {"global_batch_rows": self.global_batch_rows, "seq_len": self.seq_len, "seed": self.seed,
-                "shuffle": self.shuffle, "n_records": len(self.source)}
+                "shuffle": self.shuffle, "n_records": len(self.source), "data_fingerprint": self.fingerprint}
+
+    @property
+    def fingerprint(self) -> str:
+        """:func:`token_fingerprint` of the training file, computed once."""
+        if not hasattr(self, "_fingerprint"):
+            self._fingerprint = token_fingerprint(self.source.tokens)
+        return self._fingerprint
 
     def get_state(self) -> dict:
         """JSON-serialisable position: the next global step and what fixes the global order."""
@@ -264,7 +286,13 @@ class BatchIterator:
         """Resume at `state["step"]`; refuses a state whose global order differs (other batch, data or seed)."""
         for key, value in self._order_keys().items():
             if key not in state:
+                if key == "data_fingerprint":   # a state saved before fingerprints: the other keys still checked
+                    continue
                 raise DataError(f"data iterator state lacks {key!r}; it was not made by BatchIterator.get_state")
+            if state[key] != value and key == "data_fingerprint":
+                raise DataError(f"data iterator state was saved over other training data than {self.source.path} "
+                                f"holds now (content fingerprint {state[key]} vs {value}: prepared again, another "
+                                f"text or tokenizer); resume with the data the run trained on")
             if state[key] != value:
                 raise DataError(f"data iterator state has {key}={state[key]} but this run has {key}={value}; "
                                 f"resume with the same {key} (or start the data from step 0)")

@@ -24,6 +24,7 @@ import codecs
 import json
 import os
 import shutil
+from fractions import Fraction
 import sys
 import sysconfig
 from pathlib import Path
@@ -361,7 +362,7 @@ def _write_prepared(files: list[InputFile], out: Path, tok, tokenizer, vocab_siz
         if n_tokens == 0:
             raise DataError(f"inputs ({len(files)} files, first {files[0].path}) gave no tokens; pass non-empty "
                             "text files")
-        n_val = int(n_tokens * val_fraction)
+        n_val = int(n_tokens * Fraction(str(val_fraction)))   # exact: 100 tokens at 0.29 give 29, not int(28.99..)
         n_train = n_tokens - n_val
         with open(all_tmp, "rb") as src, open(val_tmp, "wb") as dst:
             src.seek(n_train * dtype.itemsize)

@@ -190,6 +190,30 @@ def test_resume_from_state_yields_the_same_batches_on_any_process_count(tmp_path
     other_seed = data.BatchIterator(d / "train.bin", **{**kw, "seed": 12})
     with pytest.raises(DataError, match="seed=11 but this run has seed=12"):
         other_seed.set_state(state)
+    old_state = {k: v for k, v in state.items() if k != "data_fingerprint"}   # saved before fingerprints
+    resumed = data.BatchIterator(d / "train.bin", **kw)
+    resumed.set_state(old_state)
+    np.testing.assert_array_equal(next(resumed), expected[0])
+    # data prepared again from other text, same token count (another directory here: the iterators above still
+    # map this one's file): refused, not continued
+    (tmp_path / "again").mkdir()
+    changed = data.BatchIterator(_token_dir(tmp_path / "again", 3000, seed=99) / "train.bin", **kw)
+    assert len(changed.source) == state["n_records"] and changed.fingerprint != state["data_fingerprint"]
+    with pytest.raises(DataError, match=r"data iterator state was saved over other training data than .*train.bin "
+                                        r"holds now \(content fingerprint [0-9a-f]{16} vs [0-9a-f]{16}"):
+        changed.set_state(state)
+
+
+def test_token_fingerprint_sees_a_change_anywhere_sampled_and_the_length():
+    ids = np.arange(100_000, dtype=np.uint16)
+    base = data.token_fingerprint(ids)
+    assert data.token_fingerprint(ids.copy()) == base and len(base) == 16
+    assert data.token_fingerprint(ids[:-1]) != base
+    for at in (0, (100_000 - 4096) * 7 // 15 + 10, 99_999):   # first, in the 8th sampled run, last token
+        other = ids.copy()
+        other[at] += 1
+        assert data.token_fingerprint(other) != base, at
+    assert data.token_fingerprint(np.zeros(0, np.uint16)) != data.token_fingerprint(np.zeros(0, np.uint32))
 
 
 def test_eval_batches_in_file_order_sliced_per_process_and_wrapping(tmp_path):
@@ -504,3 +528,12 @@ def test_tokenizer_mode_reads_a_huge_line_in_bounded_pieces_with_the_whole_texts
     data.prepare([path], tmp_path / "out", tokenizer=tmp_path / "bpe.json", val_fraction=0.1)
     got = np.concatenate([np.fromfile(tmp_path / "out" / n, np.uint16) for n in ("train.bin", "val.bin")])
     assert got.tolist() == tok.encode(text).ids
+
+
+def test_val_split_is_the_exact_fraction_of_the_tokens(tmp_path):
+    """100 tokens at --val-fraction 0.29 give 29 val tokens (int(100 * 0.29) would be 28: 28.999999999999996)."""
+    src = tmp_path / "a.txt"
+    src.write_bytes(b"x" * 100)
+    data.prepare([src], tmp_path / "out", val_fraction=0.29)
+    meta = data.read_meta(tmp_path / "out")
+    assert (meta["n_train_tokens"], meta["n_val_tokens"]) == (71, 29)
