@@ -186,7 +186,9 @@ def read_jsonl(path: str | Path, task: str, key: str = "finetune.train_file") ->
         try:
             ex = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{n} is not JSON ({exc.msg}); each line must be {_FORMAT[task]}") from None
+            other = {".csv": "CSV", ".tsv": "TSV", ".conll": "CoNLL", ".txt": "plain text"}.get(path.suffix.lower())
+            hint = f" (fine-tuning reads JSONL only, not {other}: convert {path.name} to JSONL)" if other else ""
+            raise DataError(f"{path}:{n} is not JSON ({exc.msg}); each line must be {_FORMAT[task]}{hint}") from None
         ex = _check_example(ex, task, f"{path}:{n}")
         if task == "classification":
             kind = type(ex["label"])

@@ -186,6 +186,12 @@ def test_non_utf8_train_file_names_file_and_line(tmp_path, capsys):
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b"\xef\xbb\xbf" + '{"text": "caf\u00e9\u2028x", "label": "a"}\n'.encode())
     assert fd.read_jsonl(bom, "classification") == [{"text": "caf\u00e9\u2028x", "label": "a"}]
+    # a CSV (or CoNLL) file: the error says fine-tuning reads JSONL only
+    csv_file = tmp_path / "t.csv"
+    csv_file.write_text("text,label\nhello,a\n")
+    with pytest.raises(DataError, match=r"t.csv:1 is not JSON .*\(fine-tuning reads JSONL only, not CSV: convert "
+                                        r"t.csv to JSONL\)"):
+        fd.read_jsonl(csv_file, "classification")
 
 
 def test_token_classification_without_entity_tags_is_one_line(tmp_path, capsys):
