@@ -38,6 +38,7 @@ from jzero.offload import OptimizerOffload, offloaded, unsupported as offload_un
 from jzero.optim import build_optimizer
 from jzero.optim.onebit import OneBit, build_onebit, is_onebit, unsupported as onebit_unsupported
 from jzero.optim.schedules import build_momentum_schedule, build_schedule
+from jzero.pipeline_loss import micro_batch_mean
 from jzero.precision import dtype_from_name, init_loss_scale, skips_nonfinite_steps
 from jzero.step import (OnDevice, TrainState, accumulate_grads, apply_update,  # noqa: F401  (re-exported)
                         compute_copies, copy_shardings, micro_batch_grads, weight_matrices)
@@ -330,7 +331,7 @@ def initialize(config: JzeroConfig | str | os.PathLike | dict, model: nn.Module 
     loss_fn = lambda p, b: task.loss(model.apply, p, b)  # noqa: E731
     context = _step_context(cfg, layout, plan, abstract_params)
     # the pipeline applies the model once to all micro-batches; the loss stays the mean of the micro-batch means
-    train_loss = (pipeline.micro_batch_mean(task.loss, model.apply, layout.run.spec.micro_batches)
+    train_loss = (micro_batch_mean(task.loss, model.apply, layout.run.spec.micro_batches)
                   if layout.run is not None else loss_fn)
     train_fn = strategy.train_fn(train_loss, _grads_of(cfg, layout, plan, abstract_params), schedule, context=context,
                                  skip_nonfinite=skips_nonfinite_steps(cfg.fp16, cfg.bf16))
