@@ -111,6 +111,21 @@ def test_hf_greedy_equals_transformers_generate(tmp_path):
         assert len(set(ref[0].tolist())) > 5, "a degenerate continuation would prove little"
 
 
+def test_prompt_bucket_stops_at_max_len(gens):
+    """A request that fits max_len runs even where the prompt bucket would not: a 57-token prompt + 7 new on the
+    max_len=64 model (bucket 40 -> 80 padded tokens) failed with 'sequence length 80 exceeds model.max_len=64'."""
+    model, params, gen = gens["gpt2"]
+    prompt = [int(t) for t in np.random.default_rng(1).integers(0, REAL, 57)]
+    gen.prompt_bucket = 40
+    try:
+        out = gen.generate([prompt], 7, chunk=7)
+    finally:
+        gen.prompt_bucket = 16
+    seq = jnp.asarray([prompt + out.tokens[0]], jnp.int32)
+    full = np.asarray(jax.jit(model.apply)({"params": params}, seq))[0, 56:-1, :REAL]
+    assert out.tokens[0] == list(np.argmax(full, -1))
+
+
 def test_tensor_parallel_equals_single_device(gens):
     model, params, gen1 = gens["llama"]
     gen2 = Generator(model, params, vocab_size=REAL, tensor=2, unroll_layers=True)
