@@ -185,6 +185,26 @@ def test_weights_from_a_zero3_tensor_parallel_checkpoint(zero3_run, capsys):
     assert capsys.readouterr().out == ByteTokenizer().decode(seq[0].tolist()) + "\n"
 
 
+def test_llama_checkpoint_exports_to_transformers(zero3_run, tmp_path, capsys):
+    """train.export --format hf of a Llama run (ZeRO-3 x tensor=2) loads in transformers with jzero's logits; it
+    was refused ("Hugging Face export is implemented for gpt2 only")."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from models.llama import LlamaConfig as Cfg
+    from train.export import main
+
+    run, params = zero3_run
+    assert main([str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    toks = np.random.default_rng(0).integers(0, 256, (2, 24))
+    with torch.no_grad():
+        got = hf(torch.from_numpy(toks)).logits.numpy()
+    cfg = Cfg(vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, max_len=256)
+    want = np.asarray(jax.jit(Llama(cfg).apply)({"params": params}, jnp.asarray(toks, jnp.int32)))
+    assert np.abs(got - want).max() < 1e-5 * max(1.0, np.abs(want).max())
+    assert hf.config.eos_token_id is None     # transformers' default 2 would stop generate at byte 0x02
+
+
 @pytest.mark.parametrize("argv,err", [
     (["--max-new-tokens", "2000"], "prompt (3 tokens) + max_new_tokens (2000) = 2003 exceeds the model's max_len=256; "
                                    "shorten the prompt or generate less"),
