@@ -10,8 +10,8 @@ into host numpy arrays (``restore_type=np.ndarray``), on whatever CPU runs it; o
 
 The jzero format names each tensor by its param path joined with dots (``blocks.attn.qkv_kernel``, layers
 stacked on the first axis) and records the step and model sizes in the safetensors metadata;
-:func:`load_safetensors` reads it back into a param tree. ``format='hf'`` writes a Hugging Face GPT-2
-directory (see :mod:`models.hf_gpt2`).
+:func:`load_safetensors` reads it back into a param tree. ``format='hf'`` writes a Hugging Face GPT-2 or
+Llama directory (see :mod:`models.hf_gpt2`, :mod:`models.hf_llama`).
 """
 
 from __future__ import annotations
@@ -103,27 +103,33 @@ def load_safetensors(path) -> tuple[dict, dict]:
 
 
 def model_config_from_meta(meta: dict):
-    """The family config (e.g. GPT2Config) a checkpoint's meta records."""
+    """The family config (GPT2Config or LlamaConfig) a checkpoint's meta records."""
     model = dict(meta.get("model", {}))
     family = model.pop("family", None)
-    if family != "gpt2":
-        raise ConfigError(f"checkpoint model family {family!r}: Hugging Face export is implemented for gpt2 only")
-    from models.gpt2 import GPT2Config
+    if family not in ("gpt2", "llama"):
+        raise ConfigError(f"checkpoint model family {family!r}: Hugging Face export is implemented for gpt2 and "
+                          f"llama")
+    from models import FAMILIES
 
-    fields = GPT2Config.__dataclass_fields__
-    return GPT2Config(**{k: v for k, v in model.items() if k in fields})
+    cfg_cls = FAMILIES[family][1]
+    fields = cfg_cls.__dataclass_fields__
+    # JSON keeps tuples (Llama's rope_scaling) as lists; the frozen config wants them hashable again
+    return cfg_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in model.items() if k in fields})
 
 
 def export_hf(directory, out_dir, dtype: str = "fp32", step: int | None = None,
               vocab_size: int | None = None) -> tuple[Path, int, int]:
-    """Write an HF GPT-2 directory (config.json + model.safetensors) from a jzero GPT-2 checkpoint."""
+    """Write an HF GPT-2 or Llama directory (config.json + model.safetensors) from a jzero checkpoint of that
+    family (:func:`models.hf_gpt2.save_hf_gpt2`, :func:`models.hf_llama.save_hf_llama`)."""
     from models.hf_gpt2 import save_hf_gpt2
+    from models.hf_llama import save_hf_llama
 
     if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
         raise ConfigError(f"vocab_size={vocab_size!r}: give the tokenizer's vocabulary size (an int >= 1), or None "
                           "for the model's")
     step, params, meta = load_params(directory, step)
     cfg = model_config_from_meta(meta)
-    path = save_hf_gpt2(params, cfg, out_dir, vocab_size=vocab_size, dtype=dtype)
+    save = save_hf_llama if meta.get("model", {}).get("family") == "llama" else save_hf_gpt2
+    path = save(params, cfg, out_dir, vocab_size=vocab_size, dtype=dtype)
     n = sum(int(np.prod(v.shape)) for v in flatten(params).values())
     return path, step, n

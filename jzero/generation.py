@@ -9,9 +9,10 @@
 The two programs (:mod:`models.kv_cache` holds the cache layout):
 
 - **prefill** ``(params, tokens_BxP, start_B, key) -> (token_B, cache)``: the prompts, left-padded to a common
-  length ``P`` (rounded up to a multiple of ``prompt_bucket`` so nearby lengths share one compiled program), run
-  through the model in one pass writing slots ``0..P-1`` of a fresh cache; the head is applied to the last
-  position only (with left padding it is every row's last prompt token) and the first new token sampled.
+  length ``P`` (rounded up to a multiple of ``prompt_bucket``, at most ``max_len``, so nearby lengths share one
+  compiled program), run through the model in one pass writing slots ``0..P-1`` of a fresh cache; the head is
+  applied to the last position only (with left padding it is every row's last prompt token) and the first new
+  token sampled.
 - **decode** ``(params, cache, token_B, done_B, key, step) -> (tokens_NxB, cache, token_B, done_B)``: ``chunk``
   decode steps in one ``lax.scan`` (feed the last token, sample the next), the cache donated so XLA updates it
   in place. Between chunks the host streams the chunk's tokens (``on_tokens``) and stops early when every row has
@@ -203,6 +204,9 @@ class Generator:
         B = len(prompts)
         longest = max(len(p) for p in prompts)
         P = -(-longest // self.prompt_bucket) * self.prompt_bucket
+        # the bucket never takes the padded prompt past max_len (the model refuses longer inputs): a 17-token prompt
+        # + 3 new on a max_len=20 model passed check() and then failed with a ValueError for the 32 padded tokens
+        P = min(P, getattr(self.cfg, "max_len", None) or P)
         n_chunks = -(-(max_new_tokens - 1) // chunk)
         # the last chunk may run past max_new_tokens (its extra tokens are dropped); slots rounded up to a multiple
         # of 32 so nearby max_new_tokens share the compiled programs (the extra slots are never attended to)

@@ -1,7 +1,8 @@
-"""Hugging Face Llama -> jzero Llama weights, from a local ``config.json`` + safetensors (one file or sharded).
+"""Hugging Face Llama <-> jzero Llama weights, from a local ``config.json`` + safetensors (one file or sharded).
 
     params, cfg = load_hf_llama("llama_dir")                      # model.safetensors or model.safetensors.index.json
     logits = Llama(cfg).apply({"params": params}, tokens)         # == transformers' LlamaForCausalLM logits
+    save_hf_llama(params, cfg, "out_dir", vocab_size=100)         # loadable by LlamaForCausalLM.from_pretrained
 
 The same function, other layouts:
 
@@ -15,6 +16,9 @@ The same function, other layouts:
 - RMSNorm weights are jzero's ``attn_norm`` / ``mlp_norm`` / ``final_norm`` scales; ``rms_norm_eps`` is
   ``norm_eps``.
 - Layers are stacked on a leading axis (``blocks/...``) or named ``block_{i}`` with ``scan_layers=False``.
+- jzero's vocabulary may be padded (tensor parallel sizes then divide it): padded rows are zero on import and
+  dropped on export (``vocab_size``). Export is the exact inverse of import (HF -> jzero -> HF gives the same
+  tensors, bit for bit).
 
 RoPE: plain (``rope_type`` default) or Llama 3.1/3.2's ``llama3`` frequency scaling (``LlamaConfig.rope_scaling``).
 Configs that change the function otherwise (other RoPE scalings, biases, another activation or head size) are
@@ -25,11 +29,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from jzero.errors import CheckpointError, ConfigError
 from models.hf_files import CONFIG_NAME, read_state
+from models.hf_gpt2 import _tree_np, layer_of
 from models.llama import LlamaConfig
 
 
@@ -156,3 +162,75 @@ def load_hf_llama(path, vocab_size: int | None = None, max_len: int | None = Non
         raise CheckpointError(f"{path / CONFIG_NAME} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     cfg = llama_config_from_hf(hf, vocab_size, max_len, **cfg_kw)
     return params_from_hf(read_state(path), cfg), cfg
+
+
+# --------------------------------------------------------------------------- export
+
+
+def hf_config_from_llama(cfg: LlamaConfig, vocab_size: int | None = None) -> dict[str, Any]:
+    """An HF ``config.json`` dict for jzero's Llama (``vocab_size`` < cfg's drops padded rows).
+
+    RoPE is written both as transformers 5's ``rope_parameters`` and as the older ``rope_theta`` /
+    ``rope_scaling`` keys, so either version reads the same frequencies. ``bos_token_id`` / ``eos_token_id`` are
+    null: jzero does not know the tokenizer's, and transformers' defaults (1, 2) would make ``generate`` stop at
+    token 2, an ordinary token of a byte-level or other vocabulary."""
+    theta = float(cfg.rope_theta)
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
+    scaling = None
+    if cfg.rope_scaling is not None:
+        factor, low, high, original = (float(v) for v in cfg.rope_scaling)
+        scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                   "original_max_position_embeddings": int(original)}
+        rope = {**scaling, "rope_theta": theta}
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": int(vocab_size or cfg.vocab_size), "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.d_model // cfg.n_head, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_len, "rms_norm_eps": float(cfg.norm_eps),
+        "tie_word_embeddings": bool(cfg.tie_embeddings), "attention_bias": False, "mlp_bias": False,
+        "pretraining_tp": 1, "attention_dropout": 0.0, "initializer_range": 0.02, "bos_token_id": None,
+        "eos_token_id": None,
+        "rope_parameters": rope, "rope_theta": theta, "rope_scaling": scaling, "torch_dtype": "float32",
+    }
+
+
+def params_to_hf(params: dict, cfg: LlamaConfig, vocab_size: int | None = None) -> dict[str, np.ndarray]:
+    """HF Llama state dict (``model.*`` names, torch ``Linear`` ``[out, in]`` layout, fp32) from jzero Llama
+    params (stacked or ``block_{i}``): the inverse of :func:`params_from_hf`."""
+    v = int(vocab_size or cfg.vocab_size)
+    if v > cfg.vocab_size:
+        raise ConfigError(f"vocab_size={v} exceeds the model's vocab_size={cfg.vocab_size}")
+    p = _tree_np(params)
+    d, N, K, H = cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.d_model // cfg.n_head
+    out = {"model.embed_tokens.weight": p["embed"][:v], "model.norm.weight": p["final_norm"]["scale"]}
+    for i in range(cfg.n_layer):
+        lay = layer_of(p["blocks"], i) if cfg.scan_layers else p[f"block_{i}"]
+        pre, a, m = f"model.layers.{i}.", lay["attn"], lay["mlp"]
+        out |= {pre + "input_layernorm.weight": lay["attn_norm"]["scale"],
+                pre + "post_attention_layernorm.weight": lay["mlp_norm"]["scale"],
+                pre + "self_attn.q_proj.weight": a["q_kernel"].reshape(d, N * H).T,
+                pre + "self_attn.k_proj.weight": a["k_kernel"].reshape(d, K * H).T,
+                pre + "self_attn.v_proj.weight": a["v_kernel"].reshape(d, K * H).T,
+                pre + "self_attn.o_proj.weight": a["out_kernel"].reshape(N * H, d).T,
+                pre + "mlp.gate_proj.weight": m["gate_kernel"].T, pre + "mlp.up_proj.weight": m["up_kernel"].T,
+                pre + "mlp.down_proj.weight": m["down_kernel"].T}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = p["lm_head"][:, :v].T
+    return {k: np.ascontiguousarray(x, np.float32) for k, x in out.items()}
+
+
+def save_hf_llama(params: dict, cfg: LlamaConfig, path, vocab_size: int | None = None, dtype: str = "fp32") -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that ``LlamaForCausalLM.from_pretrained(path)`` loads."""
+    from safetensors.numpy import save_file
+
+    from models.hf_files import WEIGHTS_NAME, cast
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: cast(v, dtype) for k, v in params_to_hf(params, cfg, vocab_size).items()}
+    hf = hf_config_from_llama(cfg, vocab_size)
+    hf["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+    save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+    (path / CONFIG_NAME).write_text(json.dumps(hf, indent=2) + "\n")
+    return path

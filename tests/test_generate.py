@@ -101,14 +101,32 @@ def test_hf_greedy_equals_transformers_generate(tmp_path):
             vocab_size=100, max_position_embeddings=64, initializer_range=0.3, rms_norm_eps=1e-5)),
     }
     prompts = np.random.default_rng(0).integers(0, 100, (2, 7))
+    mask = np.ones((2, 7), np.int64)
+    mask[1, :3] = 0        # row 1 is a 4-token prompt, left-padded as HF batches it (positions from the mask)
     for name, model in models.items():
         model.eval().save_pretrained(tmp_path / name)
         with torch.no_grad():
-            ref = model.generate(torch.from_numpy(prompts), attention_mask=torch.ones(2, 7, dtype=torch.long),
+            ref = model.generate(torch.from_numpy(prompts * mask), attention_mask=torch.from_numpy(mask),
                                  max_new_tokens=20, do_sample=False, pad_token_id=0)[:, 7:].numpy()
-        out = jzero.generate(prompts.tolist(), hf=tmp_path / name, dtype="fp32", max_new_tokens=20)
+        out = jzero.generate([prompts[0].tolist(), prompts[1, 3:].tolist()], hf=tmp_path / name, dtype="fp32",
+                             max_new_tokens=20)
         assert np.array_equal(np.asarray(out.tokens), ref), name
-        assert len(set(ref[0].tolist())) > 5, "a degenerate continuation would prove little"
+        assert min(len(set(r.tolist())) for r in ref) > 5, "a degenerate continuation would prove little"
+
+
+def test_prompt_bucket_stops_at_max_len(gens):
+    """A request that fits max_len runs even where the prompt bucket would not: a 57-token prompt + 7 new on the
+    max_len=64 model (bucket 40 -> 80 padded tokens) failed with 'sequence length 80 exceeds model.max_len=64'."""
+    model, params, gen = gens["gpt2"]
+    prompt = [int(t) for t in np.random.default_rng(1).integers(0, REAL, 57)]
+    gen.prompt_bucket = 40
+    try:
+        out = gen.generate([prompt], 7, chunk=7)
+    finally:
+        gen.prompt_bucket = 16
+    seq = jnp.asarray([prompt + out.tokens[0]], jnp.int32)
+    full = np.asarray(jax.jit(model.apply)({"params": params}, seq))[0, 56:-1, :REAL]
+    assert out.tokens[0] == list(np.argmax(full, -1))
 
 
 def test_tensor_parallel_equals_single_device(gens):
@@ -168,6 +186,26 @@ def test_weights_from_a_zero3_tensor_parallel_checkpoint(zero3_run, capsys):
     assert main(["--checkpoint", str(run), "--prompt-ids", "1,2,3,4,5", "--max-new-tokens", "6",
                  "--dtype", "fp32", "--tensor", "2"]) == 0
     assert capsys.readouterr().out == ByteTokenizer().decode(seq[0].tolist()) + "\n"
+
+
+def test_llama_checkpoint_exports_to_transformers(zero3_run, tmp_path, capsys):
+    """train.export --format hf of a Llama run (ZeRO-3 x tensor=2) loads in transformers with jzero's logits; it
+    was refused ("Hugging Face export is implemented for gpt2 only")."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from models.llama import LlamaConfig as Cfg
+    from train.export import main
+
+    run, params = zero3_run
+    assert main([str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    toks = np.random.default_rng(0).integers(0, 256, (2, 24))
+    with torch.no_grad():
+        got = hf(torch.from_numpy(toks)).logits.numpy()
+    cfg = Cfg(vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, max_len=256)
+    want = np.asarray(jax.jit(Llama(cfg).apply)({"params": params}, jnp.asarray(toks, jnp.int32)))
+    assert np.abs(got - want).max() < 1e-5 * max(1.0, np.abs(want).max())
+    assert hf.config.eos_token_id is None     # transformers' default 2 would stop generate at byte 0x02
 
 
 @pytest.mark.parametrize("argv,err", [

@@ -1,8 +1,9 @@
 """Export full weights from a (sharded) jzero checkpoint: ``python -m train.export CKPT_DIR --out FILE``.
 
 DeepSpeed's ``zero_to_fp32``, without a GPU or a mesh: reads only the params of one checkpoint step into host
-memory and writes them to safetensors, in jzero's names (``--format jzero``) or as a Hugging Face GPT-2
-directory that ``GPT2LMHeadModel.from_pretrained`` loads (``--format hf``, ``--out`` is then a directory).
+memory and writes them to safetensors, in jzero's names (``--format jzero``) or as a Hugging Face GPT-2 / Llama
+directory that ``GPT2LMHeadModel`` / ``LlamaForCausalLM.from_pretrained`` loads (``--format hf``, ``--out`` is
+then a directory).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the written weights")
     p.add_argument("--step", type=int, help="checkpoint step to export (default: the latest complete one)")
     p.add_argument("--format", choices=["jzero", "hf"], default="jzero",
-                   help="jzero: one file, jzero param names; hf: Hugging Face GPT-2 config.json + model.safetensors")
+                   help="jzero: one file, jzero param names; hf: Hugging Face GPT-2 / Llama config.json + "
+                        "model.safetensors")
     p.add_argument("--vocab-size", type=int,
                    help="--format hf: the tokenizer's vocabulary (drops jzero's padded rows, e.g. 50304 -> 50257)")
     return p.parse_args(argv)
