@@ -120,7 +120,13 @@ def model_config_from_meta(meta: dict):
 def export_hf(directory, out_dir, dtype: str = "fp32", step: int | None = None,
               vocab_size: int | None = None) -> tuple[Path, int, int]:
     """Write an HF GPT-2 or Llama directory (config.json + model.safetensors) from a jzero checkpoint of that
-    family (:func:`models.hf_gpt2.save_hf_gpt2`, :func:`models.hf_llama.save_hf_llama`)."""
+    family (:func:`models.hf_gpt2.save_hf_gpt2`, :func:`models.hf_llama.save_hf_llama`).
+
+    ``vocab_size``: the embedding rows written. None: the training data's vocabulary when the checkpoint's config
+    names a prepared ``data.path`` whose meta.json is readable (jzero pads the model's vocabulary, e.g. 50257 ->
+    50304; HF's generate would otherwise be free to pick a padded id, which ``jzero.generate`` masks), else all
+    of the model's rows."""
+    from jzero.weights import data_vocab
     from models.hf_gpt2 import save_hf_gpt2
     from models.hf_llama import save_hf_llama
 
@@ -129,6 +135,9 @@ def export_hf(directory, out_dir, dtype: str = "fp32", step: int | None = None,
                           "for the model's")
     step, params, meta = load_params(directory, step)
     cfg = model_config_from_meta(meta)
+    if vocab_size is None:
+        data = data_vocab(meta.get("config") or {})
+        vocab_size = data if data is not None and data < cfg.vocab_size else None
     save = save_hf_llama if meta.get("model", {}).get("family") == "llama" else save_hf_gpt2
     path = save(params, cfg, out_dir, vocab_size=vocab_size, dtype=dtype)
     n = sum(int(np.prod(v.shape)) for v in flatten(params).values())

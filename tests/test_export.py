@@ -130,3 +130,21 @@ def test_unwritable_out_is_one_line_and_keeps_what_was_there(ckpt, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: writing {tmp_path / 'f' / 'm'} failed ([Errno 20] Not a directory") and "\n" not in err
     assert (tmp_path / "f").read_text() == "keep"
+
+
+def test_hf_export_keeps_the_datas_vocabulary_by_default(ckpt, tmp_path, monkeypatch):
+    """A run whose data.path meta.json gives a vocabulary below the model's padded rows exports that many rows
+    (HF's generate could pick a padded id otherwise); --vocab-size still decides; no data vocabulary: all rows."""
+    import json
+
+    import jzero.weights
+
+    d, params = ckpt
+    rows = lambda out: json.loads((out / "config.json").read_text())["vocab_size"]  # noqa: E731
+    assert main([str(d), "--out", str(tmp_path / "all"), "--format", "hf"]) == 0
+    assert rows(tmp_path / "all") == 256   # the checkpoint's config names no data.path
+    monkeypatch.setattr(jzero.weights, "data_vocab", lambda config: 250)
+    assert main([str(d), "--out", str(tmp_path / "data"), "--format", "hf"]) == 0
+    assert rows(tmp_path / "data") == 250
+    assert main([str(d), "--out", str(tmp_path / "given"), "--format", "hf", "--vocab-size", "253"]) == 0
+    assert rows(tmp_path / "given") == 253

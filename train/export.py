@@ -24,7 +24,8 @@ def parse_args(argv):
                    help="jzero: one file, jzero param names; hf: Hugging Face GPT-2 / Llama config.json + "
                         "model.safetensors")
     p.add_argument("--vocab-size", type=int,
-                   help="--format hf: the tokenizer's vocabulary (drops jzero's padded rows, e.g. 50304 -> 50257)")
+                   help="--format hf: the tokenizer's vocabulary (drops jzero's padded rows, e.g. 50304 -> 50257; "
+                        "default: the training data's vocabulary from data.path/meta.json when the run recorded one)")
     return p.parse_args(argv)
 
 
