@@ -285,3 +285,35 @@ def test_checkpoint_saved_by_two_processes_resumes_on_one(runs, tmp_path):
     assert sorted(got) == [6, 7, 8, 9, 10]
     worst = _assert_same(got, _losses(base / "one" / "metrics.jsonl"))
     print(f"saved by 2x4 at step 5, resumed on 1x8: max relative loss difference {worst:.3g} over steps 6-10")
+
+
+# --------------------------------------------------------------------------- which rows a process feeds
+
+
+@pytest.mark.parametrize("mesh, want", [
+    ({"data": 8}, [(0, 2), (1, 2)]),                     # each process its half of the rows
+    ({"data": 4, "tensor": 2}, [(0, 2), (1, 2)]),        # tensor within a process
+    ({"data": 4, "pipeline": 2}, [(0, 1), (0, 1)]),      # pipeline across processes: both feed every row
+    ({"data": 1, "tensor": 8}, [(0, 1), (0, 1)]),        # tensor across processes
+    ({"data": 2, "tensor": 2, "pipeline": 2}, [(0, 1), (0, 1)]),
+])
+def test_row_block_follows_the_mesh_not_the_process_count(mesh, want):
+    """2 pretend processes x 4 devices: a process feeds the rows its devices hold. With pipeline (or tensor)
+    spanning processes each holds all data ranks, and feeding half the rows crashed put_batch with JAX's
+    'each dimension should match either global or process shape' traceback."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jzero.mesh import make_mesh
+
+    m = make_mesh(mesh)
+    sharding = NamedSharding(m, P(None, "data"))          # the batch's sharding: rows over data
+    got = [dist.row_block(sharding, (2, 8, 33), 1, process_of=lambda d: d.id // 4, me=i) for i in range(2)]
+    assert got == want
+
+
+def test_row_block_of_refuses_ragged_or_scattered_rows():
+    assert dist.row_block_of({0: [(0, 4), (4, 8)], 1: [(8, 12), (12, 16)]}, 16, 1) == (1, 2)
+    with pytest.raises(DistributedError, match="not one contiguous block"):
+        dist.row_block_of({0: [(0, 4), (8, 12)], 1: [(4, 8), (12, 16)]}, 16, 0)
+    with pytest.raises(DistributedError, match="unequal blocks"):
+        dist.row_block_of({0: [(0, 12)], 1: [(12, 16)]}, 16, 0)
