@@ -406,6 +406,27 @@ def maybe_initialize(coordinator: str | None = None, num_processes: int | None =
     return spec
 
 
+# --------------------------------------------------------------------------- agreeing on a local outcome
+
+
+def failed_processes(ok: bool) -> list[int]:
+    """The processes for which ``ok`` is False (every process calls this at the same point: a collective).
+
+    For work each process does on its own that decides what all do next, e.g. reading its shards of a checkpoint:
+    if one process's read fails and it alone falls back to an earlier step, the processes' next collectives pair
+    up wrongly (a hang, or JAX's "sync_global_devices name mismatch" traceback). ``[]`` when single-process.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return [] if ok else [0]
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    flags = np.asarray(multihost_utils.process_allgather(np.int32(bool(ok)))).reshape(-1)
+    return [i for i, f in enumerate(flags) if not f]
+
+
 # --------------------------------------------------------------------------- which rows this process feeds
 
 
