@@ -204,15 +204,42 @@ def _fresh_loss_scale_if_precision_changed(meta: dict, engine, state, where: str
 
 
 def _restore_state(directory, step: int, target, where: str, partial: bool = False):
+    """Read the state; unreadable on any process -> :class:`UnreadableCheckpointError` on every process.
+
+    Each process reads its own shards, so a damaged file may fail one process's read only. That process then
+    joins the barrier orbax ends every restore with (where the others wait), and all agree on the outcome
+    (:func:`jzero.distributed.failed_processes`), so a resume falls back to the same earlier step everywhere
+    instead of pairing the processes' next collectives wrongly (a hang or a "name mismatch" traceback)."""
+    from jzero.distributed import failed_processes
+
+    state, error, manager = None, None, None
     try:
         if partial:
-            return restore_partial(directory, step, target, ocp.checkpoint_utils.construct_restore_args(target))
-        return reader(directory).restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+            state = restore_partial(directory, step, target, ocp.checkpoint_utils.construct_restore_args(target))
+        else:
+            manager = reader(directory)
+            state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
     except Exception as exc:
         drop_closed_loop_callbacks()
-        raise UnreadableCheckpointError(f"{where} is unreadable: its state failed to load ({type(exc).__name__}: "
-                                        f"{first_line(exc)}); it is partial or corrupted, load an earlier step "
-                                        f"or delete it") from None
+        error = f"{type(exc).__name__}: {first_line(exc)}"
+        if jax.process_count() > 1:
+            _join_restore_barrier(manager)
+    failed = failed_processes(error is None)
+    if failed:
+        why = error if error is not None else f"on process {failed[0]}"
+        raise UnreadableCheckpointError(f"{where} is unreadable: its state failed to load ({why}); it is partial "
+                                        f"or corrupted, load an earlier step or delete it")
+    return state
+
+
+def _join_restore_barrier(manager) -> None:
+    """Enter the barrier that ends an orbax restore (``manager``'s checkpointer's, or a default
+    ``PyTreeCheckpointer``'s for ``manager=None``), as the processes whose read worked do."""
+    from orbax.checkpoint._src.multihost import multihost
+
+    ckptr = getattr(manager, "_checkpointer", None)
+    key = multihost.unique_barrier_key("Checkpointer:restore", prefix=getattr(ckptr, "_barrier_sync_key_prefix", None))
+    multihost.sync_global_processes(key, processes=getattr(ckptr, "_active_processes", None))
 
 
 def read_client(directory, step: int):

@@ -406,6 +406,80 @@ def maybe_initialize(coordinator: str | None = None, num_processes: int | None =
     return spec
 
 
+# --------------------------------------------------------------------------- agreeing on a local outcome
+
+
+def failed_processes(ok: bool) -> list[int]:
+    """The processes for which ``ok`` is False (every process calls this at the same point: a collective).
+
+    For work each process does on its own that decides what all do next, e.g. reading its shards of a checkpoint:
+    if one process's read fails and it alone falls back to an earlier step, the processes' next collectives pair
+    up wrongly (a hang, or JAX's "sync_global_devices name mismatch" traceback). ``[]`` when single-process.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return [] if ok else [0]
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    flags = np.asarray(multihost_utils.process_allgather(np.int32(bool(ok)))).reshape(-1)
+    return [i for i, f in enumerate(flags) if not f]
+
+
+# --------------------------------------------------------------------------- which rows this process feeds
+
+
+def row_block(sharding, shape: Sequence[int], axis: int, process_of=None, me: int | None = None) -> tuple[int, int]:
+    """``(block, blocks)``: this process feeds rows ``block * n .. (block + 1) * n`` (``n = shape[axis] // blocks``)
+    of a global array placed with ``sharding``, the rows its own devices hold.
+
+    That is not always the process's 1/N share: when a mesh axis the rows are replicated over (``pipeline``,
+    ``tensor``) spans processes, each process holds all data ranks of its pipeline stage or tensor group, so two
+    processes feed the same rows (``blocks`` < process count). Feeding 1/N of the rows there makes
+    ``jax.make_array_from_process_local_data`` fail ("each dimension should match either global or process
+    shape"). Single-process: ``(0, 1)``. ``process_of(device)`` / ``me`` default to ``device.process_index`` /
+    ``jax.process_index()`` (tests assign devices to pretend processes).
+    """
+    import jax
+
+    held: dict[int, list[tuple[int, int]]] = {}
+    for device, index in sharding.devices_indices_map(tuple(shape)).items():
+        start, stop, _ = index[axis].indices(shape[axis])
+        process = device.process_index if process_of is None else process_of(device)
+        held.setdefault(process, []).append((start, stop))
+    return row_block_of(held, shape[axis], jax.process_index() if me is None else me)
+
+
+def row_block_of(held: Mapping[int, Sequence[tuple[int, int]]], rows: int, me: int) -> tuple[int, int]:
+    """:func:`row_block` from ``process -> [(start, stop) of each of its devices' rows]`` (pure, for tests)."""
+    spans = {}
+    for process, ranges in held.items():
+        ranges = sorted(set(ranges))
+        lo, hi = ranges[0][0], max(b for _, b in ranges)
+        covered = sum(b - a for a, b in _merged(ranges))
+        if covered != hi - lo:
+            raise DistributedError(f"process {process}'s devices hold rows {ranges} of the batch, not one contiguous "
+                                   f"block; order the mesh so that each process's devices are neighbours on the "
+                                   f"data axis")
+        spans[process] = (lo, hi)
+    n = spans[me][1] - spans[me][0]
+    if any(b - a != n for a, b in spans.values()) or rows % n or any(a % n for a, _ in spans.values()):
+        raise DistributedError(f"processes hold unequal blocks of the batch's {rows} rows ({sorted(spans.items())}); "
+                               f"use the same number of devices in every process")
+    return spans[me][0] // n, rows // n
+
+
+def _merged(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
 # --------------------------------------------------------------------------- CLI glue for the mains
 
 

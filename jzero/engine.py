@@ -140,18 +140,27 @@ class Engine:
         return None
 
     # ---- data placement
+    def row_block(self) -> tuple[int, int]:
+        """``(block, blocks)``: the block of each global batch's rows this process feeds to :meth:`put_batch` /
+        :meth:`put_eval_batch` (:func:`jzero.distributed.row_block`): its 1/N share, except when ``pipeline`` or
+        ``tensor`` spans processes and several processes hold the same rows."""
+        from jzero.distributed import row_block
+
+        spec = jax.tree.leaves(self.batch_spec())[0]
+        return row_block(spec.sharding, spec.shape, 1)
+
     def put_batch(self, local_batch) -> Any:
         """Assemble the global train batch from this process's rows (leaves ``[accum, local_rows, ...]``), after
         :func:`jzero.batch.check_local_batch` (shape, integer dtype, token ids in the vocabulary)."""
         spec = self.batch_spec()
-        local_batch = check_local_batch(local_batch, spec, jax.process_count(), self.vocab_size)
+        local_batch = check_local_batch(local_batch, spec, self.row_block()[1], self.vocab_size)
         return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s.sharding, x, s.shape),
                             local_batch, spec)
 
     def put_eval_batch(self, local_batch) -> Any:
         """Assemble a global eval batch (leaves ``[local_rows, ...]``, rows over ``data``), after
         :func:`jzero.batch.check_local_eval_batch` (one-line DataErrors)."""
-        pc = jax.process_count()
+        pc = self.row_block()[1]
         local = check_local_eval_batch(local_batch, self.batch_spec(), pc, self.vocab_size,
                                        lambda ndim: self.plan.batch(ndim, 0))
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(

@@ -285,3 +285,96 @@ def test_checkpoint_saved_by_two_processes_resumes_on_one(runs, tmp_path):
     assert sorted(got) == [6, 7, 8, 9, 10]
     worst = _assert_same(got, _losses(base / "one" / "metrics.jsonl"))
     print(f"saved by 2x4 at step 5, resumed on 1x8: max relative loss difference {worst:.3g} over steps 6-10")
+
+
+# --------------------------------------------------------------------------- which rows a process feeds
+
+
+@pytest.mark.parametrize("mesh, want", [
+    ({"data": 8}, [(0, 2), (1, 2)]),                     # each process its half of the rows
+    ({"data": 4, "tensor": 2}, [(0, 2), (1, 2)]),        # tensor within a process
+    ({"data": 4, "pipeline": 2}, [(0, 1), (0, 1)]),      # pipeline across processes: both feed every row
+    ({"data": 1, "tensor": 8}, [(0, 1), (0, 1)]),        # tensor across processes
+    ({"data": 2, "tensor": 2, "pipeline": 2}, [(0, 1), (0, 1)]),
+])
+def test_row_block_follows_the_mesh_not_the_process_count(mesh, want):
+    """2 pretend processes x 4 devices: a process feeds the rows its devices hold. With pipeline (or tensor)
+    spanning processes each holds all data ranks, and feeding half the rows crashed put_batch with JAX's
+    'each dimension should match either global or process shape' traceback."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jzero.mesh import make_mesh
+
+    m = make_mesh(mesh)
+    sharding = NamedSharding(m, P(None, "data"))          # the batch's sharding: rows over data
+    got = [dist.row_block(sharding, (2, 8, 33), 1, process_of=lambda d: d.id // 4, me=i) for i in range(2)]
+    assert got == want
+
+
+def test_row_block_of_refuses_ragged_or_scattered_rows():
+    assert dist.row_block_of({0: [(0, 4), (4, 8)], 1: [(8, 12), (12, 16)]}, 16, 1) == (1, 2)
+    with pytest.raises(DistributedError, match="not one contiguous block"):
+        dist.row_block_of({0: [(0, 4), (8, 12)], 1: [(4, 8), (12, 16)]}, 16, 0)
+    with pytest.raises(DistributedError, match="unequal blocks"):
+        dist.row_block_of({0: [(0, 12)], 1: [(12, 16)]}, 16, 0)
+
+
+_RESTORE_ONE_FAILS = """
+import sys
+from pathlib import Path
+import jax, jax.numpy as jnp, numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jzero.distributed import maybe_initialize
+from jzero import checkpoint, checkpoint_io
+maybe_initialize()
+d = Path(sys.argv[1])
+mesh = jax.make_mesh((jax.device_count(),), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+sh = NamedSharding(mesh, P("d"))
+n = 1 << 14                         # random: a data file of its own (small or compressible values are inlined)
+local = np.random.default_rng(jax.process_index()).integers(0, 9, n).astype(np.float32)
+x = jax.make_array_from_process_local_data(sh, local, (2 * n,))
+if sys.argv[2] == "save":
+    checkpoint_io.writer(d, None, False).save(1, args=ocp.args.Composite(state=ocp.args.StandardSave({"x": x})))
+    checkpoint_io.close(d)
+    sys.exit(0)
+if jax.process_index() == 1:        # only process 1 reads these shards: its read alone fails
+    for f in (d / "1" / "state" / "ocdbt.process_1" / "d").iterdir():
+        f.write_bytes(f.read_bytes()[:100])
+multihost_utils.sync_global_devices("damaged")
+target = {"x": jax.ShapeDtypeStruct((2 * n,), jnp.float32, sharding=sh)}
+try:
+    checkpoint._restore_state(d, 1, target, "ckpt")
+    print("restored", flush=True)
+except checkpoint.UnreadableCheckpointError as e:
+    print("unreadable:", str(e)[:80], flush=True)
+total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(x)   # still in step: one more collective
+print("sum", float(total), flush=True)
+"""
+
+
+def test_a_checkpoint_read_failing_on_one_process_fails_on_all(tmp_path):
+    """Process 1's shard files are damaged: both processes must report the step unreadable (so --resume falls
+    back to the same earlier step everywhere) and stay in step; before, process 0 waited in orbax's restore
+    barrier, which then paired with process 1's next collective ("sync_global_devices name mismatch")."""
+    for phase in ("save", "restore"):       # the restore in fresh processes (no cached reads of the save)
+        port = free_port()
+        procs = [subprocess.Popen([sys.executable, "-c", _RESTORE_ONE_FAILS, str(tmp_path / "ckpt"), phase],
+                                  cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  env=_env(JZERO_COORDINATOR=f"127.0.0.1:{port}", JZERO_NUM_PROCESSES=2,
+                                           JZERO_PROCESS_ID=i, JZERO_INIT_TIMEOUT=60,
+                                           XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+                 for i in range(2)]
+        try:
+            outs = [p.communicate(timeout=90)[0] for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    for i, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, (i, out[-3000:])
+        assert "unreadable: checkpoint ckpt/1 is unreadable" in out or "unreadable: ckpt is unreadable" in out, out
+        assert re.search(r"^sum \d", out, re.M), (i, out[-3000:])
+    assert "(on process 1)" in outs[0], outs[0][-2000:]

@@ -277,12 +277,12 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True):
     return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
 
 
-def _local_rows(x, axis: int):
-    """This process's rows of a global batch (rows are split evenly over processes in order)."""
-    import jax
-
-    n = x.shape[axis] // jax.process_count()
-    return x.take(range(jax.process_index() * n, (jax.process_index() + 1) * n), axis=axis)
+def _local_rows(x, axis: int, engine):
+    """This process's rows of a global batch: its block of them (``engine.row_block()``; processes of one pipeline
+    stage or tensor group hold the same rows)."""
+    block, blocks = engine.row_block()
+    n = x.shape[axis] // blocks
+    return x.take(range(block * n, (block + 1) * n), axis=axis)
 
 
 def make_evaluator(engine):
@@ -312,7 +312,7 @@ def make_evaluator(engine):
             batch = {k: arrays[k][idx] for k in ("tokens", "mask", "labels")}
             lab = batch["labels"]                 # ... whose labels are ignored
             batch["labels"] = np.where(real.reshape((-1,) + (1,) * (lab.ndim - 1)), lab, IGNORE).astype(np.int32)
-            pred, loss, n = step(engine.state.params, engine.put_eval_batch({k: _local_rows(v, 0)
+            pred, loss, n = step(engine.state.params, engine.put_eval_batch({k: _local_rows(v, 0, engine)
                                                                               for k, v in batch.items()}))
             preds.append(np.asarray(pred)[real])
             loss_sum += float(loss) * int(n)
@@ -439,7 +439,7 @@ def run(cfg, resume: bool = False) -> dict:
             loss_sum, pos.epoch = np.float32(pos.loss_sum) if first else 0.0, epoch
             for s in range(first, steps_per_epoch):   # a resumed epoch skips the steps it had done
                 idx = order[s * G:(s + 1) * G]
-                batch = {k: _local_rows(train_arr[k][idx].reshape((A, G // A) + train_arr[k].shape[1:]), 1)
+                batch = {k: _local_rows(train_arr[k][idx].reshape((A, G // A) + train_arr[k].shape[1:]), 1, engine)
                          for k in ("tokens", "mask", "labels")}
                 metrics = guard.watch(engine, engine.train_step(batch))
                 loss_sum = loss_sum + metrics["loss"]   # on the device: no host sync per step

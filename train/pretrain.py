@@ -170,16 +170,16 @@ def run(cfg, resume: bool = False) -> dict:
     resolved = resolve(cfg, jax.device_count())
     data_dir = _data_dir(resolved)
     meta = read_meta(data_dir)
-    pi, pc = jax.process_index(), jax.process_count()
-    batches = BatchIterator(data_dir / "train.bin", resolved.data.seq_len, resolved.train_batch_size,
-                            resolved.gradient_accumulation_steps, resolved.train.seed, pi, pc,
-                            shuffle=resolved.data.shuffle)
+    pi = jax.process_index()
     ckpt_dir, start = checkpoint_dir(cfg), 0
     if cfg.train.checkpoint_interval and not resume:   # before anything compiles
         checkpoint.require_no_steps(ckpt_dir, "pass --resume to continue that run, or set train.output_dir (or "
                                     "checkpoint.dir) to a new directory")
     engine = jzero.initialize(cfg, vocab_size=meta["vocab_size"])
     rc = engine.config
+    block, blocks = engine.row_block()   # this process's rows (processes of one pipeline stage share them)
+    batches = BatchIterator(data_dir / "train.bin", rc.data.seq_len, rc.train_batch_size,
+                            rc.gradient_accumulation_steps, rc.train.seed, block, blocks, shuffle=rc.data.shuffle)
     out = Path(rc.train.output_dir)
     if pi == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -207,7 +207,7 @@ def run(cfg, resume: bool = False) -> dict:
                       fp16=rc.fp16.enabled, device=dev, append=start > 0, resume_step=start)
     eval_rows = rc.train_batch_size // rc.gradient_accumulation_steps
     if rc.train.eval_interval:   # a val split too short for one eval batch fails now, not after training
-        next(iter(eval_batches(data_dir / "val.bin", rc.data.seq_len, eval_rows, 1, pi, pc)))
+        next(iter(eval_batches(data_dir / "val.bin", rc.data.seq_len, eval_rows, 1, block, blocks)))
 
     static = _static_profile(engine, tokens_per_step, flops_per_token, peak, rc)
     rates, host, losses, last_eval, profile = [], [], [], None, None
@@ -299,7 +299,8 @@ def run(cfg, resume: bool = False) -> dict:
                 print(describe(trace_summary), flush=True)
             if evaluating:
                 eval_losses = [float(engine.eval_step(b)) for b in
-                          eval_batches(data_dir / "val.bin", rc.data.seq_len, eval_rows, rc.train.eval_batches, pi, pc)]
+                          eval_batches(data_dir / "val.bin", rc.data.seq_len, eval_rows, rc.train.eval_batches, block,
+                                        blocks)]
                 ev = statistics.fmean(eval_losses)
                 last_eval = ev
                 monitor.log_eval(step, {"eval_loss": ev, "eval_ppl": float(jax.numpy.exp(ev))})
