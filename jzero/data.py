@@ -47,6 +47,18 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
                         + _PREPARE_HINT.format(Path(data_dir))) from None
 
 
+def data_vocab(config: dict) -> int | None:
+    """The training data's vocabulary from ``config['data']['path']/meta.json`` (None when not readable)."""
+    data_path = (config.get("data") or {}).get("path")
+    if not data_path:
+        return None
+    meta = Path(data_path) / "meta.json"
+    try:
+        return int(json.loads(meta.read_text())["vocab_size"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 _CHECKED: dict[tuple, int] = {}   # (path, inode, size, mtime_ns, dtype) -> max token id, for this process
 _CHECK_CHUNK = 1 << 24            # tokens per chunk of the max scan (32-64 MiB)
 

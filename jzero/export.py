@@ -126,7 +126,7 @@ def export_hf(directory, out_dir, dtype: str = "fp32", step: int | None = None,
     names a prepared ``data.path`` whose meta.json is readable (jzero pads the model's vocabulary, e.g. 50257 ->
     50304; HF's generate would otherwise be free to pick a padded id, which ``jzero.generate`` masks), else all
     of the model's rows."""
-    from jzero.weights import data_vocab
+    from jzero.data import data_vocab
     from models.hf_gpt2 import save_hf_gpt2
     from models.hf_llama import save_hf_llama
 

@@ -44,18 +44,6 @@ def model_from_meta(model_meta: dict, dtype):
     return module_cls(cfg_cls(**sizes, dtype=dtype, remat=False))
 
 
-def data_vocab(config: dict) -> int | None:
-    """The training data's vocabulary from ``config['data']['path']/meta.json`` (None when not readable)."""
-    data_path = (config.get("data") or {}).get("path")
-    if not data_path:
-        return None
-    meta = Path(data_path) / "meta.json"
-    try:
-        return int(json.loads(meta.read_text())["vocab_size"])
-    except (OSError, ValueError, KeyError):
-        return None
-
-
 def load_checkpoint(path, step: int | None = None, dtype=None):
     """``(model, params, vocab_size)`` from a jzero checkpoint (latest complete step unless ``step``)."""
     import jax.numpy as jnp
@@ -64,6 +52,8 @@ def load_checkpoint(path, step: int | None = None, dtype=None):
 
     step, params, meta = export.load_params(checkpoint_dir(path), step)
     model = model_from_meta(meta.get("model", {}), dtype or jnp.float32)
+    from jzero.data import data_vocab
+
     vocab = data_vocab(meta.get("config", {}))
     if vocab is not None and vocab > model.cfg.vocab_size:
         vocab = None

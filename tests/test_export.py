@@ -137,13 +137,13 @@ def test_hf_export_keeps_the_datas_vocabulary_by_default(ckpt, tmp_path, monkeyp
     (HF's generate could pick a padded id otherwise); --vocab-size still decides; no data vocabulary: all rows."""
     import json
 
-    import jzero.weights
+    import jzero.data
 
     d, params = ckpt
     rows = lambda out: json.loads((out / "config.json").read_text())["vocab_size"]  # noqa: E731
     assert main([str(d), "--out", str(tmp_path / "all"), "--format", "hf"]) == 0
     assert rows(tmp_path / "all") == 256   # the checkpoint's config names no data.path
-    monkeypatch.setattr(jzero.weights, "data_vocab", lambda config: 250)
+    monkeypatch.setattr(jzero.data, "data_vocab", lambda config: 250)
     assert main([str(d), "--out", str(tmp_path / "data"), "--format", "hf"]) == 0
     assert rows(tmp_path / "data") == 250
     assert main([str(d), "--out", str(tmp_path / "given"), "--format", "hf", "--vocab-size", "253"]) == 0
