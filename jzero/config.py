@@ -354,6 +354,17 @@ class JzeroConfig(Section):
                 f"none), so {self.optimizer.type} trains with {shown} (keys not given: DeepSpeed's FusedAdam "
                 f"defaults); set optimizer.type and optimizer.params to choose")
 
+    def bias_correction_note(self) -> str | None:
+        """One line for a 1-bit optimizer (OneBitAdam, ZeroOneAdam, OneBitLamb) whose config leaves
+        ``bias_correction`` out: jzero applies Adam's bias correction by default, which DeepSpeed's versions list
+        but never apply, so the same config takes larger early steps in DeepSpeed (None otherwise)."""
+        if self.optimizer.type not in ("OneBitAdam", "ZeroOneAdam", "OneBitLamb") or \
+                "bias_correction" in self.optimizer.params:
+            return None
+        return (f"optimizer: {self.optimizer.type} applies Adam's bias correction (bias_correction=true by default; "
+                f"DeepSpeed's {self.optimizer.type} accepts the key but never applies it); set "
+                f"optimizer.params.bias_correction=false to train as DeepSpeed does")
+
     def start_notes(self, include_optimizer: bool = False) -> list[str]:
         """The lines a run prints at start: the no-effect DeepSpeed keys and the resolved "auto" values; with
         ``include_optimizer``, also :meth:`optimizer_note` (the default optimizer a config without one trains)."""
@@ -362,7 +373,7 @@ class JzeroConfig(Section):
 
         lines = [no_effect_line(self._no_effect), filled_line(self._auto_filled)]
         if include_optimizer:
-            lines.append(self.optimizer_note())
+            lines += [self.optimizer_note(), self.bias_correction_note()]
         return [line for line in lines if line]
 
     @model_validator(mode="after")

@@ -476,6 +476,14 @@ def test_default_optimizer_is_recorded_and_named():
     assert given.optimizer_defaulted and "lr=0.0003 (given), betas=[0.9, 0.999]" in given.optimizer_note()
     named = load_config(base={"train_batch_size": 8, "optimizer": {"type": "AdamW"}})
     assert not named.optimizer_defaulted and named.optimizer_note() is None
+    # a 1-bit optimizer leaving bias_correction out is told it differs from DeepSpeed's, which never applies it
+    onebit = load_config(base={"train_batch_size": 8, "optimizer": {"type": "ZeroOneAdam", "params": {"lr": 1e-3}}})
+    assert onebit.start_notes(include_optimizer=True) == [
+        "optimizer: ZeroOneAdam applies Adam's bias correction (bias_correction=true by default; DeepSpeed's "
+        "ZeroOneAdam accepts the key but never applies it); set optimizer.params.bias_correction=false to train as "
+        "DeepSpeed does"]
+    off = {"type": "OneBitAdam", "params": {"bias_correction": False}}
+    assert load_config(base={"train_batch_size": 8, "optimizer": off}).bias_correction_note() is None
     assert resolve(named, 8).optimizer.params == want   # a named optimizer's defaults are recorded too
     again = resolve(load_config(base=to_dict(r)), 8)   # config.json loads back: the type is named now
     assert not again.optimizer_defaulted and to_dict(again) == to_dict(r)
