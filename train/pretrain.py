@@ -196,7 +196,7 @@ def run(cfg, resume: bool = False) -> dict:
     engine.compile()
     comm = _communication(engine)
     mc = engine.model_config
-    flops_per_token = flops.gpt_train_flops_per_token(mc.n_params(include_pos=False), mc.n_layer, rc.data.seq_len,
+    flops_per_token = flops.gpt_train_flops_per_token(flops.matmul_params(mc), mc.n_layer, rc.data.seq_len,
                                                       mc.d_model)
     dev = jax.local_devices()[0]
     peak = flops.peak_flops(dev, flops.matmul_dtype(rc))
