@@ -58,8 +58,9 @@ DeepSpeed resolves an empty ``output_path`` against the launch directory; jzero 
 Console: when the stream is a TTY a rich progress bar shows step, loss, tokens/s and ETA. Otherwise the
 monitor prints one plain line every ``steps_per_print`` steps:
 ``step 10/100 | loss 3.21 | lr 1.0e-03 | 12,345 tok/s | mfu 12.3% | mem 1.2 GiB (peak 4.5 GiB)``.
-``wall_clock_breakdown`` (DeepSpeed's key) adds the metrics whose keys end in ``_time_s`` (e.g. ``data_time_s``)
-to those prints.
+``wall_clock_breakdown`` (DeepSpeed's key) adds the timing metrics (keys ending in ``_time_s`` or ``_wait_s``) to
+those prints: the loop's host split ``data wait | place | log | dispatch`` (which sums to ``host``) and ``queue
+wait`` (dispatch blocked on the device).
 """
 from __future__ import annotations
 
@@ -235,10 +236,11 @@ def format_train_line(step: int, total_steps: int, m: Mapping[str, Any], *, timi
         parts.append(f"host {1000 * m['host_time_s']:.1f} ms")
     if _is_number(m.get("skipped_steps")) and m["skipped_steps"] > 0:   # fp16 overflow / bf16 non-finite skips
         parts.append(f"skipped {int(m['skipped_steps'])}")
-    if timings:
+    if timings:   # every timing metric: the loop's data wait (``data_wait_s``) is a part of ``host`` too
         for k, v in m.items():
-            if k.endswith(TIMING_SUFFIX) and k not in shown and _is_number(v):
-                parts.append(f"{k[: -len(TIMING_SUFFIX)]} {1000 * v:.1f} ms")
+            if _is_timing(k) and k not in shown and _is_number(v):
+                name = k[: -len(TIMING_SUFFIX)] if k.endswith(TIMING_SUFFIX) else k[: -len("_s")].replace("_", " ")
+                parts.append(f"{name} {1000 * v:.1f} ms")
     return " | ".join(parts)
 
 

@@ -292,3 +292,15 @@ def test_a_resume_trims_only_its_own_runs_csv_rows(tmp_path):
     first = [[str(s - 1), f"{float(s)}"] for s in range(1, 7)]     # run 1, steps 1-6, kept whole
     second = [[str(s - 1), f"{float(s)}"] for s in range(1, 5)]    # run 2: 1-2 kept, 3-4 logged again by run 3
     assert rows == [header] + first + [header] + second
+
+
+def test_wall_clock_breakdown_line_shows_every_part_of_host_time(tmp_path):
+    """The loop's host split: data wait + place + log + dispatch = host. The data wait (``data_wait_s``) and the
+    queue wait were left off the line (host 12 ms beside parts summing to 9 ms)."""
+    stream = io.StringIO()
+    mon = Monitor(tmp_path, 4, steps_per_print=4, wall_clock_breakdown=True, is_writer=True, stream=stream)
+    mon.log(4, {"loss": 1.0, "step_time_s": 0.02, "data_wait_s": 0.003, "place_time_s": 0.001, "log_time_s": 0.001,
+                "dispatch_time_s": 0.007, "queue_wait_s": 0.004, "host_time_s": 0.012})
+    mon.close()
+    assert stream.getvalue() == ("step 4/4 | loss 1 | step 20.0 ms | host 12.0 ms | data wait 3.0 ms | place 1.0 ms | "
+                                 "log 1.0 ms | dispatch 7.0 ms | queue wait 4.0 ms\n")
