@@ -258,7 +258,9 @@ class Monitor:
       output_dir: the run directory (``train.output_dir``); metrics.jsonl and summary.json go here.
       total_steps: steps of the whole run, for "step i/N" and the ETA.
       tensorboard, csv_monitor: DeepSpeed sections as dicts or `TensorboardConfig` / `CSVMonitorConfig`.
-      steps_per_print: DeepSpeed's key; the plain console line is printed when ``step % steps_per_print == 0``.
+      steps_per_print: DeepSpeed's key; the plain console line is printed every ``steps_per_print`` steps: for the
+        first logged step at or past each multiple (the loop logs every ``train.log_interval`` steps; a test of
+        ``step % steps_per_print == 0`` printed only at common multiples, every 12 steps for 6 with an interval of 4).
       wall_clock_breakdown: DeepSpeed's key; print ``*_time_s`` metrics on the console, and write the timing
         metrics (``*_time_s``, ``*_wait_s``) to TensorBoard / CSV.
       train_batch_size: samples per optimizer step (DeepSpeed's ``train_batch_size``): the TensorBoard / CSV x axis
@@ -305,6 +307,7 @@ class Monitor:
         self.output_dir = Path(output_dir)
         self.total_steps = int(total_steps)
         self.steps_per_print = int(steps_per_print)
+        self._last_logged = int(resume_step or 0) if append else 0   # the step `log` saw last (console prints)
         self.wall_clock_breakdown = bool(wall_clock_breakdown)
         self.train_batch_size = int(train_batch_size)
         self.fp16 = bool(fp16)
@@ -447,7 +450,8 @@ class Monitor:
         step = int(step)
         self._write_json({"step": step, **m})
         self._write_events(self.train_events(step, m))
-        printing = step % self.steps_per_print == 0
+        printing = step // self.steps_per_print > self._last_logged // self.steps_per_print   # a multiple reached
+        self._last_logged = step
         if self.is_tty:
             progress = self._ensure_progress()
             info = format_train_line(step, self.total_steps, m).split(" | ", 1)[1:]

@@ -304,3 +304,20 @@ def test_wall_clock_breakdown_line_shows_every_part_of_host_time(tmp_path):
     mon.close()
     assert stream.getvalue() == ("step 4/4 | loss 1 | step 20.0 ms | host 12.0 ms | data wait 3.0 ms | place 1.0 ms | "
                                  "log 1.0 ms | dispatch 7.0 ms | queue wait 4.0 ms\n")
+
+
+def test_steps_per_print_counts_steps_not_logged_steps(tmp_path, capsys):
+    """The loop logs every train.log_interval steps; steps_per_print=6 with an interval of 4 printed at 12 and 24
+    only (common multiples). Now each multiple of 6 prints the first logged step at or past it; a resumed run
+    counts from its resume step."""
+    mon = Monitor(tmp_path, 30, steps_per_print=6, is_writer=True)
+    for i in (*range(4, 30, 4), 30):
+        mon.log(i, {"loss": 1.0})
+    mon.close()
+    assert [line.split(" |")[0] for line in capsys.readouterr().out.splitlines()] == [
+        "step 8/30", "step 12/30", "step 20/30", "step 24/30", "step 30/30"]
+    mon = Monitor(tmp_path, 30, steps_per_print=6, is_writer=True, append=True, resume_step=12)
+    for i in (16, 20):
+        mon.log(i, {"loss": 1.0})
+    mon.close()
+    assert [line.split(" |")[0] for line in capsys.readouterr().out.splitlines()] == ["step 20/30"]
