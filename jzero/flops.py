@@ -34,6 +34,7 @@ import numpy as np
 _PEAKS: tuple[tuple[str, Optional[dict]], ...] = (
     ("h100 pcie", {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12}),
     ("h100 nvl", None),
+    ("h200 nvl", None),   # a lower-clocked PCIe card (NVIDIA lists ~835 dense bf16 TFLOP/s), not the SXM row below
     ("gh200", {"bfloat16": 989e12, "float16": 989e12, "float32": 494.5e12}),
     ("h200", {"bfloat16": 989e12, "float16": 989e12, "float32": 494.5e12}),
     ("h100", {"bfloat16": 989e12, "float16": 989e12, "float32": 494.5e12}),  # SXM: "NVIDIA H100 80GB HBM3"

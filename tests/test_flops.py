@@ -29,6 +29,8 @@ def test_mfu_and_peaks():
     assert peak_flops(SimpleNamespace(platform="gpu", device_kind="NVIDIA H200"), "fp16") == 989e12
     assert peak_flops(SimpleNamespace(platform="gpu", device_kind="NVIDIA A100-SXM4-80GB"), "fp32") == 156e12
     assert peak_flops(SimpleNamespace(platform="gpu", device_kind="Some Future GPU")) is None
+    # the PCIe H200 NVL is not the SXM H200 (it matched 'h200': MFU against 989 TFLOP/s, read low)
+    assert peak_flops(SimpleNamespace(platform="gpu", device_kind="NVIDIA H200 NVL")) is None
     assert peak_flops(jax.devices()[0]) is None  # CPU
     with pytest.raises(ConfigError, match="int8"):
         peak_flops(h100, "int8")
