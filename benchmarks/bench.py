@@ -63,7 +63,7 @@ def bench(cfg, steps: int = 10, warmup: int = 2, name: str | None = None, profil
     dev = jax.local_devices()[0]
     tokens = rc.train_batch_size * rc.data.seq_len
     tps = tokens / step_s
-    fpt = flops.gpt_train_flops_per_token(mc.n_params(include_pos=False), mc.n_layer, rc.data.seq_len, mc.d_model)
+    fpt = flops.gpt_train_flops_per_token(flops.matmul_params(mc), mc.n_layer, rc.data.seq_len, mc.d_model)
     peak = flops.peak_flops(dev, flops.matmul_dtype(rc))
     mem = device_memory_bytes(dev) or {}
     per_dev = engine.memory_per_device()

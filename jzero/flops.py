@@ -6,8 +6,9 @@ Three counts of one training step, because each is wrong in its own way:
   ``estimate_mfu``). 6N: every weight is used in one multiply-add (2 FLOPs) in the forward pass and two in the
   backward pass (input and weight gradients). 12 L T d: per layer the attention scores QK^T and the weighted
   sum AV each cost 2 T d FLOPs per token forward (over the full T; the causal mask is not discounted), times 3
-  for forward + backward. N excludes the position embedding (a lookup, no matmul) but includes the token
-  embedding, which is the LM head's matmul when tied. Softmax, norms, activations and the optimizer update are
+  for forward + backward. N excludes the position embedding (a lookup, no matmul) and includes the token
+  embedding once, as the LM head's matmul: tied (GPT-2, Llama-1B) that is the one table; untied (Llama-2-7B) the
+  input table is a lookup and only the head counts (`matmul_params`). Softmax, norms, activations and the optimizer update are
   left out. MFU uses this count: it is what the model needs, not what the compiler happens to run (remat).
 - XLA, `xla_flops`: ``compiled.cost_analysis()['flops']``, the per-device FLOPs of the partitioned program,
   including remat recomputation and elementwise work. Caveat, checked on jax 0.10.2 CPU: a ``while`` loop
@@ -33,6 +34,7 @@ import numpy as np
 _PEAKS: tuple[tuple[str, Optional[dict]], ...] = (
     ("h100 pcie", {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12}),
     ("h100 nvl", None),
+    ("h200 nvl", None),   # a lower-clocked PCIe card (NVIDIA lists ~835 dense bf16 TFLOP/s), not the SXM row below
     ("gh200", {"bfloat16": 989e12, "float16": 989e12, "float32": 494.5e12}),
     ("h200", {"bfloat16": 989e12, "float16": 989e12, "float32": 494.5e12}),
     ("h100", {"bfloat16": 989e12, "float16": 989e12, "float32": 494.5e12}),  # SXM: "NVIDIA H100 80GB HBM3"
@@ -58,6 +60,16 @@ def _dtype_name(dtype) -> str:
 def gpt_train_flops_per_token(n_params_no_pos_emb: int, n_layer: int, seq_len: int, d_model: int) -> float:
     """Training FLOPs per token of a GPT: ``6 N + 12 L T d`` (forward + backward; see the module docstring)."""
     return 6.0 * n_params_no_pos_emb + 12.0 * n_layer * seq_len * d_model
+
+
+def matmul_params(model_config) -> int:
+    """N of `gpt_train_flops_per_token`: the parameters a token is multiplied by, ``n_params(include_pos=False)``
+    less an untied input embedding (``tie_embeddings=False``: a lookup; the LM head's own table is the matmul).
+    Counting both tables put 6 V d FLOPs a token that no matmul runs into MFU (Llama-2-7B: +1.8%)."""
+    n = model_config.n_params(include_pos=False)
+    if getattr(model_config, "tie_embeddings", True) is False:
+        n -= model_config.vocab_size * model_config.d_model
+    return n
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int,

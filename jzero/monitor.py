@@ -58,8 +58,9 @@ DeepSpeed resolves an empty ``output_path`` against the launch directory; jzero 
 Console: when the stream is a TTY a rich progress bar shows step, loss, tokens/s and ETA. Otherwise the
 monitor prints one plain line every ``steps_per_print`` steps:
 ``step 10/100 | loss 3.21 | lr 1.0e-03 | 12,345 tok/s | mfu 12.3% | mem 1.2 GiB (peak 4.5 GiB)``.
-``wall_clock_breakdown`` (DeepSpeed's key) adds the metrics whose keys end in ``_time_s`` (e.g. ``data_time_s``)
-to those prints.
+``wall_clock_breakdown`` (DeepSpeed's key) adds the timing metrics (keys ending in ``_time_s`` or ``_wait_s``) to
+those prints: the loop's host split ``data wait | place | log | dispatch`` (which sums to ``host``) and ``queue
+wait`` (dispatch blocked on the device).
 """
 from __future__ import annotations
 
@@ -235,10 +236,11 @@ def format_train_line(step: int, total_steps: int, m: Mapping[str, Any], *, timi
         parts.append(f"host {1000 * m['host_time_s']:.1f} ms")
     if _is_number(m.get("skipped_steps")) and m["skipped_steps"] > 0:   # fp16 overflow / bf16 non-finite skips
         parts.append(f"skipped {int(m['skipped_steps'])}")
-    if timings:
+    if timings:   # every timing metric: the loop's data wait (``data_wait_s``) is a part of ``host`` too
         for k, v in m.items():
-            if k.endswith(TIMING_SUFFIX) and k not in shown and _is_number(v):
-                parts.append(f"{k[: -len(TIMING_SUFFIX)]} {1000 * v:.1f} ms")
+            if _is_timing(k) and k not in shown and _is_number(v):
+                name = k[: -len(TIMING_SUFFIX)] if k.endswith(TIMING_SUFFIX) else k[: -len("_s")].replace("_", " ")
+                parts.append(f"{name} {1000 * v:.1f} ms")
     return " | ".join(parts)
 
 
@@ -256,7 +258,9 @@ class Monitor:
       output_dir: the run directory (``train.output_dir``); metrics.jsonl and summary.json go here.
       total_steps: steps of the whole run, for "step i/N" and the ETA.
       tensorboard, csv_monitor: DeepSpeed sections as dicts or `TensorboardConfig` / `CSVMonitorConfig`.
-      steps_per_print: DeepSpeed's key; the plain console line is printed when ``step % steps_per_print == 0``.
+      steps_per_print: DeepSpeed's key; the plain console line is printed every ``steps_per_print`` steps: for the
+        first logged step at or past each multiple (the loop logs every ``train.log_interval`` steps; a test of
+        ``step % steps_per_print == 0`` printed only at common multiples, every 12 steps for 6 with an interval of 4).
       wall_clock_breakdown: DeepSpeed's key; print ``*_time_s`` metrics on the console, and write the timing
         metrics (``*_time_s``, ``*_wait_s``) to TensorBoard / CSV.
       train_batch_size: samples per optimizer step (DeepSpeed's ``train_batch_size``): the TensorBoard / CSV x axis
@@ -303,6 +307,7 @@ class Monitor:
         self.output_dir = Path(output_dir)
         self.total_steps = int(total_steps)
         self.steps_per_print = int(steps_per_print)
+        self._last_logged = int(resume_step or 0) if append else 0   # the step `log` saw last (console prints)
         self.wall_clock_breakdown = bool(wall_clock_breakdown)
         self.train_batch_size = int(train_batch_size)
         self.fp16 = bool(fp16)
@@ -445,7 +450,8 @@ class Monitor:
         step = int(step)
         self._write_json({"step": step, **m})
         self._write_events(self.train_events(step, m))
-        printing = step % self.steps_per_print == 0
+        printing = step // self.steps_per_print > self._last_logged // self.steps_per_print   # a multiple reached
+        self._last_logged = step
         if self.is_tty:
             progress = self._ensure_progress()
             info = format_train_line(step, self.total_steps, m).split(" | ", 1)[1:]

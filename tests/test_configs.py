@@ -84,3 +84,21 @@ def test_sweep_of_the_real_main(tmp_path):
         if d.is_dir():
             s = json.loads((d / "summary.json").read_text())
             assert s["steps"] == 3 and math.isfinite(s["final_loss"])
+
+
+def test_sweep_example_points_train_at_their_learning_rates():
+    """The example sweeps two learning rates for 20 steps on default.yaml, whose schedule warms up for 20 steps (of
+    300): every step of every point was warm-up, the swept lr reached only at the last one. Its overrides now fit
+    the schedule to the run: warm-up done early, the cosine ending at the last step."""
+    from jzero.optim.schedules import build_schedule
+    from train.sweep import plan
+    from train.sweep_spec import load_sweep
+
+    path = ROOT / "configs/sweep_example.yaml"
+    for point in plan(load_sweep(path), path):
+        argv = point.argv[point.argv.index("--config") + 2:]
+        cfg = load_config(ROOT / "configs/default.yaml", argv)
+        lr = cfg.optimizer.params["lr"]
+        lrs = [float(build_schedule(cfg.scheduler.type, cfg.scheduler.params, lr)(k)) for k in range(cfg.train.steps)]
+        assert lr == point.values["optimizer.params.lr"] and lrs.index(max(lrs)) <= cfg.train.steps // 4
+        assert max(lrs) == pytest.approx(lr) and lrs[-1] < 0.2 * lr   # the peak early, the cosine's end at the last

@@ -29,6 +29,8 @@ def test_mfu_and_peaks():
     assert peak_flops(SimpleNamespace(platform="gpu", device_kind="NVIDIA H200"), "fp16") == 989e12
     assert peak_flops(SimpleNamespace(platform="gpu", device_kind="NVIDIA A100-SXM4-80GB"), "fp32") == 156e12
     assert peak_flops(SimpleNamespace(platform="gpu", device_kind="Some Future GPU")) is None
+    # the PCIe H200 NVL is not the SXM H200 (it matched 'h200': MFU against 989 TFLOP/s, read low)
+    assert peak_flops(SimpleNamespace(platform="gpu", device_kind="NVIDIA H200 NVL")) is None
     assert peak_flops(jax.devices()[0]) is None  # CPU
     with pytest.raises(ConfigError, match="int8"):
         peak_flops(h100, "int8")
@@ -160,3 +162,24 @@ def test_xla_counted_flops_of_jzero_gpt2_within_10_percent_of_analytic():
     print(f"GPT-2 (2 layers of 124M shapes) train step: XLA {xla:.4e} FLOPs, analytic {analytic:.4e}, "
           f"ratio {xla / analytic:.4f}")
     assert abs(xla / analytic - 1) < 0.10
+
+
+def test_matmul_params_counts_an_untied_input_embedding_as_a_lookup():
+    """6N counts each matmul weight once: an untied Llama's input table is a lookup (only its head is a matmul).
+    Before, MFU took both tables: a tiny untied Llama's analytic count read 222,144 FLOPs a token where its jaxpr
+    matmuls give 172,032 (+ attention's 12LTd); Llama-2-7B at seq 2048 read 1.8% high."""
+    import dataclasses
+
+    from jzero.flops import matmul_params
+    from models.gpt2 import GPT2Config
+    from models.llama import LlamaConfig
+
+    tied = LlamaConfig(vocab_size=256, n_layer=2, n_head=2, n_kv_head=1, d_model=32, d_ff=64, tie_embeddings=True)
+    untied = dataclasses.replace(tied, tie_embeddings=False)
+    assert matmul_params(tied) == tied.n_params() == 26_784      # 256*32 + 2*(3072 + 6144 + 64) + 32
+    assert untied.n_params() == 34_976 and matmul_params(untied) == 26_784
+    assert gpt_train_flops_per_token(matmul_params(untied), 2, 16, 32) == 172_992
+    gpt = GPT2Config(vocab_size=256, n_layer=2, n_head=2, d_model=32, d_ff=64, max_len=32)
+    assert matmul_params(gpt) == gpt.n_params(include_pos=False) == 25_344   # tied: the one table is the head
+    l7 = LlamaConfig()   # Llama-2-7B: 6,738,415,616 params, 32000 x 4096 per table
+    assert l7.n_params() - matmul_params(l7) == 32000 * 4096

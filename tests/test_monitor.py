@@ -292,3 +292,32 @@ def test_a_resume_trims_only_its_own_runs_csv_rows(tmp_path):
     first = [[str(s - 1), f"{float(s)}"] for s in range(1, 7)]     # run 1, steps 1-6, kept whole
     second = [[str(s - 1), f"{float(s)}"] for s in range(1, 5)]    # run 2: 1-2 kept, 3-4 logged again by run 3
     assert rows == [header] + first + [header] + second
+
+
+def test_wall_clock_breakdown_line_shows_every_part_of_host_time(tmp_path):
+    """The loop's host split: data wait + place + log + dispatch = host. The data wait (``data_wait_s``) and the
+    queue wait were left off the line (host 12 ms beside parts summing to 9 ms)."""
+    stream = io.StringIO()
+    mon = Monitor(tmp_path, 4, steps_per_print=4, wall_clock_breakdown=True, is_writer=True, stream=stream)
+    mon.log(4, {"loss": 1.0, "step_time_s": 0.02, "data_wait_s": 0.003, "place_time_s": 0.001, "log_time_s": 0.001,
+                "dispatch_time_s": 0.007, "queue_wait_s": 0.004, "host_time_s": 0.012})
+    mon.close()
+    assert stream.getvalue() == ("step 4/4 | loss 1 | step 20.0 ms | host 12.0 ms | data wait 3.0 ms | place 1.0 ms | "
+                                 "log 1.0 ms | dispatch 7.0 ms | queue wait 4.0 ms\n")
+
+
+def test_steps_per_print_counts_steps_not_logged_steps(tmp_path, capsys):
+    """The loop logs every train.log_interval steps; steps_per_print=6 with an interval of 4 printed at 12 and 24
+    only (common multiples). Now each multiple of 6 prints the first logged step at or past it; a resumed run
+    counts from its resume step."""
+    mon = Monitor(tmp_path, 30, steps_per_print=6, is_writer=True)
+    for i in (*range(4, 30, 4), 30):
+        mon.log(i, {"loss": 1.0})
+    mon.close()
+    assert [line.split(" |")[0] for line in capsys.readouterr().out.splitlines()] == [
+        "step 8/30", "step 12/30", "step 20/30", "step 24/30", "step 30/30"]
+    mon = Monitor(tmp_path, 30, steps_per_print=6, is_writer=True, append=True, resume_step=12)
+    for i in (16, 20):
+        mon.log(i, {"loss": 1.0})
+    mon.close()
+    assert [line.split(" |")[0] for line in capsys.readouterr().out.splitlines()] == ["step 20/30"]

@@ -105,3 +105,39 @@ def test_a_bad_flag_is_one_line_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         launch_main(["--nproc", "x", "--", "true"])
     assert exc.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+
+def test_flops_profile_comes_from_an_exact_window(tmp_path, monkeypatch):
+    """A host-bound loop (CPU) closes its windows inexactly (the step just dispatched still running), each off by up
+    to a step: the profile took the first one after the probes and printed 'loop step 16.5 ms (steps 5-5)' beside
+    8-10 ms lines. It now takes the first exact close (one span over the inexact ones before it). Readiness is
+    scripted: every step is done once the next one is dispatched, the newest never is (no real timing)."""
+    from jax._src.array import ArrayImpl
+
+    import train.pretrain as pretrain
+    from jzero.guard import TrainingGuard
+    from jzero.step_timer import StepTimer
+
+    newest, exact_windows, used = [None], [], []
+    watch, window, flops_profile = TrainingGuard.watch, StepTimer.window, pretrain._flops_profile
+
+    def watch_spy(self, engine, metrics):
+        newest[0] = metrics["loss"]
+        return watch(self, engine, metrics)
+
+    def window_spy(self, steps, exact=True):
+        out = window(self, steps, exact)
+        if exact:
+            exact_windows.append(out)
+        return out
+
+    monkeypatch.setattr(TrainingGuard, "watch", watch_spy)
+    monkeypatch.setattr(ArrayImpl, "is_ready", lambda self: self is not newest[0])
+    monkeypatch.setattr(StepTimer, "window", window_spy)
+    monkeypatch.setattr(pretrain, "_flops_profile", lambda static, w, *a: used.append(w) or flops_profile(static, w, *a))
+    over = [x for x in TINY if not x.startswith(("train.steps", "train.eval_interval", "scheduler.params.total"))]
+    assert main(over + ["train.steps=9", "train.eval_interval=0", f"train.output_dir={tmp_path}"]) == 0
+    assert len(used) == 1 and any(w is used[0] for w in exact_windows)
+    prof = json.loads((tmp_path / "summary.json").read_text())["flops_profile"]
+    assert prof["window_steps"] == [5, 9]   # after the warm-up step and the 3 probes: the steps its time holds

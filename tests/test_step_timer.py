@@ -96,3 +96,25 @@ def test_window_after_an_inexact_close_is_merged_with_it():
     timer.restart()
     clock.t += 0.020
     assert timer.window(steps=1)["step_time_s"] == pytest.approx(0.020)
+
+
+def test_window_after_several_inexact_closes_is_merged_with_all_of_them():
+    """Host-bound loop (CPU): each close finds the step just dispatched not yet ready, twice in a row, and the run's
+    last (exact) close then counts that step in a fraction of a step; merged with the one inexact window before it
+    only, the last line read 5.6 ms a step beside 10 ms of host work (twice the real tokens/s)."""
+    clock = Clock()
+    timer = StepTimer(clock)
+    _iteration(timer, clock, data=0.0, place=0.0, call=10e-3)   # step 1, 10 ms of host work a step; its close
+    clock.t += 10e-3                                                # comes before it is ready (dispatch ends it)
+    _iteration(timer, clock, data=0.0, place=0.0, call=0.0)     # step 2 dispatched; step 1 ready, step 2 not
+    assert timer.window(steps=1, exact=False)["step_time_s"] == pytest.approx(20e-3)   # 2 steps' time, 1 counted
+    clock.t += 10e-3
+    _iteration(timer, clock, data=0.0, place=0.0, call=0.0)     # step 3 dispatched; step 2 ready, step 3 not
+    assert timer.window(steps=1, exact=False)["step_time_s"] == pytest.approx(10e-3)
+    clock.t += 1e-3                                                 # step 3 ends: the run's last close, exact
+    last = timer.window(steps=1)
+    assert last["step_time_s"] == pytest.approx(31e-3 / 3)         # the chain: 31 ms over 3 steps (not 5.5 ms)
+    assert last["dispatch_time_s"] == pytest.approx(10e-3 / 3)
+    clock.t += 10e-3   # merged once: the next window is its own again
+    timer.step()
+    assert timer.window(steps=1)["step_time_s"] == pytest.approx(10e-3)

@@ -272,7 +272,9 @@ def test_shipped_example_plans_a_2x2_grid(tmp_path):
     assert [p.values for p in points] == [
         {"zero_optimization.stage": s, "optimizer.params.lr": lr} for s in (1, 3) for lr in (1e-3, 3e-3)]
     assert points[0].argv[1:] == ["-m", "train.pretrain", "--config", str(tmp_path / "default.yaml"),
-                                  "train.steps=20", "zero_optimization.stage=1", "optimizer.params.lr=0.001",
+                                  "train.steps=20", "scheduler.params.total_num_steps=20",
+                                  "scheduler.params.warmup_num_steps=4", "zero_optimization.stage=1",
+                                  "optimizer.params.lr=0.001",
                                   f"train.output_dir={points[0].dir}"]
 
 

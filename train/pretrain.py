@@ -196,7 +196,7 @@ def run(cfg, resume: bool = False) -> dict:
     engine.compile()
     comm = _communication(engine)
     mc = engine.model_config
-    flops_per_token = flops.gpt_train_flops_per_token(mc.n_params(include_pos=False), mc.n_layer, rc.data.seq_len,
+    flops_per_token = flops.gpt_train_flops_per_token(flops.matmul_params(mc), mc.n_layer, rc.data.seq_len,
                                                       mc.d_model)
     dev = jax.local_devices()[0]
     peak = flops.peak_flops(dev, flops.matmul_dtype(rc))
@@ -211,7 +211,8 @@ def run(cfg, resume: bool = False) -> dict:
 
     static = _static_profile(engine, tokens_per_step, flops_per_token, peak, rc)
     rates, host, losses, last_eval, profile = [], [], [], None, None
-    timer, pending, last_logged, done_through, last_window = StepTimer(), [], start, start, None
+    timer, pending, done_through, last_window = StepTimer(), [], start, None
+    window_first = start + 1   # the first step in the open window (an inexact close keeps it open: StepTimer.window)
     # this run's per-step train losses: the first, and the last 10 (whatever train.log_interval logs)
     step_losses = collections.deque(maxlen=10)
     first_loss = None
@@ -230,7 +231,7 @@ def run(cfg, resume: bool = False) -> dict:
         give that step's time to the window before and leave the next one almost empty (a tokens/s in the
         millions). A close that finds no step finished since the last one keeps the window open, and its lines
         show the last closed window's figures."""
-        nonlocal pending, last_logged, done_through, profile, last_window
+        nonlocal pending, done_through, profile, last_window, window_first
         waited = not pending[-1][1]["loss"].is_ready()   # the fetch below waits for the logged step to finish
         fetched = [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(pending)]   # the one sync
         pending = []
@@ -242,7 +243,6 @@ def run(cfg, resume: bool = False) -> dict:
         # the close falls on a step boundary unless the next step was already running before the fetch (a
         # host-bound loop) and is still running now: then StepTimer.window merges the next window into this one
         exact = next_metrics is None or ahead or waited
-        first, last_logged = last_logged + 1, step
         with timer.phase("log_time_s"):
             if finished > done_through:
                 window = timer.window(finished - done_through, exact)
@@ -251,9 +251,14 @@ def run(cfg, resume: bool = False) -> dict:
                 timed = not tracing.covers(step)   # a window of traced steps has the profiler's overhead: logged only
                 (rates if timed else traced_rates).append(tps)
                 (host if timed else traced_host).append((window["host_time_s"], window["queue_wait_s"]))
-                # once, from the first window clear of the warm-up and probe steps (else the last window)
-                if timed and profile is None and (first >= start + 2 + N_PROBES or step == rc.train.steps):
-                    profile = _flops_profile(static, window, (first, step), timer.device_step_s)
+                # once, from the first exact window clear of the warm-up and probe steps (else the last window):
+                # an inexact close's figures are off by up to a step (a host-bound loop's first such window read
+                # twice its step time), and steps window_first..finished are the ones whose time it holds
+                if timed and profile is None and (exact and window_first >= start + 2 + N_PROBES
+                                                  or step == rc.train.steps):
+                    profile = _flops_profile(static, window, (window_first, finished), timer.device_step_s)
+                if exact:
+                    window_first = finished + 1
             window = last_window
             tps = tokens_per_step / window["step_time_s"]
             mfu = flops.mfu(tps, flops_per_token, jax.device_count(), peak) if peak else None
@@ -308,7 +313,8 @@ def run(cfg, resume: bool = False) -> dict:
                 engine.save_checkpoint(ckpt_dir, data_iterator=batches)   # async: training goes on while it writes
             if evaluating or saving or trace_edge:
                 timer.restart()
-                last_logged = done_through = step
+                done_through = step
+                window_first = step + 1
         if pending:
             log_pending()
         checkpoint.wait_until_finished(ckpt_dir)
