@@ -342,7 +342,8 @@ def initialize(config: JzeroConfig | str | os.PathLike | dict, model: nn.Module 
     # the pipeline applies the model once to all micro-batches; the loss stays the mean of the micro-batch means
     train_loss = (micro_batch_mean(task.loss, model.apply, layout.run.spec.micro_batches)
                   if layout.run is not None else loss_fn)
-    train_fn = strategy.train_fn(train_loss, _grads_of(cfg, layout, plan, abstract_params), schedule, context=context,
+    grads_of = _grads_of(cfg, layout, plan, abstract_params, task.weight)
+    train_fn = strategy.train_fn(train_loss, grads_of, schedule, context=context,
                                  skip_nonfinite=skips_nonfinite_steps(cfg.fp16, cfg.bf16))
 
     def eval_fn(params, batch):
@@ -454,20 +455,22 @@ def _strategy(cfg: JzeroConfig, tx, plan: shd.ShardingPlan, mesh, abstract_param
                     copy_dtype=copies[0], copy_matrices=copies[1] if copies[0] is not None else None)
 
 
-def _grads_of(cfg: JzeroConfig, layout: Layout, plan: shd.ShardingPlan, abstract_params) -> Callable:
+def _grads_of(cfg: JzeroConfig, layout: Layout, plan: shd.ShardingPlan, abstract_params,
+              weight_fn: Callable | None = None) -> Callable:
     """The step's gradient path, ``(loss_fn, params, batch) -> (loss, grads)``: the pipeline's one forward and
     backward over all micro-batches, or the micro-batch scan. ``value_and_grad`` is the scan's one slot for
-    another gradient path (``loss_fn -> value_and_grad fn``; None = ``jax.value_and_grad``): hpZ and qgZ fill it."""
+    another gradient path (``loss_fn -> value_and_grad fn``; None = ``jax.value_and_grad``): hpZ and qgZ fill it,
+    weighting their per-node / per-rank losses by ``weight_fn`` (the task's ``weight``)."""
     if layout.run is not None:
         return lambda f, p, b: pipeline.pipelined_grads(f, p, b, plan.grad, layout.run)
     value_and_grad = None
     if layout.hpz > 1:   # ZeRO++ hpZ: the gradient reduced within the node first
         value_and_grad = lambda f: topology.hierarchical_value_and_grad(  # noqa: E731
-            f, layout.mesh, layout.flat_rules, plan.grad)
+            f, layout.mesh, layout.flat_rules, plan.grad, weight_fn)
     z = cfg.zero_optimization
     if z.zero_quantized_gradients:   # ZeRO++ qgZ: int8 gradient reduce-scatter (under hpZ: in the node, then across)
         value_and_grad = lambda f: quantized_reduce.value_and_grad(  # noqa: E731
-            f, layout.mesh, layout.rules, plan, abstract_params, z.zero_quantized_weights)
+            f, layout.mesh, layout.rules, plan, abstract_params, z.zero_quantized_weights, weight_fn=weight_fn)
     return micro_batch_grads(plan.grad, dtype_from_name(cfg.data_types.grad_accum_dtype), value_and_grad)
 
 

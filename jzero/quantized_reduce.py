@@ -181,13 +181,15 @@ def _manual_spec(spec: P, axes: tuple[str, ...]) -> P:
 
 
 def value_and_grad(loss_fn, mesh, rules, plan, abstract_params, quantized_weights: bool = False,
-                   block: int = DEFAULT_BLOCK):
+                   block: int = DEFAULT_BLOCK, weight_fn=None):
     """``(params, micro_batch) -> (loss, grads)`` with ZeRO-3's gradient reduce-scatter done by qgZ.
 
     ``shard_map`` manual over the batch axes: each rank's loss is over its own rows, scaled by 1/ranks so that
     the reduced gradient is the mean's; the loss returned is the psum of those (the global mean). ``rules`` is
     the engine's compute table; inside, ``batch`` maps to no axis (the rows are already this rank's).
     ``quantized_weights`` (qwZ) makes the forward gathers int8 as well. Grads come out in ``plan.grad``.
+    ``weight_fn`` (the task's ``weight``): each rank's loss is scaled by its share of the entries the loss
+    averages over instead of 1/ranks, so a masked loss is the micro-batch's mean as under plain ZeRO-3.
     """
     axes = (NODE, AXIS) if NODE in mesh.axis_names else (AXIS,)
     ranks = math.prod(mesh.shape[a] for a in axes)
@@ -201,10 +203,15 @@ def value_and_grad(loss_fn, mesh, rules, plan, abstract_params, quantized_weight
     row = axes if len(axes) > 1 else axes[0]
 
     def body(params, rows):
+        if weight_fn is None:
+            share = 1.0 / ranks
+        else:   # a constant of the step (no gradient): this rank's entries over all ranks'
+            w = weight_fn(rows).astype(jnp.float32)
+            share = w / jnp.maximum(jax.lax.psum(w, axes), 1.0)
         token = _ACTIVE.set(table)
         try:   # the mesh with data manual; the model's weight reads become this module's gathers
             with shd.activate(jax.sharding.get_abstract_mesh(), inner_rules), shd.override_gather(gather, read_shape):
-                loss, grads = jax.value_and_grad(lambda p: loss_fn(p, rows) / ranks)(params)
+                loss, grads = jax.value_and_grad(lambda p: loss_fn(p, rows) * share)(params)
         finally:
             _ACTIVE.reset(token)
         return jax.lax.psum(loss, axes), grads

@@ -19,7 +19,7 @@ argmax labels the metrics (:mod:`jzero.metrics`) compare.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import jax
@@ -41,11 +41,17 @@ class Task:
     ``micro_batch(rows)`` gives the ShapeDtypeStruct pytree of one micro-batch with ``rows`` rows (every leaf's
     leading dim is rows; the train step takes the same tree with an extra leading ``accum`` dim);
     ``loss(apply_fn, params, micro_batch) -> scalar``; ``init_inputs()`` are the args ``model.init`` traces with.
+    ``weight(micro_batch) -> scalar`` (keyword only; None: every row counts the same): the denominator of
+    ``loss``'s mean, e.g. the number of labelled positions. ZeRO++ hpZ and qgZ compute the loss per node / per
+    rank on that part of the micro-batch's rows and combine the parts weighted by it, so that a loss averaged over
+    a varying number of entries per row (masked LM, padded token tags) is the whole micro-batch's mean as without
+    them; with equal-sized parts (the LM loss) the plain mean of the parts is already that.
     """
 
     micro_batch: Callable[[int], Any]
     loss: Callable[..., jax.Array]
     init_inputs: Callable[[], tuple]
+    weight: Callable[[Any], jax.Array] | None = field(default=None, kw_only=True)
 
 
 # --------------------------------------------------------------------------- causal LM
@@ -106,6 +112,11 @@ def _loss(apply_fn, params, batch):
     return masked_cross_entropy(_logits(apply_fn, params, batch), batch["labels"])
 
 
+def _weight(batch):
+    """What :func:`masked_cross_entropy` averages over: the labelled entries (the :class:`Task` ``weight``)."""
+    return (batch["labels"] != IGNORE).sum().astype(jnp.float32)
+
+
 def _predict(apply_fn, params, batch):
     return jnp.argmax(_logits(apply_fn, params, batch), axis=-1).astype(jnp.int32)
 
@@ -124,17 +135,17 @@ def _init_inputs(seq_len: int):
 
 def mlm_task(seq_len: int) -> LabelTask:
     """Masked-LM pretraining (a BERT with ``head='mlm'``); corrupt the batches with :func:`mlm_corrupt`."""
-    return LabelTask(_spec(seq_len, True), _loss, _init_inputs(seq_len), _predict, "mlm")
+    return LabelTask(_spec(seq_len, True), _loss, _init_inputs(seq_len), _predict, "mlm", weight=_weight)
 
 
 def classification_task(seq_len: int) -> LabelTask:
     """One label per row (a BERT with ``head='classification'``)."""
-    return LabelTask(_spec(seq_len, False), _loss, _init_inputs(seq_len), _predict, "classification")
+    return LabelTask(_spec(seq_len, False), _loss, _init_inputs(seq_len), _predict, "classification", weight=_weight)
 
 
 def token_classification_task(seq_len: int) -> LabelTask:
     """One tag per word, on its first token (a BERT with ``head='token_classification'``)."""
-    return LabelTask(_spec(seq_len, True), _loss, _init_inputs(seq_len), _predict, "token_classification")
+    return LabelTask(_spec(seq_len, True), _loss, _init_inputs(seq_len), _predict, "token_classification", weight=_weight)
 
 
 TASKS = {"mlm": mlm_task, "classification": classification_task,

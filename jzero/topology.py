@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import mesh_utils
 
@@ -103,7 +104,7 @@ def inter_node_bytes(hlo_text: str, devices_per_node: int, per_step: bool = Fals
 # --------------------------------------------------------------------------- the hierarchical gradient
 
 
-def hierarchical_value_and_grad(loss_fn, mesh, flat_rules: LogicalRules, grad_shardings):
+def hierarchical_value_and_grad(loss_fn, mesh, flat_rules: LogicalRules, grad_shardings, weight_fn=None):
     """``(params, micro_batch) -> (loss, grads)`` whose gradient reduces intra-node first, then across nodes.
 
     The micro-batch rows (over ``node`` x ``data``) are viewed as ``[nodes, rows/nodes, ...]`` and the loss is
@@ -112,6 +113,9 @@ def hierarchical_value_and_grad(loss_fn, mesh, flat_rules: LogicalRules, grad_sh
     (inside the node). The mean over the leading dim is then an all-reduce over ``node`` of a 1/k shard. Without
     this XLA all-reduces the whole gradient over all D ranks (measured: group of 8 on 2 x 4) before slicing.
     Inside the vmap the model's ``constrain`` uses ``flat_rules`` (batch over ``data``): ``node`` is the vmap's.
+    ``weight_fn`` (the task's ``weight``: the entries each node's loss averages over) weights the nodes' losses and
+    gradients by their share, so a masked loss is the micro-batch's mean as under flat ZeRO-3 (the plain mean of
+    node means weighted a node with few labelled tokens as much as one with many); None: equal weights.
     """
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -130,8 +134,14 @@ def hierarchical_value_and_grad(loss_fn, mesh, flat_rules: LogicalRules, grad_sh
         def split(x):
             x = x.reshape((nodes, x.shape[0] // nodes) + x.shape[1:])
             return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(NODE, "data")))
-        loss_N, grads_N = vg(params, jax.tree.map(split, micro_batch))
+        rows = jax.tree.map(split, micro_batch)
+        loss_N, grads_N = vg(params, rows)
         grads_N = jax.tree.map(jax.lax.with_sharding_constraint, grads_N, per_node)
-        return loss_N.mean(), jax.tree.map(lambda g: g.mean(0), grads_N)
+        if weight_fn is None:
+            return loss_N.mean(), jax.tree.map(lambda g: g.mean(0), grads_N)
+        w_N = jax.vmap(weight_fn)(rows).astype(jnp.float32)
+        w_N = w_N / jnp.maximum(w_N.sum(), 1.0)     # no labelled entry anywhere: every node's loss is 0 already
+        combine = lambda x: jnp.tensordot(w_N.astype(x.dtype), x, axes=1)  # noqa: E731
+        return combine(loss_N), jax.tree.map(combine, grads_N)
 
     return value_and_grad

@@ -1,7 +1,8 @@
 """Helpers several test files share (import them from here, not from another test file).
 
 ``BASE``: overrides of a tiny GPT-2 engine (2 layers, d 64, seq 32) that compiles in seconds on 8 fake devices;
-``batches``: learnable token streams for it; ``compile_and_train``: a ZeRO-3 engine's compiled HLO and losses.
+``batches``: learnable token streams for it; ``compile_and_train``: a ZeRO-3 engine's compiled HLO and losses;
+``masked_lm``: a loss averaged over a varying number of labelled tokens per row.
 The 1-bit family's shared pieces: ``numpy_compressed_allreduce`` (NumPy model of DeepSpeed's
 compressed_allreduce), ``_Car`` (it with error buffers over dicts), the shard_map stepper ``_run``, gradients, and
 the compiled-HLO probes of the update and of an fp32 all-reduce.
@@ -44,6 +45,18 @@ def compile_and_train(extra, steps=2):
     hlo = eng.compile().as_text()
     losses = [float(eng.train_step(b)["loss"]) for b in batches(eng.batch_shape(), steps)]
     return eng, hlo, np.array(losses)
+
+
+def masked_lm(eng, seed=0):
+    """A loss averaged over a different number of labelled tokens per row (masked LM, padded token tags): the
+    loss, the Task ``weight`` (its denominator), and a batch whose rows keep 5% .. 90% of their labels."""
+    from jzero.tasks import IGNORE, masked_cross_entropy
+
+    toks = batches((1, 16, 33), 1, seed=seed)[0][0]
+    keep = np.random.default_rng(seed).random((16, 32)) < np.linspace(0.05, 0.9, 16)[:, None]
+    batch = {"tokens": toks[:, :-1], "labels": np.where(keep, toks[:, 1:], IGNORE).astype(np.int32)}
+    loss = lambda p, b: masked_cross_entropy(eng.model.apply({"params": p}, b["tokens"]), b["labels"])  # noqa: E731
+    return loss, (lambda b: (b["labels"] != IGNORE).sum()), batch
 
 
 # --------------------------------------------------------------------------- the 1-bit family (test_onebit, test_signsgd)
