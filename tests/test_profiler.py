@@ -71,7 +71,10 @@ def test_the_main_traces_its_steps_and_keeps_them_out_of_the_timed_windows(tmp_p
     assert [x["step"] for x in train] == [2, 4, 6, 8, 10, 12]
     timed = [x["tokens_per_s"] for x in train if x["step"] in (4, 8, 10, 12)]   # window 2 (warm-up) dropped
     assert s["tokens_per_s"] == pytest.approx(statistics.median(timed))
-    assert s["flops_profile"]["window_steps"] == [8, 8]   # the first timed window after the trace
+    # the first exact timed window after the trace starts at step 8; on this host-bound CPU loop it may hold the
+    # steps of inexact closes after it (jzero.step_timer), so it ends at 8 or later
+    first, last = s["flops_profile"]["window_steps"]
+    assert first == 8 and 8 <= last <= 12, s["flops_profile"]["window_steps"]
 
 
 def test_a_trace_past_the_last_step_is_rejected_before_anything_compiles(capsys, tmp_path):
