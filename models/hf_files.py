@@ -34,6 +34,19 @@ def cast(x, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x).astype(np_dtype))
 
 
+def write_hf_dir(path, state: dict, hf_config: dict, dtype: str = "fp32") -> Path:
+    """Write a Hugging Face model directory: ``state`` (HF tensor names -> fp32 arrays) cast to ``dtype`` into
+    ``model.safetensors`` and ``hf_config`` (with its ``torch_dtype``) into ``config.json``; returns ``path``."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    hf_config = {**hf_config, "torch_dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]}
+    save_file({k: cast(v, dtype) for k, v in state.items()}, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+    (path / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2) + "\n")
+    return path
+
+
 def load_safetensors(path) -> dict[str, np.ndarray]:
     """A safetensors file's tensors as (memory-mapped) numpy arrays, bf16 included (``safetensors.numpy`` cannot
     read bf16, the dtype most HF Llama files are in; here it is ``ml_dtypes.bfloat16``)."""

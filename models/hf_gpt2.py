@@ -225,15 +225,6 @@ def load_hf_gpt2(path, vocab_size: int | None = None, max_len: int | None = None
 
 def save_hf_gpt2(params: dict, cfg: GPT2Config, path, vocab_size: int | None = None, dtype: str = "fp32") -> Path:
     """Write ``config.json`` + ``model.safetensors`` that ``GPT2LMHeadModel.from_pretrained(path)`` loads."""
-    from safetensors.numpy import save_file
+    from models.hf_files import write_hf_dir
 
-    from models.hf_files import cast
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    state = {k: cast(v, dtype) for k, v in params_to_hf(params, cfg, vocab_size).items()}
-    hf = hf_config_from_gpt2(cfg, vocab_size)
-    hf["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
-    save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
-    (path / CONFIG_NAME).write_text(json.dumps(hf, indent=2) + "\n")
-    return path
+    return write_hf_dir(path, params_to_hf(params, cfg, vocab_size), hf_config_from_gpt2(cfg, vocab_size), dtype)

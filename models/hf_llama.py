@@ -222,15 +222,6 @@ def params_to_hf(params: dict, cfg: LlamaConfig, vocab_size: int | None = None) 
 
 def save_hf_llama(params: dict, cfg: LlamaConfig, path, vocab_size: int | None = None, dtype: str = "fp32") -> Path:
     """Write ``config.json`` + ``model.safetensors`` that ``LlamaForCausalLM.from_pretrained(path)`` loads."""
-    from safetensors.numpy import save_file
+    from models.hf_files import write_hf_dir
 
-    from models.hf_files import WEIGHTS_NAME, cast
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    state = {k: cast(v, dtype) for k, v in params_to_hf(params, cfg, vocab_size).items()}
-    hf = hf_config_from_llama(cfg, vocab_size)
-    hf["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
-    save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
-    (path / CONFIG_NAME).write_text(json.dumps(hf, indent=2) + "\n")
-    return path
+    return write_hf_dir(path, params_to_hf(params, cfg, vocab_size), hf_config_from_llama(cfg, vocab_size), dtype)
